@@ -1,0 +1,1 @@
+//! Criterion benchmarks of the telemetry pipeline against its peers.
