@@ -1,0 +1,208 @@
+//! A ring region over raw shared memory: the layout `telemetry-abi` specifies, at an
+//! address the caller provides (an `mmap` of a memfd, a driver's shared pages).
+//!
+//! This module touches raw memory, so it opts in to `unsafe`. Every access to the
+//! region goes through `AtomicU64::from_ptr` on an 8-aligned word inside the mapping:
+//! the other side of a shared region may be another process that writes anything at
+//! any time, and word-wise atomic access makes such races yield garbage values, never
+//! undefined behaviour on this side.
+#![expect(unsafe_code, reason = "the one module that addresses raw shared memory")]
+
+use core::fmt;
+use core::ptr::NonNull;
+
+use telemetry_abi::{
+    CONSUMER_FLAGS_OFFSET, DROPPED_OFFSET, Geometry, Header, HeaderError, LINE_SIZE,
+    READ_POS_OFFSET, RECORD_SIZE, Record, WRITE_POS_OFFSET,
+};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::region::Region;
+use crate::sync::{AtomicU64, Ordering};
+
+const WORDS_PER_RECORD: usize = RECORD_SIZE / 8;
+
+/// A ring region at a caller-provided address, laid out as `telemetry-abi` says.
+pub struct MappedRegion {
+    base: NonNull<u8>,
+    geometry: Geometry,
+}
+
+impl fmt::Debug for MappedRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MappedRegion").field("base", &self.base).field("geometry", &self.geometry).finish()
+    }
+}
+
+// SAFETY: a `MappedRegion` is an address plus an immutable geometry; every access
+// through it is an atomic word access, which is sound from any thread.
+unsafe impl Send for MappedRegion {}
+// SAFETY: as for `Send`: shared access is only ever atomic word access.
+unsafe impl Sync for MappedRegion {}
+
+/// The address or length handed to a `MappedRegion` cannot hold a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// The base address is not aligned to 8 bytes.
+    Misaligned,
+    /// The header is missing, malformed, or describes more memory than was given.
+    Header(HeaderError),
+}
+
+impl fmt::Display for MapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Misaligned => f.write_str("region base address is not 8-byte aligned"),
+            Self::Header(e) => write!(f, "region header refused: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for MapError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Self::Misaligned => None,
+            Self::Header(e) => Some(e),
+        }
+    }
+}
+
+impl MappedRegion {
+    /// Lays out a new region at `base`: writes the header for `geometry` and `epoch`
+    /// and zeroes both lines. The records are left as they are (the consumer never
+    /// reads a slot that was not published).
+    ///
+    /// # Safety
+    ///
+    /// `base` points to `len` bytes that are valid for reads and writes for as long as
+    /// the returned region (and any writer or reader over it) is used, and nobody else
+    /// accesses them until this call returns.
+    pub unsafe fn init(
+        base: NonNull<u8>,
+        len: usize,
+        geometry: Geometry,
+        epoch: u64,
+    ) -> Result<Self, MapError> {
+        if base.as_ptr() as usize % 8 != 0 {
+            return Err(MapError::Misaligned);
+        }
+        let header = Header::new(geometry, epoch);
+        header.validate(len).map_err(MapError::Header)?;
+        let region = Self { base, geometry };
+        let mut words = [0u64; LINE_SIZE / 8];
+        words.as_mut_bytes().copy_from_slice(header.as_bytes());
+        // Header line, then the producer's and consumer's lines, all zero but the header.
+        for (i, word) in words.iter().chain([0u64; 2 * LINE_SIZE / 8].iter()).enumerate() {
+            // SAFETY: `i * 8` is below the records offset, inside the `len` bytes the
+            // caller vouched for (validated above), and 8-aligned.
+            unsafe { region.word(i * 8) }.store(*word, Ordering::Relaxed);
+        }
+        Ok(region)
+    }
+
+    /// Takes a region someone else laid out at `base`: copies its header once,
+    /// validates it against `len`, and keeps that geometry privately from then on.
+    ///
+    /// # Safety
+    ///
+    /// `base` points to `len` bytes that stay valid for reads and writes (by this and
+    /// other processes) for as long as the returned region is used.
+    pub unsafe fn attach(base: NonNull<u8>, len: usize) -> Result<Self, MapError> {
+        if base.as_ptr() as usize % 8 != 0 {
+            return Err(MapError::Misaligned);
+        }
+        if len < LINE_SIZE {
+            return Err(MapError::Header(HeaderError::RegionTooSmall {
+                needed: LINE_SIZE as u64,
+                actual: len as u64,
+            }));
+        }
+        let mut words = [0u64; LINE_SIZE / 8];
+        for (i, word) in words.iter_mut().enumerate() {
+            // SAFETY: `i * 8 < LINE_SIZE <= len`, 8-aligned, inside the caller's memory.
+            let atomic = unsafe { AtomicU64::from_ptr(base.as_ptr().add(i * 8).cast::<u64>()) };
+            *word = atomic.load(Ordering::Relaxed);
+        }
+        let header = Header::read_from_bytes(words.as_bytes()).map_err(|_| {
+            MapError::Header(HeaderError::RegionTooSmall { needed: LINE_SIZE as u64, actual: len as u64 })
+        })?;
+        let geometry = header.validate(len).map_err(MapError::Header)?;
+        Ok(Self { base, geometry })
+    }
+
+    /// The region's grant epoch as the header says now (informational: a producer may
+    /// have rewritten it; the consumer keeps its own).
+    pub fn header_epoch(&self) -> u64 {
+        // SAFETY: byte 24 of the header lies inside the validated region and is 8-aligned.
+        unsafe { self.word(24) }.load(Ordering::Relaxed)
+    }
+
+    /// The address the region starts at.
+    pub fn base(&self) -> NonNull<u8> {
+        self.base
+    }
+
+    /// The atomic word at byte `offset` of the region.
+    ///
+    /// # Safety
+    ///
+    /// `offset + 8 <= region_len` and `offset % 8 == 0`.
+    unsafe fn word(&self, offset: usize) -> &AtomicU64 {
+        // SAFETY: the caller keeps `offset` inside the region and aligned; the region's
+        // memory outlives `self` (constructor contract), and is only accessed atomically.
+        unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(offset).cast::<u64>()) }
+    }
+}
+
+// SAFETY: the geometry is fixed at construction; slot offsets are computed from the
+// private mask, so any `slot` lands inside the records area (and out-of-range slots are
+// ignored); the four atomics are distinct words of the validated producer and consumer
+// lines.
+unsafe impl Region for MappedRegion {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+    fn write_pos(&self) -> &AtomicU64 {
+        // SAFETY: a fixed offset inside the producer's line, 8-aligned.
+        unsafe { self.word(WRITE_POS_OFFSET) }
+    }
+    fn dropped(&self) -> &AtomicU64 {
+        // SAFETY: a fixed offset inside the producer's line, 8-aligned.
+        unsafe { self.word(DROPPED_OFFSET) }
+    }
+    fn read_pos(&self) -> &AtomicU64 {
+        // SAFETY: a fixed offset inside the consumer's line, 8-aligned.
+        unsafe { self.word(READ_POS_OFFSET) }
+    }
+    fn consumer_flags(&self) -> &AtomicU64 {
+        // SAFETY: a fixed offset inside the consumer's line, 8-aligned.
+        unsafe { self.word(CONSUMER_FLAGS_OFFSET) }
+    }
+    #[inline(always)]
+    unsafe fn write_slot(&self, slot: usize, record: &Record) {
+        if slot >= self.geometry.capacity() as usize {
+            return;
+        }
+        let words: [u64; WORDS_PER_RECORD] = zerocopy::transmute!(*record);
+        let offset = self.geometry.record_offset(slot as u64);
+        for (i, word) in words.iter().enumerate() {
+            // SAFETY: `offset` is a record slot inside the validated region and records
+            // are 8-aligned; word `i` of 4 stays inside the slot.
+            unsafe { self.word(offset + i * 8) }.store(*word, Ordering::Relaxed);
+        }
+    }
+    #[inline(always)]
+    unsafe fn read_slot(&self, slot: usize) -> Record {
+        if slot >= self.geometry.capacity() as usize {
+            return Record::default();
+        }
+        let offset = self.geometry.record_offset(slot as u64);
+        let mut words = [0u64; WORDS_PER_RECORD];
+        for (i, word) in words.iter_mut().enumerate() {
+            // SAFETY: as in `write_slot`: inside the slot, 8-aligned. The load is atomic,
+            // so a concurrent hostile write gives a torn value, never UB.
+            *word = unsafe { self.word(offset + i * 8) }.load(Ordering::Relaxed);
+        }
+        zerocopy::transmute!(words)
+    }
+}

@@ -1,0 +1,213 @@
+//! Unit tests of the protocol on the heap and mapped regions.
+#![expect(unsafe_code, reason = "lays a MappedRegion over a test buffer")]
+
+use std::sync::Arc;
+use std::vec::Vec;
+
+use telemetry_abi::{CONSUMER_FLAG_QUARANTINED, Geometry, Record, RecordKind};
+
+use crate::sync::Ordering;
+use crate::{Full, HeapRegion, Reader, Region, Violation, Writer};
+
+fn pair(capacity: u64) -> (Writer<Arc<HeapRegion>>, Reader<Arc<HeapRegion>>) {
+    let region = Arc::new(HeapRegion::new(capacity).expect("valid capacity"));
+    (Writer::new(region.clone()), Reader::new(region))
+}
+
+fn drain_values<R: Region>(reader: &mut Reader<R>, budget: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    reader.drain(budget, |r| out.push(r.words[0])).expect("not quarantined");
+    out
+}
+
+#[test]
+fn records_cross_in_order_across_wrap_arounds() {
+    let (mut w, mut r) = pair(4);
+    let mut next = 0u64;
+    let mut expected = 0u64;
+    for round in 0..50 {
+        for _ in 0..(round % 4 + 1) {
+            w.push(Record::counter(1, next)).expect("room after each drain");
+            next += 1;
+        }
+        for v in drain_values(&mut r, 64) {
+            assert_eq!(v, expected);
+            expected += 1;
+        }
+    }
+    assert_eq!(expected, next);
+    assert!(next > 4 * 10, "wrapped many times");
+}
+
+#[test]
+fn a_full_ring_refuses_and_counts_drops() {
+    let (mut w, mut r) = pair(4);
+    for i in 0..4 {
+        w.push(Record::counter(1, i)).expect("room");
+    }
+    assert_eq!(w.push(Record::counter(1, 99)), Err(Full));
+    assert_eq!(w.stage(Record::counter(1, 99)), Err(Full));
+    assert_eq!(w.push_all(&[Record::counter(1, 99); 2]), Err(Full));
+    assert_eq!(w.dropped(), 4);
+    assert_eq!(w.try_push(Record::counter(1, 99)), Err(Full));
+    assert_eq!(w.dropped(), 4, "try_push leaves accounting to the caller");
+    assert_eq!(drain_values(&mut r, 64), [0, 1, 2, 3]);
+    assert_eq!(r.stats().producer_dropped, 4, "the reader sees the shared counter");
+    w.push(Record::counter(1, 4)).expect("room again");
+    assert_eq!(drain_values(&mut r, 64), [4]);
+}
+
+#[test]
+fn push_all_is_all_or_nothing_and_publishes_once() {
+    let (mut w, mut r) = pair(8);
+    w.push_all(&[Record::counter(1, 0), Record::counter(1, 1), Record::counter(1, 2)]).expect("fits");
+    assert_eq!(w.free(), 5);
+    assert_eq!(w.push_all(&[Record::counter(1, 9); 6]), Err(Full));
+    assert_eq!(w.free(), 5, "nothing of a refused batch was written");
+    assert_eq!(drain_values(&mut r, 64), [0, 1, 2]);
+}
+
+#[test]
+fn staged_records_are_invisible_until_flush() {
+    let (mut w, mut r) = pair(8);
+    w.stage(Record::counter(1, 1)).expect("room");
+    w.stage(Record::counter(1, 2)).expect("room");
+    assert_eq!(w.staged(), 2);
+    assert_eq!(r.pending(), Ok(0));
+    assert!(drain_values(&mut r, 64).is_empty());
+    w.flush();
+    assert_eq!(w.staged(), 0);
+    assert_eq!(drain_values(&mut r, 64), [1, 2]);
+}
+
+#[test]
+fn the_budget_bounds_each_drain() {
+    let (mut w, mut r) = pair(16);
+    for i in 0..10 {
+        w.stage(Record::counter(1, i)).expect("room");
+    }
+    w.flush();
+    let d = r.drain(3, |_| {}).expect("fine");
+    assert_eq!((d.consumed, d.remaining), (3, 7));
+    assert_eq!(drain_values(&mut r, 100), [3, 4, 5, 6, 7, 8, 9]);
+}
+
+#[test]
+fn unknown_kinds_are_counted_not_delivered() {
+    let (mut w, mut r) = pair(8);
+    w.push(Record { kind: RecordKind(0x4242), ..Record::counter(1, 7) }).expect("room");
+    w.push(Record::default()).expect("room");
+    w.push(Record::counter(1, 8)).expect("room");
+    let mut seen = Vec::new();
+    let d = r.drain(64, |rec| seen.push(rec.words[0])).expect("fine");
+    assert_eq!(seen, [8]);
+    assert_eq!((d.consumed, d.delivered, d.unknown_kind), (3, 1, 2));
+    assert_eq!(r.stats().unknown_kind, 2);
+}
+
+#[test]
+fn a_write_position_past_capacity_quarantines() {
+    let region = Arc::new(HeapRegion::new(8).expect("valid"));
+    let mut r = Reader::new(region.clone());
+    let w = Writer::new(region.clone());
+    region.write_pos().store(9, Ordering::Release);
+    let err = r.drain(64, |_| panic!("nothing may be delivered")).expect_err("violation");
+    assert_eq!(err.0, Violation::WriteOutOfRange { read: 0, write: 9 });
+    assert_eq!(r.stats().write_out_of_range, 1);
+    assert!(w.is_abandoned(), "the producer can see it was quarantined");
+    assert_ne!(region.consumer_flags().load(Ordering::Relaxed) & CONSUMER_FLAG_QUARANTINED, 0);
+    // Even a now-sane position is never read again.
+    region.write_pos().store(1, Ordering::Release);
+    assert!(r.drain(64, |_| panic!("quarantined")).is_err());
+    assert_eq!(r.stats().write_out_of_range, 1, "counted once, when found");
+}
+
+#[test]
+fn a_write_position_moving_back_quarantines() {
+    let (mut w, mut r) = pair(8);
+    for i in 0..4 {
+        w.push(Record::counter(1, i)).expect("room");
+    }
+    assert_eq!(drain_values(&mut r, 2), [0, 1]);
+    r.region().write_pos().store(3, Ordering::Release);
+    let err = r.pending().expect_err("moved back");
+    assert_eq!(err.0, Violation::WriteMovedBack { before: 4, now: 3 });
+    assert_eq!(r.stats().write_moved_back, 1);
+}
+
+#[test]
+fn a_write_position_behind_the_reader_quarantines() {
+    let (mut w, mut r) = pair(8);
+    w.push(Record::counter(1, 0)).expect("room");
+    assert_eq!(drain_values(&mut r, 8), [0]);
+    r.region().write_pos().store(u64::MAX, Ordering::Release);
+    assert!(r.drain(8, |_| {}).is_err());
+    assert_eq!(r.quarantined().map(|v| v.reason()), Some("write_moved_back"));
+}
+
+#[test]
+fn a_shrinking_dropped_counter_is_counted_but_tolerated() {
+    let (mut w, mut r) = pair(2);
+    w.count_dropped(10);
+    assert_eq!(r.pending(), Ok(0));
+    r.region().dropped().store(3, Ordering::Relaxed);
+    assert_eq!(r.pending(), Ok(0));
+    let s = r.stats();
+    assert_eq!((s.producer_dropped, s.dropped_moved_back), (10, 1));
+}
+
+#[test]
+fn positions_near_u64_max_wrap_by_difference() {
+    let region = Arc::new(HeapRegion::new(4).expect("valid"));
+    let start = u64::MAX - 5;
+    region.write_pos().store(start, Ordering::Relaxed);
+    region.read_pos().store(start, Ordering::Relaxed);
+    let (mut w, mut r) = (Writer::new(region.clone()), Reader::new(region));
+    for i in 0..20 {
+        w.push(Record::counter(1, i)).expect("room");
+        assert_eq!(drain_values(&mut r, 4), [i]);
+    }
+    assert_eq!(r.position(), start.wrapping_add(20));
+}
+
+#[test]
+fn dropping_the_reader_tells_the_writer() {
+    let (w, r) = pair(2);
+    assert!(!w.is_abandoned());
+    drop(r);
+    assert!(w.is_abandoned());
+}
+
+#[test]
+fn mapped_region_lays_out_the_abi_and_attaches() {
+    use crate::{MapError, MappedRegion};
+    use core::ptr::NonNull;
+    use telemetry_abi::{HeaderError, MAGIC, RECORDS_OFFSET};
+
+    let geometry = Geometry::new(8).expect("valid");
+    let mut words = vec![0u64; geometry.region_len() / 8];
+    let len = words.len() * 8;
+    let base = NonNull::new(words.as_mut_ptr().cast::<u8>()).expect("non-null");
+    // SAFETY: `words` outlives both regions and is only accessed through them here.
+    let region = unsafe { MappedRegion::init(base, len, geometry, 77) }.expect("fits");
+    let mut w = Writer::new(&region);
+    w.push(Record::counter(5, 6)).expect("room");
+    // SAFETY: as above.
+    let attached = unsafe { MappedRegion::attach(base, len) }.expect("valid header");
+    assert_eq!(attached.geometry(), geometry);
+    assert_eq!(attached.header_epoch(), 77);
+    let mut r = Reader::new(&attached);
+    assert_eq!(drain_values(&mut r, 8), [6]);
+    drop(r);
+    assert_eq!(words[0], MAGIC);
+    assert_eq!(words[RECORDS_OFFSET / 8], u64::from(RecordKind::COUNTER.0) | (5 << 32));
+
+    words[0] = 1;
+    let base = NonNull::new(words.as_mut_ptr().cast::<u8>()).expect("non-null");
+    // SAFETY: as above.
+    let err = unsafe { MappedRegion::attach(base, len) }.expect_err("bad magic");
+    assert_eq!(err, MapError::Header(HeaderError::BadMagic { found: 1 }));
+    // SAFETY: as above; the shorter length is inside the buffer.
+    let err = unsafe { MappedRegion::attach(base, 64) }.expect_err("too small");
+    assert!(matches!(err, MapError::Header(HeaderError::RegionTooSmall { .. })));
+}

@@ -1,0 +1,201 @@
+//! The producer's half.
+//!
+//! Calls [`Region::write_slot`], whose precondition the protocol below provides.
+#![expect(unsafe_code, reason = "writes record slots under the ring protocol")]
+
+use telemetry_abi::{CONSUMER_FLAG_CLOSED, CONSUMER_FLAG_QUARANTINED, Record};
+
+use crate::error::Full;
+use crate::region::Region;
+use crate::sync::Ordering;
+
+/// The producer's half of a ring: writes records and publishes them.
+///
+/// Never blocks, allocates or panics. The consumer's position is cached and reloaded
+/// only when the ring looks full, so a push that finds room touches no line the
+/// consumer writes.
+///
+/// ```
+/// use std::sync::Arc;
+/// use telemetry_abi::Record;
+/// use telemetry_ring::{HeapRegion, Reader, Writer};
+///
+/// let region = Arc::new(HeapRegion::new(8).expect("8 is a valid capacity"));
+/// let mut writer = Writer::new(region.clone());
+/// let mut reader = Reader::new(region);
+///
+/// writer.push(Record::counter(1, 5)).expect("room for one");
+/// writer.stage(Record::counter(1, 6)).expect("room for two");
+/// writer.flush();
+///
+/// let mut seen = Vec::new();
+/// reader.drain(16, |r| seen.push(r.words[0])).expect("not quarantined");
+/// assert_eq!(seen, [5, 6]);
+/// ```
+#[derive(Debug)]
+pub struct Writer<R: Region> {
+    region: R,
+    mask: u64,
+    capacity: u64,
+    /// Next position to write (staged records lie between `published` and here).
+    write: u64,
+    /// What the consumer can see.
+    published: u64,
+    /// The consumer's read position as last loaded.
+    cached_read: u64,
+    /// Records given up on; mirrored to the shared `dropped` word.
+    dropped: u64,
+}
+
+impl<R: Region> Writer<R> {
+    /// The writer of `region`, continuing from the positions the region holds (zero
+    /// for a new region).
+    pub fn new(region: R) -> Self {
+        let geometry = region.geometry();
+        // ORDERING: Relaxed is enough at attach: a new region's words are zero and the
+        // region reached this thread through a synchronising hand-over (a spawn, a
+        // channel, an fd received over a socket).
+        let write = region.write_pos().load(Ordering::Relaxed);
+        let cached_read = region.read_pos().load(Ordering::Acquire);
+        let dropped = region.dropped().load(Ordering::Relaxed);
+        Self {
+            mask: geometry.mask(),
+            capacity: u64::from(geometry.capacity()),
+            region,
+            write,
+            published: write,
+            cached_read,
+            dropped,
+        }
+    }
+
+    /// Writes `record` and publishes it together with anything staged. On a full ring
+    /// nothing is written, the record is counted as dropped, and `Err(Full)` returned.
+    #[inline]
+    pub fn push(&mut self, record: Record) -> Result<(), Full> {
+        self.stage(record)?;
+        self.flush();
+        Ok(())
+    }
+
+    /// Like [`push`](Self::push), but a full ring is not counted as a drop: the caller
+    /// keeps the record and will account for it (for example by coalescing a counter
+    /// increment into a later record).
+    #[inline]
+    pub fn try_push(&mut self, record: Record) -> Result<(), Full> {
+        if !self.has_room(1) {
+            return Err(Full);
+        }
+        self.write_unchecked(record);
+        self.flush();
+        Ok(())
+    }
+
+    /// Writes `record` without publishing it: it becomes visible at the next
+    /// [`flush`](Self::flush) or publishing push. On a full ring the record is counted as
+    /// dropped and `Err(Full)` returned.
+    #[inline]
+    pub fn stage(&mut self, record: Record) -> Result<(), Full> {
+        if !self.has_room(1) {
+            self.count_dropped(1);
+            return Err(Full);
+        }
+        self.write_unchecked(record);
+        Ok(())
+    }
+
+    /// Writes all of `records` and publishes them (and anything staged) with one store,
+    /// or, if they do not all fit, writes none of them, counts them all as dropped and
+    /// returns `Err(Full)`. Publication is all or nothing for the slice.
+    pub fn push_all(&mut self, records: &[Record]) -> Result<(), Full> {
+        if !self.has_room(records.len() as u64) {
+            self.count_dropped(records.len() as u64);
+            return Err(Full);
+        }
+        for record in records {
+            self.write_unchecked(*record);
+        }
+        self.flush();
+        Ok(())
+    }
+
+    /// Publishes every staged record. Cheap when nothing is staged.
+    #[inline]
+    pub fn flush(&mut self) {
+        if self.published != self.write {
+            // ORDERING: Release pairs with the reader's Acquire load of the write
+            // position: the slot writes above happen-before the reader's copies.
+            self.region.write_pos().store(self.write, Ordering::Release);
+            self.published = self.write;
+        }
+    }
+
+    /// Counts `n` records the caller gave up on (for example because a push returned
+    /// `Full` from [`try_push`](Self::try_push) and it will not retry).
+    pub fn count_dropped(&mut self, n: u64) {
+        self.dropped = self.dropped.wrapping_add(n);
+        // ORDERING: Relaxed: an informational counter; no data is published through it.
+        self.region.dropped().store(self.dropped, Ordering::Relaxed);
+    }
+
+    /// Records this writer has counted as dropped.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Records that fit now without blocking (reloads the consumer's position).
+    pub fn free(&mut self) -> u64 {
+        self.refresh();
+        self.capacity.saturating_sub(self.write.wrapping_sub(self.cached_read))
+    }
+
+    /// Records staged and not yet published.
+    pub fn staged(&self) -> u64 {
+        self.write.wrapping_sub(self.published)
+    }
+
+    /// The ring's capacity in records.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether the consumer has quarantined or closed this ring: nothing written will
+    /// be read any more.
+    pub fn is_abandoned(&self) -> bool {
+        // ORDERING: Relaxed: advisory; the producer only stops wasting effort.
+        let flags = self.region.consumer_flags().load(Ordering::Relaxed);
+        flags & (CONSUMER_FLAG_QUARANTINED | CONSUMER_FLAG_CLOSED) != 0
+    }
+
+    /// The region this writer writes to.
+    pub fn region(&self) -> &R {
+        &self.region
+    }
+
+    #[inline(always)]
+    fn has_room(&mut self, n: u64) -> bool {
+        let used = self.write.wrapping_sub(self.cached_read);
+        if used <= self.capacity && n <= self.capacity - used {
+            return true;
+        }
+        self.refresh();
+        let used = self.write.wrapping_sub(self.cached_read);
+        used <= self.capacity && n <= self.capacity - used
+    }
+
+    #[cold]
+    fn refresh(&mut self) {
+        // ORDERING: Acquire pairs with the reader's Release store of the read position:
+        // its copies out of the slots below it happen-before we overwrite them.
+        self.cached_read = self.region.read_pos().load(Ordering::Acquire);
+    }
+
+    #[inline(always)]
+    fn write_unchecked(&mut self, record: Record) {
+        let slot = (self.write & self.mask) as usize;
+        // SAFETY: `has_room` showed `write - read < capacity`, so this slot is not among
+        // those published and unread; we are the only writer (`&mut self`).
+        unsafe { self.region.write_slot(slot, &record) };
+        self.write = self.write.wrapping_add(1);
+    }
+}
