@@ -36,8 +36,9 @@ impl HeapRegion {
     /// A region of `capacity` records (a power of two from 2 to 2^24).
     pub fn new(capacity: u64) -> Result<Self, GeometryError> {
         let geometry = Geometry::new(capacity)?;
-        let slots: Vec<Cell<Record>> =
-            (0..geometry.capacity()).map(|_| Cell::new(Record::default())).collect();
+        let slots: Vec<Cell<Record>> = (0..geometry.capacity())
+            .map(|_| Cell::new(Record::default()))
+            .collect();
         Ok(Self {
             geometry,
             producer: CachePadded::new([AtomicU64::new(0), AtomicU64::new(0)]),

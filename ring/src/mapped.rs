@@ -6,7 +6,10 @@
 //! the other side of a shared region may be another process that writes anything at
 //! any time, and word-wise atomic access makes such races yield garbage values, never
 //! undefined behaviour on this side.
-#![expect(unsafe_code, reason = "the one module that addresses raw shared memory")]
+#![expect(
+    unsafe_code,
+    reason = "the one module that addresses raw shared memory"
+)]
 
 use core::fmt;
 use core::ptr::NonNull;
@@ -30,7 +33,10 @@ pub struct MappedRegion {
 
 impl fmt::Debug for MappedRegion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MappedRegion").field("base", &self.base).field("geometry", &self.geometry).finish()
+        f.debug_struct("MappedRegion")
+            .field("base", &self.base)
+            .field("geometry", &self.geometry)
+            .finish()
     }
 }
 
@@ -92,7 +98,11 @@ impl MappedRegion {
         let mut words = [0u64; LINE_SIZE / 8];
         words.as_mut_bytes().copy_from_slice(header.as_bytes());
         // Header line, then the producer's and consumer's lines, all zero but the header.
-        for (i, word) in words.iter().chain([0u64; 2 * LINE_SIZE / 8].iter()).enumerate() {
+        for (i, word) in words
+            .iter()
+            .chain([0u64; 2 * LINE_SIZE / 8].iter())
+            .enumerate()
+        {
             // SAFETY: `i * 8` is below the records offset, inside the `len` bytes the
             // caller vouched for (validated above), and 8-aligned.
             unsafe { region.word(i * 8) }.store(*word, Ordering::Relaxed);
@@ -124,7 +134,10 @@ impl MappedRegion {
             *word = atomic.load(Ordering::Relaxed);
         }
         let header = Header::read_from_bytes(words.as_bytes()).map_err(|_| {
-            MapError::Header(HeaderError::RegionTooSmall { needed: LINE_SIZE as u64, actual: len as u64 })
+            MapError::Header(HeaderError::RegionTooSmall {
+                needed: LINE_SIZE as u64,
+                actual: len as u64,
+            })
         })?;
         let geometry = header.validate(len).map_err(MapError::Header)?;
         Ok(Self { base, geometry })

@@ -21,7 +21,9 @@ use crate::region::Region;
 use crate::sync::AtomicU64;
 
 /// The seals every ring memfd carries.
-const SEALS: SealFlags = SealFlags::SHRINK.union(SealFlags::GROW).union(SealFlags::SEAL);
+const SEALS: SealFlags = SealFlags::SHRINK
+    .union(SealFlags::GROW)
+    .union(SealFlags::SEAL);
 
 /// A ring region in a sealed memfd, mapped into this process.
 pub struct MemfdRegion {
@@ -32,7 +34,11 @@ pub struct MemfdRegion {
 
 impl fmt::Debug for MemfdRegion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemfdRegion").field("fd", &self.fd).field("len", &self.len).field("region", &self.region).finish()
+        f.debug_struct("MemfdRegion")
+            .field("fd", &self.fd)
+            .field("len", &self.len)
+            .field("region", &self.region)
+            .finish()
     }
 }
 
@@ -61,8 +67,13 @@ impl fmt::Display for MemfdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Os { step, source } => write!(f, "{step} failed: {source}"),
-            Self::Size { found } => write!(f, "memfd is {found} bytes, too large to map as a ring region"),
-            Self::NotSealed => f.write_str("memfd is not sealed against shrink and grow; refusing to map it"),
+            Self::Size { found } => write!(
+                f,
+                "memfd is {found} bytes, too large to map as a ring region"
+            ),
+            Self::NotSealed => {
+                f.write_str("memfd is not sealed against shrink and grow; refusing to map it")
+            }
             Self::Map(e) => write!(f, "{e}"),
         }
     }
@@ -79,7 +90,10 @@ impl std::error::Error for MemfdError {
 }
 
 fn os(step: &'static str) -> impl FnOnce(rustix::io::Errno) -> MemfdError {
-    move |errno| MemfdError::Os { step, source: errno.into() }
+    move |errno| MemfdError::Os {
+        step,
+        source: errno.into(),
+    }
 }
 
 impl MemfdRegion {
@@ -158,10 +172,20 @@ fn map(fd: &OwnedFd, len: usize) -> Result<NonNull<u8>, MemfdError> {
     // SAFETY: a fresh mapping chosen by the kernel (null hint), so nothing existing is
     // replaced; the fd is a memfd sized to at least `len` and sealed against shrinking.
     let ptr = unsafe {
-        rustix::mm::mmap(core::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED, fd, 0)
+        rustix::mm::mmap(
+            core::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::SHARED,
+            fd,
+            0,
+        )
     }
     .map_err(os("mmap"))?;
-    NonNull::new(ptr.cast::<u8>()).ok_or(MemfdError::Os { step: "mmap", source: io::Error::other("null mapping") })
+    NonNull::new(ptr.cast::<u8>()).ok_or(MemfdError::Os {
+        step: "mmap",
+        source: io::Error::other("null mapping"),
+    })
 }
 
 fn unmap(base: NonNull<u8>, len: usize) {

@@ -1,7 +1,10 @@
 //! The consumer's half, written for a producer that may be hostile.
 //!
 //! Calls [`Region::read_slot`], whose precondition the protocol below provides.
-#![expect(unsafe_code, reason = "copies record slots out under the ring protocol")]
+#![expect(
+    unsafe_code,
+    reason = "copies record slots out under the ring protocol"
+)]
 
 use telemetry_abi::{CONSUMER_FLAG_CLOSED, CONSUMER_FLAG_QUARANTINED, Record};
 
@@ -91,7 +94,10 @@ impl<R: Region> Reader<R> {
     ) -> Result<Drained, Quarantined> {
         let available = self.available()?;
         let take = available.min(budget);
-        let mut drained = Drained { remaining: available - take, ..Drained::default() };
+        let mut drained = Drained {
+            remaining: available - take,
+            ..Drained::default()
+        };
         for i in 0..take {
             let slot = (self.read.wrapping_add(i) & self.mask) as usize;
             // SAFETY: `slot` lies in `read..write`, published to us by the Acquire load
@@ -134,10 +140,16 @@ impl<R: Region> Reader<R> {
         let write = self.region.write_pos().load(Ordering::Acquire);
         let available = write.wrapping_sub(self.read);
         if write.wrapping_sub(self.last_write) > u64::MAX / 2 {
-            return Err(self.quarantine_for(Violation::WriteMovedBack { before: self.last_write, now: write }));
+            return Err(self.quarantine_for(Violation::WriteMovedBack {
+                before: self.last_write,
+                now: write,
+            }));
         }
         if available > self.capacity {
-            return Err(self.quarantine_for(Violation::WriteOutOfRange { read: self.read, write }));
+            return Err(self.quarantine_for(Violation::WriteOutOfRange {
+                read: self.read,
+                write,
+            }));
         }
         self.last_write = write;
         self.observe_dropped();
@@ -162,7 +174,9 @@ impl<R: Region> Reader<R> {
         }
         self.quarantine = Some(violation);
         // ORDERING: Relaxed: advisory to the producer; nothing is published through it.
-        self.region.consumer_flags().fetch_or(CONSUMER_FLAG_QUARANTINED, Ordering::Relaxed);
+        self.region
+            .consumer_flags()
+            .fetch_or(CONSUMER_FLAG_QUARANTINED, Ordering::Relaxed);
         Quarantined(violation)
     }
 
@@ -195,6 +209,8 @@ impl<R: Region> Reader<R> {
 impl<R: Region> Drop for Reader<R> {
     fn drop(&mut self) {
         // ORDERING: Relaxed: advisory to the producer (`Writer::is_abandoned`).
-        self.region.consumer_flags().fetch_or(CONSUMER_FLAG_CLOSED, Ordering::Relaxed);
+        self.region
+            .consumer_flags()
+            .fetch_or(CONSUMER_FLAG_CLOSED, Ordering::Relaxed);
     }
 }

@@ -1,7 +1,10 @@
 //! What a ring lives in: the [`Region`] trait the [`Writer`](crate::Writer) and
 //! [`Reader`](crate::Reader) are generic over.
 
-#![expect(unsafe_code, reason = "defines the unsafe contract of ring memory and forwards it")]
+#![expect(
+    unsafe_code,
+    reason = "defines the unsafe contract of ring memory and forwards it"
+)]
 
 use telemetry_abi::{Geometry, Record};
 

@@ -16,7 +16,9 @@ fn pair(capacity: u64) -> (Writer<Arc<HeapRegion>>, Reader<Arc<HeapRegion>>) {
 
 fn drain_values<R: Region>(reader: &mut Reader<R>, budget: u64) -> Vec<u64> {
     let mut out = Vec::new();
-    reader.drain(budget, |r| out.push(r.words[0])).expect("not quarantined");
+    reader
+        .drain(budget, |r| out.push(r.words[0]))
+        .expect("not quarantined");
     out
 }
 
@@ -27,7 +29,8 @@ fn records_cross_in_order_across_wrap_arounds() {
     let mut expected = 0u64;
     for round in 0..50 {
         for _ in 0..(round % 4 + 1) {
-            w.push(Record::counter(1, next)).expect("room after each drain");
+            w.push(Record::counter(1, next))
+                .expect("room after each drain");
             next += 1;
         }
         for v in drain_values(&mut r, 64) {
@@ -52,7 +55,11 @@ fn a_full_ring_refuses_and_counts_drops() {
     assert_eq!(w.try_push(Record::counter(1, 99)), Err(Full));
     assert_eq!(w.dropped(), 4, "try_push leaves accounting to the caller");
     assert_eq!(drain_values(&mut r, 64), [0, 1, 2, 3]);
-    assert_eq!(r.stats().producer_dropped, 4, "the reader sees the shared counter");
+    assert_eq!(
+        r.stats().producer_dropped,
+        4,
+        "the reader sees the shared counter"
+    );
     w.push(Record::counter(1, 4)).expect("room again");
     assert_eq!(drain_values(&mut r, 64), [4]);
 }
@@ -60,7 +67,12 @@ fn a_full_ring_refuses_and_counts_drops() {
 #[test]
 fn push_all_is_all_or_nothing_and_publishes_once() {
     let (mut w, mut r) = pair(8);
-    w.push_all(&[Record::counter(1, 0), Record::counter(1, 1), Record::counter(1, 2)]).expect("fits");
+    w.push_all(&[
+        Record::counter(1, 0),
+        Record::counter(1, 1),
+        Record::counter(1, 2),
+    ])
+    .expect("fits");
     assert_eq!(w.free(), 5);
     assert_eq!(w.push_all(&[Record::counter(1, 9); 6]), Err(Full));
     assert_eq!(w.free(), 5, "nothing of a refused batch was written");
@@ -95,7 +107,11 @@ fn the_budget_bounds_each_drain() {
 #[test]
 fn unknown_kinds_are_counted_not_delivered() {
     let (mut w, mut r) = pair(8);
-    w.push(Record { kind: RecordKind(0x4242), ..Record::counter(1, 7) }).expect("room");
+    w.push(Record {
+        kind: RecordKind(0x4242),
+        ..Record::counter(1, 7)
+    })
+    .expect("room");
     w.push(Record::default()).expect("room");
     w.push(Record::counter(1, 8)).expect("room");
     let mut seen = Vec::new();
@@ -111,11 +127,16 @@ fn a_write_position_past_capacity_quarantines() {
     let mut r = Reader::new(region.clone());
     let w = Writer::new(region.clone());
     region.write_pos().store(9, Ordering::Release);
-    let err = r.drain(64, |_| panic!("nothing may be delivered")).expect_err("violation");
+    let err = r
+        .drain(64, |_| panic!("nothing may be delivered"))
+        .expect_err("violation");
     assert_eq!(err.0, Violation::WriteOutOfRange { read: 0, write: 9 });
     assert_eq!(r.stats().write_out_of_range, 1);
     assert!(w.is_abandoned(), "the producer can see it was quarantined");
-    assert_ne!(region.consumer_flags().load(Ordering::Relaxed) & CONSUMER_FLAG_QUARANTINED, 0);
+    assert_ne!(
+        region.consumer_flags().load(Ordering::Relaxed) & CONSUMER_FLAG_QUARANTINED,
+        0
+    );
     // Even a now-sane position is never read again.
     region.write_pos().store(1, Ordering::Release);
     assert!(r.drain(64, |_| panic!("quarantined")).is_err());
@@ -142,7 +163,10 @@ fn a_write_position_behind_the_reader_quarantines() {
     assert_eq!(drain_values(&mut r, 8), [0]);
     r.region().write_pos().store(u64::MAX, Ordering::Release);
     assert!(r.drain(8, |_| {}).is_err());
-    assert_eq!(r.quarantined().map(|v| v.reason()), Some("write_moved_back"));
+    assert_eq!(
+        r.quarantined().map(|v| v.reason()),
+        Some("write_moved_back")
+    );
 }
 
 #[test]
@@ -200,7 +224,10 @@ fn mapped_region_lays_out_the_abi_and_attaches() {
     assert_eq!(drain_values(&mut r, 8), [6]);
     drop(r);
     assert_eq!(words[0], MAGIC);
-    assert_eq!(words[RECORDS_OFFSET / 8], u64::from(RecordKind::COUNTER.0) | (5 << 32));
+    assert_eq!(
+        words[RECORDS_OFFSET / 8],
+        u64::from(RecordKind::COUNTER.0) | (5 << 32)
+    );
 
     words[0] = 1;
     let base = NonNull::new(words.as_mut_ptr().cast::<u8>()).expect("non-null");
@@ -209,5 +236,8 @@ fn mapped_region_lays_out_the_abi_and_attaches() {
     assert_eq!(err, MapError::Header(HeaderError::BadMagic { found: 1 }));
     // SAFETY: as above; the shorter length is inside the buffer.
     let err = unsafe { MappedRegion::attach(base, 64) }.expect_err("too small");
-    assert!(matches!(err, MapError::Header(HeaderError::RegionTooSmall { .. })));
+    assert!(matches!(
+        err,
+        MapError::Header(HeaderError::RegionTooSmall { .. })
+    ));
 }

@@ -146,7 +146,8 @@ impl<R: Region> Writer<R> {
     /// Records that fit now without blocking (reloads the consumer's position).
     pub fn free(&mut self) -> u64 {
         self.refresh();
-        self.capacity.saturating_sub(self.write.wrapping_sub(self.cached_read))
+        self.capacity
+            .saturating_sub(self.write.wrapping_sub(self.cached_read))
     }
 
     /// Records staged and not yet published.
