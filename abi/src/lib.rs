@@ -25,10 +25,14 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+mod grant;
 mod layout;
 mod record;
 mod register;
 
+pub use grant::{
+    GRANT_FRAME_SIZE, GRANT_MAGIC, GRANT_VERSION, GrantOp, GrantRequest, GrantResponse, GrantStatus,
+};
 pub use layout::{
     ABI_MAJOR, ABI_MINOR, CONSUMER_FLAG_CLOSED, CONSUMER_FLAG_QUARANTINED, CONSUMER_FLAGS_OFFSET,
     CONSUMER_LINE_OFFSET, ConsumerLine, DROPPED_OFFSET, Geometry, GeometryError, HEADER_OFFSET,
