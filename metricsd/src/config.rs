@@ -1,0 +1,560 @@
+//! Configuration: one TOML file, every limit with a documented default.
+//!
+//! Every field has a default, so metricsd runs with no file at all. Unknown keys are
+//! refused (`deny_unknown_fields`), and [`Config::validate`] refuses values out of range
+//! with an error naming the key and the expected form. The full list, with defaults, is
+//! in `metricsd/README.md`; the doc comment of each field below says the same.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use telemetry_abi::{MAX_CAPACITY, MIN_CAPACITY};
+
+/// Most explicit bucket bounds in a histogram layout: with the `+Inf` bucket that makes
+/// 160 buckets, the OpenTelemetry limit for a histogram.
+pub const MAX_HISTOGRAM_BOUNDS: usize = 159;
+
+/// The whole configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The control socket. Default: `$NEXUS_METRICSD_SOCKET`, else
+    /// `$XDG_RUNTIME_DIR/metricsd.sock`, else `/run/metricsd.sock`.
+    pub socket: PathBuf,
+    /// logd's socket. Default: `$LOGD_SOCKET`, else `$XDG_RUNTIME_DIR/logd.sock`,
+    /// else `/run/logd.sock`.
+    pub logd_socket: PathBuf,
+    /// Rings and the grant protocol.
+    pub rings: RingsConfig,
+    /// The drain loop.
+    pub drain: DrainConfig,
+    /// Series caps.
+    pub series: SeriesConfig,
+    /// Spans.
+    pub spans: SpansConfig,
+    /// Export to logd.
+    pub export: ExportConfig,
+    /// Redaction of sensitive label and attribute keys.
+    pub redaction: RedactionConfig,
+    /// Histogram bucket layouts by metric (or span) name: strictly increasing `u64`
+    /// upper bounds (inclusive), at most [`MAX_HISTOGRAM_BOUNDS`]; a `+Inf` bucket is
+    /// always added. Names not listed use the base-2 exponential layout.
+    pub histograms: BTreeMap<String, Vec<u64>>,
+    /// Identity rules, first match wins (see [`ServiceRule`]).
+    pub services: Vec<ServiceRule>,
+}
+
+/// `[rings]`: ring geometry and the grant protocol's limits.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RingsConfig {
+    /// Records in a ring when the request asks for 0 (default 65536; a power of two).
+    pub capacity: u32,
+    /// Largest ring granted; larger requests get this many (default 1048576).
+    pub max_capacity: u32,
+    /// Rings one service may hold at once (default 64); past it: `OVER_LIMIT`.
+    pub per_service: u32,
+    /// Rings held by all services at once (default 1024); past it: `OVER_LIMIT`.
+    pub max_total: u32,
+    /// Control connections open at once (default 256); more are closed at accept.
+    pub max_connections: u32,
+    /// Distinct services known (default 1024); a new one past it: `OVER_LIMIT`.
+    pub max_services: u32,
+    /// Sustained grant requests per second per connection (default 10); past the
+    /// burst: `RATE_LIMITED`.
+    pub grant_rate_per_sec: u32,
+    /// Grant requests a connection may make at once before the rate applies
+    /// (default 64).
+    pub grant_burst: u32,
+    /// Most keys registered in one ring (default 4096).
+    pub max_keys_per_ring: u32,
+}
+
+/// `[drain]`: the drain loop.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// Records taken from one ring per pass (default 4096), so a flooding producer
+    /// cannot starve the others.
+    pub budget: u32,
+    /// Shortest sleep after a pass that found every ring empty, in microseconds
+    /// (default 100); doubled after each further empty pass.
+    pub idle_min_us: u32,
+    /// Longest such sleep, in microseconds (default 1000).
+    pub idle_max_us: u32,
+}
+
+/// `[series]`: hard cardinality caps.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SeriesConfig {
+    /// Series in all (default 10000).
+    pub max_total: u32,
+    /// Series of one metric name of one service (default 1000).
+    pub max_per_metric: u32,
+    /// Series of one service (default 2000).
+    pub max_per_service: u32,
+    /// Overflow series (one per service and metric) in all (default 1000). Past it a
+    /// new series is refused `over_limit` and its samples are counted, not summed.
+    pub max_overflow: u32,
+}
+
+/// `[spans]`: live-span bounds.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpansConfig {
+    /// Spans open at once across all rings (default 10000); past it a start is
+    /// refused `over_limit`.
+    pub max_live: u32,
+    /// A span open longer than this is expired and reported as such, in milliseconds
+    /// (default 300000).
+    pub ttl_ms: u64,
+    /// Attributes kept per span (default 8, at most 8); more are refused `over_limit`.
+    pub max_attrs: u32,
+}
+
+/// `[export]`: the export to logd.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Milliseconds between exports (default 1000).
+    pub interval_ms: u64,
+    /// Completed spans exported per interval (default 256): errors and orphans first,
+    /// then the slowest; the number left out is exported too.
+    pub span_budget: u32,
+    /// Records waiting for logd at most (default 100000); past it the oldest are
+    /// dropped and counted.
+    pub queue_records: u32,
+    /// Records per APPEND (default 512).
+    pub batch_records: u32,
+    /// Milliseconds to wait before retrying after a failed APPEND (default 200).
+    pub retry_ms: u64,
+}
+
+/// `[redaction]`: sensitive keys.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedactionConfig {
+    /// A label or attribute key containing one of these (ASCII case-insensitive) has
+    /// its value replaced by `[redacted]` before anything is exported. Default:
+    /// secret, token, password, passwd, credential, api_key, apikey, auth, cookie,
+    /// session.
+    pub patterns: Vec<String>,
+}
+
+/// `[[services]]`: one identity rule. A rule names the service of a producer whose
+/// kernel-reported credentials match every matcher it sets (at least one); the first
+/// matching rule wins. With no match the service is the executable's file name
+/// (`/proc/<pid>/exe`), else `uid:<n>`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRule {
+    /// The service name: 1 to 64 bytes of `[A-Za-z0-9_.:-]`.
+    pub name: String,
+    /// Match this user id.
+    pub uid: Option<u32>,
+    /// Match this process id.
+    pub pid: Option<u32>,
+    /// Match this executable path exactly (as `/proc/<pid>/exe` reads).
+    pub exe: Option<PathBuf>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file could not be read.
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or named an unknown key (the message names it).
+    Parse(String),
+    /// A value is out of range.
+    Invalid {
+        /// The key, as written in the file (`rings.capacity`).
+        key: String,
+        /// The value found.
+        found: String,
+        /// What is expected.
+        expected: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read { path, source } => {
+                write!(f, "cannot read config {}: {source}", path.display())
+            }
+            Self::Parse(msg) => write!(f, "config: {msg}"),
+            Self::Invalid {
+                key,
+                found,
+                expected,
+            } => write!(f, "config key `{key}` = {found}: expected {expected}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Read { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+fn env_socket(var: &str, file: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        return Path::new(&dir).join(file);
+    }
+    Path::new("/run").join(file)
+}
+
+/// The control socket path when neither config nor flag names one.
+pub fn default_socket_path() -> PathBuf {
+    env_socket("NEXUS_METRICSD_SOCKET", "metricsd.sock")
+}
+
+/// logd's socket path when neither config nor flag names one.
+pub fn default_logd_socket_path() -> PathBuf {
+    env_socket("LOGD_SOCKET", "logd.sock")
+}
+
+/// The default redaction patterns.
+pub const DEFAULT_REDACTION_PATTERNS: &[&str] = &[
+    "secret",
+    "token",
+    "password",
+    "passwd",
+    "credential",
+    "api_key",
+    "apikey",
+    "auth",
+    "cookie",
+    "session",
+];
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: default_socket_path(),
+            logd_socket: default_logd_socket_path(),
+            rings: RingsConfig::default(),
+            drain: DrainConfig::default(),
+            series: SeriesConfig::default(),
+            spans: SpansConfig::default(),
+            export: ExportConfig::default(),
+            redaction: RedactionConfig::default(),
+            histograms: BTreeMap::new(),
+            services: Vec::new(),
+        }
+    }
+}
+
+impl Default for RingsConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 65536,
+            max_capacity: 1 << 20,
+            per_service: 64,
+            max_total: 1024,
+            max_connections: 256,
+            max_services: 1024,
+            grant_rate_per_sec: 10,
+            grant_burst: 64,
+            max_keys_per_ring: 4096,
+        }
+    }
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            budget: 4096,
+            idle_min_us: 100,
+            idle_max_us: 1000,
+        }
+    }
+}
+
+impl Default for SeriesConfig {
+    fn default() -> Self {
+        Self {
+            max_total: 10_000,
+            max_per_metric: 1000,
+            max_per_service: 2000,
+            max_overflow: 1000,
+        }
+    }
+}
+
+impl Default for SpansConfig {
+    fn default() -> Self {
+        Self {
+            max_live: 10_000,
+            ttl_ms: 300_000,
+            max_attrs: 8,
+        }
+    }
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1000,
+            span_budget: 256,
+            queue_records: 100_000,
+            batch_records: 512,
+            retry_ms: 200,
+        }
+    }
+}
+
+impl Default for RedactionConfig {
+    fn default() -> Self {
+        Self {
+            patterns: DEFAULT_REDACTION_PATTERNS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+        }
+    }
+}
+
+fn invalid(key: &str, found: impl fmt::Display, expected: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        found: found.to_string(),
+        expected: expected.into(),
+    }
+}
+
+fn in_range<T: PartialOrd + fmt::Display + Copy>(
+    key: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            value,
+            format!("an integer from {min} to {max}"),
+        ));
+    }
+    Ok(())
+}
+
+fn ring_capacity(key: &str, value: u32) -> Result<(), ConfigError> {
+    if !(MIN_CAPACITY..=MAX_CAPACITY).contains(&value) || !value.is_power_of_two() {
+        return Err(invalid(
+            key,
+            value,
+            format!("a power of two from {MIN_CAPACITY} to {MAX_CAPACITY} (records)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `name` is a valid service name: 1 to 64 bytes of `[A-Za-z0-9_.:-]`.
+pub fn valid_service_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Checks every value against its allowed range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let r = &self.rings;
+        ring_capacity("rings.capacity", r.capacity)?;
+        ring_capacity("rings.max_capacity", r.max_capacity)?;
+        if r.capacity > r.max_capacity {
+            return Err(invalid(
+                "rings.capacity",
+                r.capacity,
+                format!("at most rings.max_capacity ({})", r.max_capacity),
+            ));
+        }
+        in_range("rings.per_service", r.per_service, 1, 65536)?;
+        in_range("rings.max_total", r.max_total, 1, 65536)?;
+        in_range("rings.max_connections", r.max_connections, 1, 65536)?;
+        in_range("rings.max_services", r.max_services, 1, 1 << 20)?;
+        in_range(
+            "rings.grant_rate_per_sec",
+            r.grant_rate_per_sec,
+            1,
+            1_000_000,
+        )?;
+        in_range("rings.grant_burst", r.grant_burst, 1, 1_000_000)?;
+        in_range("rings.max_keys_per_ring", r.max_keys_per_ring, 1, 1 << 20)?;
+
+        let d = &self.drain;
+        in_range("drain.budget", d.budget, 1, MAX_CAPACITY)?;
+        in_range("drain.idle_min_us", d.idle_min_us, 1, 1_000_000)?;
+        in_range("drain.idle_max_us", d.idle_max_us, d.idle_min_us, 1_000_000)?;
+
+        let s = &self.series;
+        in_range("series.max_total", s.max_total, 1, 10_000_000)?;
+        in_range("series.max_per_metric", s.max_per_metric, 1, 10_000_000)?;
+        in_range("series.max_per_service", s.max_per_service, 1, 10_000_000)?;
+        in_range("series.max_overflow", s.max_overflow, 1, 10_000_000)?;
+
+        let sp = &self.spans;
+        in_range("spans.max_live", sp.max_live, 1, 10_000_000)?;
+        in_range("spans.ttl_ms", sp.ttl_ms, 1, 86_400_000)?;
+        in_range("spans.max_attrs", sp.max_attrs, 0, 8)?;
+
+        let e = &self.export;
+        in_range("export.interval_ms", e.interval_ms, 10, 3_600_000)?;
+        in_range("export.span_budget", e.span_budget, 0, 1_000_000)?;
+        in_range("export.queue_records", e.queue_records, 1, 100_000_000)?;
+        in_range("export.batch_records", e.batch_records, 1, 4096)?;
+        in_range("export.retry_ms", e.retry_ms, 1, 600_000)?;
+
+        for (i, p) in self.redaction.patterns.iter().enumerate() {
+            if p.is_empty() || p.len() > 64 || !p.is_ascii() {
+                return Err(invalid(
+                    &format!("redaction.patterns[{i}]"),
+                    format!("{p:?}"),
+                    "1 to 64 ASCII characters (matched case-insensitively within a key)",
+                ));
+            }
+        }
+
+        for (name, bounds) in &self.histograms {
+            let key = format!("histograms.\"{name}\"");
+            if bounds.is_empty() || bounds.len() > MAX_HISTOGRAM_BOUNDS {
+                return Err(invalid(
+                    &key,
+                    format!("{} bounds", bounds.len()),
+                    format!("1 to {MAX_HISTOGRAM_BOUNDS} upper bounds"),
+                ));
+            }
+            if let Some(w) = bounds.windows(2).find(|w| w[0] >= w[1]) {
+                return Err(invalid(
+                    &key,
+                    format!("{} then {}", w[0], w[1]),
+                    "strictly increasing unsigned integers (inclusive upper bounds)",
+                ));
+            }
+        }
+
+        for (i, rule) in self.services.iter().enumerate() {
+            if !valid_service_name(&rule.name) {
+                return Err(invalid(
+                    &format!("services[{i}].name"),
+                    format!("{:?}", rule.name),
+                    "1 to 64 bytes of [A-Za-z0-9_.:-]",
+                ));
+            }
+            if rule.uid.is_none() && rule.pid.is_none() && rule.exe.is_none() {
+                return Err(invalid(
+                    &format!("services[{i}]"),
+                    format!("a rule naming {:?} with no matcher", rule.name),
+                    "at least one of uid, pid, exe",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The export interval.
+    pub fn export_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.export.interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_means_defaults_that_validate() {
+        let c = Config::from_toml("").expect("empty is fine");
+        assert_eq!(c.rings.max_keys_per_ring, 4096);
+        assert_eq!(c.export.interval_ms, 1000);
+        assert_eq!(c.redaction.patterns.len(), 10);
+        Config::default().validate().expect("defaults validate");
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let c = Config::from_toml(
+            r#"
+            socket = "/tmp/m.sock"
+            [rings]
+            capacity = 1024
+            per_service = 2
+            [drain]
+            budget = 16
+            [export]
+            interval_ms = 250
+            [histograms]
+            "http.latency_ns" = [100, 1000, 10000]
+            [[services]]
+            name = "web"
+            uid = 1000
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(c.rings.capacity, 1024);
+        assert_eq!(c.rings.per_service, 2);
+        assert_eq!(c.drain.budget, 16);
+        assert_eq!(c.histograms["http.latency_ns"], vec![100, 1000, 10000]);
+        assert_eq!(c.services[0].uid, Some(1000));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_toml("[rings]\ncapacty = 8\n").expect_err("typo");
+        let msg = err.to_string();
+        assert!(msg.contains("capacty"), "{msg}");
+        let err = Config::from_toml("bogus = 1\n").expect_err("unknown");
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_form() {
+        let err = Config::from_toml("[rings]\ncapacity = 1000\n").expect_err("not pow2");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("rings.capacity") && msg.contains("power of two"),
+            "{msg}"
+        );
+        let err = Config::from_toml("[histograms]\nx = [5, 5]\n").expect_err("not increasing");
+        assert!(err.to_string().contains("strictly increasing"), "{err}");
+        let err = Config::from_toml("[[services]]\nname = \"a\"\n").expect_err("no matcher");
+        assert!(err.to_string().contains("services[0]"), "{err}");
+        let err = Config::from_toml("[drain]\nbudget = \"x\"\n").expect_err("type");
+        assert!(err.to_string().contains("budget"), "{err}");
+        let err = Config::from_toml("[spans]\nmax_attrs = 9\n").expect_err("range");
+        assert!(err.to_string().contains("spans.max_attrs"), "{err}");
+    }
+}

@@ -1,0 +1,2 @@
+//! `metricsd`: the daemon binary (wired up in a later commit).
+fn main() {}

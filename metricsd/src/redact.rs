@@ -1,0 +1,107 @@
+//! Redaction of sensitive keys, and renaming of keys that claim an identity.
+//!
+//! - A label or span attribute whose key contains one of the configured patterns
+//!   (ASCII case-insensitive; default: secret, token, password, passwd, credential,
+//!   api_key, apikey, auth, cookie, session) keeps its key and has its value replaced by
+//!   [`REDACTED`] before anything is stored, so no original value is ever exported.
+//! - A label key that claims the producer's identity (`service`, `service_id`,
+//!   `sender_service_id`, anything in [`IDENTITY_KEYS`] or starting with one of
+//!   [`IDENTITY_PREFIXES`], compared in lower case with `-` and `.` read as `_`) is
+//!   renamed `exported_<key>` (Prometheus' convention for a target label clash): the
+//!   producer's word never competes with the kernel-derived `producer_service`, and its
+//!   data is kept. Each rename is counted.
+
+/// The value a redacted label or attribute is exported with.
+pub const REDACTED: &str = "[redacted]";
+
+/// Keys that claim an identity only metricsd (or logd) may state.
+pub const IDENTITY_KEYS: &[&str] = &[
+    "service",
+    "service_id",
+    "service_name",
+    "sender",
+    "pid",
+    "uid",
+    "gid",
+    "identity",
+    "peer",
+    "unit",
+];
+
+/// Key prefixes that claim an identity (a leading `_` is journald's convention for
+/// fields only the log daemon sets).
+pub const IDENTITY_PREFIXES: &[&str] = &["sender_", "service_", "peer_", "logd_", "producer_", "_"];
+
+/// The redaction policy.
+#[derive(Clone, Debug)]
+pub struct Redactor {
+    patterns: Vec<String>,
+}
+
+impl Redactor {
+    /// A policy redacting keys that contain any of `patterns` (case-insensitive).
+    pub fn new(patterns: &[String]) -> Self {
+        Self {
+            patterns: patterns.iter().map(|p| p.to_ascii_lowercase()).collect(),
+        }
+    }
+
+    /// Whether values under `key` must be redacted.
+    pub fn is_sensitive(&self, key: &str) -> bool {
+        let lower = key.to_ascii_lowercase();
+        self.patterns.iter().any(|p| lower.contains(p.as_str()))
+    }
+}
+
+/// Whether a label key claims an identity (see the module docs).
+pub fn is_identity_key(key: &str) -> bool {
+    let norm: String = key
+        .chars()
+        .map(|c| match c {
+            '-' | '.' => '_',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect();
+    IDENTITY_KEYS.contains(&norm.as_str()) || IDENTITY_PREFIXES.iter().any(|p| norm.starts_with(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RedactionConfig;
+
+    #[test]
+    fn default_patterns_match_case_insensitively() {
+        let r = Redactor::new(&RedactionConfig::default().patterns);
+        for k in [
+            "password",
+            "DB_PASSWORD",
+            "x_api_key",
+            "Auth",
+            "session_id",
+            "apikey",
+        ] {
+            assert!(r.is_sensitive(k), "{k}");
+        }
+        for k in ["route", "status", "method", "user"] {
+            assert!(!r.is_sensitive(k), "{k}");
+        }
+    }
+
+    #[test]
+    fn identity_keys_are_recognised() {
+        for k in [
+            "service",
+            "Service",
+            "service_id",
+            "sender_service_id",
+            "service.name",
+            "_pid",
+        ] {
+            assert!(is_identity_key(k), "{k}");
+        }
+        for k in ["route", "services", "status"] {
+            assert!(!is_identity_key(k), "{k}");
+        }
+    }
+}
