@@ -1,0 +1,226 @@
+//! Keys and the per-ring key table.
+//!
+//! A [`Key`] is the small number a registration binds a name (and labels) to; every
+//! sample carries one. A [`KeyTable`] is the per-ring bookkeeping the
+//! [`Recorder`](crate::Recorder) keeps for every key: whether the key's registration is
+//! already in the ring, and the counter increments still waiting for room.
+
+use core::fmt;
+use core::num::NonZeroU32;
+
+/// An interned key: nonzero, bound by a registration to a name, a kind and labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(transparent)]
+pub struct Key(NonZeroU32);
+
+impl Key {
+    /// The key `raw`, or `None` for zero (reserved: never a valid key).
+    #[inline]
+    pub const fn new(raw: u32) -> Option<Self> {
+        match NonZeroU32::new(raw) {
+            Some(k) => Some(Self(k)),
+            None => None,
+        }
+    }
+
+    /// The key's number.
+    #[inline]
+    pub const fn get(self) -> u32 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Keys per block: one bitmap word covers 64 keys.
+const BLOCK: usize = 64;
+/// Words one block of 64 keys takes: a registered bit per key, a pending bit per key,
+/// and one pending counter delta per key.
+const WORDS_PER_BLOCK: usize = 2 + BLOCK;
+
+/// Per-ring state for every key below [`capacity`](Self::capacity), kept in storage
+/// the caller provides (a static array in a driver, a boxed slice in a service).
+///
+/// For `n` keys the storage needs [`KeyTable::words_for(n)`](Self::words_for) words
+/// (about 8.3 bytes per key): a "registered in this ring" bitmap, a "has a pending
+/// counter delta" bitmap, and the pending deltas themselves.
+///
+/// ```
+/// use nexus_metrics::KeyTable;
+///
+/// let mut storage = [0u64; KeyTable::<&mut [u64]>::words_for(128)];
+/// let table = KeyTable::new(&mut storage[..]);
+/// assert_eq!(table.capacity(), 128); // keys 1 to 127 (key 0 is never valid)
+/// ```
+#[derive(Debug)]
+pub struct KeyTable<S> {
+    storage: S,
+    blocks: usize,
+    pending_keys: u32,
+}
+
+impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
+    /// Words of storage a table for keys `0..keys` needs.
+    pub const fn words_for(keys: usize) -> usize {
+        keys.div_ceil(BLOCK) * WORDS_PER_BLOCK
+    }
+
+    /// A table over `storage`, which is zeroed. Its capacity is the largest multiple of
+    /// 64 keys the storage holds.
+    pub fn new(mut storage: S) -> Self {
+        storage.as_mut().fill(0);
+        let blocks = storage.as_ref().len() / WORDS_PER_BLOCK;
+        Self {
+            storage,
+            blocks,
+            pending_keys: 0,
+        }
+    }
+
+    /// Keys this table can track: `0..capacity` (key 0 is never valid).
+    pub fn capacity(&self) -> usize {
+        self.blocks * BLOCK
+    }
+
+    /// Keys holding a pending counter delta.
+    #[inline]
+    pub fn pending_keys(&self) -> u32 {
+        self.pending_keys
+    }
+
+    /// Gives the storage back.
+    pub fn into_storage(self) -> S {
+        self.storage
+    }
+
+    /// Whether `key`'s registration is in the ring. False for keys past the capacity.
+    #[inline(always)]
+    pub(crate) fn is_registered(&self, key: u32) -> bool {
+        let index = key as usize;
+        let word = index / BLOCK;
+        word < self.blocks && self.storage.as_ref()[word] & (1 << (index % BLOCK)) != 0
+    }
+
+    pub(crate) fn contains(&self, key: u32) -> bool {
+        key != 0 && (key as usize) < self.capacity()
+    }
+
+    pub(crate) fn set_registered(&mut self, key: u32) {
+        if self.contains(key) {
+            let index = key as usize;
+            self.storage.as_mut()[index / BLOCK] |= 1 << (index % BLOCK);
+        }
+    }
+
+    /// Forgets every registration (a new ring starts empty); pending deltas are kept.
+    pub(crate) fn clear_registered(&mut self) {
+        let blocks = self.blocks;
+        self.storage.as_mut()[..blocks].fill(0);
+    }
+
+    /// Adds `n` to `key`'s pending delta. Returns false (and changes nothing) if the key
+    /// is out of range or the sum would overflow.
+    pub(crate) fn add_pending(&mut self, key: u32, n: u64) -> bool {
+        if !self.contains(key) {
+            return false;
+        }
+        let index = key as usize;
+        let blocks = self.blocks;
+        let words = self.storage.as_mut();
+        let slot = 2 * blocks + index;
+        let Some(sum) = words[slot].checked_add(n) else {
+            return false;
+        };
+        if n == 0 {
+            return true;
+        }
+        words[slot] = sum;
+        let bit = 1u64 << (index % BLOCK);
+        let pending = &mut words[blocks + index / BLOCK];
+        if *pending & bit == 0 {
+            *pending |= bit;
+            self.pending_keys += 1;
+        }
+        true
+    }
+
+    /// The first key at or after `from` with a pending delta, and the delta.
+    pub(crate) fn next_pending(&self, from: u32) -> Option<(u32, u64)> {
+        if self.pending_keys == 0 {
+            return None;
+        }
+        let words = self.storage.as_ref();
+        let bitmap = &words[self.blocks..2 * self.blocks];
+        let mut index = from as usize;
+        while index / BLOCK < self.blocks {
+            let word = bitmap[index / BLOCK] & (u64::MAX << (index % BLOCK));
+            if word != 0 {
+                let key = (index / BLOCK) * BLOCK + word.trailing_zeros() as usize;
+                return Some((key as u32, words[2 * self.blocks + key]));
+            }
+            index = (index / BLOCK + 1) * BLOCK;
+        }
+        None
+    }
+
+    /// Clears `key`'s pending delta.
+    pub(crate) fn clear_pending(&mut self, key: u32) {
+        if !self.contains(key) {
+            return;
+        }
+        let index = key as usize;
+        let blocks = self.blocks;
+        let words = self.storage.as_mut();
+        let bit = 1u64 << (index % BLOCK);
+        let pending = &mut words[blocks + index / BLOCK];
+        if *pending & bit != 0 {
+            *pending &= !bit;
+            words[2 * blocks + index] = 0;
+            self.pending_keys -= 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_nonzero() {
+        assert_eq!(Key::new(0), None);
+        assert_eq!(Key::new(7).map(Key::get), Some(7));
+    }
+
+    #[test]
+    fn table_tracks_registration_and_pending_deltas() {
+        let mut storage = [7u64; KeyTable::<&mut [u64]>::words_for(130)];
+        let mut table = KeyTable::new(&mut storage[..]);
+        assert_eq!(table.capacity(), 192);
+        assert!(!table.is_registered(5), "storage was zeroed");
+        table.set_registered(5);
+        table.set_registered(191);
+        table.set_registered(192); // out of range: ignored
+        assert!(table.is_registered(5) && table.is_registered(191));
+        assert!(!table.is_registered(192) && !table.is_registered(u32::MAX));
+
+        assert!(table.add_pending(70, 3));
+        assert!(table.add_pending(70, 4));
+        assert!(table.add_pending(9, 1));
+        assert!(!table.add_pending(0, 1), "key 0 is never valid");
+        assert!(!table.add_pending(9, u64::MAX), "overflow refused");
+        assert_eq!(table.pending_keys(), 2);
+        assert_eq!(table.next_pending(0), Some((9, 1)));
+        assert_eq!(table.next_pending(10), Some((70, 7)));
+        assert_eq!(table.next_pending(71), None);
+        table.clear_pending(9);
+        assert_eq!(table.next_pending(0), Some((70, 7)));
+
+        table.clear_registered();
+        assert!(!table.is_registered(5));
+        assert_eq!(table.pending_keys(), 1, "pending deltas survive a new ring");
+    }
+}
