@@ -1,0 +1,790 @@
+//! The ring benchmarks (issue 2, item 6), every contender in the same run:
+//!
+//! - `ring_producer`: producer cost per record with a consumer draining on the other
+//!   core: our `Writer` (single push, `stage` x 64 + `flush`, `push_all` of 64) against
+//!   rtrb (`push`, `write_chunk_uninit`, `write_chunk`) and crossbeam-queue `ArrayQueue`.
+//! - `ring_thread_to_thread`: end-to-end records/s, thread to thread.
+//! - `ring_process_to_process`: end-to-end records/s from a child process through a
+//!   memfd ring, and the design the ring replaces: one `UnixDatagram` send per record.
+//! - `record_size`: 16, 32, 64 and 128-byte records through one protocol, for the ABI's
+//!   choice of a 32-byte record.
+//!
+//! Run with `cargo bench -p telemetry-benches --bench ring`; the results are in
+//! `benches/README.md`.
+//!
+//! The producer retries on a full ring (spinning), so every number is a sustained rate,
+//! not the cost of pushing into an empty ring. The producer runs on CPU 0 and the
+//! consumer on CPU 1 (pinned when the machine has two CPUs or more).
+//!
+//! The binary is its own child process: the process-to-process benches re-execute it
+//! with `TELEMETRY_BENCH_RING_CHILD` set, and `main` then acts as the producer process
+//! instead of starting criterion. The child's stdin is a Unix stream socket; the parent
+//! hands it the memfd (or the datagram socket) over it with SCM_RIGHTS, as metricsd
+//! grants a ring, then sends it commands.
+
+use std::hint::{black_box, spin_loop};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, criterion_group};
+use crossbeam_queue::ArrayQueue;
+use rtrb::{PushError, RingBuffer};
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use telemetry_abi::{Geometry, Record};
+use telemetry_ring::{HeapRegion, MemfdRegion, Reader, Region, Writer};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Records per ring, for every contender.
+const CAPACITY: usize = 4096;
+/// Records per batch on the batch paths.
+const BATCH: usize = 64;
+/// Where the producer (thread or child process) runs.
+const PRODUCER_CPU: usize = 0;
+/// Where the consumer runs.
+const CONSUMER_CPU: usize = 1;
+/// Set in the environment of the re-executed bench binary: it is the child producer.
+const CHILD_ENV: &str = "TELEMETRY_BENCH_RING_CHILD";
+
+/// The record every contender moves: the ABI's 32-byte record, its sequence number in
+/// `words[0]`.
+#[inline(always)]
+fn record(seq: u64) -> Record {
+    Record::counter(1, seq)
+}
+
+/// The sum of the sequence numbers `0..n`, which the consumer must have seen.
+fn expected_sum(n: u64) -> u64 {
+    (0..n).fold(0u64, u64::wrapping_add)
+}
+
+// --- Pinning -------------------------------------------------------------------------
+
+/// Pins the calling thread to `cpu` if the machine has more than one CPU.
+fn pin(cpu: usize) {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return;
+    }
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    // Best effort: an unpinned run is still a valid (noisier) measurement.
+    let _ = rustix::thread::sched_setaffinity(None, &set);
+}
+
+// --- Thread to thread ----------------------------------------------------------------
+
+/// What one sample measured, both from the instant the producer starts.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    /// Until the producer has written (and published) its last record.
+    producer: Duration,
+    /// Until the consumer has read the last record.
+    end_to_end: Duration,
+}
+
+/// Runs `consume` on the consumer CPU and, once it is running, `produce` on this thread
+/// on the producer CPU. Checks that the consumer saw exactly the records `0..n`.
+fn run_pair(
+    name: &str,
+    n: u64,
+    produce: impl FnOnce(),
+    consume: impl FnOnce() -> u64 + Send,
+) -> Timing {
+    let ready = AtomicBool::new(false);
+    let (timing, sum) = std::thread::scope(|s| {
+        let ready = &ready;
+        let consumer = s.spawn(move || {
+            pin(CONSUMER_CPU);
+            ready.store(true, Ordering::Release);
+            let sum = consume();
+            (sum, Instant::now())
+        });
+        pin(PRODUCER_CPU);
+        while !ready.load(Ordering::Acquire) {
+            spin_loop();
+        }
+        let start = Instant::now();
+        produce();
+        let producer = start.elapsed();
+        let (sum, end) = consumer.join().expect("the consumer thread panicked");
+        let end_to_end = end.duration_since(start);
+        (
+            Timing {
+                producer,
+                end_to_end,
+            },
+            sum,
+        )
+    });
+    assert_eq!(sum, expected_sum(n), "{name}: records lost or duplicated");
+    timing
+}
+
+/// Drains `n` records from our ring, returning the sum of their sequence numbers.
+fn drain_ours<R: Region>(reader: &mut Reader<R>, n: u64) -> u64 {
+    let mut sum = 0u64;
+    let mut got = 0;
+    while got < n {
+        let drained = reader
+            .drain(CAPACITY as u64, |r| sum = sum.wrapping_add(r.words[0]))
+            .expect("the bench's writer never breaks the protocol");
+        if drained.consumed == 0 {
+            spin_loop();
+        }
+        got += drained.consumed;
+    }
+    sum
+}
+
+/// Waits until the writer has room for `n` records and returns how many it has. The
+/// batch paths call this only when their own count of room runs out, so the consumer's
+/// line is read as rarely as the writer's cached read position would read it.
+fn wait_room<R: Region>(writer: &mut Writer<R>, n: u64) -> u64 {
+    loop {
+        let free = writer.free();
+        if free >= n {
+            return free;
+        }
+        spin_loop();
+    }
+}
+
+/// Our single-record path: `try_push` (a full ring is waited out, not counted as a
+/// loss; its success path is `push`'s), one Release store per record.
+fn ours_push<R: Region>(writer: &mut Writer<R>, first: u64, n: u64) {
+    for seq in first..first + n {
+        while writer.try_push(record(seq)).is_err() {
+            spin_loop();
+        }
+    }
+}
+
+/// Our batch path: `stage` each record, `flush` (one Release store) every `BATCH`.
+fn ours_stage_flush<R: Region>(writer: &mut Writer<R>, first: u64, n: u64) {
+    let mut room = 0u64;
+    for (i, seq) in (first..first + n).enumerate() {
+        if room == 0 {
+            room = wait_room(writer, 1);
+        }
+        // Room was seen above, so this never fails (the sum check would catch it).
+        let _ = writer.stage(record(seq));
+        room -= 1;
+        if i % BATCH == BATCH - 1 {
+            writer.flush();
+        }
+    }
+    writer.flush();
+}
+
+/// Our all-or-nothing batch path: `push_all` of `BATCH` records built on the stack.
+fn ours_push_all<R: Region>(writer: &mut Writer<R>, first: u64, n: u64) {
+    let mut batch = [Record::default(); BATCH];
+    let mut room = 0u64;
+    let mut seq = first;
+    while seq < first + n {
+        let len = (BATCH as u64).min(first + n - seq);
+        for (i, slot) in batch[..len as usize].iter_mut().enumerate() {
+            *slot = record(seq + i as u64);
+        }
+        if room < len {
+            room = wait_room(writer, len);
+        }
+        let _ = writer.push_all(&batch[..len as usize]);
+        room -= len;
+        seq += len;
+    }
+}
+
+fn heap_ring() -> (Writer<Arc<HeapRegion>>, Reader<Arc<HeapRegion>>) {
+    let region = Arc::new(HeapRegion::new(CAPACITY as u64).expect("a valid capacity"));
+    (Writer::new(Arc::clone(&region)), Reader::new(region))
+}
+
+fn ours_heap(name: &str, n: u64, produce: fn(&mut Writer<Arc<HeapRegion>>, u64, u64)) -> Timing {
+    let (mut writer, mut reader) = heap_ring();
+    run_pair(
+        name,
+        n,
+        || produce(&mut writer, 0, n),
+        move || drain_ours(&mut reader, n),
+    )
+}
+
+fn memfd_ring() -> MemfdRegion {
+    let geometry = Geometry::new(CAPACITY as u64).expect("a valid capacity");
+    MemfdRegion::create("telemetry-bench", geometry, 1).expect("a memfd ring")
+}
+
+/// Our ring in a memfd mapped in this process: the production region's slot writes
+/// (word-wise atomic stores) with both threads in one process.
+fn ours_memfd<'r>(
+    name: &str,
+    n: u64,
+    region: &'r MemfdRegion,
+    produce: fn(&mut Writer<&'r MemfdRegion>, u64, u64),
+) -> Timing {
+    let (mut writer, mut reader) = (Writer::new(region), Reader::new(region));
+    run_pair(
+        name,
+        n,
+        || produce(&mut writer, 0, n),
+        move || drain_ours(&mut reader, n),
+    )
+}
+
+/// rtrb's consumer at its best: every readable slot as one chunk, one commit.
+fn drain_rtrb(consumer: &mut rtrb::Consumer<Record>, n: u64) -> u64 {
+    let mut sum = 0u64;
+    let mut got = 0;
+    while got < n {
+        let available = consumer.slots();
+        if available == 0 {
+            spin_loop();
+            continue;
+        }
+        if let Ok(chunk) = consumer.read_chunk(available) {
+            for r in chunk {
+                sum = sum.wrapping_add(r.words[0]);
+            }
+            got += available as u64;
+        }
+    }
+    sum
+}
+
+fn rtrb_push(n: u64) -> Timing {
+    let (mut producer, mut consumer) = RingBuffer::<Record>::new(CAPACITY);
+    let produce = || {
+        for seq in 0..n {
+            let mut r = record(seq);
+            while let Err(PushError::Full(back)) = producer.push(r) {
+                r = back;
+                spin_loop();
+            }
+        }
+    };
+    run_pair("rtrb/push", n, produce, move || {
+        drain_rtrb(&mut consumer, n)
+    })
+}
+
+fn rtrb_write_chunk_uninit(n: u64) -> Timing {
+    let (mut producer, mut consumer) = RingBuffer::<Record>::new(CAPACITY);
+    let produce = || {
+        let mut seq = 0u64;
+        while seq < n {
+            let len = (BATCH as u64).min(n - seq);
+            match producer.write_chunk_uninit(len as usize) {
+                Ok(chunk) => {
+                    chunk.fill_from_iter((seq..).map(record));
+                    seq += len;
+                }
+                Err(_) => spin_loop(),
+            }
+        }
+    };
+    run_pair("rtrb/write_chunk_uninit", n, produce, move || {
+        drain_rtrb(&mut consumer, n)
+    })
+}
+
+fn rtrb_write_chunk(n: u64) -> Timing {
+    let (mut producer, mut consumer) = RingBuffer::<Record>::new(CAPACITY);
+    let produce = || {
+        let mut seq = 0u64;
+        while seq < n {
+            let len = (BATCH as u64).min(n - seq);
+            match producer.write_chunk(len as usize) {
+                Ok(mut chunk) => {
+                    let (first, second) = chunk.as_mut_slices();
+                    for (i, slot) in first.iter_mut().chain(second).enumerate() {
+                        *slot = record(seq + i as u64);
+                    }
+                    chunk.commit_all();
+                    seq += len;
+                }
+                Err(_) => spin_loop(),
+            }
+        }
+    };
+    run_pair("rtrb/write_chunk", n, produce, move || {
+        drain_rtrb(&mut consumer, n)
+    })
+}
+
+fn crossbeam_push(n: u64) -> Timing {
+    let queue = ArrayQueue::<Record>::new(CAPACITY);
+    let produce = || {
+        for seq in 0..n {
+            let mut r = record(seq);
+            while let Err(back) = queue.push(r) {
+                r = back;
+                spin_loop();
+            }
+        }
+    };
+    let consume = || {
+        let mut sum = 0u64;
+        let mut got = 0;
+        while got < n {
+            match queue.pop() {
+                Some(r) => {
+                    sum = sum.wrapping_add(r.words[0]);
+                    got += 1;
+                }
+                None => spin_loop(),
+            }
+        }
+        sum
+    };
+    run_pair("crossbeam/ArrayQueue::push", n, produce, consume)
+}
+
+fn producer_cost(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ring_producer");
+    configure(&mut group);
+    group.bench_function("ours/push", |b| {
+        b.iter_custom(|n| ours_heap("ours/push", n, ours_push).producer)
+    });
+    group.bench_function("ours/stage_flush_64", |b| {
+        b.iter_custom(|n| ours_heap("ours/stage_flush_64", n, ours_stage_flush).producer)
+    });
+    group.bench_function("ours/push_all_64", |b| {
+        b.iter_custom(|n| ours_heap("ours/push_all_64", n, ours_push_all).producer)
+    });
+    group.bench_function("ours_memfd/push", |b| {
+        b.iter_custom(|n| {
+            let region = memfd_ring();
+            ours_memfd("ours_memfd/push", n, &region, ours_push).producer
+        })
+    });
+    group.bench_function("rtrb/push", |b| b.iter_custom(|n| rtrb_push(n).producer));
+    group.bench_function("rtrb/write_chunk_uninit_64", |b| {
+        b.iter_custom(|n| rtrb_write_chunk_uninit(n).producer)
+    });
+    group.bench_function("rtrb/write_chunk_64", |b| {
+        b.iter_custom(|n| rtrb_write_chunk(n).producer)
+    });
+    group.bench_function("crossbeam/ArrayQueue_push", |b| {
+        b.iter_custom(|n| crossbeam_push(n).producer)
+    });
+    group.finish();
+}
+
+fn thread_to_thread(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ring_thread_to_thread");
+    configure(&mut group);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("ours/push", |b| {
+        b.iter_custom(|n| ours_heap("ours/push", n, ours_push).end_to_end)
+    });
+    group.bench_function("ours/stage_flush_64", |b| {
+        b.iter_custom(|n| ours_heap("ours/stage_flush_64", n, ours_stage_flush).end_to_end)
+    });
+    group.bench_function("ours/push_all_64", |b| {
+        b.iter_custom(|n| ours_heap("ours/push_all_64", n, ours_push_all).end_to_end)
+    });
+    group.bench_function("rtrb/push", |b| b.iter_custom(|n| rtrb_push(n).end_to_end));
+    group.bench_function("rtrb/write_chunk_64", |b| {
+        b.iter_custom(|n| rtrb_write_chunk(n).end_to_end)
+    });
+    group.finish();
+}
+
+// --- Process to process --------------------------------------------------------------
+
+/// Child modes, the first byte the child receives (with the fd).
+const MODE_RING: u8 = 1;
+const MODE_DATAGRAM: u8 = 2;
+/// Child commands: `[op, n]` as two little-endian `u64`s.
+const OP_EXIT: u64 = 0;
+const OP_PUSH: u64 = 1;
+const OP_BATCH: u64 = 2;
+/// How long the parent waits on the child before declaring it stuck.
+const CHILD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends one mode byte with `fd` attached.
+fn send_fd(socket: &UnixStream, mode: u8, fd: BorrowedFd<'_>) -> io::Result<()> {
+    let fds = [fd];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("SCM_RIGHTS does not fit its buffer"));
+    }
+    rustix::net::sendmsg(
+        socket,
+        &[IoSlice::new(&[mode])],
+        &mut control,
+        SendFlags::empty(),
+    )?;
+    Ok(())
+}
+
+/// Receives one mode byte and the fd attached to it.
+fn receive_fd(socket: &UnixStream) -> io::Result<(u8, OwnedFd)> {
+    let mut mode = [0u8; 1];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::net::recvmsg(
+        socket,
+        &mut [IoSliceMut::new(&mut mode)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    if received.bytes != 1 {
+        return Err(io::Error::other("the parent sent no mode byte"));
+    }
+    let fd = control.drain().find_map(|message| match message {
+        RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+        _ => None,
+    });
+    let fd = fd.ok_or_else(|| io::Error::other("the parent sent no fd"))?;
+    Ok((mode[0], fd))
+}
+
+/// The child producer process, killed when dropped.
+struct ChildProducer {
+    child: Child,
+    control: UnixStream,
+}
+
+impl ChildProducer {
+    /// Re-executes this binary as a child producer and hands it `fd` for `mode`.
+    fn spawn(mode: u8, fd: BorrowedFd<'_>) -> io::Result<Self> {
+        let (control, child_end) = UnixStream::pair()?;
+        let child = Command::new(std::env::current_exe()?)
+            .env(CHILD_ENV, "1")
+            .stdin(Stdio::from(OwnedFd::from(child_end)))
+            .stdout(Stdio::null())
+            .spawn()?;
+        control.set_read_timeout(Some(CHILD_TIMEOUT))?;
+        let producer = Self { child, control };
+        send_fd(&producer.control, mode, fd)?;
+        Ok(producer)
+    }
+
+    /// Tells the child to write `n` records with `op`.
+    fn command(&mut self, op: u64, n: u64) {
+        let mut message = [0u8; 16];
+        message[..8].copy_from_slice(&op.to_le_bytes());
+        message[8..].copy_from_slice(&n.to_le_bytes());
+        self.control
+            .write_all(&message)
+            .expect("the child producer is gone");
+    }
+
+    /// Waits for the child to report the command done.
+    fn wait_done(&mut self) {
+        let mut done = [0u8; 8];
+        self.control
+            .read_exact(&mut done)
+            .expect("the child producer did not finish its command");
+    }
+
+    /// Panics if the child has exited (called while waiting for its records).
+    fn check_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("the child producer exited early: {status}");
+        }
+    }
+}
+
+impl Drop for ChildProducer {
+    fn drop(&mut self) {
+        let mut message = [0u8; 16];
+        message[..8].copy_from_slice(&OP_EXIT.to_le_bytes());
+        let _ = self.control.write_all(&message);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parent side of the ring benches: a child writes through a memfd ring the parent
+/// created and handed it; the parent drains and checks every sequence number.
+fn process_ring(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, op: u64) {
+    let region = memfd_ring();
+    let mut reader = Reader::new(&region);
+    let mut child = ChildProducer::spawn(MODE_RING, region.fd()).expect("spawn the child");
+    let mut next = 0u64;
+    group.bench_function(name, |b| {
+        b.iter_custom(|n| {
+            pin(CONSUMER_CPU);
+            let mut bad = 0u64;
+            let mut got = 0;
+            let mut idle = 0u32;
+            let start = Instant::now();
+            child.command(op, n);
+            while got < n {
+                let drained = reader
+                    .drain(CAPACITY as u64, |r| {
+                        bad += u64::from(r.words[0] != next);
+                        next = next.wrapping_add(1);
+                    })
+                    .expect("the child never breaks the protocol");
+                got += drained.consumed;
+                if drained.consumed == 0 {
+                    spin_loop();
+                    idle += 1;
+                    if idle % (1 << 20) == 0 {
+                        child.check_alive();
+                    }
+                }
+            }
+            let elapsed = start.elapsed();
+            child.wait_done();
+            assert_eq!((bad, got), (0, n), "{name}: records out of sequence");
+            elapsed
+        });
+    });
+}
+
+/// The design the ring replaces: one datagram per record between two processes.
+fn process_datagram(group: &mut BenchmarkGroup<'_, WallTime>, name: &str) {
+    let (ours, theirs) = UnixDatagram::pair().expect("a datagram socket pair");
+    ours.set_read_timeout(Some(CHILD_TIMEOUT))
+        .expect("a read timeout");
+    let mut child = ChildProducer::spawn(MODE_DATAGRAM, theirs.as_fd()).expect("spawn the child");
+    drop(theirs);
+    let mut next = 0u64;
+    group.bench_function(name, |b| {
+        b.iter_custom(|n| {
+            pin(CONSUMER_CPU);
+            let mut buf = [0u8; 64];
+            let mut bad = 0u64;
+            let start = Instant::now();
+            child.command(OP_PUSH, n);
+            for _ in 0..n {
+                let len = ours.recv(&mut buf).expect("a datagram from the child");
+                let seq = Record::read_from_bytes(&buf[..len]).map_or(u64::MAX, |r| r.words[0]);
+                bad += u64::from(seq != next);
+                next = next.wrapping_add(1);
+            }
+            let elapsed = start.elapsed();
+            child.wait_done();
+            assert_eq!(bad, 0, "{name}: datagrams out of sequence");
+            elapsed
+        });
+    });
+}
+
+fn process_to_process(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ring_process_to_process");
+    configure(&mut group);
+    group.throughput(Throughput::Elements(1));
+    process_ring(&mut group, "ours_memfd/push", OP_PUSH);
+    process_ring(&mut group, "ours_memfd/stage_flush_64", OP_BATCH);
+    process_datagram(&mut group, "unix_datagram/send_per_record");
+    group.finish();
+}
+
+/// The child producer: attaches what the parent handed over and writes records on
+/// command until told to exit (or the parent dies: PDEATHSIG).
+fn child_main() -> io::Result<()> {
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    pin(PRODUCER_CPU);
+    let mut control = UnixStream::from(io::stdin().as_fd().try_clone_to_owned()?);
+    let (mode, fd) = receive_fd(&control)?;
+    let mut ring = None;
+    let mut datagram = None;
+    match mode {
+        MODE_RING => {
+            let region = MemfdRegion::attach(fd).map_err(io::Error::other)?;
+            ring = Some(Writer::new(region));
+        }
+        MODE_DATAGRAM => datagram = Some(UnixDatagram::from(fd)),
+        _ => return Err(io::Error::other(format!("unknown mode {mode}"))),
+    }
+    let mut seq = 0u64;
+    loop {
+        let mut message = [0u8; 16];
+        control.read_exact(&mut message)?;
+        let [op, n] =
+            <[u64; 2]>::read_from_bytes(&message).map_err(|_| io::ErrorKind::InvalidData)?;
+        let (op, n) = (u64::from_le(op), u64::from_le(n));
+        match (op, &mut ring, &datagram) {
+            (OP_EXIT, ..) => return Ok(()),
+            (OP_PUSH, Some(writer), _) => ours_push(writer, seq, n),
+            (OP_BATCH, Some(writer), _) => ours_stage_flush(writer, seq, n),
+            (OP_PUSH, None, Some(socket)) => {
+                for s in seq..seq + n {
+                    socket.send(record(s).as_bytes())?;
+                }
+            }
+            _ => return Err(io::Error::other(format!("unknown command {op}"))),
+        }
+        seq += n;
+        control.write_all(&[1u8; 8])?;
+    }
+}
+
+// --- Record size ---------------------------------------------------------------------
+
+/// One cache line of ring words.
+#[repr(C, align(64))]
+struct Line([AtomicU64; 8]);
+
+/// A word alone on its own pair of lines (the adjacent-line prefetcher pulls pairs).
+#[repr(C, align(128))]
+struct Padded(AtomicU64);
+
+/// A minimal copy of the ring protocol for records of `W` words: slots written and read
+/// word by word with Relaxed atomics (as `MappedRegion` does for shared memory), the
+/// write position published with Release, the read position cached by the writer and
+/// reloaded only when the ring looks full, the reader releasing slots once per drain.
+/// Bench-only; it exists so the record size can vary.
+struct WordRing<const W: usize> {
+    write: Padded,
+    read: Padded,
+    lines: Box<[Line]>,
+}
+
+impl<const W: usize> WordRing<W> {
+    const MASK: u64 = CAPACITY as u64 - 1;
+
+    fn new() -> Self {
+        let lines = (0..CAPACITY * W / 8)
+            .map(|_| Line(std::array::from_fn(|_| AtomicU64::new(0))))
+            .collect();
+        Self {
+            write: Padded(AtomicU64::new(0)),
+            read: Padded(AtomicU64::new(0)),
+            lines,
+        }
+    }
+
+    #[inline(always)]
+    fn word(&self, index: usize) -> &AtomicU64 {
+        &self.lines[index / 8].0[index % 8]
+    }
+}
+
+struct WordWriter<'a, const W: usize> {
+    ring: &'a WordRing<W>,
+    write: u64,
+    cached_read: u64,
+}
+
+impl<const W: usize> WordWriter<'_, W> {
+    #[inline(always)]
+    fn try_push(&mut self, words: &[u64; W]) -> bool {
+        if self.write.wrapping_sub(self.cached_read) >= CAPACITY as u64 {
+            self.cached_read = self.ring.read.0.load(Ordering::Acquire);
+            if self.write.wrapping_sub(self.cached_read) >= CAPACITY as u64 {
+                return false;
+            }
+        }
+        let base = (self.write & WordRing::<W>::MASK) as usize * W;
+        for (i, word) in words.iter().enumerate() {
+            self.ring.word(base + i).store(*word, Ordering::Relaxed);
+        }
+        self.write = self.write.wrapping_add(1);
+        self.ring.write.0.store(self.write, Ordering::Release);
+        true
+    }
+}
+
+fn drain_words<const W: usize>(ring: &WordRing<W>, n: u64) -> u64 {
+    let mut read = 0u64;
+    let mut sum = 0u64;
+    while read < n {
+        let write = ring.write.0.load(Ordering::Acquire);
+        if write == read {
+            spin_loop();
+            continue;
+        }
+        for pos in read..write {
+            let base = (pos & WordRing::<W>::MASK) as usize * W;
+            let mut words = [0u64; W];
+            for (i, word) in words.iter_mut().enumerate() {
+                *word = ring.word(base + i).load(Ordering::Relaxed);
+            }
+            sum = sum.wrapping_add(black_box(words)[0]);
+        }
+        read = write;
+        ring.read.0.store(read, Ordering::Release);
+    }
+    sum
+}
+
+fn word_ring<const W: usize>(n: u64) -> Timing {
+    let ring = WordRing::<W>::new();
+    let mut writer = WordWriter {
+        ring: &ring,
+        write: 0,
+        cached_read: 0,
+    };
+    let produce = || {
+        for seq in 0..n {
+            while !writer.try_push(&[seq; W]) {
+                spin_loop();
+            }
+        }
+    };
+    run_pair("record_size", n, produce, || drain_words(&ring, n))
+}
+
+fn record_size(c: &mut Criterion) {
+    let mut group = c.benchmark_group("record_size");
+    configure(&mut group);
+    fn one<const W: usize>(group: &mut BenchmarkGroup<'_, WallTime>) {
+        group.throughput(Throughput::Bytes(8 * W as u64));
+        group.bench_function(format!("{}B/push", 8 * W), |b| {
+            b.iter_custom(|n| word_ring::<W>(n).producer)
+        });
+    }
+    one::<2>(&mut group);
+    one::<4>(&mut group);
+    one::<8>(&mut group);
+    one::<16>(&mut group);
+    group.finish();
+}
+
+// --- Harness -------------------------------------------------------------------------
+
+/// Every group: short warm-up, flat sampling (each sample is one long sustained run
+/// with its own consumer thread), few samples, so the whole binary takes under three
+/// minutes.
+fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(15)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+}
+
+criterion_group!(
+    benches,
+    producer_cost,
+    thread_to_thread,
+    process_to_process,
+    record_size
+);
+
+fn main() -> ExitCode {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return match child_main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ring bench child: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        eprintln!(
+            "ring bench: producer pinned to CPU {PRODUCER_CPU}, consumer to CPU {CONSUMER_CPU}"
+        );
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    ExitCode::SUCCESS
+}
