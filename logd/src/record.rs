@@ -182,13 +182,14 @@ pub const IDENTITY_KEYS: &[&str] = &[
     "uid",
     "gid",
     "identity",
-    "peer",
-    "unit",
+    "peer_pid",
+    "peer_uid",
+    "peer_gid",
 ];
 
 /// Identity-claiming key prefixes (after the same normalising). A leading `_` is the
 /// journald convention for fields only the log daemon may set.
-pub const IDENTITY_PREFIXES: &[&str] = &["sender_", "service_", "peer_", "logd_", "_"];
+pub const IDENTITY_PREFIXES: &[&str] = &["sender_", "service_", "logd_", "_"];
 
 /// Whether a field key claims an identity that only logd may state.
 ///
@@ -240,7 +241,15 @@ mod tests {
         ] {
             assert!(is_identity_key(k), "{k}");
         }
-        for k in ["subject", "name", "kind", "value", "host", "services_total"] {
+        for k in [
+            "subject",
+            "name",
+            "kind",
+            "value",
+            "unit",
+            "peer",
+            "services_total",
+        ] {
             assert!(!is_identity_key(k), "{k}");
         }
     }

@@ -5,6 +5,10 @@
     dead_code,
     reason = "each test file uses a different subset of these helpers"
 )]
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers: a failed unwrap is a failed test"
+)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,60 @@
+//! Many clients at once: every record stored exactly once, ids unique and increasing,
+//! each client's records in its own order.
+
+mod common;
+
+use common::{config, start, watchdog};
+use logd::{Client, Level, Query, Record};
+
+#[test]
+fn concurrent_clients_each_get_every_record_stored_in_order() {
+    let _w = watchdog(60, "concurrent_clients");
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path()));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let path = server.path().to_owned();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&path).unwrap();
+                let mut ids = Vec::new();
+                for b in 0..20 {
+                    let batch: Vec<Record> = (0..10)
+                        .map(|i| {
+                            Record::new(Level::Info, "conc", format!("{t}/{b}/{i}"))
+                                .field("t", t.to_string())
+                        })
+                        .collect();
+                    ids.extend(c.append(&batch).unwrap().ids());
+                    // Readers run alongside writers.
+                    c.query(&Query::new().limit(5)).unwrap();
+                }
+                ids
+            })
+        })
+        .collect();
+    let per_thread: Vec<Vec<u64>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut c = Client::connect(server.path()).unwrap();
+    let all = c.query_all(&Query::new().limit(333), 10_000).unwrap();
+    assert_eq!(all.len(), 8 * 200);
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+    for (t, ids) in per_thread.iter().enumerate() {
+        let mine: Vec<u64> = all
+            .iter()
+            .filter(|r| r.record.get("t") == Some(&t.to_string()))
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(&mine, ids);
+        let msgs: Vec<String> = all
+            .iter()
+            .filter(|r| r.record.get("t") == Some(&t.to_string()))
+            .map(|r| r.record.message.clone())
+            .collect();
+        let expected: Vec<String> = (0..20)
+            .flat_map(|b| (0..10).map(move |i| format!("{t}/{b}/{i}")))
+            .collect();
+        assert_eq!(msgs, expected);
+    }
+    let s = c.stats().unwrap();
+    assert_eq!(s.accepted, 1600);
+    assert_eq!(s.rejected, logd::RejectCounts::default());
+}
