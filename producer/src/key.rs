@@ -167,6 +167,17 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         None
     }
 
+    /// Clears every pending delta; returns how many keys held one.
+    pub(crate) fn discard_pending(&mut self) -> u32 {
+        let keys = self.pending_keys;
+        let mut from = 1;
+        while let Some((key, _)) = self.next_pending(from) {
+            self.clear_pending(key);
+            from = key.saturating_add(1);
+        }
+        keys
+    }
+
     /// Clears `key`'s pending delta.
     pub(crate) fn clear_pending(&mut self, key: u32) {
         if !self.contains(key) {

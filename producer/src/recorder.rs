@@ -49,6 +49,14 @@ impl SpanId {
     pub const fn get(self) -> u64 {
         self.0.get()
     }
+
+    /// The id numbered `raw`, or `None` for zero.
+    pub const fn new(raw: u64) -> Option<Self> {
+        match NonZeroU64::new(raw) {
+            Some(id) => Some(Self(id)),
+            None => None,
+        }
+    }
 }
 
 /// A span attribute's value.
@@ -209,12 +217,7 @@ where
     /// the stats and the ring's `dropped` word). Returns how many keys held one. For a
     /// producer about to exit with its ring still full.
     pub fn discard_pending(&mut self) -> u32 {
-        let keys = self.table.pending_keys();
-        let mut from = 1;
-        while let Some((key, _)) = self.table.next_pending(from) {
-            self.table.clear_pending(key);
-            from = key.saturating_add(1);
-        }
+        let keys = self.table.discard_pending();
         self.writer.count_dropped(u64::from(keys));
         self.stats.ring_full += u64::from(keys);
         keys

@@ -1,0 +1,236 @@
+//! Counter, gauge and histogram handles: registered once, then a `Copy` key.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use telemetry_abi::{Record, RegisterKind};
+
+use crate::global::global;
+use crate::intern::KeyError;
+use crate::key::Key;
+use crate::local::{self, Op};
+use crate::stats::DropReason;
+
+/// A registered key, or a no-op and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Handle {
+    /// The key; zero for a no-op.
+    pub(crate) key: u32,
+    /// For a no-op: what its records count as (`None`: an explicit no-op, uncounted).
+    noop: Option<DropReason>,
+}
+
+impl Handle {
+    pub(crate) const NOOP: Self = Self { key: 0, noop: None };
+
+    pub(crate) fn register(
+        kind: RegisterKind,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<Self, KeyError> {
+        global()
+            .interner
+            .intern(kind, name, labels)
+            .map(|key| Self {
+                key: key.get(),
+                noop: None,
+            })
+    }
+
+    pub(crate) fn register_or_noop(
+        kind: RegisterKind,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Self {
+        Self::register(kind, name, labels).unwrap_or_else(|e| Self {
+            key: 0,
+            noop: Some(match e {
+                KeyError::Invalid(_) => DropReason::Invalid,
+                KeyError::Limit { .. } => DropReason::KeyLimit,
+            }),
+        })
+    }
+
+    /// Counts a record sent to a no-op handle.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn dropped(self) {
+        if let Some(reason) = self.noop {
+            local::count_noop(reason);
+        }
+    }
+
+    fn pack(self) -> u64 {
+        let reason = match self.noop {
+            None => 0,
+            Some(r) => 1 + DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0) as u64,
+        };
+        1 << 63 | reason << 32 | u64::from(self.key)
+    }
+
+    #[inline(always)]
+    fn unpack(word: u64) -> Self {
+        let reason = ((word >> 32) & 0xff) as usize;
+        Self {
+            key: word as u32,
+            noop: reason
+                .checked_sub(1)
+                .and_then(|i| DropReason::ALL.get(i).copied()),
+        }
+    }
+}
+
+/// A handle cached at a macro's call site: zero until the first call registers it.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Cached(AtomicU64);
+
+impl Cached {
+    #[doc(hidden)]
+    pub const fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+
+    #[inline(always)]
+    pub(crate) fn get(&self, init: impl FnOnce() -> Handle) -> Handle {
+        // ORDERING: Acquire pairs with the Release below: the key's registration records
+        // (stored in the interner before the key was returned) are visible to a thread
+        // that sees the key.
+        let word = self.0.load(Ordering::Acquire);
+        if word != 0 {
+            return Handle::unpack(word);
+        }
+        self.init(init)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn init(&self, init: impl FnOnce() -> Handle) -> Handle {
+        let handle = init();
+        // ORDERING: Release pairs with the Acquire in `get`. Two threads racing here
+        // store the same value: interning is idempotent.
+        self.0.store(handle.pack(), Ordering::Release);
+        handle
+    }
+}
+
+macro_rules! handle_type {
+    ($(#[$doc:meta])* $name:ident, $kind:expr, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub struct $name(Handle);
+
+        impl $name {
+            #[doc = concat!("Registers the ", $what, " `name` with `labels` (any order), or finds")]
+            /// the key it already has.
+            pub fn try_new(name: &str, labels: &[(&str, &str)]) -> Result<Self, KeyError> {
+                Handle::register($kind, name, labels).map(Self)
+            }
+
+            /// Like [`try_new`](Self::try_new), but a refused name or the process's key
+            /// limit gives a no-op handle whose records are counted as dropped
+            /// ([`DropReason::Invalid`] / [`DropReason::KeyLimit`]).
+            pub fn new(name: &str, labels: &[(&str, &str)]) -> Self {
+                Self(Handle::register_or_noop($kind, name, labels))
+            }
+
+            /// A handle that records nothing and counts nothing.
+            pub const fn noop() -> Self {
+                Self(Handle::NOOP)
+            }
+
+            /// The key, or `None` for a no-op handle.
+            pub fn key(&self) -> Option<Key> {
+                Key::new(self.0.key)
+            }
+
+            #[doc(hidden)]
+            #[inline(always)]
+            pub fn __cached(cache: &Cached, name: &str, labels: &[(&str, &str)]) -> Self {
+                Self(cache.get(|| Handle::register_or_noop($kind, name, labels)))
+            }
+        }
+    };
+}
+
+handle_type!(
+    /// A monotonic counter. `counter!("http.requests", "route" => "/a").increment(1)`.
+    ///
+    /// Increments are never lost to a full ring: they wait (coalesced per key) and are
+    /// written ahead of the thread's next record that finds room, by [`flush`](crate::flush),
+    /// or at thread exit.
+    Counter,
+    RegisterKind::COUNTER,
+    "counter"
+);
+
+handle_type!(
+    /// A gauge: the last value set wins. `gauge!("queue.depth").set(5)`.
+    Gauge,
+    RegisterKind::GAUGE,
+    "gauge"
+);
+
+handle_type!(
+    /// A histogram of raw `u64` observations; metricsd owns the bucket layout.
+    /// `histogram!("latency_ns", "route" => "/a").record(1234)`.
+    Histogram,
+    RegisterKind::HISTOGRAM,
+    "histogram"
+);
+
+impl Counter {
+    /// Adds `n`.
+    #[inline]
+    pub fn increment(&self, n: u64) {
+        if self.0.key == 0 {
+            return self.0.dropped();
+        }
+        local::record(Op::Counter(self.0.key, n));
+    }
+}
+
+impl Gauge {
+    /// Sets the gauge to `value`.
+    #[inline]
+    pub fn set(&self, value: i64) {
+        if self.0.key == 0 {
+            return self.0.dropped();
+        }
+        local::record(Op::Sample(Record::gauge(self.0.key, value)));
+    }
+}
+
+impl Histogram {
+    /// Records one observation.
+    #[inline]
+    pub fn record(&self, value: u64) {
+        if self.0.key == 0 {
+            return self.0.dropped();
+        }
+        local::record(Op::Sample(Record::histogram(self.0.key, value)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_pack_losslessly() {
+        for handle in [
+            Handle { key: 7, noop: None },
+            Handle::NOOP,
+            Handle {
+                key: 0,
+                noop: Some(DropReason::KeyLimit),
+            },
+            Handle {
+                key: u32::MAX,
+                noop: None,
+            },
+        ] {
+            assert_ne!(handle.pack(), 0, "zero means not yet cached");
+            assert_eq!(Handle::unpack(handle.pack()), handle);
+        }
+    }
+}

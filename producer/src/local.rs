@@ -1,0 +1,486 @@
+//! Each thread's state: its ring (claimed lazily), its key table, its counts and its
+//! open span.
+//!
+//! The hot path is: one thread-local access, a `RefCell` borrow flag, one relaxed load
+//! of the ring generation compared with the ring's, then the core recorder's
+//! registered-bit check and ring push. Everything else (claiming, reclaiming, backoff,
+//! registration, counting drops) sits behind `#[cold]` functions.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use telemetry_abi::{Record, RegisterKind, SpanStatus};
+use telemetry_ring::MemfdRegion;
+
+use crate::global::{count_unavailable, global, monotonic_ns};
+use crate::intern::{GlobalRegistry, KeyError};
+use crate::key::{Key, KeyTable};
+use crate::recorder::{AttrValue, Delivery, Dropped, Recorder, SpanId};
+use crate::source::{ClaimError, generation};
+use crate::stats::{Counts, DropReason, Event};
+
+type GlobalRecorder = Recorder<MemfdRegion, Box<[u64]>, GlobalRegistry>;
+
+/// Records made without a ring between two looks at the clock for a retry.
+const RETRY_CHECK_EVERY: u32 = 16;
+
+/// Entries in the per-thread cache of `&'static str` attribute keys and values.
+const STR_CACHE: usize = 16;
+
+struct Ring {
+    recorder: GlobalRecorder,
+    /// The generation the ring belongs to; the ring is stale once it differs from
+    /// [`generation()`].
+    generation: u64,
+    /// This thread's serial number for the ring (spans must end in the ring they
+    /// started in).
+    serial: u64,
+}
+
+enum Slot {
+    /// No ring, nothing tried yet (or the last one went stale): claim on the next record.
+    Unclaimed,
+    Ready(Ring),
+    /// The last claim failed: drop records until `retry_at_ns`.
+    Waiting {
+        reason: DropReason,
+        countdown: u32,
+        retry_at_ns: u64,
+        backoff_ns: u64,
+    },
+}
+
+pub(crate) struct Local {
+    slot: Slot,
+    /// The key table while no ring holds it (pending counter deltas survive a ring).
+    table: Option<KeyTable<Box<[u64]>>>,
+    counts: Option<Arc<Counts>>,
+    /// This thread's serial number in the process (the grant request's hint).
+    thread: u64,
+    /// Rings this thread has claimed.
+    rings: u64,
+    /// The innermost open span in the current ring (0: none).
+    current_span: u64,
+    /// (address, length, kind, key) of recently interned `&'static str`s.
+    strs: [(usize, usize, u16, u32); STR_CACHE],
+}
+
+thread_local! {
+    static LOCAL: RefCell<Local> = const { RefCell::new(Local::new()) };
+}
+
+static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
+
+/// What to record.
+#[derive(Clone, Copy)]
+pub(crate) enum Op {
+    Counter(u32, u64),
+    Sample(Record),
+}
+
+/// Records `op` in the calling thread's ring.
+#[inline(always)]
+pub(crate) fn record(op: Op) {
+    let done = LOCAL.try_with(|cell| match cell.try_borrow_mut() {
+        Ok(mut local) => {
+            local.record(op);
+            true
+        }
+        Err(_) => false,
+    });
+    if done != Ok(true) {
+        count_unavailable();
+    }
+}
+
+/// Counts a record a no-op handle dropped.
+#[cold]
+#[inline(never)]
+pub(crate) fn count_noop(reason: DropReason) {
+    with_local(|local| local.count(Event::Dropped(reason), 1));
+}
+
+/// Runs `f` on the thread's state, or counts an unavailable record.
+fn with_local<T>(f: impl FnOnce(&mut Local) -> T) -> Option<T> {
+    let result = LOCAL.try_with(|cell| cell.try_borrow_mut().ok().map(|mut l| f(&mut l)));
+    match result {
+        Ok(Some(t)) => Some(t),
+        _ => {
+            count_unavailable();
+            None
+        }
+    }
+}
+
+/// Writes the thread's pending counter deltas; true when none is left.
+pub(crate) fn flush() -> bool {
+    with_local(Local::flush).unwrap_or(false)
+}
+
+/// A started span, as its guard remembers it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Started {
+    pub(crate) id: u64,
+    pub(crate) serial: u64,
+    pub(crate) prev: u64,
+}
+
+impl Started {
+    pub(crate) const NONE: Self = Self {
+        id: 0,
+        serial: 0,
+        prev: 0,
+    };
+}
+
+/// Opens span `name` under `parent` (`None`: the thread's innermost open span).
+pub(crate) fn span_start(name: u32, parent: Option<Started>) -> Started {
+    let now = global().now_ns();
+    with_local(|local| local.span_start(name, parent, now)).unwrap_or(Started::NONE)
+}
+
+/// Closes a started span.
+pub(crate) fn span_end(name: u32, started: Started, status: SpanStatus) {
+    let now = global().now_ns();
+    with_local(|local| local.span_end(name, started, status, now));
+}
+
+/// A span attribute value before interning.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RawAttr {
+    U64(u64),
+    I64(i64),
+    Str(&'static str),
+}
+
+/// Sets an attribute of a started span.
+pub(crate) fn span_attr(started: Started, attr: &'static str, value: RawAttr) {
+    with_local(|local| local.span_attr(started, attr, value));
+}
+
+impl Local {
+    const fn new() -> Self {
+        Self {
+            slot: Slot::Unclaimed,
+            table: None,
+            counts: None,
+            thread: 0,
+            rings: 0,
+            current_span: 0,
+            strs: [(0, 0, 0, 0); STR_CACHE],
+        }
+    }
+
+    #[inline(always)]
+    fn record(&mut self, op: Op) {
+        if let Slot::Ready(ring) = &mut self.slot {
+            if ring.generation == generation() {
+                let result = match op {
+                    Op::Counter(key, n) => ring.recorder.counter_raw(key, n),
+                    Op::Sample(record) => {
+                        ring.recorder.sample_raw(record).map(|()| Delivery::Written)
+                    }
+                };
+                if let Ok(Delivery::Written) = result {
+                    return;
+                }
+                return self.settle(result);
+            }
+        }
+        self.record_cold(op);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn record_cold(&mut self, op: Op) {
+        let result = match self.ring() {
+            Ok(ring) => match op {
+                Op::Counter(key, n) => ring.recorder.counter_raw(key, n),
+                Op::Sample(record) => ring.recorder.sample_raw(record).map(|()| Delivery::Written),
+            },
+            Err(reason) => return self.count(Event::Dropped(reason), 1),
+        };
+        self.settle(result);
+    }
+
+    /// Counts what the core recorder did with a record that did not simply go in, and
+    /// notices a ring its consumer abandoned.
+    #[cold]
+    #[inline(never)]
+    fn settle(&mut self, result: Result<Delivery, Dropped>) {
+        let event = match result {
+            Ok(Delivery::Written) => return,
+            Ok(Delivery::Coalesced) => Event::Coalesced,
+            Err(Dropped::RingFull) => Event::Dropped(DropReason::RingFull),
+            // Handles only carry keys the interner gave out, all inside the table.
+            Err(Dropped::UnknownKey) => Event::Dropped(DropReason::Invalid),
+        };
+        self.count(event, 1);
+        if let Slot::Ready(ring) = &mut self.slot {
+            if matches!(result, Ok(Delivery::Coalesced) | Err(Dropped::RingFull))
+                && ring.recorder.is_abandoned()
+            {
+                // metricsd closed or quarantined the ring: claim a new one next time.
+                ring.generation = generation().wrapping_sub(1);
+            }
+        }
+    }
+
+    /// The thread's usable ring, claiming one if it has none (or a stale one) and the
+    /// backoff allows.
+    fn ring(&mut self) -> Result<&mut Ring, DropReason> {
+        let mut backoff_ns = 0;
+        match &mut self.slot {
+            Slot::Ready(ring) if ring.generation == generation() => {}
+            Slot::Ready(_) => self.release(),
+            Slot::Unclaimed => {}
+            Slot::Waiting {
+                reason,
+                countdown,
+                retry_at_ns,
+                backoff_ns: previous,
+            } => {
+                *countdown = countdown.saturating_sub(1);
+                if *countdown > 0 {
+                    return Err(*reason);
+                }
+                *countdown = RETRY_CHECK_EVERY;
+                if monotonic_ns() < *retry_at_ns {
+                    return Err(*reason);
+                }
+                backoff_ns = *previous;
+            }
+        }
+        if !matches!(self.slot, Slot::Ready(_)) {
+            self.claim(backoff_ns)?;
+        }
+        match &mut self.slot {
+            Slot::Ready(ring) => Ok(ring),
+            _ => Err(DropReason::NoMetricsd),
+        }
+    }
+
+    /// Drops the current ring, keeping the key table (and its pending deltas).
+    fn release(&mut self) {
+        if let Slot::Ready(ring) = std::mem::replace(&mut self.slot, Slot::Unclaimed) {
+            let (_writer, table, _) = ring.recorder.into_parts();
+            self.table = Some(table);
+        }
+        self.current_span = 0;
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn claim(&mut self, previous_backoff_ns: u64) -> Result<(), DropReason> {
+        let global = global();
+        if self.thread == 0 {
+            // ORDERING: Relaxed: a unique number, nothing published with it.
+            self.thread = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
+        }
+        match global.source.claim(self.thread) {
+            Ok((writer, info)) => {
+                let table = self.table.take().unwrap_or_else(|| {
+                    let keys = global.interner.max_keys() as usize + 1;
+                    KeyTable::new(
+                        vec![0; KeyTable::<Box<[u64]>>::words_for(keys)].into_boxed_slice(),
+                    )
+                });
+                self.rings += 1;
+                self.current_span = 0;
+                self.slot = Slot::Ready(Ring {
+                    recorder: Recorder::new(writer, table, GlobalRegistry),
+                    generation: info.generation,
+                    serial: self.rings,
+                });
+                self.count(Event::RingClaimed, 1);
+                Ok(())
+            }
+            Err(e) => {
+                let reason = match e {
+                    ClaimError::Unreachable { .. } => DropReason::NoMetricsd,
+                    ClaimError::Refused(status)
+                        if status == telemetry_abi::GrantStatus::OVER_LIMIT =>
+                    {
+                        DropReason::OverLimit
+                    }
+                    _ => DropReason::Refused,
+                };
+                let backoff_ns = if previous_backoff_ns == 0 {
+                    global.retry_min_ns
+                } else {
+                    previous_backoff_ns
+                        .saturating_mul(2)
+                        .min(global.retry_max_ns)
+                };
+                self.slot = Slot::Waiting {
+                    reason,
+                    countdown: RETRY_CHECK_EVERY,
+                    retry_at_ns: monotonic_ns().saturating_add(backoff_ns),
+                    backoff_ns,
+                };
+                self.count(Event::ClaimFailed, 1);
+                Err(reason)
+            }
+        }
+    }
+
+    fn count(&mut self, event: Event, n: u64) {
+        self.counts
+            .get_or_insert_with(|| global().thread_counts())
+            .add_local(event, n);
+    }
+
+    fn flush(&mut self) -> bool {
+        let has_pending = match (&self.slot, &self.table) {
+            (Slot::Ready(ring), _) => ring.recorder.pending_keys() > 0,
+            (_, Some(table)) => table.pending_keys() > 0,
+            _ => false,
+        };
+        if !has_pending {
+            return true;
+        }
+        match self.ring() {
+            Ok(ring) => ring.recorder.flush() == 0,
+            Err(_) => false,
+        }
+    }
+
+    fn span_start(&mut self, name: u32, parent: Option<Started>, now: u64) -> Started {
+        let current = self.current_span;
+        let ring = match self.ring() {
+            Ok(ring) => ring,
+            Err(reason) => {
+                self.count(Event::Dropped(reason), 1);
+                return Started::NONE;
+            }
+        };
+        let parent = match parent {
+            None => current,
+            Some(p) if p.serial == ring.serial => p.id,
+            // The parent's ring is gone: this span starts a new tree.
+            Some(_) => 0,
+        };
+        let serial = ring.serial;
+        let result = match Key::new(name) {
+            Some(name) => ring.recorder.span_start(name, to_span_id(parent), now),
+            None => Err(Dropped::UnknownKey),
+        };
+        match result {
+            Ok(id) => {
+                self.current_span = id.get();
+                Started {
+                    id: id.get(),
+                    serial,
+                    prev: current,
+                }
+            }
+            Err(e) => {
+                self.settle(Err(e));
+                Started::NONE
+            }
+        }
+    }
+
+    fn span_end(&mut self, name: u32, started: Started, status: SpanStatus, now: u64) {
+        if started.id == 0 {
+            // Never started (counted then): nothing to end.
+            return;
+        }
+        if self.current_span == started.id {
+            self.current_span = started.prev;
+        }
+        let result = match &mut self.slot {
+            Slot::Ready(ring) if ring.serial == started.serial => {
+                match (Key::new(name), to_span_id(started.id)) {
+                    (Some(name), Some(id)) => ring.recorder.span_end(name, id, now, status),
+                    _ => Err(Dropped::UnknownKey),
+                }
+            }
+            // The ring it started in is gone (metricsd restarted or dropped it).
+            _ => return self.count(Event::Dropped(DropReason::NoMetricsd), 1),
+        };
+        if let Err(e) = result {
+            self.settle(Err(e));
+        }
+    }
+
+    fn span_attr(&mut self, started: Started, attr: &'static str, value: RawAttr) {
+        if started.id == 0 {
+            return;
+        }
+        let attr = match self.intern_str(RegisterKind::ATTR, attr) {
+            Ok(key) => key,
+            Err(reason) => return self.count(Event::Dropped(reason), 1),
+        };
+        let value = match value {
+            RawAttr::U64(v) => AttrValue::U64(v),
+            RawAttr::I64(v) => AttrValue::I64(v),
+            RawAttr::Str(s) => match self.intern_str(RegisterKind::STRING, s) {
+                Ok(key) => AttrValue::Str(key),
+                Err(reason) => return self.count(Event::Dropped(reason), 1),
+            },
+        };
+        let result = match (&mut self.slot, to_span_id(started.id)) {
+            (Slot::Ready(ring), Some(id)) if ring.serial == started.serial => {
+                ring.recorder.span_attr(id, attr, value)
+            }
+            _ => return self.count(Event::Dropped(DropReason::NoMetricsd), 1),
+        };
+        if let Err(e) = result {
+            self.settle(Err(e));
+        }
+    }
+
+    /// The key of a `&'static str` attribute key or string value, cached by address.
+    fn intern_str(&mut self, kind: RegisterKind, s: &'static str) -> Result<Key, DropReason> {
+        let (addr, len) = (s.as_ptr() as usize, s.len());
+        let slot = ((addr >> 3) ^ len ^ usize::from(kind.0)) % STR_CACHE;
+        let (a, l, k, key) = self.strs[slot];
+        if (a, l, k) == (addr, len, kind.0) {
+            if let Some(key) = Key::new(key) {
+                return Ok(key);
+            }
+        }
+        let key = global()
+            .interner
+            .intern(kind, s, &[])
+            .map_err(|e| match e {
+                KeyError::Invalid(_) => DropReason::Invalid,
+                KeyError::Limit { .. } => DropReason::KeyLimit,
+            })?;
+        self.strs[slot] = (addr, len, kind.0, key.get());
+        Ok(key)
+    }
+}
+
+fn to_span_id(id: u64) -> Option<SpanId> {
+    SpanId::new(id)
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        // Best effort at thread exit: write what counters still owe; what cannot be
+        // written now (the ring is still full, or there is no ring) is counted as
+        // dropped, one record per key.
+        let lost = match &mut self.slot {
+            Slot::Ready(ring) => {
+                if ring.recorder.flush() > 0 {
+                    (DropReason::RingFull, ring.recorder.discard_pending())
+                } else {
+                    (DropReason::RingFull, 0)
+                }
+            }
+            _ => match &mut self.table {
+                Some(table) => (DropReason::NoMetricsd, table.discard_pending()),
+                None => (DropReason::NoMetricsd, 0),
+            },
+        };
+        if lost.1 > 0 {
+            self.count(Event::Dropped(lost.0), u64::from(lost.1));
+        }
+        if let Some(counts) = self.counts.take() {
+            global().retire(&counts);
+        }
+    }
+}
