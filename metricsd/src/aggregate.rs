@@ -435,6 +435,13 @@ impl Store {
         self.series.get(id as usize)
     }
 
+    /// Records the counter total last exported (for the next window's delta).
+    pub(crate) fn set_exported_total(&mut self, id: SeriesId, total: u128) {
+        if let Some(s) = self.series.get_mut(id as usize) {
+            s.exported_total = total;
+        }
+    }
+
     /// Every series.
     pub fn all(&self) -> &[Series] {
         &self.series

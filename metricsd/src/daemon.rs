@@ -1,0 +1,303 @@
+//! Wiring: the grant server, the drain loop and the exporter, each on its own thread,
+//! with an in-process API for tests, `metricsd top` and the demo.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::drain::{self, Command, Drainer};
+use crate::export::{self, ExportQueue};
+use crate::grant::{GrantError, GrantServer};
+use crate::identity::{Identify, Policy};
+use crate::sink::{LogdSink, Sink};
+use crate::snapshot::{GrantStats, Snapshot};
+
+/// Why the daemon could not start, or stopped answering.
+#[derive(Debug)]
+pub enum DaemonError {
+    /// The configuration is invalid.
+    Config(crate::config::ConfigError),
+    /// The control socket could not be set up.
+    Grant(GrantError),
+    /// A thread could not be started.
+    Spawn(std::io::Error),
+    /// The drain loop did not answer within the time given.
+    Timeout(&'static str),
+    /// The drain loop is gone.
+    Stopped,
+}
+
+impl fmt::Display for DaemonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Config(e) => write!(f, "{e}"),
+            Self::Grant(e) => write!(f, "{e}"),
+            Self::Spawn(e) => write!(f, "cannot start a thread: {e}"),
+            Self::Timeout(what) => write!(f, "timed out waiting for {what}"),
+            Self::Stopped => f.write_str("the drain loop has stopped"),
+        }
+    }
+}
+
+impl std::error::Error for DaemonError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Config(e) => Some(e),
+            Self::Grant(e) => Some(e),
+            Self::Spawn(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Builds a daemon: the config, then optionally another identity policy or sink.
+pub struct Daemon {
+    config: Config,
+    identify: Option<Box<dyn Identify>>,
+    sink: Option<Box<dyn Sink>>,
+}
+
+impl fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Daemon")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Daemon {
+    /// A daemon of `config`, with the configured identity policy, exporting to the logd
+    /// at `config.logd_socket`.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            identify: None,
+            sink: None,
+        }
+    }
+
+    /// Starts a daemon of `config` with the defaults (see [`Daemon::new`]).
+    pub fn start(config: Config) -> Result<DaemonHandle, DaemonError> {
+        Self::new(config).spawn()
+    }
+
+    /// Uses `identify` instead of the configured `[[services]]` policy.
+    #[must_use]
+    pub fn identify(mut self, identify: impl Identify + 'static) -> Self {
+        self.identify = Some(Box::new(identify));
+        self
+    }
+
+    /// Exports to `sink` instead of logd.
+    #[must_use]
+    pub fn sink(mut self, sink: impl Sink + 'static) -> Self {
+        self.sink = Some(Box::new(sink));
+        self
+    }
+
+    /// Binds the control socket and starts the threads. The socket accepts producers
+    /// when this returns; [`DaemonHandle::wait_ready`] waits for the first export
+    /// round trip.
+    pub fn spawn(self) -> Result<DaemonHandle, DaemonError> {
+        let config = self.config;
+        config.validate().map_err(DaemonError::Config)?;
+        let identify = self
+            .identify
+            .unwrap_or_else(|| Box::new(Policy::new(&config.services)));
+        let sink = self
+            .sink
+            .unwrap_or_else(|| Box::new(LogdSink::new(&config.logd_socket)));
+        let (tx, rx) = mpsc::channel();
+        let grant_stats = Arc::new(Mutex::new(GrantStats::default()));
+        let server = GrantServer::bind(
+            &config.socket,
+            config.rings.clone(),
+            identify,
+            tx.clone(),
+            grant_stats.clone(),
+        )
+        .map_err(DaemonError::Grant)?;
+
+        let queue = ExportQueue::new(config.export.queue_records);
+        let stop = Arc::new(AtomicBool::new(false));
+        let instance = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let mut threads = Vec::new();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.to_owned())
+                .spawn(f)
+                .map_err(DaemonError::Spawn)
+        };
+
+        let q = queue.clone();
+        let (batch, retry) = (
+            config.export.batch_records as usize,
+            Duration::from_millis(config.export.retry_ms),
+        );
+        let inst = instance.clone();
+        threads.push(spawn(
+            "metricsd-export",
+            Box::new(move || export::run(q, sink, inst, batch, retry)),
+        )?);
+
+        let drainer = Drainer::new(&config, queue.clone(), grant_stats);
+        let (idle_min, idle_max, interval) = (
+            Duration::from_micros(u64::from(config.drain.idle_min_us)),
+            Duration::from_micros(u64::from(config.drain.idle_max_us)),
+            config.export_interval(),
+        );
+        let drain_thread = spawn(
+            "metricsd-drain",
+            Box::new(move || drain::run(drainer, rx, idle_min, idle_max, interval)),
+        )?;
+
+        let s = stop.clone();
+        let grant_thread = spawn("metricsd-grant", Box::new(move || server.run(&s)))?;
+
+        Ok(DaemonHandle {
+            tx,
+            stop,
+            queue,
+            socket: config.socket.clone(),
+            instance,
+            grant_thread: Some(grant_thread),
+            drain_thread: Some(drain_thread),
+            export_threads: threads,
+        })
+    }
+}
+
+/// A running daemon. Dropping it shuts it down.
+pub struct DaemonHandle {
+    tx: Sender<Command>,
+    stop: Arc<AtomicBool>,
+    queue: Arc<ExportQueue>,
+    socket: PathBuf,
+    instance: String,
+    grant_thread: Option<JoinHandle<()>>,
+    drain_thread: Option<JoinHandle<()>>,
+    export_threads: Vec<JoinHandle<()>>,
+}
+
+impl fmt::Debug for DaemonHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DaemonHandle")
+            .field("socket", &self.socket)
+            .field("instance", &self.instance)
+            .finish()
+    }
+}
+
+impl DaemonHandle {
+    /// The control socket producers connect to.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The `instance` field of this run's start marker in logd.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Whether the start marker was appended and read back from the sink.
+    pub fn is_ready(&self) -> bool {
+        self.queue.stats().ready
+    }
+
+    /// Waits until [`is_ready`](Self::is_ready).
+    pub fn wait_ready(&self, timeout: Duration) -> Result<(), DaemonError> {
+        let deadline = Instant::now() + timeout;
+        while !self.is_ready() {
+            if Instant::now() >= deadline {
+                return Err(DaemonError::Timeout("the first export round trip"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// A snapshot taken after a full drain pass that began after this call.
+    pub fn snapshot(&self) -> Result<Snapshot, DaemonError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Command::Snapshot(tx))
+            .map_err(|_| DaemonError::Stopped)?;
+        rx.recv_timeout(Duration::from_secs(30))
+            .map_err(|_| DaemonError::Timeout("a snapshot"))
+    }
+
+    /// Snapshots until no ring has records pending (everything published before this
+    /// call is aggregated), or `timeout`.
+    pub fn settle(&self, timeout: Duration) -> Result<Snapshot, DaemonError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.snapshot()?;
+            if s.drain.lag == 0 {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                return Err(DaemonError::Timeout("the rings to drain"));
+            }
+        }
+    }
+
+    /// Drains, builds an export now, and waits until the sink has acknowledged (or
+    /// refused) everything queued; returns a snapshot taken after.
+    pub fn flush(&self, timeout: Duration) -> Result<Snapshot, DaemonError> {
+        let deadline = Instant::now() + timeout;
+        self.settle(timeout)?;
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Command::ExportNow(tx))
+            .map_err(|_| DaemonError::Stopped)?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| DaemonError::Timeout("an export"))?;
+        while self.queue.stats().pending > 0 {
+            if Instant::now() >= deadline {
+                return Err(DaemonError::Timeout("the sink to acknowledge the export"));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.snapshot()
+    }
+
+    /// Asks a producer connection to be treated as closed is not possible from here;
+    /// this stops everything: the grant server (closing every connection, whose rings
+    /// are drained a last time), the drain loop (after a last export), the exporter
+    /// (after a last attempt).
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.grant_thread.take() {
+            let _ = t.join();
+        }
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(t) = self.drain_thread.take() {
+            let _ = t.join();
+        }
+        self.queue.stop();
+        for t in self.export_threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DaemonHandle {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}

@@ -1,0 +1,742 @@
+//! The drain loop: one thread, every ring, a budget per ring per pass.
+//!
+//! Each pass gives every open ring at most `drain.budget` records, so a flooding
+//! producer cannot starve the others; a quarantined ring is skipped (counted once).
+//! Every record is copied out once by the ring's `Reader` and validated on the copy:
+//! its kind, its key (registered in this ring), the key's registered kind, the fields
+//! that must be zero, span ids and statuses. Each reject is counted with its reason.
+//! Registrations are assembled per ring. Nothing here blocks on a producer: a pass that
+//! found every ring empty sleeps (`drain.idle_min_us`, doubling up to
+//! `drain.idle_max_us`) on the command channel, so a new ring or a snapshot request
+//! wakes it at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use telemetry_abi::{
+    AttrValueType, Record, RecordKind, RegisterError, RegisterKind, Registration, RegistrationBuf,
+    Sample, SpanAttr, SpanEnd, SpanStart,
+};
+use telemetry_ring::{MemfdRegion, Reader};
+
+use crate::aggregate::{MetricKind, Resolved, Store};
+use crate::config::Config;
+use crate::export::ExportQueue;
+use crate::health::{Class, Reason, RejectCounts};
+use crate::keys::{Check, KeyTable, Target};
+use crate::redact::{REDACTED, Redactor};
+use crate::schema::{self, Window};
+use crate::snapshot::{DrainStats, GrantStats, RingSnapshot, Snapshot, Violations};
+use crate::spans::{Spans, Start};
+
+/// A ring the grant server created, handed to the drain loop before the producer
+/// hears of it.
+pub struct NewRing {
+    /// The ring's id.
+    pub id: u32,
+    /// The control connection it was granted on.
+    pub connection: u64,
+    /// The producer's service.
+    pub service: Arc<str>,
+    /// The region.
+    pub region: MemfdRegion,
+}
+
+/// What the other threads ask of the drain loop.
+pub enum Command {
+    /// Start draining a ring.
+    AddRing(NewRing),
+    /// A producer disconnected: drain its rings a last time, orphan their spans, free.
+    CloseConnection(u64),
+    /// Answer with a snapshot after the next full pass.
+    Snapshot(Sender<Snapshot>),
+    /// Build an export now (after the next full pass), then answer.
+    ExportNow(Sender<()>),
+    /// Export a last time and stop.
+    Shutdown,
+}
+
+struct RingState {
+    id: u32,
+    connection: u64,
+    service: Arc<str>,
+    service_idx: u32,
+    reader: Reader<MemfdRegion>,
+    keys: KeyTable,
+    regbuf: Box<RegistrationBuf>,
+    quarantine_counted: bool,
+    pending: u64,
+}
+
+/// The state the drain loop owns: rings, aggregates, spans, and counts.
+pub struct Drainer {
+    budget: u64,
+    max_keys: u32,
+    rings: Vec<RingState>,
+    store: Store,
+    spans: Spans,
+    redactor: Redactor,
+    rejects: RejectCounts,
+    violations: Violations,
+    stats: DrainStats,
+    closed: VecDeque<RingSnapshot>,
+    grant: Arc<Mutex<GrantStats>>,
+    queue: Arc<ExportQueue>,
+    last_export_ns: u64,
+    last_health: HashMap<String, i128>,
+}
+
+/// One health series: kind, name, labels, value.
+type HealthRow<'a> = (MetricKind, &'a str, Vec<(&'a str, String)>, i128);
+
+/// Closed rings kept in snapshots (the most recent).
+const CLOSED_KEPT: usize = 64;
+
+fn wall_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The kind a sample record needs its key registered as.
+fn sample_kind(kind: RecordKind) -> Option<RegisterKind> {
+    match kind {
+        RecordKind::COUNTER => Some(RegisterKind::COUNTER),
+        RecordKind::GAUGE => Some(RegisterKind::GAUGE),
+        RecordKind::HISTOGRAM => Some(RegisterKind::HISTOGRAM),
+        _ => None,
+    }
+}
+
+fn register_reason(e: RegisterError) -> Reason {
+    match e {
+        RegisterError::Interrupted => Reason::RegistrationInterrupted,
+        _ => Reason::BadRegistration,
+    }
+}
+
+/// The part of the drainer a record handler needs, borrowed apart from the rings.
+struct Ctx<'a> {
+    store: &'a mut Store,
+    spans: &'a mut Spans,
+    redactor: &'a Redactor,
+    rejects: &'a mut RejectCounts,
+    registrations: &'a mut u64,
+    now: Instant,
+}
+
+struct RingCtx<'a> {
+    id: u32,
+    service: &'a Arc<str>,
+    service_idx: u32,
+    keys: &'a mut KeyTable,
+    regbuf: &'a mut RegistrationBuf,
+}
+
+impl Ctx<'_> {
+    fn reject(&mut self, r: Reason) {
+        self.rejects.add(r, 1);
+    }
+
+    fn record(&mut self, ring: &mut RingCtx<'_>, record: Record) {
+        let kind = record.kind;
+        if kind == RecordKind::REGISTER || kind == RecordKind::REGISTER_DATA {
+            match ring.regbuf.feed(&record) {
+                Ok(None) => {}
+                Ok(Some(reg)) => register(self, ring.keys, ring.service_idx, &reg),
+                Err(e) => self.reject(register_reason(e)),
+            }
+            return;
+        }
+        if ring.regbuf.interrupt().is_err() {
+            self.reject(Reason::RegistrationInterrupted);
+        }
+        if let Err(reason) = self.validated(ring, record) {
+            self.reject(reason);
+        }
+    }
+
+    fn validated(&mut self, ring: &mut RingCtx<'_>, record: Record) -> Result<(), Reason> {
+        let entry = ring.keys.get(record.key);
+        if let Some(want) = sample_kind(record.kind) {
+            let s: Sample = record.view();
+            if s.flags != 0 || s.reserved != [0, 0] {
+                return Err(Reason::ReservedNonzero);
+            }
+            let entry = entry.ok_or(Reason::UnregisteredKey)?;
+            if entry.what != want {
+                return Err(Reason::KindMismatch);
+            }
+            let id = match entry.target {
+                Target::Series(id) => id,
+                Target::Refused => return Err(Reason::SeriesCap),
+                _ => return Err(Reason::KindMismatch),
+            };
+            match record.kind {
+                RecordKind::COUNTER => self.store.add(id, s.value),
+                RecordKind::GAUGE => self.store.set(id, s.value as i64),
+                _ => self.store.observe(id, s.value),
+            }
+            return Ok(());
+        }
+        match record.kind {
+            RecordKind::SPAN_START => {
+                let s: SpanStart = record.view();
+                if s.flags != 0 {
+                    return Err(Reason::ReservedNonzero);
+                }
+                let Target::Span { name, duration } = &entry.ok_or(Reason::UnregisteredKey)?.target
+                else {
+                    return Err(Reason::KindMismatch);
+                };
+                if s.span_id == 0 {
+                    return Err(Reason::SpanIdZero);
+                }
+                let start = Start {
+                    ring: ring.id,
+                    id: s.span_id,
+                    parent: s.parent_id,
+                    name_key: s.name,
+                    name: name.clone(),
+                    duration: *duration,
+                    start_ns: s.start_ns,
+                    service: ring.service.clone(),
+                };
+                self.spans.start(start, self.now)
+            }
+            RecordKind::SPAN_END => {
+                let e: SpanEnd = record.view();
+                if e.reserved != 0 {
+                    return Err(Reason::ReservedNonzero);
+                }
+                let Target::Span { .. } = entry.ok_or(Reason::UnregisteredKey)?.target else {
+                    return Err(Reason::KindMismatch);
+                };
+                if e.span_id == 0 {
+                    return Err(Reason::SpanIdZero);
+                }
+                let done = self
+                    .spans
+                    .end(ring.id, e.span_id, e.name, e.status, e.end_ns)?;
+                if let Some(series) = done.duration_series {
+                    self.store.observe(series, done.duration_ns);
+                }
+                Ok(())
+            }
+            RecordKind::SPAN_ATTR => {
+                let a: SpanAttr = record.view();
+                if a.reserved != 0 {
+                    return Err(Reason::ReservedNonzero);
+                }
+                let Target::Attr { key, sensitive } = &entry.ok_or(Reason::UnregisteredKey)?.target
+                else {
+                    return Err(Reason::KindMismatch);
+                };
+                if a.span_id == 0 {
+                    return Err(Reason::SpanIdZero);
+                }
+                let value = match a.value_type {
+                    AttrValueType::U64 => a.value.to_string(),
+                    AttrValueType::I64 => (a.value as i64).to_string(),
+                    AttrValueType::STRING => {
+                        let k = u32::try_from(a.value).map_err(|_| Reason::AttrValue)?;
+                        match ring.keys.get(k).map(|e| &e.target) {
+                            Some(Target::Str(s)) => s.to_string(),
+                            _ => return Err(Reason::AttrValue),
+                        }
+                    }
+                    _ => return Err(Reason::AttrValue),
+                };
+                let value = if *sensitive {
+                    REDACTED.to_owned()
+                } else {
+                    value
+                };
+                self.spans.attr(ring.id, a.span_id, key.clone(), value)
+            }
+            // The reader withholds unknown kinds; INVALID (0) is the one left.
+            _ => Err(Reason::UnknownKind),
+        }
+    }
+}
+
+fn register(ctx: &mut Ctx<'_>, keys: &mut KeyTable, service: u32, reg: &Registration<'_>) {
+    match keys.check(reg) {
+        Check::Same => return,
+        Check::Conflict => return ctx.reject(Reason::RegistrationConflict),
+        Check::Full => return ctx.reject(Reason::KeyTableFull),
+        Check::New => {}
+    }
+    let labels: Vec<(&str, &str)> = reg.labels().iter().map(|l| (l.key, l.value)).collect();
+    let series = |ctx: &mut Ctx<'_>, kind| match ctx.store.resolve(service, kind, reg.name, &labels)
+    {
+        Resolved::Series(id) => Target::Series(id),
+        Resolved::Refused => Target::Refused,
+    };
+    let target = match reg.what {
+        RegisterKind::COUNTER => series(ctx, MetricKind::Counter),
+        RegisterKind::GAUGE => series(ctx, MetricKind::Gauge),
+        RegisterKind::HISTOGRAM => series(ctx, MetricKind::Histogram),
+        RegisterKind::SPAN => Target::Span {
+            name: Arc::from(reg.name),
+            duration: match series(ctx, MetricKind::SpanDuration) {
+                Target::Series(id) => Some(id),
+                _ => None,
+            },
+        },
+        RegisterKind::ATTR => Target::Attr {
+            key: Arc::from(reg.name),
+            sensitive: ctx.redactor.is_sensitive(reg.name),
+        },
+        RegisterKind::STRING => Target::Str(Arc::from(reg.name)),
+        // The assembler refuses unknown kinds; nothing else reaches here.
+        _ => return ctx.reject(Reason::BadRegistration),
+    };
+    keys.insert(reg, target);
+    *ctx.registrations += 1;
+}
+
+impl Drainer {
+    /// A drainer configured by `config`, exporting into `queue` and reading grant
+    /// totals from `grant`.
+    pub fn new(config: &Config, queue: Arc<ExportQueue>, grant: Arc<Mutex<GrantStats>>) -> Self {
+        let redactor = Redactor::new(&config.redaction.patterns);
+        Self {
+            budget: u64::from(config.drain.budget),
+            max_keys: config.rings.max_keys_per_ring,
+            rings: Vec::new(),
+            store: Store::new(config.series.clone(), redactor.clone(), &config.histograms),
+            spans: Spans::new(
+                config.spans.max_live,
+                Duration::from_millis(config.spans.ttl_ms),
+                config.spans.max_attrs,
+                config.export.span_budget,
+            ),
+            redactor,
+            rejects: RejectCounts::default(),
+            violations: Violations::default(),
+            stats: DrainStats::default(),
+            closed: VecDeque::new(),
+            grant,
+            queue,
+            last_export_ns: wall_ns(),
+            last_health: HashMap::new(),
+        }
+    }
+
+    /// Starts draining `ring`.
+    pub fn add_ring(&mut self, ring: NewRing) {
+        let service_idx = self.store.service(&ring.service);
+        self.rings.push(RingState {
+            id: ring.id,
+            connection: ring.connection,
+            service: ring.service,
+            service_idx,
+            reader: Reader::new(ring.region),
+            keys: KeyTable::new(self.max_keys),
+            regbuf: Box::new(RegistrationBuf::new()),
+            quarantine_counted: false,
+            pending: 0,
+        });
+        self.stats.rings_open = self.rings.len() as u64;
+    }
+
+    /// Drains `ring` once with `budget`; returns records consumed.
+    fn drain_ring(&mut self, index: usize, budget: u64, now: Instant) -> u64 {
+        let Self {
+            rings,
+            store,
+            spans,
+            redactor,
+            rejects,
+            violations,
+            stats,
+            ..
+        } = self;
+        let Some(ring) = rings.get_mut(index) else {
+            return 0;
+        };
+        let RingState {
+            id,
+            service,
+            service_idx,
+            reader,
+            keys,
+            regbuf,
+            quarantine_counted,
+            pending,
+            ..
+        } = ring;
+        let mut ctx = Ctx {
+            store,
+            spans,
+            redactor,
+            rejects,
+            registrations: &mut stats.registrations,
+            now,
+        };
+        let mut rctx = RingCtx {
+            id: *id,
+            service,
+            service_idx: *service_idx,
+            keys,
+            regbuf,
+        };
+        let before = reader.stats();
+        let result = reader.drain(budget, |record| ctx.record(&mut rctx, record));
+        let after = reader.stats();
+        violations.dropped_moved_back += after.dropped_moved_back - before.dropped_moved_back;
+        match result {
+            Ok(d) => {
+                ctx.rejects.add(Reason::UnknownKind, d.unknown_kind);
+                *pending = d.remaining;
+                stats.records += d.consumed;
+                d.consumed
+            }
+            Err(_) => {
+                if !*quarantine_counted {
+                    *quarantine_counted = true;
+                    stats.rings_quarantined += 1;
+                    violations.write_out_of_range +=
+                        after.write_out_of_range - before.write_out_of_range;
+                    violations.write_moved_back += after.write_moved_back - before.write_moved_back;
+                }
+                *pending = 0;
+                0
+            }
+        }
+    }
+
+    /// One pass: every ring, at most `budget` records each. Returns records consumed.
+    pub fn pass(&mut self) -> u64 {
+        let now = Instant::now();
+        let mut consumed = 0;
+        let mut lag = 0;
+        for i in 0..self.rings.len() {
+            if self.rings[i].reader.quarantined().is_some() {
+                continue;
+            }
+            consumed += self.drain_ring(i, self.budget, now);
+            lag += self.rings[i].pending;
+        }
+        self.stats.passes += 1;
+        self.stats.lag = lag;
+        consumed
+    }
+
+    /// A producer disconnected: drain each of its rings a last time (at most one
+    /// capacity of records: the fd may live on elsewhere), orphan their open spans,
+    /// and free them.
+    pub fn close_connection(&mut self, connection: u64) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.rings.len() {
+            if self.rings[i].connection != connection {
+                i += 1;
+                continue;
+            }
+            let capacity = self.rings[i].reader.capacity();
+            let mut left = capacity;
+            while left > 0 && self.rings[i].reader.quarantined().is_none() {
+                let n = self.drain_ring(i, left, now);
+                if n == 0 {
+                    break;
+                }
+                left -= n;
+            }
+            let ring = self.rings.swap_remove(i);
+            self.spans.orphan_ring(ring.id);
+            let mut snap = ring_snapshot(&ring);
+            snap.closed = true;
+            if self.closed.len() >= CLOSED_KEPT {
+                self.closed.pop_front();
+            }
+            self.closed.push_back(snap);
+            self.stats.rings_closed += 1;
+            // Dropping the reader raises the ring's CLOSED flag; the memfd is unmapped.
+        }
+        self.stats.rings_open = self.rings.len() as u64;
+    }
+
+    /// Builds this interval's export and queues it.
+    pub fn export(&mut self) {
+        let now = Instant::now();
+        self.spans.expire(now);
+        let end = wall_ns().max(self.last_export_ns);
+        let window = Window {
+            start_ns: self.last_export_ns,
+            end_ns: end,
+        };
+        self.last_export_ns = end;
+        let mut records = Vec::new();
+        for id in self.store.take_dirty() {
+            let Some(s) = self.store.get(id) else {
+                continue;
+            };
+            let delta = match s.value {
+                crate::aggregate::Value::Counter { total } => total - s.exported_total,
+                _ => 0,
+            };
+            records.push(schema::series_record(s, delta, window));
+            if let crate::aggregate::Value::Counter { total } = s.value {
+                self.store.set_exported_total(id, total);
+            }
+        }
+        let (spans, _skipped) = self.spans.take_interval();
+        records.extend(spans.iter().map(schema::span_record));
+        self.stats.exports += 1;
+        self.health_records(window, &mut records);
+        self.queue.push(records);
+    }
+
+    fn health_records(&mut self, window: Window, out: &mut Vec<logd::Record>) {
+        let snap = self.snapshot_core();
+        let export = self.queue.stats();
+        let grant = self
+            .grant
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut h: Vec<HealthRow<'_>> = Vec::new();
+        let c = MetricKind::Counter;
+        let g = MetricKind::Gauge;
+        h.push((
+            c,
+            "metricsd.records.drained",
+            vec![],
+            snap.drain.records.into(),
+        ));
+        h.push((g, "metricsd.drain.lag", vec![], snap.drain.lag.into()));
+        h.push((
+            g,
+            "metricsd.rings.open",
+            vec![],
+            snap.drain.rings_open.into(),
+        ));
+        h.push((
+            c,
+            "metricsd.rings.quarantined",
+            vec![],
+            snap.drain.rings_quarantined.into(),
+        ));
+        for (reason, n) in self.rejects.nonzero() {
+            h.push((
+                c,
+                "metricsd.rejects",
+                vec![
+                    ("class", reason.class().as_str().into()),
+                    ("reason", reason.as_str().into()),
+                ],
+                n.into(),
+            ));
+        }
+        for (reason, n) in [
+            ("write_out_of_range", self.violations.write_out_of_range),
+            ("write_moved_back", self.violations.write_moved_back),
+            ("dropped_moved_back", self.violations.dropped_moved_back),
+        ] {
+            if n > 0 {
+                h.push((
+                    c,
+                    "metricsd.violations",
+                    vec![("reason", reason.into())],
+                    n.into(),
+                ));
+            }
+        }
+        for r in &snap.rings {
+            if r.producer_dropped > 0 {
+                h.push((
+                    c,
+                    "metricsd.ring.dropped",
+                    vec![("ring", r.id.to_string()), ("producer", r.service.clone())],
+                    r.producer_dropped.into(),
+                ));
+            }
+        }
+        let st = self.store.stats();
+        h.push((g, "metricsd.series", vec![], st.series.into()));
+        h.push((
+            c,
+            "metricsd.overflow.registrations",
+            vec![],
+            st.overflowed_registrations.into(),
+        ));
+        h.push((
+            c,
+            "metricsd.overflow.samples",
+            vec![],
+            st.overflow_samples.into(),
+        ));
+        h.push((
+            c,
+            "metricsd.labels.redacted",
+            vec![],
+            st.labels_redacted.into(),
+        ));
+        let sp = self.spans.stats();
+        h.push((g, "metricsd.spans.live", vec![], sp.live.into()));
+        h.push((c, "metricsd.spans.orphaned", vec![], sp.orphaned.into()));
+        h.push((c, "metricsd.spans.expired", vec![], sp.expired.into()));
+        h.push((
+            c,
+            "metricsd.spans.not_exported",
+            vec![],
+            sp.not_exported.into(),
+        ));
+        h.push((
+            c,
+            "metricsd.export.failures",
+            vec![],
+            export.failures.into(),
+        ));
+        h.push((c, "metricsd.export.dropped", vec![], export.dropped.into()));
+        h.push((c, "metricsd.export.refused", vec![], export.refused.into()));
+        h.push((c, "metricsd.grant.messages", vec![], grant.messages.into()));
+        h.push((c, "metricsd.grant.granted", vec![], grant.granted.into()));
+        for (class, n) in &grant.refused {
+            h.push((
+                c,
+                "metricsd.grant.refused",
+                vec![("class", (*class).into())],
+                (*n).into(),
+            ));
+        }
+        for (kind, name, labels, value) in h {
+            let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let labels = schema::labels(&pairs);
+            let id = crate::aggregate::series_id(schema::HEALTH_SERVICE, kind, name, &labels);
+            let last = self.last_health.get(&id).copied();
+            if last == Some(value) {
+                continue;
+            }
+            let delta = value - last.unwrap_or(0);
+            out.push(schema::health_record(
+                kind, name, &labels, value, delta, window,
+            ));
+            self.last_health.insert(id, value);
+        }
+    }
+
+    fn snapshot_core(&self) -> Snapshot {
+        let mut rings: Vec<RingSnapshot> = self.rings.iter().map(ring_snapshot).collect();
+        rings.extend(self.closed.iter().cloned());
+        Snapshot {
+            series: Vec::new(),
+            rings,
+            rejects: self.rejects.clone(),
+            violations: self.violations,
+            store: self.store.stats(),
+            spans: self.spans.stats(),
+            drain: self.stats,
+            grant: GrantStats::default(),
+            export: Default::default(),
+        }
+    }
+
+    /// The full snapshot.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = self.snapshot_core();
+        s.series = self.store.all().to_vec();
+        s.grant = self
+            .grant
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        s.export = self.queue.stats();
+        s
+    }
+
+    /// Rejects counted in `class`.
+    pub fn rejects_in(&self, class: Class) -> u64 {
+        self.rejects.class_total(class)
+    }
+}
+
+fn ring_snapshot(r: &RingState) -> RingSnapshot {
+    let st = r.reader.stats();
+    RingSnapshot {
+        id: r.id,
+        connection: r.connection,
+        service: r.service.to_string(),
+        capacity: r.reader.capacity(),
+        consumed: st.consumed,
+        producer_dropped: st.producer_dropped,
+        pending: r.pending,
+        keys: r.keys.len(),
+        quarantined: r.reader.quarantined().map(|v| v.reason()),
+        closed: false,
+    }
+}
+
+/// Runs the drain loop until [`Command::Shutdown`] or every sender is gone.
+pub fn run(
+    mut d: Drainer,
+    rx: Receiver<Command>,
+    idle_min: Duration,
+    idle_max: Duration,
+    interval: Duration,
+) {
+    let mut idle = idle_min;
+    let mut next_export = Instant::now() + interval;
+    let mut snapshots: Vec<Sender<Snapshot>> = Vec::new();
+    let mut exports: Vec<Sender<()>> = Vec::new();
+    let mut stop = false;
+    let handle = |d: &mut Drainer,
+                  cmd: Command,
+                  snapshots: &mut Vec<Sender<Snapshot>>,
+                  exports: &mut Vec<Sender<()>>|
+     -> bool {
+        match cmd {
+            Command::AddRing(r) => d.add_ring(r),
+            Command::CloseConnection(c) => d.close_connection(c),
+            Command::Snapshot(tx) => snapshots.push(tx),
+            Command::ExportNow(tx) => exports.push(tx),
+            Command::Shutdown => return true,
+        }
+        false
+    };
+    loop {
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => stop |= handle(&mut d, cmd, &mut snapshots, &mut exports),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    stop = true;
+                    break;
+                }
+            }
+        }
+        let consumed = d.pass();
+        let now = Instant::now();
+        if now >= next_export || !exports.is_empty() || stop {
+            d.export();
+            next_export = now + interval;
+            for tx in exports.drain(..) {
+                let _ = tx.send(());
+            }
+        }
+        if !snapshots.is_empty() {
+            let snap = d.snapshot();
+            for tx in snapshots.drain(..) {
+                let _ = tx.send(snap.clone());
+            }
+        }
+        if stop {
+            return;
+        }
+        if consumed == 0 {
+            let wait = idle.min(next_export.saturating_duration_since(Instant::now()));
+            match rx.recv_timeout(wait) {
+                Ok(cmd) => stop |= handle(&mut d, cmd, &mut snapshots, &mut exports),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stop = true,
+            }
+            idle = (idle * 2).min(idle_max);
+        } else {
+            idle = idle_min;
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The export schema: how series, spans and metricsd's health become logd records.
+//!
+//! Every record is `level = info`. logd stamps the sender (metricsd itself); the
+//! producer's kernel-derived service is the `producer_service` field.
+//!
+//! **Series** (`scope = "metrics"`, `message` = the metric name), one record per
+//! changed series per export:
+//!
+//! | field | value |
+//! | --- | --- |
+//! | `series` | the series identity, `<service>/<kind>/<name>{k="v",...}` (labels sorted by key; `"` and `\` escaped) — one field match finds a series |
+//! | `producer_service` | the producer's service |
+//! | `metric` | the name |
+//! | `kind` | `counter`, `gauge`, `histogram` or `span_duration` |
+//! | `label.<key>` | one field per label (the overflow series has `label.otel.metric.overflow = true`) |
+//! | `window_start_ns`, `window_end_ns` | the export window, ns since the Unix epoch (metricsd's clock) |
+//! | `value` | counter: cumulative total since the series was created; gauge: last value |
+//! | `delta` | counter: increase within the window |
+//! | `count`, `sum` | histogram: cumulative observations and their sum |
+//! | `bounds`, `buckets` | histogram: comma-separated inclusive upper bounds (`+Inf` last) and cumulative count per bucket |
+//!
+//! **Spans** (`scope = "spans"`, `message` = the span name): `producer_service`, `span`
+//! (the name), `trace_id`, `span_id`, `parent_id` (absent for a root), `status` (`unset`,
+//! `ok`, `error`, `orphaned`, `expired`), `start_ns`, `end_ns` and `duration_ns`
+//! (producer's `CLOCK_MONOTONIC`; end and duration absent for orphaned and expired
+//! spans), and `attr.<key>` per attribute (sensitive ones `[redacted]`).
+//!
+//! **Health** (`scope = "metrics"`, `producer_service = metricsd`): series in the same
+//! schema, listed in `metricsd/README.md`.
+//!
+//! **Start marker** (`scope = "metricsd"`, `message = "metricsd.start"`): field
+//! `instance`, read back before `metricsd: ready` is printed.
+
+use std::sync::Arc;
+
+use logd::{Level, Record};
+
+use crate::aggregate::{MetricKind, Series, Value, series_id};
+use crate::spans::FinishedSpan;
+
+/// The scope of series records.
+pub const SCOPE_METRICS: &str = "metrics";
+/// The scope of span records.
+pub const SCOPE_SPANS: &str = "spans";
+/// The scope of the start marker.
+pub const SCOPE_DAEMON: &str = "metricsd";
+/// The service name metricsd's own health series carry.
+pub const HEALTH_SERVICE: &str = "metricsd";
+
+/// The export window, ns since the Unix epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Start (the previous export).
+    pub start_ns: u64,
+    /// End (this export).
+    pub end_ns: u64,
+}
+
+fn base(
+    service: &str,
+    kind: MetricKind,
+    name: &str,
+    labels: &[(String, String)],
+    window: Window,
+) -> Record {
+    let mut r = Record::new(Level::Info, SCOPE_METRICS, name)
+        .field("series", series_id(service, kind, name, labels))
+        .field("producer_service", service)
+        .field("metric", name)
+        .field("kind", kind.as_str());
+    for (k, v) in labels {
+        r = r.field(format!("label.{k}"), v.as_str());
+    }
+    r.field("window_start_ns", window.start_ns.to_string())
+        .field("window_end_ns", window.end_ns.to_string())
+}
+
+/// The record of a series; `delta` is the counter's increase in the window.
+pub fn series_record(s: &Series, delta: u128, window: Window) -> Record {
+    let r = base(&s.service, s.kind, &s.name, &s.labels, window);
+    match &s.value {
+        Value::Counter { total } => r
+            .field("value", total.to_string())
+            .field("delta", delta.to_string()),
+        Value::Gauge { value } => r.field("value", value.unwrap_or(0).to_string()),
+        Value::Histogram {
+            layout,
+            counts,
+            count,
+            sum,
+        } => {
+            let buckets: Vec<String> = counts.iter().map(u64::to_string).collect();
+            r.field("count", count.to_string())
+                .field("sum", sum.to_string())
+                .field("bounds", layout.bounds_text())
+                .field("buckets", buckets.join(","))
+        }
+    }
+}
+
+/// A health series of metricsd itself (counters: `delta` too).
+pub fn health_record(
+    kind: MetricKind,
+    name: &str,
+    labels: &[(String, String)],
+    value: i128,
+    delta: i128,
+    window: Window,
+) -> Record {
+    let r = base(HEALTH_SERVICE, kind, name, labels, window).field("value", value.to_string());
+    if kind == MetricKind::Counter {
+        r.field("delta", delta.to_string())
+    } else {
+        r
+    }
+}
+
+/// The record of a reported span.
+pub fn span_record(s: &FinishedSpan) -> Record {
+    let mut r = Record::new(Level::Info, SCOPE_SPANS, &*s.name)
+        .field("producer_service", &*s.service)
+        .field("span", &*s.name)
+        .field("trace_id", s.trace.to_string())
+        .field("span_id", s.id.to_string());
+    if let Some(p) = s.parent {
+        r = r.field("parent_id", p.to_string());
+    }
+    r = r
+        .field("status", s.outcome.as_str())
+        .field("start_ns", s.start_ns.to_string());
+    if let (Some(end), Some(d)) = (s.end_ns, s.duration_ns()) {
+        r = r
+            .field("end_ns", end.to_string())
+            .field("duration_ns", d.to_string());
+    }
+    for (k, v) in &s.attrs {
+        r = r.field(format!("attr.{k}"), v.as_str());
+    }
+    r
+}
+
+/// The start marker read back before `ready`.
+pub fn start_record(instance: &str) -> Record {
+    Record::new(Level::Info, SCOPE_DAEMON, "metricsd.start").field("instance", instance)
+}
+
+/// Labels as owned sorted pairs (for health series).
+pub fn labels(pairs: &[(&str, &str)]) -> Arc<[(String, String)]> {
+    let mut v: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    v.sort();
+    Arc::from(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spans::{GlobalId, Outcome};
+    use telemetry_abi::SpanStatus;
+
+    #[test]
+    fn span_records_carry_ids_and_durations() {
+        let s = FinishedSpan {
+            service: Arc::from("web"),
+            name: Arc::from("GET /"),
+            trace: GlobalId { ring: 1, local: 1 },
+            id: GlobalId { ring: 1, local: 2 },
+            parent: Some(GlobalId { ring: 1, local: 1 }),
+            start_ns: 10,
+            end_ns: Some(25),
+            outcome: Outcome::Ended(SpanStatus::ERROR),
+            attrs: vec![(Arc::from("password"), "[redacted]".into())],
+        };
+        let r = span_record(&s);
+        assert_eq!(r.get("duration_ns"), Some("15"));
+        assert_eq!(r.get("status"), Some("error"));
+        assert_eq!(r.get("parent_id"), Some("00000000000000010000000000000001"));
+        assert_eq!(r.get("attr.password"), Some("[redacted]"));
+        assert!(r.fields.iter().all(|(k, _)| !logd::is_identity_key(k)));
+    }
+}

@@ -1,0 +1,193 @@
+//! A point-in-time view of the daemon for tests, `metricsd top` and the demo.
+
+use std::collections::BTreeMap;
+
+use crate::aggregate::{MetricKind, Series, StoreStats, Value, series_id};
+use crate::export::ExportStats;
+use crate::health::RejectCounts;
+use crate::spans::SpanStats;
+
+/// One ring as the drain loop sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingSnapshot {
+    /// The ring's id.
+    pub id: u32,
+    /// The control connection that was granted it.
+    pub connection: u64,
+    /// The producer's service.
+    pub service: String,
+    /// Records per ring.
+    pub capacity: u64,
+    /// Records consumed.
+    pub consumed: u64,
+    /// The producer's own dropped-record count (highest seen).
+    pub producer_dropped: u64,
+    /// Records published and unread after the last pass.
+    pub pending: u64,
+    /// Keys registered.
+    pub keys: usize,
+    /// The violation that quarantined it, by name.
+    pub quarantined: Option<&'static str>,
+    /// Whether its producer disconnected (the ring was drained a last time and freed).
+    pub closed: bool,
+}
+
+/// Protocol violations (each quarantines its ring).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Violations {
+    /// `write - read > capacity`.
+    pub write_out_of_range: u64,
+    /// The write position moved back.
+    pub write_moved_back: u64,
+    /// The shared dropped counter went down (counted, not quarantined).
+    pub dropped_moved_back: u64,
+}
+
+impl Violations {
+    /// Violations that quarantined a ring.
+    pub fn quarantining(&self) -> u64 {
+        self.write_out_of_range + self.write_moved_back
+    }
+}
+
+/// Drain loop totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrainStats {
+    /// Passes over all rings.
+    pub passes: u64,
+    /// Records consumed from rings.
+    pub records: u64,
+    /// Registrations accepted (new keys bound).
+    pub registrations: u64,
+    /// Records pending in all rings after the last pass (drain lag).
+    pub lag: u64,
+    /// Rings open now.
+    pub rings_open: u64,
+    /// Rings quarantined (each counted once).
+    pub rings_quarantined: u64,
+    /// Rings freed after their producer disconnected.
+    pub rings_closed: u64,
+    /// Exports built.
+    pub exports: u64,
+}
+
+/// One control connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionStats {
+    /// The connection id.
+    pub id: u64,
+    /// The peer's pid.
+    pub pid: u32,
+    /// The peer's uid.
+    pub uid: u32,
+    /// The service policy gave it.
+    pub service: String,
+    /// Control messages received on it.
+    pub messages: u64,
+    /// Rings granted on it.
+    pub rings: u64,
+}
+
+/// Grant server totals.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrantStats {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections closed at accept because `rings.max_connections` were open.
+    pub refused_connections: u64,
+    /// Control messages received, on every connection ever.
+    pub messages: u64,
+    /// Rings granted.
+    pub granted: u64,
+    /// Refused requests by status name (`invalid_args`, `over_limit`, `rate_limited`,
+    /// `unavailable`).
+    pub refused: BTreeMap<&'static str, u64>,
+    /// Open connections.
+    pub connections: BTreeMap<u64, ConnectionStats>,
+}
+
+/// The whole view.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Every series.
+    pub series: Vec<Series>,
+    /// Open rings, then recently closed ones.
+    pub rings: Vec<RingSnapshot>,
+    /// Rejects by reason (and class).
+    pub rejects: RejectCounts,
+    /// Protocol violations.
+    pub violations: Violations,
+    /// Series store totals (overflow, redaction).
+    pub store: StoreStats,
+    /// Span totals.
+    pub spans: SpanStats,
+    /// Drain totals.
+    pub drain: DrainStats,
+    /// Grant totals.
+    pub grant: GrantStats,
+    /// Export totals.
+    pub export: ExportStats,
+}
+
+impl Snapshot {
+    /// The series of `service`, `kind`, `name` and `labels` (any order).
+    pub fn find(
+        &self,
+        service: &str,
+        kind: MetricKind,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Option<&Series> {
+        let mut l: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        l.sort();
+        let id = series_id(service, kind, name, &l);
+        self.series.iter().find(|s| s.id() == id)
+    }
+
+    /// A counter's total.
+    pub fn counter(&self, service: &str, name: &str, labels: &[(&str, &str)]) -> Option<u128> {
+        match self.find(service, MetricKind::Counter, name, labels)?.value {
+            Value::Counter { total } => Some(total),
+            _ => None,
+        }
+    }
+
+    /// A gauge's value.
+    pub fn gauge(&self, service: &str, name: &str, labels: &[(&str, &str)]) -> Option<i64> {
+        match self.find(service, MetricKind::Gauge, name, labels)?.value {
+            Value::Gauge { value } => value,
+            _ => None,
+        }
+    }
+
+    /// A histogram's bucket counts.
+    pub fn histogram(
+        &self,
+        service: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Option<Vec<u64>> {
+        match &self
+            .find(service, MetricKind::Histogram, name, labels)?
+            .value
+        {
+            Value::Histogram { counts, .. } => Some(counts.to_vec()),
+            _ => None,
+        }
+    }
+
+    /// Sum of every counter series named `name` of `service` (overflow included).
+    pub fn counter_sum(&self, service: &str, name: &str) -> u128 {
+        self.series
+            .iter()
+            .filter(|s| &*s.service == service && &*s.name == name)
+            .map(|s| match s.value {
+                Value::Counter { total } => total,
+                _ => 0,
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,241 @@
+//! Exact aggregation through real grants, real memfds and the real drain loop.
+
+mod common;
+
+use common::{Control, WAIT, config, start, watchdog};
+use metricsd::{MetricKind, Value};
+use telemetry_abi::{Record, RegisterKind};
+
+#[test]
+fn counter_totals_are_exact_across_rings_and_exported() {
+    watchdog();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (daemon, sink) = start(config(dir.path()), &["web"]);
+    let control = Control::connect(daemon.socket_path());
+    let mut a = control.ring(64);
+    let mut b = control.ring(64);
+    a.register(
+        1,
+        RegisterKind::COUNTER,
+        "http.requests",
+        &[("route", "/a")],
+    );
+    b.register(
+        7,
+        RegisterKind::COUNTER,
+        "http.requests",
+        &[("route", "/a")],
+    );
+    let mut want: u128 = 0;
+    for i in 0..10_000u64 {
+        let d = i % 7 + 1;
+        want += u128::from(d);
+        if i % 2 == 0 {
+            a.push_wait(Record::counter(1, d));
+        } else {
+            b.push_wait(Record::counter(7, d));
+        }
+    }
+    // A delta near u64::MAX does not wrap the total.
+    a.push_wait(Record::counter(1, u64::MAX));
+    want += u128::from(u64::MAX);
+    let snap = daemon.flush(WAIT).expect("flush");
+    assert_eq!(
+        snap.counter("web", "http.requests", &[("route", "/a")]),
+        Some(want)
+    );
+    assert_eq!(snap.rejects.total(), 0);
+    let exported = sink.find("series", "web/counter/http.requests{route=\"/a\"}");
+    let last = exported.last().expect("exported");
+    assert_eq!(last.get("value"), Some(want.to_string().as_str()));
+    assert_eq!(last.get("producer_service"), Some("web"));
+    assert_eq!(last.get("label.route"), Some("/a"));
+    let deltas: u128 = exported
+        .iter()
+        .map(|r| {
+            r.get("delta")
+                .and_then(|d| d.parse::<u128>().ok())
+                .expect("delta")
+        })
+        .sum();
+    assert_eq!(deltas, want, "window deltas add up to the total");
+    daemon.shutdown();
+}
+
+#[test]
+fn histogram_buckets_and_gauges_are_exact() {
+    watchdog();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.histograms.insert("lat".into(), vec![10, 100, 1000]);
+    let (daemon, sink) = start(cfg, &["web"]);
+    let control = Control::connect(daemon.socket_path());
+    let mut r = control.ring(256);
+    r.register(1, RegisterKind::HISTOGRAM, "lat", &[]);
+    r.register(2, RegisterKind::HISTOGRAM, "size", &[]);
+    r.register(3, RegisterKind::GAUGE, "temp", &[]);
+    for v in [0, 10, 11, 100, 101, 1000, 1001, u64::MAX] {
+        r.push(Record::histogram(1, v));
+    }
+    for v in [0, 1, 2, 3, 4, 5, 1 << 63, (1 << 63) + 1] {
+        r.push(Record::histogram(2, v));
+    }
+    r.push(Record::gauge(3, 5));
+    r.push(Record::gauge(3, -42));
+    let snap = daemon.flush(WAIT).expect("flush");
+    assert_eq!(snap.histogram("web", "lat", &[]), Some(vec![2, 2, 2, 2]));
+    let size = snap.histogram("web", "size", &[]).expect("size");
+    assert_eq!(size.len(), 66);
+    let mut want = vec![0u64; 66];
+    // 0 -> bucket 0 (le 0), 1 -> 1 (le 1), 2 -> 2 (le 2), 3 and 4 -> 3 (le 4),
+    // 5 -> 4 (le 8), 2^63 -> 64 (le 2^63), 2^63 + 1 -> 65 (+Inf).
+    for i in [0, 1, 2, 3, 3, 4, 64, 65] {
+        want[i] += 1;
+    }
+    assert_eq!(size, want);
+    assert_eq!(snap.gauge("web", "temp", &[]), Some(-42));
+    let rec = sink.find("series", "web/histogram/lat{}");
+    let rec = rec.last().expect("exported");
+    assert_eq!(rec.get("bounds"), Some("10,100,1000,+Inf"));
+    assert_eq!(rec.get("buckets"), Some("2,2,2,2"));
+    assert_eq!(rec.get("count"), Some("8"));
+    let sum: u128 = [0u128, 10, 11, 100, 101, 1000, 1001, u128::from(u64::MAX)]
+        .iter()
+        .sum();
+    assert_eq!(rec.get("sum"), Some(sum.to_string().as_str()));
+    daemon.shutdown();
+}
+
+#[test]
+fn caps_and_overflow_are_exact() {
+    watchdog();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.series.max_per_metric = 3;
+    cfg.series.max_per_service = 5;
+    let (daemon, sink) = start(cfg, &["flood"]);
+    let control = Control::connect(daemon.socket_path());
+    let mut r = control.ring(1024);
+    // 10 user ids on one metric: 3 series fit, 7 go to the overflow series.
+    for u in 0..10u32 {
+        let v = format!("u{u}");
+        r.register(u + 1, RegisterKind::COUNTER, "logins", &[("user", &v)]);
+        r.push(Record::counter(u + 1, u64::from(u) + 1));
+    }
+    // Another metric: 2 more fit the per-service cap (5), the third overflows.
+    for u in 0..3u32 {
+        let v = format!("p{u}");
+        r.register(100 + u, RegisterKind::COUNTER, "pages", &[("path", &v)]);
+        r.push(Record::counter(100 + u, 10));
+    }
+    let snap = daemon.flush(WAIT).expect("flush");
+    assert_eq!(snap.counter_sum("flood", "logins"), 55, "totals stay right");
+    assert_eq!(
+        snap.counter("flood", "logins", &[("otel.metric.overflow", "true")]),
+        Some(4 + 5 + 6 + 7 + 8 + 9 + 10)
+    );
+    assert_eq!(
+        snap.counter("flood", "pages", &[("otel.metric.overflow", "true")]),
+        Some(10)
+    );
+    assert_eq!(snap.counter_sum("flood", "pages"), 30);
+    assert_eq!(snap.store.series, 5);
+    assert_eq!(snap.store.overflowed_registrations, 8);
+    assert_eq!(snap.store.overflow_samples, 8);
+    let overflow = sink.find(
+        "series",
+        "flood/counter/logins{otel.metric.overflow=\"true\"}",
+    );
+    assert_eq!(overflow.last().and_then(|r| r.get("value")), Some("49"));
+    assert_eq!(
+        overflow
+            .last()
+            .and_then(|r| r.get("label.otel.metric.overflow")),
+        Some("true")
+    );
+    daemon.shutdown();
+}
+
+#[test]
+fn sensitive_labels_and_attributes_are_redacted_and_identity_labels_renamed() {
+    watchdog();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (daemon, sink) = start(config(dir.path()), &["auth"]);
+    let control = Control::connect(daemon.socket_path());
+    let mut r = control.ring(256);
+    r.register(
+        1,
+        RegisterKind::COUNTER,
+        "logins",
+        &[
+            ("Password", "hunter2"),
+            ("service", "fake"),
+            ("route", "/x"),
+        ],
+    );
+    r.push(Record::counter(1, 3));
+    r.register(2, RegisterKind::SPAN, "login", &[]);
+    r.register(3, RegisterKind::ATTR, "session_token", &[]);
+    r.register(4, RegisterKind::ATTR, "user", &[]);
+    r.register(5, RegisterKind::STRING, "s3cr3t-value", &[]);
+    r.register(6, RegisterKind::STRING, "alice", &[]);
+    r.push(Record::span_start(2, 1, 0, 1000));
+    r.push(Record::span_attr(
+        3,
+        1,
+        telemetry_abi::AttrValueType::STRING,
+        5,
+    ));
+    r.push(Record::span_attr(
+        4,
+        1,
+        telemetry_abi::AttrValueType::STRING,
+        6,
+    ));
+    r.push(Record::span_end(2, 1, 1500, telemetry_abi::SpanStatus::OK));
+    let snap = daemon.flush(WAIT).expect("flush");
+    let s = snap
+        .series
+        .iter()
+        .find(|s| &*s.name == "logins")
+        .expect("series");
+    assert_eq!(
+        &*s.labels,
+        &[
+            ("Password".to_owned(), "[redacted]".to_owned()),
+            ("exported_service".to_owned(), "fake".to_owned()),
+            ("route".to_owned(), "/x".to_owned()),
+        ]
+    );
+    let all = sink.state().records.clone();
+    assert!(
+        all.iter().all(|r| r
+            .fields
+            .iter()
+            .all(|(_, v)| !v.contains("hunter2") && !v.contains("s3cr3t"))),
+        "no secret value reaches the sink"
+    );
+    let span = sink.find("span", "login");
+    let span = span.first().expect("span exported");
+    assert_eq!(span.get("attr.session_token"), Some("[redacted]"));
+    assert_eq!(span.get("attr.user"), Some("alice"));
+    assert_eq!(span.get("duration_ns"), Some("500"));
+    assert_eq!(span.get("producer_service"), Some("auth"));
+    let rec = sink.find("metric", "logins");
+    assert_eq!(
+        rec.last().and_then(|r| r.get("label.exported_service")),
+        Some("fake")
+    );
+    assert!(rec.last().is_some_and(|r| r.get("label.service").is_none()));
+    assert_eq!(snap.store.labels_redacted, 1);
+    assert_eq!(snap.store.labels_renamed, 1);
+    // A span duration histogram per name.
+    let d = snap
+        .find("auth", MetricKind::SpanDuration, "login", &[])
+        .expect("duration series");
+    match &d.value {
+        Value::Histogram { count, sum, .. } => assert_eq!((*count, *sum), (1, 500)),
+        other => panic!("not a histogram: {other:?}"),
+    }
+    daemon.shutdown();
+}

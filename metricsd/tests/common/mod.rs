@@ -1,0 +1,151 @@
+//! Shared helpers: a daemon on a private socket with an in-memory sink, a grant client
+//! over the real control socket, and ring writers over the granted memfds.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::io::IoSliceMut;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::Duration;
+
+use metricsd::{Config, Daemon, DaemonHandle, MemorySink, Peer};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendFlags, SocketAddrUnix,
+    SocketFlags, SocketType,
+};
+use telemetry_abi::{
+    GrantRequest, GrantResponse, GrantStatus, MAX_REGISTER_RECORDS, Record, RegisterKind,
+    encode_registration,
+};
+use telemetry_ring::{MemfdRegion, Writer};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Aborts the test process if a test hangs.
+pub fn watchdog() {
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(120));
+        eprintln!("watchdog: a test ran for 120 s; aborting");
+        std::process::abort();
+    });
+}
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A config for tests: a private socket, a short export interval.
+pub fn config(dir: &Path) -> Config {
+    let mut c = Config {
+        socket: dir.join("metricsd.sock"),
+        logd_socket: dir.join("logd.sock"),
+        ..Config::default()
+    };
+    c.export.interval_ms = 50;
+    c.rings.capacity = 1024;
+    c
+}
+
+/// Starts a daemon whose connections are named, in accept order, by `services`
+/// (connection n gets `services[n-1]`, later ones the last name).
+pub fn start(config: Config, services: &[&str]) -> (DaemonHandle, MemorySink) {
+    let names: Vec<String> = services.iter().map(|s| (*s).to_owned()).collect();
+    let sink = MemorySink::new();
+    let daemon = Daemon::new(config)
+        .identify(move |peer: &Peer| {
+            let i = (peer.connection as usize).saturating_sub(1);
+            names
+                .get(i)
+                .or(names.last())
+                .cloned()
+                .unwrap_or_else(|| "test".to_owned())
+        })
+        .sink(sink.clone())
+        .spawn()
+        .expect("daemon starts");
+    daemon.wait_ready(WAIT).expect("ready");
+    (daemon, sink)
+}
+
+/// A producer's control connection.
+pub struct Control {
+    pub fd: OwnedFd,
+}
+
+impl Control {
+    pub fn connect(path: &Path) -> Self {
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let addr = SocketAddrUnix::new(path).expect("address");
+        rustix::net::connect(&fd, &addr).expect("connect");
+        Self { fd }
+    }
+
+    /// Sends raw bytes as one message and reads the response (and fd, if any).
+    pub fn raw(&self, bytes: &[u8]) -> (GrantResponse, Option<OwnedFd>) {
+        rustix::net::send(&self.fd, bytes, SendFlags::NOSIGNAL).expect("send");
+        let mut buf = [0u8; 64];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = rustix::net::recvmsg(&self.fd, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)
+            .expect("recvmsg");
+        assert_eq!(msg.bytes, 32, "one response frame");
+        let mut fd = None;
+        for m in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = m {
+                for f in fds {
+                    fd = Some(f);
+                }
+            }
+        }
+        let resp = GrantResponse::read_from_bytes(&buf[..32]).expect("32 bytes");
+        (resp, fd)
+    }
+
+    /// Asks for a ring of `capacity` records.
+    pub fn request(&self, capacity: u32) -> (GrantResponse, Option<OwnedFd>) {
+        self.raw(GrantRequest::ring(capacity, 0).as_bytes())
+    }
+
+    /// Asks for a ring and maps it; panics if refused.
+    pub fn ring(&self, capacity: u32) -> Ring {
+        let (resp, fd) = self.request(capacity);
+        assert_eq!(resp.status, GrantStatus::OK, "granted");
+        let region = MemfdRegion::attach(fd.expect("an fd with OK")).expect("attach");
+        Ring {
+            id: resp.ring_id,
+            writer: Writer::new(region),
+        }
+    }
+}
+
+/// A granted ring, written directly.
+pub struct Ring {
+    pub id: u32,
+    pub writer: Writer<MemfdRegion>,
+}
+
+impl Ring {
+    /// Registers `key` as `what` named `name` with `labels`.
+    pub fn register(&mut self, key: u32, what: RegisterKind, name: &str, labels: &[(&str, &str)]) {
+        let mut out = [Record::default(); MAX_REGISTER_RECORDS];
+        let n = encode_registration(key, what, name, labels, &mut out).expect("valid registration");
+        self.writer.push_all(&out[..n]).expect("room");
+    }
+
+    pub fn push(&mut self, r: Record) {
+        self.writer.push(r).expect("room");
+    }
+
+    /// Pushes records, waiting for room (the daemon drains meanwhile).
+    pub fn push_wait(&mut self, r: Record) {
+        let deadline = std::time::Instant::now() + WAIT;
+        while self.writer.try_push(r).is_err() {
+            assert!(std::time::Instant::now() < deadline, "ring never drained");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
