@@ -72,6 +72,11 @@ struct Cli {
     #[arg(long, default_value_t = 1.0, value_name = "F")]
     timeout_factor: f64,
 
+    /// Append this to the kernel command line (repeatable), e.g. `--kernel-arg loglevel=7`
+    /// to see the kernel's messages, which `quiet` hides.
+    #[arg(long, value_name = "ARG")]
+    kernel_arg: Vec<String>,
+
     /// Guest vCPUs.
     #[arg(long, default_value_t = 2, value_name = "N")]
     smp: u32,
@@ -107,6 +112,7 @@ fn main() -> ExitCode {
         keep: cli.keep,
         echo_console: cli.console,
         kernel: cli.kernel,
+        kernel_args: cli.kernel_arg,
         timeout_factor: cli.timeout_factor,
         smp: cli.smp,
         memory: cli.memory,

@@ -27,6 +27,8 @@ pub struct Options {
     pub echo_console: bool,
     /// A kernel to boot instead of the cached one.
     pub kernel: Option<PathBuf>,
+    /// Extra kernel command-line arguments.
+    pub kernel_args: Vec<String>,
     /// Multiplies every timeout.
     pub timeout_factor: f64,
     /// vCPUs.
@@ -127,7 +129,7 @@ pub fn run(options: &Options) -> Result<bool> {
         initrd,
         smp: options.smp,
         memory: options.memory.clone(),
-        append: vm::kernel_cmdline(tsc_khz),
+        append: vm::kernel_cmdline(tsc_khz, &options.kernel_args),
     };
     println!("[boot] {:?}", vm.command());
     println!(
