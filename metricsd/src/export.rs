@@ -151,6 +151,20 @@ impl ExportQueue {
         }
     }
 
+    /// Sleeps up to `d`, waking early when stopped or when records arrive.
+    fn pause(&self, d: Duration) {
+        let g = self.lock();
+        if self.stopping() {
+            return;
+        }
+        drop(
+            self.wake
+                .wait_timeout(g, d)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0),
+        );
+    }
+
     fn update(&self, f: impl FnOnce(&mut ExportStats)) {
         let mut g = self.lock();
         f(&mut g.stats);
@@ -197,7 +211,7 @@ pub fn run(
                 Ok(_) | Err(_) => queue.update(|s| s.failures += 1),
             }
         }
-        std::thread::sleep(retry);
+        queue.pause(retry);
     }
 
     loop {
@@ -232,7 +246,7 @@ pub fn run(
                 });
                 queue.done(retry_records);
                 if retried > 0 && !stopping {
-                    std::thread::sleep(retry);
+                    queue.pause(retry);
                 }
             }
             Err(_) => {
@@ -241,7 +255,7 @@ pub fn run(
                 if stopping {
                     return;
                 }
-                std::thread::sleep(retry);
+                queue.pause(retry);
             }
         }
         if stopping && queue.stats().pending == 0 {

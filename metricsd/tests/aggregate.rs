@@ -239,3 +239,89 @@ fn sensitive_labels_and_attributes_are_redacted_and_identity_labels_renamed() {
     }
     daemon.shutdown();
 }
+
+#[test]
+fn span_budget_keeps_errors_then_the_slowest_and_exports_the_rest_as_a_count() {
+    watchdog();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.export.span_budget = 2;
+    cfg.export.interval_ms = 60_000; // only explicit flushes export
+    let (daemon, sink) = start(cfg, &["api"]);
+    let control = Control::connect(daemon.socket_path());
+    let mut r = control.ring(256);
+    r.register(1, RegisterKind::SPAN, "op", &[]);
+    // Durations 10, 50, 30, 20 (ok) and 1 (error).
+    for (id, d) in [(1u64, 10u64), (2, 50), (3, 30), (4, 20)] {
+        r.push(Record::span_start(1, id, 0, 1000));
+        r.push(Record::span_end(
+            1,
+            id,
+            1000 + d,
+            telemetry_abi::SpanStatus::OK,
+        ));
+    }
+    r.push(Record::span_start(1, 5, 0, 1000));
+    r.push(Record::span_end(
+        1,
+        5,
+        1001,
+        telemetry_abi::SpanStatus::ERROR,
+    ));
+    let snap = daemon.flush(WAIT).expect("flush");
+    assert_eq!(snap.spans.not_exported, 3);
+    let spans = sink.find("span", "op");
+    let got: Vec<(&str, &str)> = spans
+        .iter()
+        .map(|s| {
+            (
+                s.get("status").unwrap_or(""),
+                s.get("duration_ns").unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(got, [("error", "1"), ("ok", "50")]);
+    let skipped = sink.find("series", "metricsd/counter/metricsd.spans.not_exported{}");
+    assert_eq!(skipped.last().and_then(|r| r.get("value")), Some("3"));
+    // The duration histogram saw all five.
+    let d = snap
+        .find("api", MetricKind::SpanDuration, "op", &[])
+        .expect("duration series");
+    match &d.value {
+        Value::Histogram { count, sum, .. } => assert_eq!((*count, *sum), (5, 111)),
+        other => panic!("not a histogram: {other:?}"),
+    }
+    daemon.shutdown();
+}
+
+#[test]
+fn export_failures_are_counted_retried_and_never_lose_the_total() {
+    watchdog();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.export.retry_ms = 5;
+    cfg.export.interval_ms = 60_000;
+    let (daemon, sink) = start(cfg, &["web"]);
+    let control = Control::connect(daemon.socket_path());
+    let mut r = control.ring(256);
+    r.register(1, RegisterKind::COUNTER, "n", &[]);
+    r.push(Record::counter(1, 40));
+    sink.state().fail_appends = 3;
+    let snap = daemon.flush(WAIT).expect("flush");
+    assert_eq!(snap.export.failures, 3);
+    assert_eq!(snap.export.pending, 0);
+    let rec = sink.find("series", "web/counter/n{}");
+    assert_eq!(rec.len(), 1, "stored once, after the retries");
+    assert_eq!(rec[0].get("value"), Some("40"));
+    r.push(Record::counter(1, 2));
+    daemon.flush(WAIT).expect("flush");
+    let failures = sink.find("series", "metricsd/counter/metricsd.export.failures{}");
+    assert_eq!(failures.last().and_then(|r| r.get("value")), Some("3"));
+    assert_eq!(
+        sink.find("series", "web/counter/n{}")
+            .last()
+            .and_then(|r| r.get("value")),
+        Some("42")
+    );
+    daemon.shutdown();
+}
