@@ -6,10 +6,11 @@
 //! values exactly), operators (the `logd` binary: `logd serve`, `logd query`,
 //! `logd stats`) and other crates' tests (an in-process [`server::Server`]).
 //!
-//! ```no_run
+//! ```
 //! use logd::{client::Client, server::Server, Config, Level, Query, Record};
 //!
-//! let config = Config { socket: "/tmp/logd-example.sock".into(), ..Config::default() };
+//! let socket = std::env::temp_dir().join(format!("logd-doc-{}.sock", std::process::id()));
+//! let config = Config { socket, ..Config::default() };
 //! let server = Server::bind(config)?.spawn()?; // listening once bind returns
 //! let mut c = Client::connect(server.path())?;
 //! let report = c.append(&[Record::new(Level::Info, "metrics", "requests_total")
