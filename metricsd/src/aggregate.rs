@@ -109,15 +109,27 @@ impl Series {
     }
 }
 
-/// The identity string of a series (see [`Series::id`]). `labels` must be sorted by key.
-pub fn series_id(
+/// The identity string of a series (see [`Series::id`]): the `series` field of its
+/// exported records. Labels may come in any order.
+///
+/// ```
+/// use metricsd::{MetricKind, series_id};
+/// let id = series_id("web", MetricKind::Counter, "http.requests", &[("status", "200"), ("route", "/a")]);
+/// assert_eq!(id, r#"web/counter/http.requests{route="/a",status="200"}"#);
+/// ```
+pub fn series_id<K: AsRef<str>, V: AsRef<str>>(
     service: &str,
     kind: MetricKind,
     name: &str,
-    labels: &[(String, String)],
+    labels: &[(K, V)],
 ) -> String {
+    let mut sorted: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(k, v)| (k.as_ref(), v.as_ref()))
+        .collect();
+    sorted.sort_unstable();
     let mut s = format!("{service}/{}/{name}{{", kind.as_str());
-    for (i, (k, v)) in labels.iter().enumerate() {
+    for (i, (k, v)) in sorted.iter().enumerate() {
         if i > 0 {
             s.push(',');
         }

@@ -138,12 +138,7 @@ impl Snapshot {
         name: &str,
         labels: &[(&str, &str)],
     ) -> Option<&Series> {
-        let mut l: Vec<(String, String)> = labels
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        l.sort();
-        let id = series_id(service, kind, name, &l);
+        let id = series_id(service, kind, name, labels);
         self.series.iter().find(|s| s.id() == id)
     }
 
