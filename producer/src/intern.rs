@@ -109,14 +109,15 @@ impl Interner {
             return Key::new(key).ok_or(KeyError::Invalid(RegisterError::ZeroKey));
         }
         let next = index.len() as u32 + 1;
+        // Validate before the limit: a bad name is `Invalid` whether or not room is left.
+        let mut scratch = [Record::default(); MAX_REGISTER_RECORDS];
+        let n = encode_registration(next, kind, name, sorted, &mut scratch)
+            .map_err(KeyError::Invalid)?;
         if next > self.max_keys {
             return Err(KeyError::Limit {
                 max_keys: self.max_keys,
             });
         }
-        let mut scratch = [Record::default(); MAX_REGISTER_RECORDS];
-        let n = encode_registration(next, kind, name, sorted, &mut scratch)
-            .map_err(KeyError::Invalid)?;
         let chunk = self.entries[next as usize / CHUNK]
             .get_or_init(|| (0..CHUNK).map(|_| OnceLock::new()).collect());
         // Never set before: keys are handed out once, in order, under the lock.
