@@ -69,14 +69,20 @@ fn expected_sum(n: u64) -> u64 {
 
 // --- Pinning -------------------------------------------------------------------------
 
-/// Pins the calling thread to `cpu` if the machine has more than one CPU.
+/// Set in the environment to leave threads unpinned (to compare).
+const NO_PIN_ENV: &str = "TELEMETRY_BENCH_NO_PIN";
+
+/// Pins the calling thread to `cpu` unless `TELEMETRY_BENCH_NO_PIN` is set. Best effort:
+/// on a machine without `cpu` the call fails and the thread keeps its affinity (an
+/// unpinned run is still a valid, noisier measurement). Whether to pin is not decided
+/// from `available_parallelism`: that follows the caller's affinity, which an earlier
+/// pin (inherited by spawned threads and the child process) has narrowed to one CPU.
 fn pin(cpu: usize) {
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+    if std::env::var_os(NO_PIN_ENV).is_some() {
         return;
     }
     let mut set = rustix::thread::CpuSet::new();
     set.set(cpu);
-    // Best effort: an unpinned run is still a valid (noisier) measurement.
     let _ = rustix::thread::sched_setaffinity(None, &set);
 }
 
@@ -674,8 +680,9 @@ struct WordWriter<'a, const W: usize> {
 }
 
 impl<const W: usize> WordWriter<'_, W> {
+    /// Writes one record, publishing it (and anything written before) if `publish`.
     #[inline(always)]
-    fn try_push(&mut self, words: &[u64; W]) -> bool {
+    fn try_push(&mut self, words: &[u64; W], publish: bool) -> bool {
         if self.write.wrapping_sub(self.cached_read) >= CAPACITY as u64 {
             self.cached_read = self.ring.read.0.load(Ordering::Acquire);
             if self.write.wrapping_sub(self.cached_read) >= CAPACITY as u64 {
@@ -687,8 +694,15 @@ impl<const W: usize> WordWriter<'_, W> {
             self.ring.word(base + i).store(*word, Ordering::Relaxed);
         }
         self.write = self.write.wrapping_add(1);
-        self.ring.write.0.store(self.write, Ordering::Release);
+        if publish {
+            self.flush();
+        }
         true
+    }
+
+    #[inline(always)]
+    fn flush(&mut self) {
+        self.ring.write.0.store(self.write, Ordering::Release);
     }
 }
 
@@ -715,7 +729,8 @@ fn drain_words<const W: usize>(ring: &WordRing<W>, n: u64) -> u64 {
     sum
 }
 
-fn word_ring<const W: usize>(n: u64) -> Timing {
+/// Pushes `n` records of `W` words, publishing every `batch` records.
+fn word_ring<const W: usize>(n: u64, batch: u64) -> Timing {
     let ring = WordRing::<W>::new();
     let mut writer = WordWriter {
         ring: &ring,
@@ -724,10 +739,12 @@ fn word_ring<const W: usize>(n: u64) -> Timing {
     };
     let produce = || {
         for seq in 0..n {
-            while !writer.try_push(&[seq; W]) {
+            let publish = seq % batch == batch - 1;
+            while !writer.try_push(&[seq; W], publish) {
                 spin_loop();
             }
         }
+        writer.flush();
     };
     run_pair("record_size", n, produce, || drain_words(&ring, n))
 }
@@ -738,7 +755,10 @@ fn record_size(c: &mut Criterion) {
     fn one<const W: usize>(group: &mut BenchmarkGroup<'_, WallTime>) {
         group.throughput(Throughput::Bytes(8 * W as u64));
         group.bench_function(format!("{}B/push", 8 * W), |b| {
-            b.iter_custom(|n| word_ring::<W>(n).producer)
+            b.iter_custom(|n| word_ring::<W>(n, 1).producer)
+        });
+        group.bench_function(format!("{}B/batch_64", 8 * W), |b| {
+            b.iter_custom(|n| word_ring::<W>(n, BATCH as u64).producer)
         });
     }
     one::<2>(&mut group);
@@ -779,7 +799,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus >= 2 && std::env::var_os(NO_PIN_ENV).is_none() {
         eprintln!(
             "ring bench: producer pinned to CPU {PRODUCER_CPU}, consumer to CPU {CONSUMER_CPU}"
         );
