@@ -140,7 +140,51 @@ impl Ctx<'_> {
         self.rejects.add(r, 1);
     }
 
+    /// The hot path: a sample outside a registration is validated and aggregated here,
+    /// inlined into the drain loop; everything else goes to [`Ctx::record_slow`].
+    #[inline]
     fn record(&mut self, ring: &mut RingCtx<'_>, record: Record) {
+        if let Some(want) = sample_kind(record.kind) {
+            if !ring.regbuf.is_pending() {
+                if let Err(reason) = self.sample(ring.keys, want, record) {
+                    self.reject(reason);
+                }
+                return;
+            }
+        }
+        self.record_slow(ring, record);
+    }
+
+    #[inline]
+    fn sample(
+        &mut self,
+        keys: &KeyTable,
+        want: RegisterKind,
+        record: Record,
+    ) -> Result<(), Reason> {
+        let s: Sample = record.view();
+        if s.flags != 0 || s.reserved != [0, 0] {
+            return Err(Reason::ReservedNonzero);
+        }
+        let entry = keys.get(record.key).ok_or(Reason::UnregisteredKey)?;
+        if entry.what != want {
+            return Err(Reason::KindMismatch);
+        }
+        let id = match entry.target {
+            Target::Series(id) => id,
+            Target::Refused => return Err(Reason::SeriesCap),
+            _ => return Err(Reason::KindMismatch),
+        };
+        match record.kind {
+            RecordKind::COUNTER => self.store.add(id, s.value),
+            RecordKind::GAUGE => self.store.set(id, s.value as i64),
+            _ => self.store.observe(id, s.value),
+        }
+        Ok(())
+    }
+
+    #[inline(never)]
+    fn record_slow(&mut self, ring: &mut RingCtx<'_>, record: Record) {
         let kind = record.kind;
         if kind == RecordKind::REGISTER || kind == RecordKind::REGISTER_DATA {
             match ring.regbuf.feed(&record) {
@@ -159,28 +203,10 @@ impl Ctx<'_> {
     }
 
     fn validated(&mut self, ring: &mut RingCtx<'_>, record: Record) -> Result<(), Reason> {
-        let entry = ring.keys.get(record.key);
         if let Some(want) = sample_kind(record.kind) {
-            let s: Sample = record.view();
-            if s.flags != 0 || s.reserved != [0, 0] {
-                return Err(Reason::ReservedNonzero);
-            }
-            let entry = entry.ok_or(Reason::UnregisteredKey)?;
-            if entry.what != want {
-                return Err(Reason::KindMismatch);
-            }
-            let id = match entry.target {
-                Target::Series(id) => id,
-                Target::Refused => return Err(Reason::SeriesCap),
-                _ => return Err(Reason::KindMismatch),
-            };
-            match record.kind {
-                RecordKind::COUNTER => self.store.add(id, s.value),
-                RecordKind::GAUGE => self.store.set(id, s.value as i64),
-                _ => self.store.observe(id, s.value),
-            }
-            return Ok(());
+            return self.sample(ring.keys, want, record);
         }
+        let entry = ring.keys.get(record.key);
         match record.kind {
             RecordKind::SPAN_START => {
                 let s: SpanStart = record.view();
