@@ -2,12 +2,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use telemetry_abi::{Record, RegisterKind};
+use telemetry_abi::RegisterKind;
 
 use crate::global::global;
 use crate::intern::KeyError;
 use crate::key::Key;
-use crate::local::{self, Op};
+use crate::local::{self, CounterOp, GaugeOp, HistogramOp};
 use crate::stats::DropReason;
 
 /// A registered key, or a no-op and why.
@@ -185,7 +185,7 @@ impl Counter {
         if self.0.key == 0 {
             return self.0.dropped();
         }
-        local::record(Op::Counter(self.0.key, n));
+        local::record(CounterOp(self.0.key, n));
     }
 }
 
@@ -196,7 +196,7 @@ impl Gauge {
         if self.0.key == 0 {
             return self.0.dropped();
         }
-        local::record(Op::Sample(Record::gauge(self.0.key, value)));
+        local::record(GaugeOp(self.0.key, value));
     }
 }
 
@@ -207,7 +207,7 @@ impl Histogram {
         if self.0.key == 0 {
             return self.0.dropped();
         }
-        local::record(Op::Sample(Record::histogram(self.0.key, value)));
+        local::record(HistogramOp(self.0.key, value));
     }
 }
 

@@ -72,16 +72,53 @@ thread_local! {
 
 static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
 
-/// What to record.
+/// One kind of record, applied to the core recorder. A type per kind (rather than
+/// one enum) gives each its own copy of the thread-local access, small enough to
+/// inline, with the key and value in registers.
+pub(crate) trait Op: Copy {
+    fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped>;
+}
+
+/// A counter increment: key, amount.
 #[derive(Clone, Copy)]
-pub(crate) enum Op {
-    Counter(u32, u64),
-    Sample(Record),
+pub(crate) struct CounterOp(pub(crate) u32, pub(crate) u64);
+
+/// A gauge set: key, value.
+#[derive(Clone, Copy)]
+pub(crate) struct GaugeOp(pub(crate) u32, pub(crate) i64);
+
+/// A histogram observation: key, value.
+#[derive(Clone, Copy)]
+pub(crate) struct HistogramOp(pub(crate) u32, pub(crate) u64);
+
+impl Op for CounterOp {
+    #[inline(always)]
+    fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
+        recorder.counter_raw(self.0, self.1)
+    }
+}
+
+impl Op for GaugeOp {
+    #[inline(always)]
+    fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
+        recorder
+            .sample_raw(Record::gauge(self.0, self.1))
+            .map(|()| Delivery::Written)
+    }
+}
+
+impl Op for HistogramOp {
+    #[inline(always)]
+    fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
+        recorder
+            .sample_raw(Record::histogram(self.0, self.1))
+            .map(|()| Delivery::Written)
+    }
 }
 
 /// Records `op` in the calling thread's ring.
 #[inline(always)]
-pub(crate) fn record(op: Op) {
+pub(crate) fn record(op: impl Op) {
     let done = LOCAL.try_with(|cell| match cell.try_borrow_mut() {
         Ok(mut local) => {
             local.record(op);
@@ -173,15 +210,10 @@ impl Local {
     }
 
     #[inline(always)]
-    fn record(&mut self, op: Op) {
+    fn record(&mut self, op: impl Op) {
         if let Slot::Ready(ring) = &mut self.slot {
             if ring.generation == generation() {
-                let result = match op {
-                    Op::Counter(key, n) => ring.recorder.counter_raw(key, n),
-                    Op::Sample(record) => {
-                        ring.recorder.sample_raw(record).map(|()| Delivery::Written)
-                    }
-                };
+                let result = op.apply(&mut ring.recorder);
                 if let Ok(Delivery::Written) = result {
                     return;
                 }
@@ -193,12 +225,9 @@ impl Local {
 
     #[cold]
     #[inline(never)]
-    fn record_cold(&mut self, op: Op) {
+    fn record_cold(&mut self, op: impl Op) {
         let result = match self.ring() {
-            Ok(ring) => match op {
-                Op::Counter(key, n) => ring.recorder.counter_raw(key, n),
-                Op::Sample(record) => ring.recorder.sample_raw(record).map(|()| Delivery::Written),
-            },
+            Ok(ring) => op.apply(&mut ring.recorder),
             Err(reason) => return self.count(Event::Dropped(reason), 1),
         };
         self.settle(result);
