@@ -9,6 +9,12 @@
 //!   `SELFTEST: done`.
 //!
 //! Markers follow the proof-run rule: printed only after the effect was observed.
+//!
+//! To see the ladder turn red on purpose, boot with `--kernel-arg FIXTURE_BREAK=long-lines`:
+//! the kernel hands unknown `NAME=value` parameters to the init's environment, the init
+//! hands its environment to the daemon, and the daemon then truncates echoed lines over
+//! 1 KiB. Its own short probe still passes (`fixture-echo: ready`); the selftest's 4 KiB
+//! line does not (`SELFTEST: fixture echo round trip FAIL`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -62,9 +68,10 @@ fn daemon(socket: &str) -> Result<()> {
     // A stale socket from an earlier run would make bind fail.
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket).with_context(|| format!("binding {socket}"))?;
+    let truncate = std::env::var("FIXTURE_BREAK").is_ok_and(|v| v == "long-lines");
     let server = thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            thread::spawn(move || echo(stream));
+            thread::spawn(move || echo(stream, truncate));
         }
     });
     let probe = format!("ping from pid {}", std::process::id());
@@ -78,14 +85,19 @@ fn daemon(socket: &str) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("the accept loop panicked"))
 }
 
-/// Echoes lines until the peer closes.
-fn echo(stream: UnixStream) {
+/// Echoes lines until the peer closes (cutting lines over 1 KiB when `truncate`, the
+/// deliberate fault).
+fn echo(stream: UnixStream, truncate: bool) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+        if truncate && line.len() > 1024 {
+            line.truncate(1024);
+            line.push(b'\n');
+        }
         if writer.write_all(&line).is_err() {
             return;
         }

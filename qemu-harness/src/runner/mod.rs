@@ -167,6 +167,12 @@ pub fn run(options: &Options) -> Result<bool> {
             (Err(failure), _) => {
                 failures += 1;
                 println!("[run {run}/{}] {failure}", options.runs);
+                if !boot.after_failure.is_empty() {
+                    println!("console lines after the failure:");
+                    for line in &boot.after_failure {
+                        println!("  | {line}");
+                    }
+                }
                 println!("  full console: {}", boot.console_log.display());
             }
         }

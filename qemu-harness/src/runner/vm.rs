@@ -13,6 +13,8 @@ use qemu_harness::ladder::{Checker, Climbed, Failure, Step};
 
 /// How long the VM may take to power off after the last marker.
 pub const POWEROFF_GRACE: Duration = Duration::from_secs(30);
+/// How long the console is still read after a failure.
+const AFTER_FAILURE: Duration = Duration::from_secs(2);
 /// How long QEMU may take to exit once its console closed.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
 
@@ -98,6 +100,8 @@ pub struct Boot {
     pub console_log: PathBuf,
     /// What QEMU wrote on stderr.
     pub qemu_stderr: String,
+    /// Console lines that came in the moments after a failure.
+    pub after_failure: Vec<String>,
 }
 
 /// Boots once, printing each marker as it is seen (and every line when `echo`).
@@ -140,6 +144,7 @@ pub fn boot(vm: &Vm, ladder: &[Step], work: &Path, run: u32, echo: bool) -> Resu
     let mut checker = Checker::new(ladder, start);
     let mut failure = None;
     let mut done_at = None;
+    let mut console_closed = false;
     loop {
         let now = Instant::now();
         let deadline = checker
@@ -180,14 +185,37 @@ pub fn boot(vm: &Vm, ladder: &[Step], work: &Path, run: u32, echo: bool) -> Resu
                     break;
                 }
             }
-            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Disconnected) => {
+                console_closed = true;
+                break;
+            }
+        }
+    }
+
+    // After a failure, keep what the guest says next for a moment (the init usually
+    // reports what it saw), without changing the verdict.
+    let mut after_failure = Vec::new();
+    if failure.is_some() {
+        let until = Instant::now() + AFTER_FAILURE;
+        loop {
+            match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok((line, _)) => {
+                    writeln!(log, "{line}")?;
+                    after_failure.push(line);
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    console_closed = true;
+                    break;
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+            }
         }
     }
 
     // QEMU exits by itself when the guest powers off (or resets, under -no-reboot); its
     // console closes just before, so give it a moment after the last line.
     let mut exited = child.try_wait()?;
-    if failure.is_none() && done_at.is_some() {
+    if console_closed {
         let until = Instant::now() + EXIT_GRACE;
         while exited.is_none() && Instant::now() < until {
             thread::sleep(Duration::from_millis(10));
@@ -214,12 +242,88 @@ pub fn boot(vm: &Vm, ladder: &[Step], work: &Path, run: u32, echo: bool) -> Resu
         status,
         console_log,
         qemu_stderr,
+        after_failure,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qemu_harness::ladder::FailureKind;
+    use std::os::unix::fs::PermissionsExt;
+
+    const LADDER: &[Step] = &[
+        Step::new("init: mounts ok", "init: mounts FAIL", 20),
+        Step::new("SELFTEST: done", "SELFTEST: FAIL", 20),
+    ];
+
+    /// Boots a shell script standing in for QEMU (it ignores QEMU's arguments); the work
+    /// dir is returned with the outcome so the console log outlives the call.
+    fn boot_fake(script: &str, ladder: &[Step]) -> (tempfile::TempDir, Boot) {
+        let work = tempfile::tempdir().expect("tempdir");
+        let qemu = work.path().join("fake-qemu");
+        std::fs::write(&qemu, format!("#!/bin/sh\n{script}\n")).expect("write");
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let vm = Vm {
+            qemu,
+            kernel: "vmlinuz".into(),
+            initrd: "initrd".into(),
+            smp: 1,
+            memory: "64M".into(),
+            append: String::new(),
+        };
+        let outcome = boot(&vm, ladder, work.path(), 1, false).expect("boot");
+        (work, outcome)
+    }
+
+    #[test]
+    fn a_climbed_ladder_and_an_exit_is_a_pass() {
+        let (_work, boot) = boot_fake(
+            "echo '[ 0.1] Linux'; echo 'init: mounts ok'; echo 'SELFTEST: done'; \
+             echo '[ 0.5] reboot: Power down'",
+            LADDER,
+        );
+        assert_eq!(boot.ladder.map(|c| c.seen.len()).ok(), Some(2));
+        assert!(boot.powered_off.is_some());
+        let log = std::fs::read_to_string(&boot.console_log).unwrap_or_default();
+        assert!(log.contains("reboot: Power down"), "{log}");
+    }
+
+    #[test]
+    fn a_fail_line_stops_the_vm() {
+        // `exec sleep` keeps the fake VM alive: the runner must kill it, not wait.
+        let (_work, boot) = boot_fake(
+            "echo 'init: mounts ok'; echo 'SELFTEST: FAIL: boom'; exec sleep 30",
+            LADDER,
+        );
+        let failure = boot.ladder.expect_err("must fail");
+        assert!(matches!(failure.kind, FailureKind::FailMarker { .. }));
+        assert_eq!(failure.awaited, Some("SELFTEST: done"));
+        assert!(boot.powered_off.is_none());
+    }
+
+    #[test]
+    fn a_silent_vm_times_out_and_is_killed() {
+        let ladder = [Step {
+            timeout: Duration::from_millis(200),
+            ..LADDER[0]
+        }];
+        let (_work, boot) = boot_fake("exec sleep 30", &ladder);
+        let failure = boot.ladder.expect_err("must fail");
+        assert!(matches!(failure.kind, FailureKind::Timeout { .. }));
+        assert!(boot.status.is_some_and(|s| !s.success()));
+    }
+
+    #[test]
+    fn a_vm_that_exits_early_leaves_the_step_missing() {
+        let (_work, boot) = boot_fake(
+            "echo 'init: mounts ok'; echo 'qemu: something broke' >&2; exit 1",
+            LADDER,
+        );
+        let failure = boot.ladder.expect_err("must fail");
+        assert_eq!(failure.kind, FailureKind::Missing);
+        assert!(boot.qemu_stderr.contains("something broke"));
+    }
 
     #[test]
     fn reads_cpu_mhz() {
