@@ -87,9 +87,11 @@ pub struct Plan {
 
 /// The full proof run of issue 5: logd, metricsd and the selftest producer.
 ///
-/// logd, metricsd and the selftest binary are being written in parallel; the daemon
-/// arguments below are the harness's proposal and must match their command lines when
-/// they land.
+/// The daemon arguments follow `logd serve` and `metricsd serve` as they stand. logd
+/// must print its own `logd: ready` after a real round trip (today it prints
+/// `logd: listening on <path>`); metricsd prints `metricsd: ready` after its first export
+/// round trip to logd. The `guest-selftest` binary and its arguments are the harness's
+/// proposal until it lands.
 pub const FULL: Plan = Plan {
     name: "full",
     binaries: &[
@@ -111,7 +113,7 @@ pub const FULL: Plan = Plan {
         Daemon {
             name: "logd",
             bin: "logd",
-            args: &["--socket", "/run/logd.sock"],
+            args: &["serve", "--socket", "/run/logd.sock"],
             ready_line: markers::LOGD_READY,
             socket: Some("/run/logd.sock"),
             ready_timeout: Duration::from_secs(25),
@@ -119,7 +121,13 @@ pub const FULL: Plan = Plan {
         Daemon {
             name: "metricsd",
             bin: "metricsd",
-            args: &["--socket", "/run/metricsd.sock", "--logd", "/run/logd.sock"],
+            args: &[
+                "serve",
+                "--socket",
+                "/run/metricsd.sock",
+                "--logd-socket",
+                "/run/logd.sock",
+            ],
             ready_line: markers::METRICSD_READY,
             socket: Some("/run/metricsd.sock"),
             ready_timeout: Duration::from_secs(55),

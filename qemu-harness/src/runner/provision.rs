@@ -117,8 +117,10 @@ fn fetch_kernel(apt: &mut Apt, dir: &Path) -> Result<String> {
         .prefix("fetch-")
         .tempdir_in(dir)
         .with_context(|| format!("creating a temporary dir in {}", dir.display()))?;
+    // As root, apt would drop to its `_apt` user to download, which cannot write into
+    // this root-owned cache dir, and say so in a warning; download as the caller instead.
     run(Command::new("apt-get")
-        .args(["download", "-q"])
+        .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
         .arg(&package)
         .current_dir(work.path()))?;
     let deb = fs::read_dir(work.path())?
