@@ -36,6 +36,15 @@ impl fmt::Display for Key {
     }
 }
 
+/// Pending counter deltas given up (see [`Recorder::discard_pending`](crate::Recorder::discard_pending)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Discarded {
+    /// Keys that held a delta: one record each, counted as dropped.
+    pub keys: u32,
+    /// The sum of the deltas: counter increments that will never be written.
+    pub increments: u64,
+}
+
 /// Keys per block: one bitmap word covers 64 keys.
 const BLOCK: usize = 64;
 /// Words one block of 64 keys takes: a registered bit per key, a pending bit per key,
@@ -167,15 +176,19 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         None
     }
 
-    /// Clears every pending delta; returns how many keys held one.
-    pub(crate) fn discard_pending(&mut self) -> u32 {
-        let keys = self.pending_keys;
+    /// Clears every pending delta.
+    pub(crate) fn discard_pending(&mut self) -> Discarded {
+        let mut discarded = Discarded {
+            keys: self.pending_keys,
+            increments: 0,
+        };
         let mut from = 1;
-        while let Some((key, _)) = self.next_pending(from) {
+        while let Some((key, delta)) = self.next_pending(from) {
+            discarded.increments = discarded.increments.wrapping_add(delta);
             self.clear_pending(key);
             from = key.saturating_add(1);
         }
-        keys
+        discarded
     }
 
     /// Clears `key`'s pending delta.

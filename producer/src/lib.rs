@@ -66,7 +66,7 @@ mod span;
 mod stats;
 
 pub use clock::{Clock, ManualClock};
-pub use key::{Key, KeyTable};
+pub use key::{Discarded, Key, KeyTable};
 pub use recorder::{AttrValue, Delivery, Dropped, Recorder, RecorderStats, SpanId};
 pub use registry::{Descriptor, RegistrationScratch, Registry, StaticRegistry};
 pub use telemetry_abi::{RegisterKind, SpanStatus};
@@ -95,6 +95,15 @@ pub use stats::{DropReason, Stats};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub fn flush() -> bool {
     local::flush()
+}
+
+/// Like [`flush`], but retries (sleeping 50 µs between tries) until the pending
+/// increments are written or `timeout` has passed. For the end of a thread or process
+/// whose totals must be exact: a thread that exits still owing increments gives them
+/// up (counted in [`Stats::lost_increments`]).
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub fn flush_for(timeout: std::time::Duration) -> bool {
+    local::flush_for(timeout)
 }
 
 /// Implementation details of the macros. Not a stable API.

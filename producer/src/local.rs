@@ -15,7 +15,7 @@ use telemetry_ring::MemfdRegion;
 
 use crate::global::{count_unavailable, global, monotonic_ns};
 use crate::intern::{GlobalRegistry, KeyError};
-use crate::key::{Key, KeyTable};
+use crate::key::{Discarded, Key, KeyTable};
 use crate::recorder::{AttrValue, Delivery, Dropped, Recorder, SpanId};
 use crate::source::{ClaimError, generation};
 use crate::stats::{Counts, DropReason, Event};
@@ -153,6 +153,20 @@ fn with_local<T>(f: impl FnOnce(&mut Local) -> T) -> Option<T> {
 /// Writes the thread's pending counter deltas; true when none is left.
 pub(crate) fn flush() -> bool {
     with_local(Local::flush).unwrap_or(false)
+}
+
+/// Like [`flush`], retrying every 50 µs until `timeout` has passed.
+pub(crate) fn flush_for(timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if flush() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
 }
 
 /// A started span, as its guard remembers it.
@@ -492,21 +506,23 @@ impl Drop for Local {
         // Best effort at thread exit: write what counters still owe; what cannot be
         // written now (the ring is still full, or there is no ring) is counted as
         // dropped, one record per key.
-        let lost = match &mut self.slot {
+        let (reason, lost) = match &mut self.slot {
             Slot::Ready(ring) => {
-                if ring.recorder.flush() > 0 {
-                    (DropReason::RingFull, ring.recorder.discard_pending())
+                let lost = if ring.recorder.flush() > 0 {
+                    ring.recorder.discard_pending()
                 } else {
-                    (DropReason::RingFull, 0)
-                }
+                    Discarded::default()
+                };
+                (DropReason::RingFull, lost)
             }
             _ => match &mut self.table {
                 Some(table) => (DropReason::NoMetricsd, table.discard_pending()),
-                None => (DropReason::NoMetricsd, 0),
+                None => (DropReason::NoMetricsd, Discarded::default()),
             },
         };
-        if lost.1 > 0 {
-            self.count(Event::Dropped(lost.0), u64::from(lost.1));
+        if lost.keys > 0 {
+            self.count(Event::Dropped(reason), u64::from(lost.keys));
+            self.count(Event::LostIncrements, lost.increments);
         }
         if let Some(counts) = self.counts.take() {
             global().retire(&counts);

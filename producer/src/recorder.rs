@@ -6,7 +6,7 @@ use core::num::NonZeroU64;
 use telemetry_abi::{AttrValueType, MAX_REGISTER_RECORDS, Record, SpanStatus};
 use telemetry_ring::{Region, Writer};
 
-use crate::key::{Key, KeyTable};
+use crate::key::{Discarded, Key, KeyTable};
 use crate::registry::Registry;
 
 /// Why a record was not written. Each is counted in [`RecorderStats`]; a full ring is
@@ -214,13 +214,13 @@ where
     }
 
     /// Gives up every pending counter delta, counting one dropped record per key (in
-    /// the stats and the ring's `dropped` word). Returns how many keys held one. For a
+    /// the stats and the ring's `dropped` word). Returns what was given up. For a
     /// producer about to exit with its ring still full.
-    pub fn discard_pending(&mut self) -> u32 {
-        let keys = self.table.discard_pending();
-        self.writer.count_dropped(u64::from(keys));
-        self.stats.ring_full += u64::from(keys);
-        keys
+    pub fn discard_pending(&mut self) -> Discarded {
+        let discarded = self.table.discard_pending();
+        self.writer.count_dropped(u64::from(discarded.keys));
+        self.stats.ring_full += u64::from(discarded.keys);
+        discarded
     }
 
     /// Moves to a new ring: forgets which keys were registered (the new ring has
@@ -505,7 +505,13 @@ mod tests {
         assert_eq!(rec.writer().dropped(), 2);
         assert_eq!(rec.stats().ring_full, 2);
         assert_eq!(rec.counter(key(0), 5), Ok(Delivery::Coalesced));
-        assert_eq!(rec.discard_pending(), 1);
+        assert_eq!(
+            rec.discard_pending(),
+            Discarded {
+                keys: 1,
+                increments: 5
+            }
+        );
         assert_eq!(rec.writer().dropped(), 3);
     }
 

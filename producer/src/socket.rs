@@ -112,9 +112,16 @@ impl SocketSource {
         Self::new(default_socket_path())
     }
 
-    /// Records per ring to ask for (zero: metricsd's default; it may grant less).
+    /// Records per ring to ask for, rounded up to a power of two (zero: metricsd's
+    /// default; it may grant less).
     pub fn capacity(mut self, records: u32) -> Self {
-        self.capacity = records;
+        self.capacity = match records {
+            0 => 0,
+            n => n
+                .max(telemetry_abi::MIN_CAPACITY)
+                .checked_next_power_of_two()
+                .unwrap_or(telemetry_abi::MAX_CAPACITY),
+        };
         self
     }
 

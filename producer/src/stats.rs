@@ -80,6 +80,12 @@ pub struct Stats {
     /// Counter increments that found their ring full and were held back to be written
     /// later (coalesced per key). Not a loss.
     pub coalesced: u64,
+    /// Counter increments given up: pending deltas still unwritten when their thread
+    /// exited (its ring full, or no ring). Their records are counted in
+    /// [`DropReason::RingFull`] / [`DropReason::NoMetricsd`], one per key; this is the
+    /// amount they carried. Zero unless a thread exits owing increments: call
+    /// [`flush_for`](crate::flush_for) before a thread ends to make sure.
+    pub lost_increments: u64,
     /// Rings granted to this process's threads.
     pub rings_claimed: u64,
     /// Claims that failed (each is followed by a backoff).
@@ -105,17 +111,19 @@ impl Stats {
 pub(crate) enum Event {
     Dropped(DropReason),
     Coalesced,
+    LostIncrements,
     RingClaimed,
     ClaimFailed,
 }
 
-const EVENTS: usize = DropReason::ALL.len() + 3;
+const EVENTS: usize = DropReason::ALL.len() + 4;
 
 impl Event {
     const fn index(self) -> usize {
         match self {
             Self::Dropped(r) => r.index(),
-            Self::Coalesced => EVENTS - 3,
+            Self::Coalesced => EVENTS - 4,
+            Self::LostIncrements => EVENTS - 3,
             Self::RingClaimed => EVENTS - 2,
             Self::ClaimFailed => EVENTS - 1,
         }
@@ -153,6 +161,7 @@ impl Counts {
             stats.dropped[reason.index()] += get(Event::Dropped(reason));
         }
         stats.coalesced += get(Event::Coalesced);
+        stats.lost_increments += get(Event::LostIncrements);
         stats.rings_claimed += get(Event::RingClaimed);
         stats.claim_failures += get(Event::ClaimFailed);
     }

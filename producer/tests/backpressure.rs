@@ -66,7 +66,7 @@ fn counters_are_late_never_short_and_exit_losses_are_counted() {
 
     // 2. A thread that exits with its ring still full cannot write what it owes: the
     //    TLS destructor counts it (one record per pending key) instead of hiding it.
-    let before = nexus_metrics::stats().dropped(DropReason::RingFull);
+    let before = nexus_metrics::stats();
     std::thread::spawn(|| {
         let c = counter!("bp.exit_full");
         for _ in 0..1000 {
@@ -75,11 +75,47 @@ fn counters_are_late_never_short_and_exit_losses_are_counted() {
     })
     .join()
     .expect("producer");
-    let after = nexus_metrics::stats().dropped(DropReason::RingFull);
-    assert_eq!(after - before, 1, "one pending key given up at exit");
+    let after = nexus_metrics::stats();
+    assert_eq!(
+        after.dropped(DropReason::RingFull) - before.dropped(DropReason::RingFull),
+        1,
+        "one pending key given up at exit"
+    );
+    assert_eq!(before.lost_increments, 0);
     server.find(RegisterKind::COUNTER, "bp.exit_full", |ring, key| {
         assert_eq!(ring.producer_dropped, 1, "also in the ring's dropped word");
         let written = sum(&ring.records_of(key));
         assert!(written > 0 && written < 1000);
+        assert_eq!(
+            written + after.lost_increments,
+            1000,
+            "written + lost = recorded"
+        );
+    });
+
+    // 3. `flush_for` waits for room: with a consumer draining meanwhile, a thread
+    //    that ends owing increments writes them all before it goes.
+    let (filled_tx, filled_rx) = mpsc::channel();
+    let producer = std::thread::spawn(move || {
+        let c = counter!("bp.flush_for");
+        for _ in 0..1000 {
+            c.increment(1);
+        }
+        filled_tx.send(()).expect("main thread waits");
+        nexus_metrics::flush_for(Duration::from_secs(10))
+    });
+    filled_rx.recv().expect("producer fills");
+    std::thread::sleep(Duration::from_millis(20));
+    server.drain();
+    assert!(
+        producer.join().expect("producer"),
+        "flushed once the ring had room"
+    );
+    assert_eq!(
+        nexus_metrics::stats().lost_increments,
+        after.lost_increments
+    );
+    server.find(RegisterKind::COUNTER, "bp.flush_for", |ring, key| {
+        assert_eq!(sum(&ring.records_of(key)), 1000);
     });
 }
