@@ -16,9 +16,9 @@ use crate::stats::{Counts, DropReason, Event, Stats};
 /// Keys a process may register unless [`Config::max_keys`] says otherwise.
 pub const DEFAULT_MAX_KEYS: u32 = 4096;
 
-/// The largest [`Config::max_keys`]: the per-thread key table costs about 8.3 bytes
-/// per key.
-pub const MAX_KEYS_LIMIT: u32 = 1 << 24;
+/// The largest [`Config::max_keys`]: every thread that records holds a key table of
+/// about 8.3 bytes per key (34 KiB at the default 4096 keys, 8.3 MiB at this limit).
+pub const MAX_KEYS_LIMIT: u32 = 1 << 20;
 
 /// `CLOCK_MONOTONIC` in nanoseconds, read through the vDSO (no system call).
 #[derive(Clone, Copy, Debug, Default)]
@@ -46,6 +46,8 @@ pub(crate) fn monotonic_ns() -> u64 {
 /// [`default_socket_path`]: crate::default_socket_path
 pub struct Config {
     source: Option<Box<dyn RingSource>>,
+    socket: Option<std::path::PathBuf>,
+    ring_capacity: u32,
     max_keys: u32,
     clock: Option<&'static (dyn Clock + Sync)>,
     retry_min: Duration,
@@ -56,6 +58,8 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("custom_source", &self.source.is_some())
+            .field("socket", &self.socket)
+            .field("ring_capacity", &self.ring_capacity)
             .field("max_keys", &self.max_keys)
             .field("custom_clock", &self.clock.is_some())
             .field("retry_min", &self.retry_min)
@@ -75,6 +79,8 @@ impl Config {
     pub fn new() -> Self {
         Self {
             source: None,
+            socket: None,
+            ring_capacity: 0,
             max_keys: DEFAULT_MAX_KEYS,
             clock: None,
             retry_min: Duration::from_millis(10),
@@ -82,15 +88,25 @@ impl Config {
         }
     }
 
-    /// Claims rings from `source` instead of metricsd's default socket.
+    /// Claims rings from `source` instead of metricsd's control socket (the socket
+    /// settings below then do not apply).
     pub fn source(mut self, source: impl RingSource + 'static) -> Self {
         self.source = Some(Box::new(source));
         self
     }
 
-    /// Claims rings from metricsd at `path` (a [`SocketSource`] with its defaults).
-    pub fn socket(self, path: impl Into<std::path::PathBuf>) -> Self {
-        self.source(SocketSource::new(path))
+    /// Finds metricsd's control socket at `path` instead of
+    /// [`default_socket_path`](crate::default_socket_path).
+    pub fn socket(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.socket = Some(path.into());
+        self
+    }
+
+    /// Records per ring to ask metricsd for, rounded up to a power of two (default
+    /// zero: metricsd's configured default; it may grant less).
+    pub fn ring_capacity(mut self, records: u32) -> Self {
+        self.ring_capacity = records;
+        self
     }
 
     /// The most keys (series, span names, attribute keys, strings) the process may
@@ -107,8 +123,9 @@ impl Config {
         self
     }
 
-    /// How long a thread without a ring waits before claiming again: `min` after the
-    /// first failure, doubling up to `max`.
+    /// How long a thread without a ring waits before claiming again, and how long the
+    /// socket waits between connection attempts: `min` after the first failure,
+    /// doubling up to `max` (default 10 ms to 1 s).
     pub fn retry(mut self, min: Duration, max: Duration) -> Self {
         self.retry_min = min;
         self.retry_max = max.max(min);
@@ -171,7 +188,12 @@ pub(crate) fn global() -> &'static Global {
 impl Global {
     fn new(config: Config) -> Self {
         let source = config.source.unwrap_or_else(|| {
-            Box::new(SocketSource::from_env().retry(config.retry_min, config.retry_max))
+            let path = config.socket.unwrap_or_else(crate::default_socket_path);
+            Box::new(
+                SocketSource::new(path)
+                    .capacity(config.ring_capacity)
+                    .retry(config.retry_min, config.retry_max),
+            )
         });
         Self {
             source,
