@@ -215,6 +215,11 @@ impl Histogram {
 mod tests {
     use super::*;
 
+    static_assertions::assert_impl_all!(Counter: Send, Sync, Copy);
+    static_assertions::assert_impl_all!(Gauge: Send, Sync, Copy);
+    static_assertions::assert_impl_all!(Histogram: Send, Sync, Copy);
+    static_assertions::const_assert!(core::mem::size_of::<Counter>() <= 8);
+
     #[test]
     fn handles_pack_losslessly() {
         for handle in [

@@ -7,6 +7,7 @@
 //! calling thread's own ring: no system call, lock, allocation or IPC message per sample.
 //!
 //! ```no_run
+//! # #[cfg(feature = "std")] mod example {
 //! use nexus_metrics::{counter, gauge, histogram, span, Status};
 //!
 //! fn handle(route: &'static str) {
@@ -19,6 +20,7 @@
 //!     request.set_status(Status::Ok);
 //!     gauge!("queue.depth").set(5);
 //! }
+//! # }
 //! ```
 //!
 //! # What happens underneath
