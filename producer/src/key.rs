@@ -111,7 +111,14 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
     pub(crate) fn is_registered(&self, key: u32) -> bool {
         let index = key as usize;
         let word = index / BLOCK;
-        word < self.blocks && self.storage.as_ref()[word] & (1 << (index % BLOCK)) != 0
+        // `get`, not indexing: no panic path on the hot path (`word < blocks` already
+        // keeps it inside the bitmap).
+        word < self.blocks
+            && self
+                .storage
+                .as_ref()
+                .get(word)
+                .is_some_and(|w| w & (1 << (index % BLOCK)) != 0)
     }
 
     pub(crate) fn contains(&self, key: u32) -> bool {
