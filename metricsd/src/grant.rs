@@ -99,6 +99,9 @@ struct Conn {
 pub struct GrantServer {
     listener: OwnedFd,
     path: PathBuf,
+    /// The socket file this server created, so that it removes only its own: a newer
+    /// instance may have replaced the file at `path` since.
+    created: FileId,
     cfg: RingsConfig,
     identify: Box<dyn Identify>,
     tx: Sender<Command>,
@@ -120,9 +123,45 @@ fn os<'p>(step: &'static str, path: &'p Path) -> impl FnOnce(Errno) -> GrantErro
     }
 }
 
+/// Which file a path named: device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The file at `path` now (not following a symlink).
+    fn lstat(path: &Path) -> Result<Self, Errno> {
+        rustix::fs::lstat(path).map(|st| Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+
+    /// The file at `path` now, if any.
+    fn of(path: &Path) -> Option<Self> {
+        Self::lstat(path).ok()
+    }
+}
+
+/// Removes the socket file at `path` only if it is still the one `created` names.
+///
+/// An instance that exits must not take away the path of a newer instance that bound
+/// it after the old file was removed or replaced. (Between the check and the unlink
+/// another process could still replace the file; closing that window would need an
+/// unlink by inode, which POSIX does not have. The window is one system call wide.)
+fn remove_if_ours(path: &Path, created: FileId) -> bool {
+    if FileId::of(path) == Some(created) {
+        std::fs::remove_file(path).is_ok()
+    } else {
+        false
+    }
+}
+
 /// Binds a SOCK_SEQPACKET listener at `path`, replacing a stale socket file but never
-/// one a live daemon answers on.
-fn bind(path: &Path) -> Result<OwnedFd, GrantError> {
+/// one a live daemon answers on. Returns the listener and the socket file's identity.
+fn bind(path: &Path) -> Result<(OwnedFd, FileId), GrantError> {
     let addr = SocketAddrUnix::new(path).map_err(os("address", path))?;
     if path.exists() {
         let probe = rustix::net::socket_with(
@@ -149,10 +188,11 @@ fn bind(path: &Path) -> Result<OwnedFd, GrantError> {
     )
     .map_err(os("socket", path))?;
     rustix::net::bind(&fd, &addr).map_err(os("bind", path))?;
+    let created = FileId::lstat(path).map_err(os("stat", path))?;
     // Any local process may ask; who it is comes from the kernel, not the file mode.
     rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(0o666)).map_err(os("chmod", path))?;
     rustix::net::listen(&fd, 128).map_err(os("listen", path))?;
-    Ok(fd)
+    Ok((fd, created))
 }
 
 impl GrantServer {
@@ -164,7 +204,7 @@ impl GrantServer {
         tx: Sender<Command>,
         stats: Arc<Mutex<GrantStats>>,
     ) -> Result<Self, GrantError> {
-        let listener = bind(path)?;
+        let (listener, created) = bind(path)?;
         let epoch_base = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs())
@@ -172,6 +212,7 @@ impl GrantServer {
         Ok(Self {
             listener,
             path: path.to_owned(),
+            created,
             cfg,
             identify,
             tx,
@@ -191,7 +232,8 @@ impl GrantServer {
     }
 
     /// Serves until `stop` is set, then closes every connection (their rings are
-    /// drained a last time) and removes the socket file.
+    /// drained a last time) and removes the socket file if it is still the one this
+    /// server bound (a newer instance may own the path by then).
     pub fn run(mut self, stop: &AtomicBool) {
         let tick = Timespec {
             tv_sec: 0,
@@ -227,7 +269,7 @@ impl GrantServer {
         while !self.conns.is_empty() {
             self.close(self.conns.len() - 1);
         }
-        let _ = std::fs::remove_file(&self.path);
+        remove_if_ours(&self.path, self.created);
     }
 
     fn accept(&mut self) {
@@ -441,4 +483,68 @@ impl GrantServer {
 struct Reply {
     response: GrantResponse,
     fd: Option<OwnedFd>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Daemon, MemorySink};
+
+    fn daemon(socket: &Path) -> crate::DaemonHandle {
+        let config = Config {
+            socket: socket.to_owned(),
+            logd_socket: socket.with_extension("logd"),
+            ..Config::default()
+        };
+        Daemon::new(config)
+            .sink(MemorySink::new())
+            .spawn()
+            .expect("daemon starts")
+    }
+
+    fn answers(path: &Path) -> bool {
+        let probe = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let addr = SocketAddrUnix::new(path).expect("address");
+        rustix::net::connect(&probe, &addr).is_ok()
+    }
+
+    #[test]
+    fn an_old_instance_leaves_a_newer_instances_socket_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("metricsd.sock");
+        let old = daemon(&path);
+        // The path is taken over: the old file goes, a newer instance binds a new one.
+        std::fs::remove_file(&path).expect("remove");
+        let new = daemon(&path);
+        old.shutdown();
+        assert!(
+            path.exists(),
+            "the old instance removed the newer one's socket"
+        );
+        assert!(answers(&path), "the newer instance still answers");
+        new.shutdown();
+        assert!(!path.exists(), "an instance removes its own socket");
+    }
+
+    #[test]
+    fn remove_if_ours_checks_the_inode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"a").expect("write");
+        let first = FileId::of(&path).expect("exists");
+        let replacement = dir.path().join("g");
+        std::fs::write(&replacement, b"b").expect("write");
+        std::fs::rename(&replacement, &path).expect("rename");
+        assert!(!remove_if_ours(&path, first), "another file at the path");
+        assert!(path.exists());
+        let second = FileId::of(&path).expect("exists");
+        assert!(remove_if_ours(&path, second));
+        assert!(!path.exists());
+    }
 }
