@@ -88,6 +88,101 @@ fn pin(cpu: usize) {
 
 // --- Thread to thread ----------------------------------------------------------------
 
+/// Records per burst: the clocks below take a timestamp each time this many more
+/// records have been written (or read).
+const BURST: u64 = 16 * 1024;
+
+/// Set in the environment to time each sample as a whole instead of by bursts.
+const WHOLE_ENV: &str = "TELEMETRY_BENCH_WHOLE";
+
+/// Set in the environment to print each sample's burst quantiles to stderr.
+const VERBOSE_ENV: &str = "TELEMETRY_BENCH_VERBOSE";
+
+/// Timestamps a run every [`BURST`] records, so that a sample can be measured two ways:
+///
+/// - by bursts (the default): the median time per record over the sample's bursts,
+///   times the records in the sample. On a shared machine either thread of a pair is
+///   regularly descheduled for a few milliseconds; during that time the other side
+///   fills (or empties) the ring in microseconds and then waits, so a whole-sample time
+///   measures the scheduler's co-scheduling of two spinning threads, not the ring. A
+///   burst is 16 Ki records (tens of microseconds for a ring, far below a scheduling
+///   slice), so most bursts run with both sides on CPU and the median is their rate;
+/// - as a whole (`TELEMETRY_BENCH_WHOLE=1`): first record to last. On an idle machine
+///   the two agree.
+struct Clock {
+    marks: Vec<(u64, Instant)>,
+    next: u64,
+}
+
+impl Clock {
+    /// A clock for a run of `n` records (allocates its marks up front).
+    fn new(n: u64) -> Self {
+        Self {
+            marks: Vec::with_capacity(usize::try_from(n / BURST + 2).unwrap_or(0)),
+            next: BURST,
+        }
+    }
+
+    /// Notes that `done` records are through; timestamps when a burst is complete.
+    #[inline(always)]
+    fn tick(&mut self, done: u64) {
+        if done >= self.next {
+            self.mark(done);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn mark(&mut self, done: u64) {
+        self.marks.push((done, Instant::now()));
+        self.next = (done / BURST + 1) * BURST;
+    }
+
+    /// Timestamps the end of the run at `done` records (unless a tick just did).
+    fn stop(&mut self, done: u64) {
+        if self.marks.last().is_none_or(|&(last, _)| last != done) {
+            self.marks.push((done, Instant::now()));
+        }
+    }
+
+    /// The sample's time for `n` records from `start`: by bursts, or as a whole.
+    fn measure(&self, start: Instant, n: u64) -> Duration {
+        let whole = self
+            .marks
+            .last()
+            .map_or(Duration::ZERO, |&(_, end)| end.duration_since(start));
+        if std::env::var_os(WHOLE_ENV).is_some() {
+            return whole;
+        }
+        let mut per_record: Vec<f64> = Vec::with_capacity(self.marks.len());
+        let mut previous = (0, start);
+        for &(done, at) in &self.marks {
+            let records = done - previous.0;
+            // Only full-size bursts: a consumer's last drain may be a short one.
+            if records >= BURST / 2 {
+                per_record.push(at.duration_since(previous.1).as_secs_f64() / records as f64);
+            }
+            previous = (done, at);
+        }
+        if per_record.len() < 3 {
+            return whole;
+        }
+        per_record.sort_by(f64::total_cmp);
+        if std::env::var_os(VERBOSE_ENV).is_some() {
+            let ns = |q: f64| per_record[((per_record.len() - 1) as f64 * q) as usize] * 1e9;
+            let whole = whole.as_secs_f64() * 1e9 / n as f64;
+            eprintln!(
+                "  {} bursts, ns/record p10 {:.1} p50 {:.1} p90 {:.1}; whole sample {whole:.1}",
+                per_record.len(),
+                ns(0.1),
+                ns(0.5),
+                ns(0.9),
+            );
+        }
+        Duration::from_secs_f64(per_record[per_record.len() / 2] * n as f64)
+    }
+}
+
 /// What one sample measured, both from the instant the producer starts.
 #[derive(Clone, Copy, Debug)]
 struct Timing {
@@ -98,45 +193,51 @@ struct Timing {
 }
 
 /// Runs `consume` on the consumer CPU and, once it is running, `produce` on this thread
-/// on the producer CPU. Checks that the consumer saw exactly the records `0..n`.
+/// on the producer CPU, one burst at a time (`produce(first, count)` writes the records
+/// `first..first + count`). Checks that the consumer saw exactly the records `0..n`.
 fn run_pair(
     name: &str,
     n: u64,
-    produce: impl FnOnce(),
-    consume: impl FnOnce() -> u64 + Send,
+    mut produce: impl FnMut(u64, u64),
+    consume: impl FnOnce(u64, &mut Clock) -> u64 + Send,
 ) -> Timing {
     let ready = AtomicBool::new(false);
-    let (timing, sum) = std::thread::scope(|s| {
+    let (start, producer, consumer, sum) = std::thread::scope(|s| {
         let ready = &ready;
         let consumer = s.spawn(move || {
             pin(CONSUMER_CPU);
+            let mut clock = Clock::new(n);
             ready.store(true, Ordering::Release);
-            let sum = consume();
-            (sum, Instant::now())
+            let sum = consume(n, &mut clock);
+            clock.stop(n);
+            (sum, clock)
         });
         pin(PRODUCER_CPU);
+        let mut clock = Clock::new(n);
         while !ready.load(Ordering::Acquire) {
             spin_loop();
         }
         let start = Instant::now();
-        produce();
-        let producer = start.elapsed();
-        let (sum, end) = consumer.join().expect("the consumer thread panicked");
-        let end_to_end = end.duration_since(start);
-        (
-            Timing {
-                producer,
-                end_to_end,
-            },
-            sum,
-        )
+        let mut first = 0;
+        while first < n {
+            let count = BURST.min(n - first);
+            produce(first, count);
+            first += count;
+            clock.tick(first);
+        }
+        clock.stop(n);
+        let (sum, consumer) = consumer.join().expect("the consumer thread panicked");
+        (start, clock, consumer, sum)
     });
     assert_eq!(sum, expected_sum(n), "{name}: records lost or duplicated");
-    timing
+    Timing {
+        producer: producer.measure(start, n),
+        end_to_end: consumer.measure(start, n),
+    }
 }
 
 /// Drains `n` records from our ring, returning the sum of their sequence numbers.
-fn drain_ours<R: Region>(reader: &mut Reader<R>, n: u64) -> u64 {
+fn drain_ours<R: Region>(reader: &mut Reader<R>, n: u64, clock: &mut Clock) -> u64 {
     let mut sum = 0u64;
     let mut got = 0;
     while got < n {
@@ -147,6 +248,7 @@ fn drain_ours<R: Region>(reader: &mut Reader<R>, n: u64) -> u64 {
             spin_loop();
         }
         got += drained.consumed;
+        clock.tick(got);
     }
     sum
 }
@@ -220,8 +322,8 @@ fn ours_heap(name: &str, n: u64, produce: fn(&mut Writer<Arc<HeapRegion>>, u64, 
     run_pair(
         name,
         n,
-        || produce(&mut writer, 0, n),
-        move || drain_ours(&mut reader, n),
+        |first, count| produce(&mut writer, first, count),
+        move |n, clock| drain_ours(&mut reader, n, clock),
     )
 }
 
@@ -242,13 +344,13 @@ fn ours_memfd<'r>(
     run_pair(
         name,
         n,
-        || produce(&mut writer, 0, n),
-        move || drain_ours(&mut reader, n),
+        |first, count| produce(&mut writer, first, count),
+        move |n, clock| drain_ours(&mut reader, n, clock),
     )
 }
 
 /// rtrb's consumer at its best: every readable slot as one chunk, one commit.
-fn drain_rtrb(consumer: &mut rtrb::Consumer<Record>, n: u64) -> u64 {
+fn drain_rtrb(consumer: &mut rtrb::Consumer<Record>, n: u64, clock: &mut Clock) -> u64 {
     let mut sum = 0u64;
     let mut got = 0;
     while got < n {
@@ -262,6 +364,7 @@ fn drain_rtrb(consumer: &mut rtrb::Consumer<Record>, n: u64) -> u64 {
                 sum = sum.wrapping_add(r.words[0]);
             }
             got += available as u64;
+            clock.tick(got);
         }
     }
     sum
@@ -269,8 +372,8 @@ fn drain_rtrb(consumer: &mut rtrb::Consumer<Record>, n: u64) -> u64 {
 
 fn rtrb_push(n: u64) -> Timing {
     let (mut producer, mut consumer) = RingBuffer::<Record>::new(CAPACITY);
-    let produce = || {
-        for seq in 0..n {
+    let produce = |first: u64, count: u64| {
+        for seq in first..first + count {
             let mut r = record(seq);
             while let Err(PushError::Full(back)) = producer.push(r) {
                 r = back;
@@ -278,17 +381,17 @@ fn rtrb_push(n: u64) -> Timing {
             }
         }
     };
-    run_pair("rtrb/push", n, produce, move || {
-        drain_rtrb(&mut consumer, n)
+    run_pair("rtrb/push", n, produce, move |n, clock| {
+        drain_rtrb(&mut consumer, n, clock)
     })
 }
 
 fn rtrb_write_chunk_uninit(n: u64) -> Timing {
     let (mut producer, mut consumer) = RingBuffer::<Record>::new(CAPACITY);
-    let produce = || {
-        let mut seq = 0u64;
-        while seq < n {
-            let len = (BATCH as u64).min(n - seq);
+    let produce = |first: u64, count: u64| {
+        let mut seq = first;
+        while seq < first + count {
+            let len = (BATCH as u64).min(first + count - seq);
             match producer.write_chunk_uninit(len as usize) {
                 Ok(chunk) => {
                     chunk.fill_from_iter((seq..).map(record));
@@ -298,21 +401,21 @@ fn rtrb_write_chunk_uninit(n: u64) -> Timing {
             }
         }
     };
-    run_pair("rtrb/write_chunk_uninit", n, produce, move || {
-        drain_rtrb(&mut consumer, n)
+    run_pair("rtrb/write_chunk_uninit", n, produce, move |n, clock| {
+        drain_rtrb(&mut consumer, n, clock)
     })
 }
 
 fn rtrb_write_chunk(n: u64) -> Timing {
     let (mut producer, mut consumer) = RingBuffer::<Record>::new(CAPACITY);
-    let produce = || {
-        let mut seq = 0u64;
-        while seq < n {
-            let len = (BATCH as u64).min(n - seq);
+    let produce = |first: u64, count: u64| {
+        let mut seq = first;
+        while seq < first + count {
+            let len = (BATCH as u64).min(first + count - seq);
             match producer.write_chunk(len as usize) {
                 Ok(mut chunk) => {
-                    let (first, second) = chunk.as_mut_slices();
-                    for (i, slot) in first.iter_mut().chain(second).enumerate() {
+                    let (head, tail) = chunk.as_mut_slices();
+                    for (i, slot) in head.iter_mut().chain(tail).enumerate() {
                         *slot = record(seq + i as u64);
                     }
                     chunk.commit_all();
@@ -322,15 +425,15 @@ fn rtrb_write_chunk(n: u64) -> Timing {
             }
         }
     };
-    run_pair("rtrb/write_chunk", n, produce, move || {
-        drain_rtrb(&mut consumer, n)
+    run_pair("rtrb/write_chunk", n, produce, move |n, clock| {
+        drain_rtrb(&mut consumer, n, clock)
     })
 }
 
 fn crossbeam_push(n: u64) -> Timing {
     let queue = ArrayQueue::<Record>::new(CAPACITY);
-    let produce = || {
-        for seq in 0..n {
+    let produce = |first: u64, count: u64| {
+        for seq in first..first + count {
             let mut r = record(seq);
             while let Err(back) = queue.push(r) {
                 r = back;
@@ -338,7 +441,7 @@ fn crossbeam_push(n: u64) -> Timing {
             }
         }
     };
-    let consume = || {
+    let consume = |n: u64, clock: &mut Clock| {
         let mut sum = 0u64;
         let mut got = 0;
         while got < n {
@@ -346,6 +449,7 @@ fn crossbeam_push(n: u64) -> Timing {
                 Some(r) => {
                     sum = sum.wrapping_add(r.words[0]);
                     got += 1;
+                    clock.tick(got);
                 }
                 None => spin_loop(),
             }
@@ -527,6 +631,7 @@ fn process_ring(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, op: u64) {
             let mut bad = 0u64;
             let mut got = 0;
             let mut idle = 0u32;
+            let mut clock = Clock::new(n);
             let start = Instant::now();
             child.command(op, n);
             while got < n {
@@ -537,6 +642,7 @@ fn process_ring(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, op: u64) {
                     })
                     .expect("the child never breaks the protocol");
                 got += drained.consumed;
+                clock.tick(got);
                 if drained.consumed == 0 {
                     spin_loop();
                     idle += 1;
@@ -545,10 +651,10 @@ fn process_ring(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, op: u64) {
                     }
                 }
             }
-            let elapsed = start.elapsed();
+            clock.stop(n);
             child.wait_done();
             assert_eq!((bad, got), (0, n), "{name}: records out of sequence");
-            elapsed
+            clock.measure(start, n)
         });
     });
 }
@@ -566,18 +672,20 @@ fn process_datagram(group: &mut BenchmarkGroup<'_, WallTime>, name: &str) {
             pin(CONSUMER_CPU);
             let mut buf = [0u8; 64];
             let mut bad = 0u64;
+            let mut clock = Clock::new(n);
             let start = Instant::now();
             child.command(OP_PUSH, n);
-            for _ in 0..n {
+            for got in 1..=n {
                 let len = ours.recv(&mut buf).expect("a datagram from the child");
                 let seq = Record::read_from_bytes(&buf[..len]).map_or(u64::MAX, |r| r.words[0]);
                 bad += u64::from(seq != next);
                 next = next.wrapping_add(1);
+                clock.tick(got);
             }
-            let elapsed = start.elapsed();
+            clock.stop(n);
             child.wait_done();
             assert_eq!(bad, 0, "{name}: datagrams out of sequence");
-            elapsed
+            clock.measure(start, n)
         });
     });
 }
@@ -706,7 +814,7 @@ impl<const W: usize> WordWriter<'_, W> {
     }
 }
 
-fn drain_words<const W: usize>(ring: &WordRing<W>, n: u64) -> u64 {
+fn drain_words<const W: usize>(ring: &WordRing<W>, n: u64, clock: &mut Clock) -> u64 {
     let mut read = 0u64;
     let mut sum = 0u64;
     while read < n {
@@ -725,6 +833,7 @@ fn drain_words<const W: usize>(ring: &WordRing<W>, n: u64) -> u64 {
         }
         read = write;
         ring.read.0.store(read, Ordering::Release);
+        clock.tick(read);
     }
     sum
 }
@@ -737,8 +846,8 @@ fn word_ring<const W: usize>(n: u64, batch: u64) -> Timing {
         write: 0,
         cached_read: 0,
     };
-    let produce = || {
-        for seq in 0..n {
+    let produce = |first: u64, count: u64| {
+        for seq in first..first + count {
             let publish = seq % batch == batch - 1;
             while !writer.try_push(&[seq; W], publish) {
                 spin_loop();
@@ -746,7 +855,9 @@ fn word_ring<const W: usize>(n: u64, batch: u64) -> Timing {
         }
         writer.flush();
     };
-    run_pair("record_size", n, produce, || drain_words(&ring, n))
+    run_pair("record_size", n, produce, |n, clock| {
+        drain_words(&ring, n, clock)
+    })
 }
 
 fn record_size(c: &mut Criterion) {
