@@ -59,6 +59,8 @@ pub struct Reader<R: Region> {
     capacity: u64,
     read: u64,
     last_write: u64,
+    /// The shared dropped counter as last read (a decrease is counted once, when seen).
+    last_dropped: u64,
     quarantine: Option<Violation>,
     stats: ReaderStats,
 }
@@ -76,6 +78,7 @@ impl<R: Region> Reader<R> {
             region,
             read,
             last_write: read,
+            last_dropped: 0,
             quarantine: None,
             stats: ReaderStats::default(),
         }
@@ -159,11 +162,12 @@ impl<R: Region> Reader<R> {
     fn observe_dropped(&mut self) {
         // ORDERING: Relaxed: an informational counter the producer may lie about.
         let dropped = self.region.dropped().load(Ordering::Relaxed);
-        if dropped < self.stats.producer_dropped {
+        // Each move down counted once, not once per drain while the word stays low.
+        if dropped < self.last_dropped {
             self.stats.dropped_moved_back += 1;
-        } else {
-            self.stats.producer_dropped = dropped;
         }
+        self.last_dropped = dropped;
+        self.stats.producer_dropped = self.stats.producer_dropped.max(dropped);
     }
 
     #[cold]

@@ -178,6 +178,16 @@ fn a_shrinking_dropped_counter_is_counted_but_tolerated() {
     assert_eq!(r.pending(), Ok(0));
     let s = r.stats();
     assert_eq!((s.producer_dropped, s.dropped_moved_back), (10, 1));
+    // Once per move down, not once per look while it stays low.
+    assert_eq!(r.pending(), Ok(0));
+    assert_eq!(r.pending(), Ok(0));
+    assert_eq!(r.stats().dropped_moved_back, 1);
+    r.region().dropped().store(2, Ordering::Relaxed);
+    assert_eq!(r.pending(), Ok(0));
+    r.region().dropped().store(11, Ordering::Relaxed);
+    assert_eq!(r.pending(), Ok(0));
+    let s = r.stats();
+    assert_eq!((s.producer_dropped, s.dropped_moved_back), (11, 2));
 }
 
 #[test]
