@@ -263,6 +263,22 @@ impl Producer {
         report
     }
 
+    /// The child's next report, if one arrives within `timeout`; it must be tagged `tag`.
+    pub fn poll(&mut self, tag: &str, timeout: Duration) -> Option<Report> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => {
+                let report = Report::parse(&line);
+                assert_eq!(report.tag, tag, "{}: unexpected report {line:?}", self.name);
+                Some(report)
+            }
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = self.wait_exit();
+                panic!("{}: exited ({status}) before reporting `{tag}`", self.name)
+            }
+        }
+    }
+
     /// Sends the child one command line.
     pub fn send(&mut self, command: &str) {
         let stdin = self.stdin.as_mut().expect("stdin still open");
