@@ -29,6 +29,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod drain;
 pub mod export;
 pub mod grant;

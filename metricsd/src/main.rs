@@ -1,6 +1,7 @@
 //! `metricsd`: the telemetry daemon. Parses the command line and the config, starts the
 //! daemon, prints `metricsd: ready` once the first export round trip to logd succeeded,
-//! and runs until SIGTERM or SIGINT.
+//! and runs until SIGTERM or SIGINT. `demo` and `top` are library code
+//! (`metricsd::demo`, `metricsd::top`) wired here.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,7 +13,15 @@ use metricsd::{Config, Daemon};
 /// The telemetry daemon: grants shared-memory rings to producers, drains them,
 /// aggregates under hard caps and exports to logd.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    after_help = "Examples:\n  \
+        metricsd demo                                  # the whole pipeline, checked through logd\n  \
+        metricsd serve --logd-socket /run/logd.sock    # the daemon\n  \
+        metricsd top --logd-socket /run/logd.sock      # what it exported, live"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -42,6 +51,58 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         logd_socket: Option<PathBuf>,
     },
+
+    /// Run the whole pipeline on private sockets and check it end to end through logd.
+    ///
+    /// Starts logd and metricsd in this process (in a fresh temporary directory, export
+    /// every 250 ms), then producer processes built on nexus-metrics: well-behaved
+    /// services (request counters with route and status labels, latency histograms,
+    /// nested spans, gauges), one service flooding label cardinality, and one hostile
+    /// producer scribbling over its rings. Prints one progress line per second, then
+    /// queries logd and compares every exported total with what each producer reports it
+    /// recorded, exactly. Prints a summary and `demo: ok` only if everything matched;
+    /// otherwise `demo: FAIL <first mismatch>` and exits 1.
+    ///
+    /// Examples:
+    ///   metricsd demo
+    ///   metricsd demo --seconds 3 --producers 2
+    ///   metricsd demo --json > summary.json
+    ///   metricsd demo --keep-sockets     # then try `metricsd top --logd-socket ...`
+    #[command(verbatim_doc_comment)]
+    Demo {
+        /// How long the producers run, in seconds (1 to 600).
+        #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=600))]
+        seconds: u64,
+        /// Well-behaved services to run (1 to 6: checkout, search, inventory, payments,
+        /// shipping, accounts), besides the flood and the hostile producer.
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=6))]
+        producers: u64,
+        /// Requests per second per service (and calls per second for the flood); 0
+        /// runs flat out.
+        #[arg(long, value_name = "N", default_value_t = 20_000)]
+        rate: u64,
+        /// After the summary, keep logd and metricsd serving on their sockets (printed)
+        /// until Ctrl-C, to look around with `metricsd top` or `logd query`.
+        #[arg(long)]
+        keep_sockets: bool,
+        /// Print the summary as one JSON object on stdout (progress goes to stderr).
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// A demo producer process (started by `metricsd demo`, not by hand).
+    #[command(name = "demo-producer", hide = true)]
+    DemoProducer {
+        /// checkout, search, inventory, payments, shipping, accounts, flood or hostile.
+        #[arg(long)]
+        role: String,
+        /// Seconds to work.
+        #[arg(long, default_value_t = 8.0)]
+        seconds: f64,
+        /// Requests (or calls) per second.
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,7 +113,51 @@ fn main() -> anyhow::Result<()> {
             socket,
             logd_socket,
         } => serve(config, socket, logd_socket),
+        Cmd::Demo {
+            seconds,
+            producers,
+            rate,
+            keep_sockets,
+            json,
+        } => demo(seconds, producers, rate, keep_sockets, json),
+        Cmd::DemoProducer {
+            role,
+            seconds,
+            rate,
+        } => {
+            if !(seconds.is_finite() && seconds > 0.0) {
+                anyhow::bail!("--seconds {seconds}: expected a positive number of seconds");
+            }
+            metricsd::demo::producer_main(&role, Duration::from_secs_f64(seconds), rate)
+                .map_err(|e| anyhow::anyhow!("demo producer {role}: {e}"))
+        }
     }
+}
+
+fn demo(
+    seconds: u64,
+    producers: u64,
+    rate: u64,
+    keep_sockets: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let program = std::env::current_exe().context("finding this program to run producers")?;
+    let mut opts = metricsd::demo::Options::new(program);
+    opts.duration = Duration::from_secs(seconds);
+    opts.producers = usize::try_from(producers).context("--producers")?;
+    opts.rate = rate;
+    opts.keep_sockets = keep_sockets;
+    let summary = if json {
+        let summary = metricsd::demo::run(&opts, &mut std::io::stderr())?;
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        summary
+    } else {
+        metricsd::demo::run(&opts, &mut std::io::stdout())?
+    };
+    if !summary.ok {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn serve(

@@ -1,0 +1,481 @@
+//! The demo's check, through logd only: query what metricsd exported and compare it with
+//! what the producers report they recorded, exactly.
+//!
+//! For each service, one query (`scope = metrics`, field `producer_service = <service>`)
+//! returns every record metricsd exported for it; the last record of each `series` is
+//! its final value (series values are cumulative). Then:
+//!
+//! - [`Check::Exact`] services: every reported series exists with exactly the reported
+//!   aggregate (counter `value`, gauge `value`, histogram `count` and `sum`, span
+//!   duration `count`), and the service has no series it did not report.
+//! - [`Check::Overflow`] services: a label set with a series of its own has exactly its
+//!   total; the rest must be in the metric's overflow series, whose value must equal
+//!   their sum exactly (and there must be some: the flood must have overflowed).
+//! - The hostile producer ([`verify_hostile`]): its impersonating counter is under its
+//!   own service with the `service` label renamed, and metricsd's health series count
+//!   exactly the violations, quarantined rings, lowered drop counts and malformed grant
+//!   requests it reports.
+//!
+//! Used by `metricsd demo` and by the QEMU selftest.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+
+use logd::{Client, Query, StoredRecord};
+
+use super::report::{Check, Expect, HostileReport, Report, SeriesReport};
+use crate::aggregate::{MetricKind, OVERFLOW_LABEL, series_id};
+use crate::schema::{HEALTH_SERVICE, SCOPE_METRICS};
+
+/// Most records one service's query may return.
+const MAX_RECORDS: usize = 2_000_000;
+
+/// One difference between what a producer recorded and what logd holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mismatch {
+    /// A reported series has no record in logd.
+    Missing {
+        /// The series id.
+        series: String,
+    },
+    /// A field of the last record differs.
+    Value {
+        /// The series id.
+        series: String,
+        /// The field compared.
+        field: &'static str,
+        /// What the producer recorded.
+        expected: String,
+        /// What logd holds (`None`: the field is absent).
+        found: Option<String>,
+    },
+    /// logd has a series of this service the producer did not record.
+    Unexpected {
+        /// The series id.
+        series: String,
+    },
+    /// A flooding service's metric never overflowed (the check would prove nothing).
+    NoOverflow {
+        /// The service.
+        service: String,
+        /// The metric.
+        metric: String,
+    },
+    /// A producer dropped records itself, so exact totals cannot be expected.
+    ProducerDropped {
+        /// The service.
+        service: String,
+        /// Drops by reason.
+        dropped: String,
+    },
+    /// A health series of metricsd does not count what the hostile producer did.
+    Health {
+        /// The series id.
+        series: String,
+        /// Expected value (`N` or `at least N`).
+        expected: String,
+        /// The value in logd (`None`: no record).
+        found: Option<String>,
+    },
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing { series } => write!(f, "{series}: no record in logd"),
+            Self::Value {
+                series,
+                field,
+                expected,
+                found,
+            } => write!(
+                f,
+                "{series}: {field} is {} in logd, the producer recorded {expected}",
+                found.as_deref().unwrap_or("absent")
+            ),
+            Self::Unexpected { series } => {
+                write!(f, "{series}: in logd, but the producer never recorded it")
+            }
+            Self::NoOverflow { service, metric } => write!(
+                f,
+                "{service}/{metric}: no label set overflowed, so the cap was never exercised"
+            ),
+            Self::ProducerDropped { service, dropped } => write!(
+                f,
+                "producer {service} dropped records itself ({dropped}); its totals cannot be exact"
+            ),
+            Self::Health {
+                series,
+                expected,
+                found,
+            } => write!(
+                f,
+                "{series}: {} in logd, expected {expected}",
+                found.as_deref().unwrap_or("no record")
+            ),
+        }
+    }
+}
+
+/// What a flooding service's check found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OverflowCheck {
+    /// The service.
+    pub service: String,
+    /// The metric.
+    pub metric: String,
+    /// Label sets with a series of their own.
+    pub own_series: u64,
+    /// Label sets that landed in the overflow series.
+    pub overflowed: u64,
+    /// The overflow series' total (equal to what those label sets recorded).
+    pub overflow_total: u64,
+    /// The metric's total over every label set.
+    pub total: u64,
+}
+
+/// The outcome of a check.
+#[derive(Clone, Debug, Default)]
+pub struct Verification {
+    /// Services checked.
+    pub services: u64,
+    /// Series compared (each one reported series, or one overflow series).
+    pub series_checked: u64,
+    /// logd records read.
+    pub records_read: u64,
+    /// Flooding services.
+    pub overflow: Vec<OverflowCheck>,
+    /// Health series compared for the hostile producer.
+    pub health_checked: u64,
+    /// Every difference found, in order.
+    pub mismatches: Vec<Mismatch>,
+}
+
+impl Verification {
+    /// Whether everything matched.
+    pub fn ok(&self) -> bool {
+        self.mismatches.is_empty()
+    }
+}
+
+/// Why logd could not be asked.
+#[derive(Debug)]
+pub struct VerifyError(pub logd::ClientError);
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "querying logd: {}", self.0)
+    }
+}
+
+impl std::error::Error for VerifyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// The last record of every series of one exporting service, read from logd.
+#[derive(Debug, Default)]
+pub struct Exported {
+    latest: HashMap<String, StoredRecord>,
+    records: u64,
+}
+
+impl Exported {
+    /// Every `scope = metrics` record whose `producer_service` is `service`; with
+    /// `sender_pid`, only those logd stamped as sent by that process (metricsd), so
+    /// nothing another local process appended to logd is counted.
+    pub fn query(
+        client: &mut Client,
+        service: &str,
+        sender_pid: Option<u32>,
+    ) -> Result<Self, VerifyError> {
+        let q = Query::new()
+            .scope(SCOPE_METRICS)
+            .field("producer_service", service);
+        let records = client.query_all(&q, MAX_RECORDS).map_err(VerifyError)?;
+        let mut out = Self::default();
+        for r in records {
+            if sender_pid.is_some_and(|pid| r.sender.pid != pid) {
+                continue;
+            }
+            out.records += 1;
+            let Some(series) = r.record.get("series").map(str::to_owned) else {
+                continue;
+            };
+            match out.latest.get(&series) {
+                Some(old) if old.id > r.id => {}
+                _ => {
+                    out.latest.insert(series, r);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The last record of `series`.
+    pub fn get(&self, series: &str) -> Option<&StoredRecord> {
+        self.latest.get(series)
+    }
+
+    /// A field of the last record of `series`.
+    pub fn field(&self, series: &str, field: &str) -> Option<&str> {
+        self.get(series)?.record.get(field)
+    }
+
+    /// Every series id.
+    pub fn series(&self) -> impl Iterator<Item = &str> {
+        self.latest.keys().map(String::as_str)
+    }
+}
+
+fn id_of(service: &str, s: &SeriesReport) -> String {
+    series_id(service, s.expect.kind(), &s.name, &s.labels)
+}
+
+/// Compares one series' last record with what was recorded.
+fn compare(exported: &Exported, series: &str, expect: Expect, out: &mut Vec<Mismatch>) {
+    if exported.get(series).is_none() {
+        out.push(Mismatch::Missing {
+            series: series.to_owned(),
+        });
+        return;
+    }
+    let fields: Vec<(&'static str, String)> = match expect {
+        Expect::Counter { total } => vec![("value", total.to_string())],
+        Expect::Gauge { last } => vec![("value", last.to_string())],
+        Expect::Histogram { count, sum } => {
+            vec![("count", count.to_string()), ("sum", sum.to_string())]
+        }
+        Expect::SpanDuration { count } => vec![("count", count.to_string())],
+    };
+    for (field, expected) in fields {
+        let found = exported.field(series, field);
+        if found != Some(expected.as_str()) {
+            out.push(Mismatch::Value {
+                series: series.to_owned(),
+                field,
+                expected,
+                found: found.map(str::to_owned),
+            });
+        }
+    }
+}
+
+/// Checks every report against logd. `reports` pairs each report with the service name
+/// metricsd gave its producer; `sender_pid` is metricsd's pid as logd stamps it (see
+/// [`Exported::query`]).
+pub fn verify(
+    logd_socket: &Path,
+    reports: &[(String, Report)],
+    sender_pid: Option<u32>,
+) -> Result<Verification, VerifyError> {
+    let mut client = Client::connect(logd_socket).map_err(VerifyError)?;
+    let mut v = Verification::default();
+    for (service, report) in reports {
+        if report.hostile.is_some() {
+            continue;
+        }
+        v.services += 1;
+        if report.dropped_total() > 0 || report.lost_increments > 0 {
+            let mut dropped: Vec<String> = report
+                .dropped
+                .iter()
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect();
+            if report.lost_increments > 0 {
+                dropped.push(format!("lost increments {}", report.lost_increments));
+            }
+            v.mismatches.push(Mismatch::ProducerDropped {
+                service: service.clone(),
+                dropped: dropped.join(", "),
+            });
+        }
+        let exported = Exported::query(&mut client, service, sender_pid)?;
+        v.records_read += exported.records;
+        match report.check {
+            Check::Exact => exact(service, report, &exported, &mut v),
+            Check::Overflow => overflow(service, report, &exported, &mut v),
+        }
+    }
+    Ok(v)
+}
+
+fn exact(service: &str, report: &Report, exported: &Exported, v: &mut Verification) {
+    let mut reported = std::collections::HashSet::new();
+    for s in &report.series {
+        let id = id_of(service, s);
+        compare(exported, &id, s.expect, &mut v.mismatches);
+        v.series_checked += 1;
+        reported.insert(id);
+    }
+    let mut unexpected: Vec<&str> = exported
+        .series()
+        .filter(|id| !reported.contains(*id))
+        .collect();
+    unexpected.sort_unstable();
+    for series in unexpected {
+        v.mismatches.push(Mismatch::Unexpected {
+            series: series.to_owned(),
+        });
+    }
+}
+
+fn overflow(service: &str, report: &Report, exported: &Exported, v: &mut Verification) {
+    let mut per_metric: BTreeMap<&str, OverflowCheck> = BTreeMap::new();
+    for s in &report.series {
+        let Expect::Counter { total } = s.expect else {
+            continue;
+        };
+        let check = per_metric
+            .entry(s.name.as_str())
+            .or_insert_with(|| OverflowCheck {
+                service: service.to_owned(),
+                metric: s.name.clone(),
+                ..OverflowCheck::default()
+            });
+        check.total += total;
+        let id = id_of(service, s);
+        if exported.get(&id).is_some() {
+            compare(exported, &id, s.expect, &mut v.mismatches);
+            v.series_checked += 1;
+            check.own_series += 1;
+        } else {
+            check.overflowed += 1;
+            check.overflow_total += total;
+        }
+    }
+    for (metric, check) in per_metric {
+        let id = series_id(service, MetricKind::Counter, metric, &[OVERFLOW_LABEL]);
+        if check.overflowed == 0 {
+            v.mismatches.push(Mismatch::NoOverflow {
+                service: service.to_owned(),
+                metric: metric.to_owned(),
+            });
+        } else {
+            compare(
+                exported,
+                &id,
+                Expect::Counter {
+                    total: check.overflow_total,
+                },
+                &mut v.mismatches,
+            );
+            v.series_checked += 1;
+        }
+        v.overflow.push(check);
+    }
+}
+
+/// A health series [`verify_hostile`] compares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthExpect {
+    /// The series id.
+    pub series: String,
+    /// The value it must have.
+    pub value: u64,
+    /// Whether more is fine: the ring reader counts `dropped_moved_back` once per drain
+    /// pass that sees the lowered value, and how many passes run before the ring is
+    /// quarantined is up to the scheduler.
+    pub at_least: bool,
+}
+
+/// The health series [`verify_hostile`] compares, with the value each must have.
+pub fn hostile_expectations(h: &HostileReport) -> Vec<HealthExpect> {
+    let c = MetricKind::Counter;
+    let health = |name: &str, labels: &[(&str, &str)], value: u32, at_least: bool| HealthExpect {
+        series: series_id(HEALTH_SERVICE, c, name, labels),
+        value: u64::from(value),
+        at_least,
+    };
+    vec![
+        health(
+            "metricsd.rings.quarantined",
+            &[],
+            h.scribbled_ahead + h.scribbled_back,
+            false,
+        ),
+        health(
+            "metricsd.violations",
+            &[("reason", "write_out_of_range")],
+            h.scribbled_ahead,
+            false,
+        ),
+        health(
+            "metricsd.violations",
+            &[("reason", "write_moved_back")],
+            h.scribbled_back,
+            false,
+        ),
+        health(
+            "metricsd.violations",
+            &[("reason", "dropped_moved_back")],
+            h.dropped_lowered,
+            true,
+        ),
+        health(
+            "metricsd.grant.refused",
+            &[("class", "invalid_args")],
+            h.bad_grant_requests,
+            false,
+        ),
+    ]
+}
+
+/// Checks the hostile producer's effects through logd: its impersonating counter is its
+/// own (under `service`, the identity label renamed `exported_service`), and metricsd's
+/// health series count exactly what it did. Assumes it was the only misbehaving
+/// producer of this metricsd.
+pub fn verify_hostile(
+    logd_socket: &Path,
+    service: &str,
+    h: &HostileReport,
+    sender_pid: Option<u32>,
+    v: &mut Verification,
+) -> Result<(), VerifyError> {
+    let mut client = Client::connect(logd_socket).map_err(VerifyError)?;
+    let own = Exported::query(&mut client, service, sender_pid)?;
+    v.records_read += own.records;
+    if let Some(imp) = &h.impersonation {
+        let labels: Vec<(String, String)> = imp
+            .labels
+            .iter()
+            .map(|(k, val)| {
+                let key = if crate::redact::is_identity_key(k) {
+                    format!("exported_{k}")
+                } else {
+                    k.clone()
+                };
+                (key, val.clone())
+            })
+            .collect();
+        let id = series_id(service, imp.expect.kind(), &imp.name, &labels);
+        compare(&own, &id, imp.expect, &mut v.mismatches);
+        v.series_checked += 1;
+    }
+    let health = Exported::query(&mut client, HEALTH_SERVICE, sender_pid)?;
+    v.records_read += health.records;
+    for e in hostile_expectations(h) {
+        let found = health.field(&e.series, "value");
+        v.health_checked += 1;
+        let value = found.and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let matches = if e.at_least {
+            value >= e.value
+        } else {
+            value == e.value && (found.is_some() || e.value == 0)
+        };
+        if !matches {
+            v.mismatches.push(Mismatch::Health {
+                series: e.series,
+                expected: if e.at_least {
+                    format!("at least {}", e.value)
+                } else {
+                    e.value.to_string()
+                },
+                found: found.map(str::to_owned),
+            });
+        }
+    }
+    Ok(())
+}
