@@ -1,14 +1,16 @@
 //! The `logd` binary: `serve`, `query`, `stats`. Parsing and wiring only.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use logd::config::default_socket_path;
 use logd::time::{format_rfc3339, now_ns, parse_time};
-use logd::{Client, Config, Level, Query, Server, Stats, StoredRecord};
+use logd::{Client, Config, Level, Query, Record, RecordStatus, Server, Stats, StoredRecord};
 
 const ABOUT: &str = "The bounded, hardened log sink: per-sender budgets, identity from the kernel, a query surface.";
 
@@ -38,7 +40,10 @@ enum Command {
     #[command(long_about = "\
 Run the daemon in the foreground until SIGTERM or SIGINT; then it finishes the requests in
 flight, syncs the disk journal and removes the socket. Prints `logd: listening on <path>`
-once the socket accepts connections.
+once the socket accepts connections. With --ready-check it then proves it serves: it
+appends a start record (scope `logd`, message `ready`, field `instance`) through its own
+socket, queries it back, compares, and only then prints `logd: ready` (on a mismatch:
+`logd: FAIL: ...`, and it stops with an error).
 
 The socket defaults to $XDG_RUNTIME_DIR/logd.sock, else /run/logd.sock. Flags override the
 config file. With --journal-dir, records are written to append-only segment files before
@@ -47,7 +52,8 @@ they are acknowledged and recovered at the next start.
 Examples:
   logd serve
   logd serve --config /etc/logd.toml
-  logd serve --socket /tmp/logd.sock --journal-dir /tmp/logd-journal")]
+  logd serve --socket /tmp/logd.sock --journal-dir /tmp/logd-journal
+  logd serve --socket /run/logd.sock --ready-check")]
     Serve(ServeArgs),
     /// Print stored records, oldest first.
     #[command(long_about = "\
@@ -88,6 +94,10 @@ struct ServeArgs {
     /// Keep an on-disk journal in DIR (created if missing).
     #[arg(long, value_name = "DIR")]
     journal_dir: Option<PathBuf>,
+    /// After binding, append a start record through the socket, read it back, and only
+    /// then print `logd: ready` (for supervisors; the record stays in the journal).
+    #[arg(long)]
+    ready_check: bool,
 }
 
 #[derive(Args)]
@@ -203,8 +213,53 @@ fn serve(a: ServeArgs) -> Result<()> {
         })
         .context("cannot start the signal thread")?;
     println!("logd: listening on {}", server.path().display());
+    let failed = Arc::new(AtomicBool::new(false));
+    if a.ready_check {
+        let path = server.path().to_owned();
+        let stop = server.shutdown_handle();
+        let failed = Arc::clone(&failed);
+        std::thread::Builder::new()
+            .name("logd-ready".into())
+            .spawn(move || match ready_round_trip(&path) {
+                Ok(()) => println!("logd: ready"),
+                Err(e) => {
+                    println!("logd: FAIL: ready check: {e:#}");
+                    failed.store(true, Ordering::Release);
+                    stop.shutdown();
+                }
+            })
+            .context("cannot start the ready-check thread")?;
+    }
     server.run()?;
+    if failed.load(Ordering::Acquire) {
+        bail!("the ready check failed");
+    }
     Ok(())
+}
+
+/// One real round trip through the server's own socket: APPEND a start record, QUERY it
+/// back by its unique `instance` field, and compare it with what was sent.
+fn ready_round_trip(path: &Path) -> Result<()> {
+    let pid = std::process::id();
+    let instance = format!("{pid}-{}", now_ns());
+    let sent = Record::new(Level::Info, "logd", "ready").field("instance", &instance);
+    let mut client = Client::connect(path).context("connecting to the own socket")?;
+    let report = client.append(std::slice::from_ref(&sent))?;
+    let id = match report.statuses.as_slice() {
+        [RecordStatus::Accepted(id)] => *id,
+        other => bail!("the start record was not stored: {other:?}"),
+    };
+    let page = client.query(&Query::new().scope("logd").field("instance", &instance))?;
+    match page.records.as_slice() {
+        [got] if got.id == id && got.record == sent && got.sender.pid == pid => Ok(()),
+        [got] => bail!(
+            "read back #{} {:?} from pid {}; expected #{id} {sent:?} from pid {pid}",
+            got.id,
+            got.record,
+            got.sender.pid
+        ),
+        other => bail!("read back {} start records; expected 1", other.len()),
+    }
 }
 
 fn connect(c: &Conn) -> Result<Client> {

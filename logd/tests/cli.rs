@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 
 use common::{Daemon, watchdog};
-use logd::{Client, Level, Record};
+use logd::{Client, Level, Query, Record};
 
 fn logd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_logd"))
@@ -102,6 +102,39 @@ fn follow_prints_records_as_they_arrive() {
     }
     follower.kill().unwrap();
     follower.wait().unwrap();
+}
+
+#[test]
+fn ready_check_prints_ready_only_once_its_start_record_is_queryable() {
+    let _w = watchdog(60, "cli_ready_check");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("logd.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_logd"))
+        .args(["serve", "--ready-check", "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = lines.next().unwrap().unwrap();
+    assert_eq!(
+        listening,
+        format!("logd: listening on {}", socket.display())
+    );
+    assert_eq!(lines.next().unwrap().unwrap(), "logd: ready");
+    // No waiting: by the time the marker is printed the record is already stored.
+    let mut c = Client::connect(&socket).unwrap();
+    let page = c.query(&Query::new().scope("logd")).unwrap();
+    assert_eq!(page.records.len(), 1, "{:?}", page.records);
+    let r = &page.records[0];
+    assert_eq!(r.record.message, "ready");
+    assert_eq!(r.sender.pid, pid, "logd appended it itself");
+    let instance = r.record.get("instance").unwrap();
+    assert!(instance.starts_with(&format!("{pid}-")), "{instance}");
+    assert_eq!(c.stats().unwrap().accepted, 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[test]

@@ -5,6 +5,7 @@
 use std::io;
 
 use crate::cpio::Writer;
+use crate::guest_config::GuestFile;
 use crate::manifest;
 
 /// Directories created in the image (parents first).
@@ -19,11 +20,22 @@ const DIRS: &[&str] = &[
     "run",
 ];
 
+/// Whether the image creates the absolute directory `dir` (e.g. `/etc`).
+#[must_use]
+pub fn creates_dir(dir: &str) -> bool {
+    DIRS.contains(&dir.trim_start_matches('/'))
+}
+
 /// Packs an uncompressed newc initramfs.
 ///
 /// `init` becomes `/init`; each `(name, bytes)` of `binaries` becomes `/bin/<name>`;
-/// `manifest` is written to [`manifest::GUEST_PATH`].
-pub fn pack(init: &[u8], binaries: &[(&str, &[u8])], manifest: &str) -> io::Result<Vec<u8>> {
+/// `manifest` is written to [`manifest::GUEST_PATH`]; each of `files` to its path.
+pub fn pack(
+    init: &[u8],
+    binaries: &[(&str, &[u8])],
+    manifest: &str,
+    files: &[GuestFile],
+) -> io::Result<Vec<u8>> {
     let mut archive = Writer::new(Vec::new());
     for dir in DIRS {
         archive.dir(dir, 0o755)?;
@@ -35,6 +47,13 @@ pub fn pack(init: &[u8], binaries: &[(&str, &[u8])], manifest: &str) -> io::Resu
     }
     let manifest_path = manifest::GUEST_PATH.trim_start_matches('/');
     archive.file(manifest_path, 0o644, manifest.as_bytes())?;
+    for file in files {
+        archive.file(
+            file.path.trim_start_matches('/'),
+            0o644,
+            file.contents.as_bytes(),
+        )?;
+    }
     archive.finish()
 }
 
@@ -49,13 +68,18 @@ mod tests {
             .rsplit_once('/')
             .map(|(dir, _)| dir);
         assert!(parent.is_some_and(|p| DIRS.contains(&p)));
-        let bytes = pack(b"init", &[("tool", b"tool")], "plan = \"x\"\n").expect("packs");
+        let file = GuestFile {
+            path: "/etc/tool.toml",
+            contents: "a = 1\n",
+        };
+        let bytes = pack(b"init", &[("tool", b"tool")], "plan = \"x\"\n", &[file]).expect("packs");
         let text = String::from_utf8_lossy(&bytes);
         for name in [
             "init",
             "bin/tool",
             "dev/console",
             "etc/qemu-harness/manifest.toml",
+            "etc/tool.toml",
         ] {
             assert!(text.contains(&format!("{name}\0")), "{name} missing");
         }

@@ -10,7 +10,9 @@
 //! - [`plan`]: what goes into the guest (binaries, daemons, selftests) per ladder;
 //! - [`manifest`]: the plan as the guest init reads it;
 //! - [`cpio`] and [`initramfs`]: packing the guest's root file system;
-//! - [`elf`]: refusing a guest binary that is not static.
+//! - [`elf`]: refusing a guest binary that is not static;
+//! - [`guest_config`]: the daemons' config files in the guest;
+//! - [`selftest`]: the guest selftest producer and the hostile producer it starts.
 //!
 //! ```
 //! use std::time::Instant;
@@ -28,8 +30,10 @@
 
 pub mod cpio;
 pub mod elf;
+pub mod guest_config;
 pub mod initramfs;
 pub mod ladder;
 pub mod manifest;
 pub mod markers;
 pub mod plan;
+pub mod selftest;

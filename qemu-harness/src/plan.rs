@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use crate::guest_config::{self, GuestFile};
 use crate::ladder::Step;
 use crate::markers;
 
@@ -81,17 +82,21 @@ pub struct Plan {
     pub daemons: &'static [Daemon],
     /// Selftests, run in order.
     pub selftests: &'static [Selftest],
+    /// Config files packed into the image.
+    pub files: &'static [GuestFile],
     /// The expected console ladder.
     pub ladder: &'static [Step],
 }
 
 /// The full proof run of issue 5: logd, metricsd and the selftest producer.
 ///
-/// The daemon arguments follow `logd serve` and `metricsd serve` as they stand. logd
-/// must print its own `logd: ready` after a real round trip (today it prints
-/// `logd: listening on <path>`); metricsd prints `metricsd: ready` after its first export
-/// round trip to logd. The `guest-selftest` binary and its arguments are the harness's
-/// proposal until it lands.
+/// logd prints `logd: ready` after appending a start record through its own socket and
+/// reading it back (`--ready-check`); metricsd prints `metricsd: ready` after its first
+/// export round trip to logd. Both read their config from the files of
+/// [`guest_config::FILES`], which the selftest reads too. The selftest starts
+/// `guest-hostile` (a separate binary, so metricsd's default identity policy, the
+/// executable's file name, makes it a service of its own) and re-executes itself for the
+/// backpressure child.
 pub const FULL: Plan = Plan {
     name: "full",
     binaries: &[
@@ -108,12 +113,23 @@ pub const FULL: Plan = Plan {
             package: "qemu-harness",
             bin: "guest-selftest",
         },
+        GuestBinary {
+            package: "qemu-harness",
+            bin: "guest-hostile",
+        },
     ],
     daemons: &[
         Daemon {
             name: "logd",
             bin: "logd",
-            args: &["serve", "--socket", "/run/logd.sock"],
+            args: &[
+                "serve",
+                "--socket",
+                "/run/logd.sock",
+                "--config",
+                guest_config::LOGD_PATH,
+                "--ready-check",
+            ],
             ready_line: markers::LOGD_READY,
             socket: Some("/run/logd.sock"),
             ready_timeout: Duration::from_secs(25),
@@ -123,6 +139,8 @@ pub const FULL: Plan = Plan {
             bin: "metricsd",
             args: &[
                 "serve",
+                "--config",
+                guest_config::METRICSD_PATH,
                 "--socket",
                 "/run/metricsd.sock",
                 "--logd-socket",
@@ -137,13 +155,19 @@ pub const FULL: Plan = Plan {
         name: "selftest",
         bin: "guest-selftest",
         args: &[
+            "run",
             "--logd",
             "/run/logd.sock",
             "--metricsd",
             "/run/metricsd.sock",
+            "--logd-config",
+            guest_config::LOGD_PATH,
+            "--metricsd-config",
+            guest_config::METRICSD_PATH,
         ],
         timeout: Duration::from_secs(600),
     }],
+    files: guest_config::FILES,
     ladder: markers::FULL,
 };
 
@@ -165,6 +189,7 @@ pub const INIT_ONLY: Plan = Plan {
         args: &["selftest", "/run/fixture-echo.sock"],
         timeout: Duration::from_secs(25),
     }],
+    files: &[],
     ladder: markers::INIT_ONLY,
 };
 
@@ -207,6 +232,15 @@ mod tests {
                     "{}: {} not built",
                     plan.name,
                     selftest.bin
+                );
+            }
+            for file in plan.files {
+                let dir = file.path.rsplit_once('/').map(|(dir, _)| dir);
+                assert!(
+                    dir.is_some_and(crate::initramfs::creates_dir),
+                    "{}: {} is not in a directory of the image",
+                    plan.name,
+                    file.path
                 );
             }
             assert_eq!(by_name(plan.name), Some(plan));

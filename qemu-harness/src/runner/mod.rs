@@ -107,7 +107,7 @@ pub fn run(options: &Options) -> Result<bool> {
         .iter()
         .map(|b| (b.binary.bin, b.bytes.as_slice()))
         .collect();
-    let image = initramfs::pack(&init.bytes, &rest, &manifest)?;
+    let image = initramfs::pack(&init.bytes, &rest, &manifest, plan.files)?;
     let initrd = work.path().join("initramfs.cpio");
     fs::write(&initrd, &image)?;
     println!(
