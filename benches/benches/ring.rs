@@ -12,9 +12,17 @@
 //! Run with `cargo bench -p telemetry-benches --bench ring`; the results are in
 //! `benches/README.md`.
 //!
-//! The producer retries on a full ring (spinning), so every number is a sustained rate,
-//! not the cost of pushing into an empty ring. The producer runs on CPU 0 and the
-//! consumer on CPU 1 (pinned when the machine has two CPUs or more).
+//! After criterion, a plain full run (no arguments) prints an interleaved pass: every
+//! thread-to-thread contender and record size again, one run each per round, order
+//! rotated, so that all see the same machine (see [`interleaved`]).
+//!
+//! Every ring holds 4096 records. The producer retries on a full ring (spinning), so
+//! every number is a sustained rate, not the cost of pushing into an empty ring: it is
+//! the rate of the slower side. The producer runs on CPU 0 and the consumer on CPU 1
+//! (pinned unless `TELEMETRY_BENCH_NO_PIN` is set). Samples are timed by bursts of
+//! 16 Ki records, median burst (see [`Clock`]); `TELEMETRY_BENCH_WHOLE=1` times them
+//! first record to last instead, and `TELEMETRY_BENCH_VERBOSE=1` prints each sample's
+//! burst quantiles.
 //!
 //! The binary is its own child process: the process-to-process benches re-execute it
 //! with `TELEMETRY_BENCH_RING_CHILD` set, and `main` then acts as the producer process
@@ -332,23 +340,6 @@ fn memfd_ring() -> MemfdRegion {
     MemfdRegion::create("telemetry-bench", geometry, 1).expect("a memfd ring")
 }
 
-/// Our ring in a memfd mapped in this process: the production region's slot writes
-/// (word-wise atomic stores) with both threads in one process.
-fn ours_memfd<'r>(
-    name: &str,
-    n: u64,
-    region: &'r MemfdRegion,
-    produce: fn(&mut Writer<&'r MemfdRegion>, u64, u64),
-) -> Timing {
-    let (mut writer, mut reader) = (Writer::new(region), Reader::new(region));
-    run_pair(
-        name,
-        n,
-        |first, count| produce(&mut writer, first, count),
-        move |n, clock| drain_ours(&mut reader, n, clock),
-    )
-}
-
 /// rtrb's consumer at its best: every readable slot as one chunk, one commit.
 fn drain_rtrb(consumer: &mut rtrb::Consumer<Record>, n: u64, clock: &mut Clock) -> u64 {
     let mut sum = 0u64;
@@ -459,34 +450,47 @@ fn crossbeam_push(n: u64) -> Timing {
     run_pair("crossbeam/ArrayQueue::push", n, produce, consume)
 }
 
+/// A thread-to-thread contender: moves `n` records through a fresh ring.
+type Contender = (&'static str, fn(u64) -> Timing);
+
+fn ours_heap_push(n: u64) -> Timing {
+    ours_heap("ours/push", n, ours_push)
+}
+
+fn ours_heap_stage_flush(n: u64) -> Timing {
+    ours_heap("ours/stage_flush_64", n, ours_stage_flush)
+}
+
+fn ours_heap_push_all(n: u64) -> Timing {
+    ours_heap("ours/push_all_64", n, ours_push_all)
+}
+
+/// The producer-cost contenders, in the order they run.
+const PRODUCER_CONTENDERS: [Contender; 7] = [
+    ("ours/push", ours_heap_push),
+    ("ours/stage_flush_64", ours_heap_stage_flush),
+    ("ours/push_all_64", ours_heap_push_all),
+    ("rtrb/push", rtrb_push),
+    ("rtrb/write_chunk_uninit_64", rtrb_write_chunk_uninit),
+    ("rtrb/write_chunk_64", rtrb_write_chunk),
+    ("crossbeam/ArrayQueue_push", crossbeam_push),
+];
+
+/// The end-to-end contenders (thread to thread).
+const END_TO_END_CONTENDERS: [Contender; 5] = [
+    ("ours/push", ours_heap_push),
+    ("ours/stage_flush_64", ours_heap_stage_flush),
+    ("ours/push_all_64", ours_heap_push_all),
+    ("rtrb/push", rtrb_push),
+    ("rtrb/write_chunk_64", rtrb_write_chunk),
+];
+
 fn producer_cost(c: &mut Criterion) {
     let mut group = c.benchmark_group("ring_producer");
     configure(&mut group);
-    group.bench_function("ours/push", |b| {
-        b.iter_custom(|n| ours_heap("ours/push", n, ours_push).producer)
-    });
-    group.bench_function("ours/stage_flush_64", |b| {
-        b.iter_custom(|n| ours_heap("ours/stage_flush_64", n, ours_stage_flush).producer)
-    });
-    group.bench_function("ours/push_all_64", |b| {
-        b.iter_custom(|n| ours_heap("ours/push_all_64", n, ours_push_all).producer)
-    });
-    group.bench_function("ours_memfd/push", |b| {
-        b.iter_custom(|n| {
-            let region = memfd_ring();
-            ours_memfd("ours_memfd/push", n, &region, ours_push).producer
-        })
-    });
-    group.bench_function("rtrb/push", |b| b.iter_custom(|n| rtrb_push(n).producer));
-    group.bench_function("rtrb/write_chunk_uninit_64", |b| {
-        b.iter_custom(|n| rtrb_write_chunk_uninit(n).producer)
-    });
-    group.bench_function("rtrb/write_chunk_64", |b| {
-        b.iter_custom(|n| rtrb_write_chunk(n).producer)
-    });
-    group.bench_function("crossbeam/ArrayQueue_push", |b| {
-        b.iter_custom(|n| crossbeam_push(n).producer)
-    });
+    for (name, run) in PRODUCER_CONTENDERS {
+        group.bench_function(name, |b| b.iter_custom(|n| run(n).producer));
+    }
     group.finish();
 }
 
@@ -494,19 +498,9 @@ fn thread_to_thread(c: &mut Criterion) {
     let mut group = c.benchmark_group("ring_thread_to_thread");
     configure(&mut group);
     group.throughput(Throughput::Elements(1));
-    group.bench_function("ours/push", |b| {
-        b.iter_custom(|n| ours_heap("ours/push", n, ours_push).end_to_end)
-    });
-    group.bench_function("ours/stage_flush_64", |b| {
-        b.iter_custom(|n| ours_heap("ours/stage_flush_64", n, ours_stage_flush).end_to_end)
-    });
-    group.bench_function("ours/push_all_64", |b| {
-        b.iter_custom(|n| ours_heap("ours/push_all_64", n, ours_push_all).end_to_end)
-    });
-    group.bench_function("rtrb/push", |b| b.iter_custom(|n| rtrb_push(n).end_to_end));
-    group.bench_function("rtrb/write_chunk_64", |b| {
-        b.iter_custom(|n| rtrb_write_chunk(n).end_to_end)
-    });
+    for (name, run) in END_TO_END_CONTENDERS {
+        group.bench_function(name, |b| b.iter_custom(|n| run(n).end_to_end));
+    }
     group.finish();
 }
 
@@ -860,23 +854,106 @@ fn word_ring<const W: usize>(n: u64, batch: u64) -> Timing {
     })
 }
 
+/// A record-size contender: its name, its bytes per record, and its run.
+type SizeContender = (&'static str, u64, fn(u64) -> Timing);
+
+/// The record-size contenders: each size published per record and per 64 records.
+const SIZE_CONTENDERS: [SizeContender; 8] = [
+    ("16B/push", 16, |n| word_ring::<2>(n, 1)),
+    ("16B/batch_64", 16, |n| word_ring::<2>(n, BATCH as u64)),
+    ("32B/push", 32, |n| word_ring::<4>(n, 1)),
+    ("32B/batch_64", 32, |n| word_ring::<4>(n, BATCH as u64)),
+    ("64B/push", 64, |n| word_ring::<8>(n, 1)),
+    ("64B/batch_64", 64, |n| word_ring::<8>(n, BATCH as u64)),
+    ("128B/push", 128, |n| word_ring::<16>(n, 1)),
+    ("128B/batch_64", 128, |n| word_ring::<16>(n, BATCH as u64)),
+];
+
 fn record_size(c: &mut Criterion) {
     let mut group = c.benchmark_group("record_size");
     configure(&mut group);
-    fn one<const W: usize>(group: &mut BenchmarkGroup<'_, WallTime>) {
-        group.throughput(Throughput::Bytes(8 * W as u64));
-        group.bench_function(format!("{}B/push", 8 * W), |b| {
-            b.iter_custom(|n| word_ring::<W>(n, 1).producer)
-        });
-        group.bench_function(format!("{}B/batch_64", 8 * W), |b| {
-            b.iter_custom(|n| word_ring::<W>(n, BATCH as u64).producer)
-        });
+    for (name, bytes, run) in SIZE_CONTENDERS {
+        group.throughput(Throughput::Bytes(bytes));
+        group.bench_function(name, |b| b.iter_custom(|n| run(n).producer));
     }
-    one::<2>(&mut group);
-    one::<4>(&mut group);
-    one::<8>(&mut group);
-    one::<16>(&mut group);
     group.finish();
+}
+
+// --- Interleaved ---------------------------------------------------------------------
+
+/// Records per run in the interleaved pass.
+const INTERLEAVED_RECORDS: u64 = 1 << 19;
+/// Rounds of the interleaved pass.
+const INTERLEAVED_ROUNDS: usize = 15;
+/// Set to `1` to run the interleaved pass even when criterion got arguments (a filter),
+/// or to `0` to skip it.
+const INTERLEAVED_ENV: &str = "TELEMETRY_BENCH_INTERLEAVED";
+
+/// Median, minimum and maximum of `values`, in nanoseconds per record.
+fn summary(values: &mut [f64]) -> String {
+    values.sort_by(f64::total_cmp);
+    let median = values[values.len() / 2];
+    let (min, max) = (values[0], values[values.len() - 1]);
+    format!("{median:.1} [{min:.1}, {max:.1}]")
+}
+
+/// Criterion runs one benchmark after the other, and on a shared VM the cost of a
+/// cache-line transfer between the two vCPUs drifts over seconds to minutes, so
+/// contenders measured a minute apart may see different machines. This pass runs every
+/// thread-to-thread contender once per round, in a rotated order, for
+/// [`INTERLEAVED_ROUNDS`] rounds of [`INTERLEAVED_RECORDS`] records, so each sees the
+/// same mixture of conditions; it prints median [min, max] per contender.
+fn interleaved() {
+    let ns = |d: Duration| d.as_secs_f64() * 1e9 / INTERLEAVED_RECORDS as f64;
+    println!(
+        "\ninterleaved: {INTERLEAVED_ROUNDS} rounds x {INTERLEAVED_RECORDS} records per contender, \
+         order rotated each round; ns/record, median [min, max]"
+    );
+    let contenders: Vec<Contender> = PRODUCER_CONTENDERS.to_vec();
+    let mut producer = vec![Vec::new(); contenders.len()];
+    let mut end_to_end = vec![Vec::new(); contenders.len()];
+    for round in 0..INTERLEAVED_ROUNDS {
+        for k in 0..contenders.len() {
+            let i = (round + k) % contenders.len();
+            let timing = (contenders[i].1)(INTERLEAVED_RECORDS);
+            producer[i].push(ns(timing.producer));
+            end_to_end[i].push(ns(timing.end_to_end));
+        }
+    }
+    println!("| contender | producer ns/record | end-to-end ns/record |");
+    println!("| --- | --- | --- |");
+    for (i, (name, _)) in contenders.iter().enumerate() {
+        println!(
+            "| {name} | {} | {} |",
+            summary(&mut producer[i]),
+            summary(&mut end_to_end[i])
+        );
+    }
+
+    let mut sizes = vec![Vec::new(); SIZE_CONTENDERS.len()];
+    for round in 0..INTERLEAVED_ROUNDS {
+        for k in 0..SIZE_CONTENDERS.len() {
+            let i = (round + k) % SIZE_CONTENDERS.len();
+            sizes[i].push(ns((SIZE_CONTENDERS[i].2)(INTERLEAVED_RECORDS).producer));
+        }
+    }
+    println!("\n| record size | producer ns/record | GB/s at the median |");
+    println!("| --- | --- | --- |");
+    for (i, (name, bytes, _)) in SIZE_CONTENDERS.iter().enumerate() {
+        let text = summary(&mut sizes[i]);
+        let median = sizes[i][sizes[i].len() / 2];
+        println!("| {name} | {text} | {:.2} |", *bytes as f64 / median);
+    }
+}
+
+/// Whether to run the interleaved pass: by default only on a plain full run
+/// (`cargo bench ... --bench ring`, no filter or other options).
+fn want_interleaved() -> bool {
+    match std::env::var(INTERLEAVED_ENV).as_deref() {
+        Ok("1") => true,
+        Ok(_) => false,
+        Err(_) => std::env::args().skip(1).all(|arg| arg == "--bench"),
+    }
 }
 
 // --- Harness -------------------------------------------------------------------------
@@ -887,9 +964,9 @@ fn record_size(c: &mut Criterion) {
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
     group
         .sampling_mode(SamplingMode::Flat)
-        .sample_size(15)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
 }
 
 criterion_group!(
@@ -918,5 +995,8 @@ fn main() -> ExitCode {
     }
     benches();
     Criterion::default().configure_from_args().final_summary();
+    if want_interleaved() {
+        interleaved();
+    }
     ExitCode::SUCCESS
 }
