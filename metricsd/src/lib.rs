@@ -42,6 +42,7 @@ pub mod schema;
 pub mod sink;
 pub mod snapshot;
 pub mod spans;
+pub mod top;
 
 pub use aggregate::{MetricKind, Series, Value, series_id};
 pub use config::Config;

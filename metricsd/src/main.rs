@@ -78,9 +78,10 @@ enum Cmd {
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=6))]
         producers: u64,
         /// Requests per second per service (and calls per second for the flood); 0
-        /// runs flat out.
-        #[arg(long, value_name = "N", default_value_t = 20_000)]
-        rate: u64,
+        /// runs flat out [default: 20000; 2000 in a debug build, whose drain loop is
+        /// too slow to keep up with more: rings would fill and producers drop records].
+        #[arg(long, value_name = "N")]
+        rate: Option<u64>,
         /// After the summary, keep logd and metricsd serving on their sockets (printed)
         /// until Ctrl-C, to look around with `metricsd top` or `logd query`.
         #[arg(long)]
@@ -88,6 +89,45 @@ enum Cmd {
         /// Print the summary as one JSON object on stdout (progress goes to stderr).
         #[arg(long)]
         json: bool,
+    },
+
+    /// A live view of what metricsd exported: series, rates, drops, rejects.
+    ///
+    /// metricsd already exports its own health (records drained, drain lag, rings,
+    /// rejects by class and reason, violations, drops per ring, overflow, export
+    /// failures) and every changed series to logd each interval, so `top` reads them
+    /// back from logd: no new protocol, nothing new listening on metricsd. Rates come
+    /// from each record's export window; a series not exported in the newest window did
+    /// not change. Refreshes every second (clearing the screen on a terminal, appending
+    /// otherwise) until Ctrl-C; --once prints one view, for scripts.
+    ///
+    /// Examples:
+    ///   metricsd top --logd-socket /run/logd.sock
+    ///   metricsd top --once --service checkout --limit 50
+    ///   metricsd top --sender metricsd     # only records logd stamped as metricsd's
+    #[command(verbatim_doc_comment)]
+    Top {
+        /// logd's socket [default: $LOGD_SOCKET, else $XDG_RUNTIME_DIR/logd.sock, else
+        /// /run/logd.sock].
+        #[arg(long, value_name = "PATH")]
+        logd_socket: Option<PathBuf>,
+        /// Print one view and exit.
+        #[arg(long)]
+        once: bool,
+        /// Only series of this producer service (metricsd's health is always shown).
+        #[arg(long, value_name = "NAME")]
+        service: Option<String>,
+        /// Only records logd stamped with this sender service (metricsd's name in
+        /// logd's policy, e.g. metricsd or uid:998), so no other local process can
+        /// feed the view.
+        #[arg(long, value_name = "NAME")]
+        sender: Option<String>,
+        /// Series rows shown, busiest first.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        limit: usize,
+        /// Milliseconds between refreshes (at least 100).
+        #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..))]
+        interval_ms: u64,
     },
 
     /// A demo producer process (started by `metricsd demo`, not by hand).
@@ -120,6 +160,27 @@ fn main() -> anyhow::Result<()> {
             keep_sockets,
             json,
         } => demo(seconds, producers, rate, keep_sockets, json),
+        Cmd::Top {
+            logd_socket,
+            once,
+            service,
+            sender,
+            limit,
+            interval_ms,
+        } => {
+            use std::io::IsTerminal as _;
+            let opts = metricsd::top::Options {
+                logd_socket: logd_socket.unwrap_or_else(|| Config::default().logd_socket),
+                sender,
+                service,
+                limit,
+                interval: Duration::from_millis(interval_ms),
+                once,
+                clear: !once && std::io::stdout().is_terminal(),
+            };
+            metricsd::top::run(&opts, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
         Cmd::DemoProducer {
             role,
             seconds,
@@ -137,7 +198,7 @@ fn main() -> anyhow::Result<()> {
 fn demo(
     seconds: u64,
     producers: u64,
-    rate: u64,
+    rate: Option<u64>,
     keep_sockets: bool,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -145,7 +206,11 @@ fn demo(
     let mut opts = metricsd::demo::Options::new(program);
     opts.duration = Duration::from_secs(seconds);
     opts.producers = usize::try_from(producers).context("--producers")?;
-    opts.rate = rate;
+    opts.rate = rate.unwrap_or(if cfg!(debug_assertions) {
+        2_000
+    } else {
+        20_000
+    });
     opts.keep_sockets = keep_sockets;
     let summary = if json {
         let summary = metricsd::demo::run(&opts, &mut std::io::stderr())?;
