@@ -67,6 +67,12 @@ pub fn show_plan(options: &Options) -> Result<()> {
     for binary in plan.binaries {
         println!("  {} (package {})", binary.bin, binary.package);
     }
+    for file in plan.files {
+        println!("guest file {}:", file.path);
+        for line in file.contents.lines() {
+            println!("  {line}");
+        }
+    }
     println!("guest manifest ({}):", qemu_harness::manifest::GUEST_PATH);
     let manifest = Manifest::from_plan(plan, options.timeout_factor).to_toml()?;
     for line in manifest.lines() {

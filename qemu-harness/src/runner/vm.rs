@@ -162,7 +162,7 @@ pub fn boot(vm: &Vm, ladder: &[Step], work: &Path, run: u32, echo: bool) -> Resu
                         println!(
                             "  [{:>6.2} s] {}  (+{:.2} s)",
                             seen.at.as_secs_f64(),
-                            seen.marker,
+                            line.trim(),
                             seen.took.as_secs_f64()
                         );
                         if checker.is_done() {
