@@ -225,7 +225,7 @@ pub struct Summary {
     pub rings_granted: u64,
     /// Grant refusals by class.
     pub grant_refused: BTreeMap<String, u64>,
-    /// Spans ended by producers.
+    /// Spans the producers report they ended.
     pub spans_ended: u64,
     /// Spans left out of exports by the per-interval budget.
     pub spans_not_exported: u64,
@@ -575,7 +575,11 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
                 .map_err(DemoError::Verify)?;
         }
     }
-    let (spans, error_spans, evicted) = logd_extras(&logd_socket)?;
+    verify::verify_spans(&logd_socket, &reports, sender, &mut v).map_err(DemoError::Verify)?;
+    let evicted = logd::Client::connect(&logd_socket)
+        .and_then(|mut c| c.stats())
+        .map_err(|e| DemoError::Verify(verify::VerifyError(e)))?
+        .evicted;
 
     let drained = snap.drain.records.saturating_sub(records_at_start);
     let summary = summarize(
@@ -586,8 +590,6 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
             drained,
             peak: progress.peak,
             producers,
-            spans,
-            error_spans,
             evicted,
             dir,
         },
@@ -602,31 +604,11 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
     Ok(summary)
 }
 
-/// Span records in logd (and how many have `status = error`), and logd's evictions.
-fn logd_extras(logd_socket: &Path) -> Result<(u64, u64, u64), DemoError> {
-    let err = |e| DemoError::Verify(verify::VerifyError(e));
-    let mut c = logd::Client::connect(logd_socket).map_err(err)?;
-    let spans = c
-        .query_all(
-            &logd::Query::new().scope(crate::schema::SCOPE_SPANS),
-            10_000_000,
-        )
-        .map_err(err)?;
-    let errors = spans
-        .iter()
-        .filter(|r| r.record.get("status") == Some("error"))
-        .count();
-    let stats = c.stats().map_err(err)?;
-    Ok((spans.len() as u64, errors as u64, stats.evicted))
-}
-
 struct Extras<'a> {
     seconds: f64,
     drained: u64,
     peak: f64,
     producers: Vec<ProducerSummary>,
-    spans: u64,
-    error_spans: u64,
     evicted: u64,
     dir: &'a Path,
 }
@@ -683,10 +665,10 @@ fn summarize(s: &Snapshot, v: &Verification, x: Extras<'_>) -> Summary {
             .iter()
             .map(|(k, n)| ((*k).to_owned(), *n))
             .collect(),
-        spans_ended: s.spans.ended,
+        spans_ended: v.spans_ended,
         spans_not_exported: s.spans.not_exported,
-        spans_in_logd: x.spans,
-        error_spans_in_logd: x.error_spans,
+        spans_in_logd: v.spans_in_logd,
+        error_spans_in_logd: v.error_spans_in_logd,
         export_stored: s.export.stored,
         export_failures: s.export.failures,
         export_dropped: s.export.dropped,
@@ -785,7 +767,7 @@ pub fn print_summary(s: &Summary, out: &mut dyn Write) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "  spans          {} ended; {} in logd ({} with status=error), {} left out by the per-interval budget",
+        "  spans          {} ended by the producers = {} span records in logd ({} with status=error) + {} left out by the per-interval budget",
         s.spans_ended, s.spans_in_logd, s.error_spans_in_logd, s.spans_not_exported
     )?;
     writeln!(

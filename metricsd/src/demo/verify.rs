@@ -13,8 +13,10 @@
 //!   their sum exactly (and there must be some: the flood must have overflowed).
 //! - The hostile producer ([`verify_hostile`]): its impersonating counter is under its
 //!   own service with the `service` label renamed, and metricsd's health series count
-//!   exactly the violations, quarantined rings, lowered drop counts and malformed grant
-//!   requests it reports.
+//!   exactly the violations, quarantined rings, lowered drop counts, malformed grant
+//!   requests and garbage records (each rejected exactly once) it reports.
+//! - Spans ([`verify_spans`]): every span the producers ended is either a span record
+//!   in logd or counted in `metricsd.spans.not_exported` (the per-interval budget).
 //!
 //! Used by `metricsd demo` and by the QEMU selftest.
 
@@ -26,7 +28,7 @@ use logd::{Client, Query, StoredRecord};
 
 use super::report::{Check, Expect, HostileReport, Report, SeriesReport};
 use crate::aggregate::{MetricKind, OVERFLOW_LABEL, series_id};
-use crate::schema::{HEALTH_SERVICE, SCOPE_METRICS};
+use crate::schema::{HEALTH_SERVICE, SCOPE_METRICS, SCOPE_SPANS};
 
 /// Most records one service's query may return.
 const MAX_RECORDS: usize = 2_000_000;
@@ -148,6 +150,12 @@ pub struct Verification {
     pub overflow: Vec<OverflowCheck>,
     /// Health series compared for the hostile producer.
     pub health_checked: u64,
+    /// Span records in logd.
+    pub spans_in_logd: u64,
+    /// Of which with `status = error`.
+    pub error_spans_in_logd: u64,
+    /// Spans the producers ended (each exported or counted as not exported).
+    pub spans_ended: u64,
     /// Every difference found, in order.
     pub mismatches: Vec<Mismatch>,
 }
@@ -476,6 +484,87 @@ pub fn verify_hostile(
                 found: found.map(str::to_owned),
             });
         }
+    }
+    // Every garbage record rejected exactly once, and nothing else rejected.
+    let rejects: u64 = health
+        .latest
+        .values()
+        .filter(|r| r.record.get("metric") == Some("metricsd.rejects"))
+        .filter_map(|r| r.record.get("value")?.parse::<u64>().ok())
+        .sum();
+    v.health_checked += 1;
+    if rejects != h.garbage_records {
+        v.mismatches.push(Mismatch::Health {
+            series: series_id(
+                HEALTH_SERVICE,
+                MetricKind::Counter,
+                "metricsd.rejects",
+                &[("*", "*")],
+            ),
+            expected: format!(
+                "{} (the hostile producer's garbage records)",
+                h.garbage_records
+            ),
+            found: Some(format!("{rejects} summed over every reason")),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that every span the producers ended was reported: a span record in logd
+/// (`scope = spans`) or counted in `metricsd.spans.not_exported`. `reports`' span
+/// duration counts say how many ended.
+pub fn verify_spans(
+    logd_socket: &Path,
+    reports: &[(String, Report)],
+    sender_pid: Option<u32>,
+    v: &mut Verification,
+) -> Result<(), VerifyError> {
+    let ended: u64 = reports
+        .iter()
+        .flat_map(|(_, r)| &r.series)
+        .map(|s| match s.expect {
+            Expect::SpanDuration { count } => count,
+            _ => 0,
+        })
+        .sum();
+    let mut client = Client::connect(logd_socket).map_err(VerifyError)?;
+    let spans = client
+        .query_all(&Query::new().scope(SCOPE_SPANS), MAX_RECORDS)
+        .map_err(VerifyError)?;
+    let spans: Vec<&StoredRecord> = spans
+        .iter()
+        .filter(|r| sender_pid.is_none_or(|pid| r.sender.pid == pid))
+        .collect();
+    v.records_read += spans.len() as u64;
+    v.spans_in_logd = spans.len() as u64;
+    v.error_spans_in_logd = spans
+        .iter()
+        .filter(|r| r.record.get("status") == Some("error"))
+        .count() as u64;
+    v.spans_ended = ended;
+    let health = Exported::query(&mut client, HEALTH_SERVICE, sender_pid)?;
+    let id = series_id(
+        HEALTH_SERVICE,
+        MetricKind::Counter,
+        "metricsd.spans.not_exported",
+        &[] as &[(&str, &str)],
+    );
+    let not_exported: u64 = health
+        .field(&id, "value")
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0);
+    v.health_checked += 1;
+    if v.spans_in_logd + not_exported != ended {
+        v.mismatches.push(Mismatch::Health {
+            series: id,
+            expected: format!(
+                "{} (spans ended {ended} - span records in logd {})",
+                ended.saturating_sub(v.spans_in_logd),
+                v.spans_in_logd
+            ),
+            found: Some(not_exported.to_string()),
+        });
     }
     Ok(())
 }
