@@ -48,7 +48,14 @@ pub fn build(binaries: &[GuestBinary]) -> Result<Vec<Built>> {
     let mut command = Command::new(cargo);
     command
         .current_dir(workspace_root())
-        .args(["build", "--release", "--target", TARGET, "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            TARGET,
+            "--target-dir",
+        ])
         .arg(&target_dir)
         .env("RUSTFLAGS", RUSTFLAGS)
         // No debug info in the guest: it would triple the image (and the kernel's time
