@@ -132,6 +132,8 @@ pub enum DemoError {
     Verify(verify::VerifyError),
     /// Writing the output failed.
     Output(std::io::Error),
+    /// SIGINT or SIGTERM arrived while the producers ran (they were stopped).
+    Interrupted,
 }
 
 impl fmt::Display for DemoError {
@@ -149,6 +151,7 @@ impl fmt::Display for DemoError {
             Self::Producer(role, e) => write!(f, "producer {role}: {e}"),
             Self::Verify(e) => write!(f, "{e}"),
             Self::Output(e) => write!(f, "writing output: {e}"),
+            Self::Interrupted => f.write_str("interrupted; producers stopped"),
         }
     }
 }
@@ -478,6 +481,12 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
         peak: 0.0,
     };
     let records_at_start = first.drain.records;
+    // Ctrl-C while producers run: stop them and clean up instead of dying at once
+    // (which would leave the private directory behind).
+    let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&interrupted)).map_err(DemoError::Output)?;
+    }
     let deadline = started + opts.duration + Duration::from_secs(30);
     let mut next_tick = started + Duration::from_secs(1);
     loop {
@@ -493,6 +502,16 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
         }
         if alive == 0 {
             break;
+        }
+        // ORDERING: Relaxed: a flag polled every 20 ms; nothing is published through it.
+        if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+            for r in &mut running {
+                if r.status.is_none() {
+                    let _ = r.child.kill();
+                    r.status = r.child.wait().ok();
+                }
+            }
+            return Err(DemoError::Interrupted);
         }
         if Instant::now() >= deadline {
             let mut stuck = Vec::new();
@@ -833,6 +852,13 @@ fn keep_serving(
 /// The producer child's `main`: waits for `go` on stdin, plays `role` for `duration`
 /// (at `rate` requests or calls per second), and prints its [`Report`] as one JSON line.
 pub fn producer_main(role: &str, duration: Duration, rate: u64) -> Result<(), String> {
+    if ![FLOOD_ROLE, HOSTILE_ROLE].contains(&role) && producer::Service::named(role).is_none() {
+        let known: Vec<&str> = producer::SERVICES.iter().map(|s| s.name).collect();
+        return Err(format!(
+            "unknown role {role:?}: expected {FLOOD_ROLE}, {HOSTILE_ROLE} or one of {}",
+            known.join(", ")
+        ));
+    }
     let mut go = String::new();
     BufReader::new(std::io::stdin())
         .read_line(&mut go)
@@ -869,13 +895,8 @@ pub fn producer_main(role: &str, duration: Duration, rate: u64) -> Result<(), St
             producer::run_flood(workload).map_err(|e| e.to_string())?
         }
         name => {
-            let service = producer::Service::named(name).ok_or_else(|| {
-                let known: Vec<&str> = producer::SERVICES.iter().map(|s| s.name).collect();
-                format!(
-                    "unknown role {name:?}: expected {FLOOD_ROLE}, {HOSTILE_ROLE} or one of {}",
-                    known.join(", ")
-                )
-            })?;
+            let service =
+                producer::Service::named(name).ok_or_else(|| format!("unknown role {name:?}"))?;
             producer::install().map_err(|e| e.to_string())?;
             producer::run_service(service, workload).map_err(|e| e.to_string())?
         }
