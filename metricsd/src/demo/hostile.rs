@@ -91,6 +91,18 @@ impl std::error::Error for HostileError {}
 
 /// Runs the hostile plan against metricsd's control socket at `socket` for `duration`
 /// (the garbage flood on ring C lasts until then).
+///
+/// ```no_run
+/// use std::{path::Path, time::Duration};
+/// use metricsd::demo::{hostile, verify};
+///
+/// let report = hostile::run(Path::new("/run/metricsd.sock"), Duration::from_secs(2))?;
+/// // Later, once metricsd flushed: check each effect through logd.
+/// let mut v = verify::Verification::default();
+/// verify::verify_hostile(Path::new("/run/logd.sock"), "hostile", &report, None, &mut v)?;
+/// assert!(v.ok(), "{:?}", v.mismatches);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn run(socket: &Path, duration: Duration) -> Result<HostileReport, HostileError> {
     let start = Instant::now();
     let mut rng = Rng::new(u64::from(std::process::id()) ^ 0xbad5eed);

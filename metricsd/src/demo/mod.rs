@@ -388,6 +388,16 @@ fn human(x: f64) -> String {
 
 /// Runs the demo; human output (progress and summary) goes to `out`. Returns the
 /// summary, whose `ok` says whether every check passed.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// // `program` must be a metricsd binary: it is re-executed as `demo-producer`.
+/// let mut opts = metricsd::demo::Options::new("/usr/bin/metricsd".into());
+/// opts.duration = Duration::from_secs(3);
+/// let summary = metricsd::demo::run(&opts, &mut std::io::stdout())?;
+/// assert!(summary.ok, "first mismatch: {:?}", summary.failure);
+/// # Ok::<(), metricsd::demo::DemoError>(())
+/// ```
 pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary, DemoError> {
     if opts.producers == 0 || opts.producers > producer::SERVICES.len() {
         return Err(DemoError::Options(format!(

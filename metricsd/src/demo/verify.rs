@@ -274,6 +274,18 @@ fn compare(exported: &Exported, series: &str, expect: Expect, out: &mut Vec<Mism
 /// Checks every report against logd. `reports` pairs each report with the service name
 /// metricsd gave its producer; `sender_pid` is metricsd's pid as logd stamps it (see
 /// [`Exported::query`]).
+///
+/// ```no_run
+/// use std::path::Path;
+/// use metricsd::demo::{report::Report, verify};
+///
+/// // Each producer printed its report as one JSON line (`metricsd demo-producer`).
+/// let line = r#"{"role":"checkout","check":"exact","requests":0,"series":[],"dropped":{},"lost_increments":0,"coalesced":0,"rings_claimed":0,"hostile":null}"#;
+/// let report: Report = serde_json::from_str(line)?;
+/// let v = verify::verify(Path::new("/run/logd.sock"), &[("checkout".into(), report)], None)?;
+/// println!("{} series exact: {}", v.series_checked, v.ok());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn verify(
     logd_socket: &Path,
     reports: &[(String, Report)],
