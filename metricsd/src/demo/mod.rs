@@ -605,6 +605,15 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
         }
     }
     verify::verify_spans(&logd_socket, &reports, sender, &mut v).map_err(DemoError::Verify)?;
+    // The flood is one metric, the only one of its service, so the per-metric and
+    // per-service caps bound it (the demo's total cap, 10000, is far from reached).
+    let cap = u64::from(
+        config
+            .series
+            .max_per_metric
+            .min(config.series.max_per_service),
+    );
+    verify::verify_caps(&mut v, cap);
     let evicted = logd::Client::connect(&logd_socket)
         .and_then(|mut c| c.stats())
         .map_err(|e| DemoError::Verify(verify::VerifyError(e)))?

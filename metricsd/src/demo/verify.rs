@@ -64,6 +64,17 @@ pub enum Mismatch {
         /// The metric.
         metric: String,
     },
+    /// A flooding metric got another number of series of its own than the cap allows.
+    Cap {
+        /// The service.
+        service: String,
+        /// The metric.
+        metric: String,
+        /// Label sets with a series of their own.
+        own_series: u64,
+        /// What the caps allow for it.
+        cap: u64,
+    },
     /// A producer dropped records itself, so exact totals cannot be expected.
     ProducerDropped {
         /// The service.
@@ -102,6 +113,15 @@ impl fmt::Display for Mismatch {
             Self::NoOverflow { service, metric } => write!(
                 f,
                 "{service}/{metric}: no label set overflowed, so the cap was never exercised"
+            ),
+            Self::Cap {
+                service,
+                metric,
+                own_series,
+                cap,
+            } => write!(
+                f,
+                "{service}/{metric}: {own_series} label sets got a series of their own, the caps allow {cap}"
             ),
             Self::ProducerDropped { service, dropped } => write!(
                 f,
@@ -388,6 +408,22 @@ fn overflow(service: &str, report: &Report, exported: &Exported, v: &mut Verific
     }
 }
 
+/// Checks that each flooding metric got exactly `cap` series of its own (the number
+/// metricsd's caps allow it, given that it recorded more label sets than that).
+pub fn verify_caps(v: &mut Verification, cap: u64) {
+    for o in &v.overflow {
+        let want = cap.min(o.own_series + o.overflowed);
+        if o.own_series != want {
+            v.mismatches.push(Mismatch::Cap {
+                service: o.service.clone(),
+                metric: o.metric.clone(),
+                own_series: o.own_series,
+                cap: want,
+            });
+        }
+    }
+}
+
 /// A health series [`verify_hostile`] compares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthExpect {
@@ -579,4 +615,135 @@ pub fn verify_spans(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use logd::{Level, Record};
+
+    use super::*;
+    use crate::demo::report::SeriesReport;
+
+    fn counter(service: &str, name: &str, labels: &[(&str, &str)], value: u64) -> Record {
+        let mut r = Record::new(Level::Info, SCOPE_METRICS, name)
+            .field(
+                "series",
+                series_id(service, MetricKind::Counter, name, labels),
+            )
+            .field("producer_service", service)
+            .field("kind", "counter")
+            .field("value", value.to_string());
+        for (k, v) in labels {
+            r = r.field(format!("label.{k}"), *v);
+        }
+        r
+    }
+
+    fn report(check: Check, series: &[(&str, &[(&str, &str)], u64)]) -> Report {
+        Report {
+            role: "web".into(),
+            check,
+            requests: 0,
+            series: series
+                .iter()
+                .map(|(name, labels, total)| SeriesReport {
+                    name: (*name).into(),
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| ((*k).into(), (*v).into()))
+                        .collect(),
+                    expect: Expect::Counter { total: *total },
+                })
+                .collect(),
+            dropped: BTreeMap::new(),
+            lost_increments: 0,
+            coalesced: 0,
+            rings_claimed: 1,
+            hostile: None,
+        }
+    }
+
+    #[test]
+    fn the_check_reads_the_last_record_and_finds_every_kind_of_mismatch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = logd::Server::bind(logd::Config {
+            socket: dir.path().join("logd.sock"),
+            ..logd::Config::default()
+        })
+        .and_then(logd::Server::spawn)
+        .expect("logd");
+        let mut c = Client::connect(server.path()).expect("connect");
+        let a: &[(&str, &str)] = &[("route", "/a")];
+        let b: &[(&str, &str)] = &[("route", "/b")];
+        let over: &[(&str, &str)] = &[OVERFLOW_LABEL];
+        c.append(&[
+            counter("web", "req", a, 3),
+            counter("web", "req", a, 7), // the last record is the total
+            counter("web", "req", b, 2),
+            counter("web", "extra", &[], 1),
+            counter("flood", "calls", &[("user", "1")], 4),
+            counter("flood", "calls", over, 11),
+        ])
+        .expect("append");
+
+        let exact = |series: &[(&str, &[(&str, &str)], u64)]| {
+            verify(
+                server.path(),
+                &[("web".into(), report(Check::Exact, series))],
+                None,
+            )
+            .expect("query")
+        };
+        let v = exact(&[("req", a, 7), ("req", b, 2), ("extra", &[], 1)]);
+        assert!(v.ok(), "{:?}", v.mismatches);
+        assert_eq!(v.series_checked, 3);
+
+        let v = exact(&[("req", a, 8), ("req", b, 2), ("extra", &[], 1)]);
+        assert!(matches!(
+            &v.mismatches[..],
+            [Mismatch::Value { field: "value", .. }]
+        ));
+        let v = exact(&[("req", a, 7), ("req", b, 2)]);
+        assert!(matches!(&v.mismatches[..], [Mismatch::Unexpected { .. }]));
+        let v = exact(&[
+            ("req", a, 7),
+            ("req", b, 2),
+            ("extra", &[], 1),
+            ("gone", &[], 1),
+        ]);
+        assert!(matches!(&v.mismatches[..], [Mismatch::Missing { .. }]));
+
+        let flood = |rest: u64| {
+            let two: &[(&str, &str)] = &[("user", "2")];
+            let three: &[(&str, &str)] = &[("user", "3")];
+            let one: &[(&str, &str)] = &[("user", "1")];
+            let mut v = verify(
+                server.path(),
+                &[(
+                    "flood".into(),
+                    report(
+                        Check::Overflow,
+                        &[("calls", one, 4), ("calls", two, 5), ("calls", three, rest)],
+                    ),
+                )],
+                None,
+            )
+            .expect("query");
+            verify_caps(&mut v, 1);
+            v
+        };
+        let v = flood(6);
+        assert!(v.ok(), "{:?}", v.mismatches);
+        assert_eq!(v.overflow[0].overflowed, 2);
+        assert_eq!(v.overflow[0].overflow_total, 11);
+        let v = flood(7);
+        assert!(
+            matches!(&v.mismatches[..], [Mismatch::Value { series, .. }] if series.contains("overflow")),
+            "{:?}",
+            v.mismatches
+        );
+        server.shutdown().expect("logd stops");
+    }
 }
