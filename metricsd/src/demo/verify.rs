@@ -641,7 +641,10 @@ mod tests {
         r
     }
 
-    fn report(check: Check, series: &[(&str, &[(&str, &str)], u64)]) -> Report {
+    /// `(name, labels, total)` of a counter a test producer reports.
+    type Recorded<'a> = (&'a str, &'a [(&'a str, &'a str)], u64);
+
+    fn report(check: Check, series: &[Recorded<'_>]) -> Report {
         Report {
             role: "web".into(),
             check,
@@ -688,7 +691,7 @@ mod tests {
         ])
         .expect("append");
 
-        let exact = |series: &[(&str, &[(&str, &str)], u64)]| {
+        let exact = |series: &[Recorded<'_>]| {
             verify(
                 server.path(),
                 &[("web".into(), report(Check::Exact, series))],
