@@ -29,17 +29,18 @@ One run does, in order:
      lines. The VM must then power off by itself.
 
 Ladders (--ladder):
-  full       the proof run of issue 5: logd: ready, metricsd: ready, the SELFTEST
-             markers, SELFTEST: done (needs the logd, metricsd and guest-selftest bins)
-  init-only  what boots today: init mounts, a fixture echo daemon started and awaited
+  full       the proof run of issue 5: logd: ready, metricsd: ready, eight SELFTEST
+             markers (each printed only after its evidence was read back from logd and
+             matched exactly), SELFTEST: done
+  init-only  a developer ladder: init mounts, a fixture echo daemon started and awaited
              like a real daemon, a fixture selftest, SELFTEST: done
 
 Cache: $XDG_CACHE_HOME/nexus-qemu (default ~/.cache/nexus-qemu); delete it to re-fetch.
 Exit status: 0 when every run climbed the whole ladder and powered off, 1 otherwise.
 
 Examples:
-  cargo run --release -p qemu-harness -- --ladder init-only
-  cargo run --release -p qemu-harness -- --ladder init-only --runs 10
+  cargo run --release -p qemu-harness
+  cargo run --release -p qemu-harness -- --runs 10
   cargo run --release -p qemu-harness -- --ladder init-only --console --keep
   cargo run --release -p qemu-harness -- --show-plan";
 
@@ -47,7 +48,7 @@ Examples:
 #[derive(Debug, Parser)]
 #[command(name = "qemu-harness", about = ABOUT, long_about = LONG_ABOUT)]
 struct Cli {
-    /// Which ladder to check: `full` (issue 5) or `init-only` (boots today).
+    /// Which ladder to check: `full` (issue 5) or `init-only` (the developer ladder).
     #[arg(long, default_value = "full", value_name = "NAME")]
     ladder: String,
 

@@ -84,7 +84,7 @@ pub const FULL: &[Step] = &[
     Step::new(SELFTEST_DONE, SELFTEST_FAIL, 30),
 ];
 
-/// The developer ladder: what boots today without logd and metricsd. The init mounts,
+/// The developer ladder, without logd and metricsd. The init mounts,
 /// starts the fixture echo daemon through the same daemon machinery (readiness line and
 /// socket), runs the fixture selftest through the same selftest machinery, and powers off.
 pub const INIT_ONLY: &[Step] = &[

@@ -125,3 +125,18 @@ pub fn run(metricsd: &Path) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_invalid_record_names_a_reported_reason() {
+        let reasons: Vec<_> = garbage().iter().map(|(_, reason)| *reason).collect();
+        assert_eq!(reasons, REASONS);
+        for reason in REASONS {
+            let known = metricsd::Reason::ALL.iter().any(|r| r.as_str() == reason);
+            assert!(known, "{reason} is not a metricsd reject reason");
+        }
+    }
+}
