@@ -41,6 +41,23 @@ impl RecordKind {
     /// A piece of a registration's payload: [`crate::RegisterData`].
     pub const REGISTER_DATA: Self = Self(0x21);
 
+    /// Bit `k` is set when kind `k` is one this ABI version defines (all are below 64).
+    const KNOWN: u64 = (1 << Self::COUNTER.0)
+        | (1 << Self::GAUGE.0)
+        | (1 << Self::HISTOGRAM.0)
+        | (1 << Self::SPAN_START.0)
+        | (1 << Self::SPAN_END.0)
+        | (1 << Self::SPAN_ATTR.0)
+        | (1 << Self::REGISTER.0)
+        | (1 << Self::REGISTER_DATA.0);
+
+    /// Whether this ABI version defines the kind: one compare and one bit test, cheap
+    /// enough for a consumer to ask of every record it copies out.
+    #[inline(always)]
+    pub const fn is_known(self) -> bool {
+        self.0 < 64 && (Self::KNOWN >> self.0) & 1 == 1
+    }
+
     /// The kind's name, or `None` for a value this ABI version does not define.
     pub const fn name(self) -> Option<&'static str> {
         Some(match self {
@@ -323,6 +340,10 @@ mod tests {
     #[test]
     fn unknown_kinds_have_no_name() {
         assert_eq!(RecordKind(0x7777).name(), None);
+        for k in 0..=u16::MAX {
+            let kind = RecordKind(k);
+            assert_eq!(kind.is_known(), kind.name().is_some(), "kind {k:#x}");
+        }
         assert_eq!(RecordKind::INVALID.name(), None);
         assert_eq!(RecordKind::HISTOGRAM.name(), Some("histogram"));
         assert_eq!(SpanStatus(9).name(), None);

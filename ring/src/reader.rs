@@ -107,7 +107,7 @@ impl<R: Region> Reader<R> {
             // in `available`; the producer may not reuse it until we store `read` below.
             // A producer breaking that rule only races with a race-tolerant copy.
             let record = unsafe { self.region.read_slot(slot) };
-            if record.kind.name().is_some() {
+            if record.kind.is_known() {
                 drained.delivered += 1;
                 deliver(record);
             } else {
