@@ -474,6 +474,13 @@ impl Config {
                     "1 to 64 bytes of [A-Za-z0-9_.:-]",
                 ));
             }
+            if rule.name == crate::schema::HEALTH_SERVICE {
+                return Err(invalid(
+                    &format!("services[{i}].name"),
+                    format!("{:?}", rule.name),
+                    "any name but \"metricsd\", which is reserved for metricsd's own health series",
+                ));
+            }
             if rule.uid.is_none() && rule.pid.is_none() && rule.exe.is_none() {
                 return Err(invalid(
                     &format!("services[{i}]"),
@@ -552,6 +559,12 @@ mod tests {
         assert!(err.to_string().contains("strictly increasing"), "{err}");
         let err = Config::from_toml("[[services]]\nname = \"a\"\n").expect_err("no matcher");
         assert!(err.to_string().contains("services[0]"), "{err}");
+        let err = Config::from_toml("[[services]]\nname = \"metricsd\"\nuid = 0\n")
+            .expect_err("reserved name");
+        assert!(
+            err.to_string().contains("services[0].name") && err.to_string().contains("reserved"),
+            "{err}"
+        );
         let err = Config::from_toml("[drain]\nbudget = \"x\"\n").expect_err("type");
         assert!(err.to_string().contains("budget"), "{err}");
         let err = Config::from_toml("[spans]\nmax_attrs = 9\n").expect_err("range");

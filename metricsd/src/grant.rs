@@ -36,9 +36,9 @@ use telemetry_abi::{
 use telemetry_ring::MemfdRegion;
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::config::{RingsConfig, valid_service_name};
+use crate::config::RingsConfig;
 use crate::drain::{Command, NewRing};
-use crate::identity::{Identify, Peer};
+use crate::identity::{Identify, Peer, bound_service};
 use crate::snapshot::{ConnectionStats, GrantStats};
 
 /// Why the control socket could not be set up.
@@ -296,11 +296,7 @@ impl GrantServer {
                 cred.uid.as_raw(),
                 cred.gid.as_raw(),
             );
-            let mut name = self.identify.service(&peer);
-            if !valid_service_name(&name) {
-                name = format!("uid:{}", peer.uid);
-            }
-            let service: Arc<str> = Arc::from(name);
+            let service: Arc<str> = Arc::from(bound_service(&*self.identify, &peer));
             {
                 let mut st = self.stats();
                 st.accepted += 1;

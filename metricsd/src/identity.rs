@@ -91,6 +91,19 @@ impl Identify for Policy {
     }
 }
 
+/// The service name `identify` gives `peer`, made safe to bind: a name that is not
+/// 1 to 64 bytes of `[A-Za-z0-9_.:-]`, or that is metricsd's own health service
+/// (`metricsd`, which no producer may speak for, whatever its executable is called),
+/// becomes `uid:<n>`.
+pub fn bound_service(identify: &dyn Identify, peer: &Peer) -> String {
+    let name = identify.service(peer);
+    if crate::config::valid_service_name(&name) && name != crate::schema::HEALTH_SERVICE {
+        name
+    } else {
+        format!("uid:{}", peer.uid)
+    }
+}
+
 /// Keeps the allowed bytes of a file name (others become `_`), at most 64 of them.
 fn sanitize(name: &str) -> String {
     name.bytes()
@@ -139,5 +152,25 @@ mod tests {
         assert_eq!(policy.service(&peer(7, Some("/usr/bin/pg"))), "db");
         assert_eq!(policy.service(&peer(7, Some("/opt/my app"))), "my_app");
         assert_eq!(policy.service(&peer(7, None)), "uid:7");
+    }
+
+    #[test]
+    fn no_producer_is_bound_to_metricsds_own_service() {
+        let policy = Policy::new(&[]);
+        let impostor = peer(1000, Some("/tmp/evil/metricsd"));
+        assert_eq!(
+            policy.service(&impostor),
+            "metricsd",
+            "the exe rule alone would allow it"
+        );
+        assert_eq!(bound_service(&policy, &impostor), "uid:1000");
+        let custom = |_: &Peer| String::from("metricsd");
+        assert_eq!(bound_service(&custom, &peer(7, None)), "uid:7");
+        let bad = |_: &Peer| String::from("has space");
+        assert_eq!(bound_service(&bad, &peer(8, None)), "uid:8");
+        assert_eq!(
+            bound_service(&policy, &peer(9, Some("/usr/bin/checkout"))),
+            "checkout"
+        );
     }
 }
