@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use telemetry_abi::{Record, RegisterKind, SpanStatus};
+use telemetry_abi::{Record, RecordKind, RegisterKind, SpanStatus};
 use telemetry_ring::MemfdRegion;
 
 use crate::global::{count_unavailable, global, monotonic_ns};
@@ -305,9 +305,31 @@ impl Local {
     }
 
     /// Drops the current ring, keeping the key table (and its pending deltas).
+    ///
+    /// If metricsd closed the ring after its last drain (a restart, say), what it had
+    /// not read is known exactly: counter increments among it go back into the pending
+    /// deltas (so they reach the next ring: late, never short) and every other record
+    /// is counted as dropped. A ring whose consumer vanished without closing it (a
+    /// crash) gives no such account.
     fn release(&mut self) {
         if let Slot::Ready(ring) = std::mem::replace(&mut self.slot, Slot::Unclaimed) {
-            let (_writer, table, _) = ring.recorder.into_parts();
+            let (mut writer, mut table, _) = ring.recorder.into_parts();
+            if writer.is_closed() {
+                let mut lost = 0;
+                writer.for_each_unconsumed(|record| match record.kind {
+                    RecordKind::COUNTER => {
+                        if !table.add_pending(record.key, record.words[0]) {
+                            lost += 1;
+                        }
+                    }
+                    // Registrations are written again on the next ring before use.
+                    RecordKind::REGISTER | RecordKind::REGISTER_DATA => {}
+                    _ => lost += 1,
+                });
+                if lost > 0 {
+                    self.count(Event::Dropped(DropReason::NoMetricsd), lost);
+                }
+            }
             self.table = Some(table);
         }
         self.current_span = 0;

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub enum DropReason {
     /// The thread had no ring because metricsd was unreachable (not running, socket
     /// missing, connection refused or broken), or its ring went away with the
-    /// connection before the record (a span's end, say) could be written.
+    /// connection before the record (a span's end, say) could be written, or metricsd
+    /// closed the ring (a restart) before reading the record. Counter increments are
+    /// not dropped for the last reason: they go to the next ring.
     NoMetricsd,
     /// metricsd refused the ring: the service holds as many rings as its policy allows.
     OverLimit,

@@ -212,9 +212,11 @@ impl<R: Region> Reader<R> {
 
 impl<R: Region> Drop for Reader<R> {
     fn drop(&mut self) {
-        // ORDERING: Relaxed: advisory to the producer (`Writer::is_abandoned`).
+        // ORDERING: Release pairs with `Writer::is_closed`'s Acquire load: a producer
+        // that sees the flag also sees our final read position (stored before it), so
+        // it knows exactly which records were never read.
         self.region
             .consumer_flags()
-            .fetch_or(CONSUMER_FLAG_CLOSED, Ordering::Relaxed);
+            .fetch_or(CONSUMER_FLAG_CLOSED, Ordering::Release);
     }
 }

@@ -251,3 +251,23 @@ fn mapped_region_lays_out_the_abi_and_attaches() {
         MapError::Header(HeaderError::RegionTooSmall { .. })
     ));
 }
+
+#[test]
+fn a_closed_ring_tells_the_writer_what_was_never_read() {
+    let (mut w, mut r) = pair(8);
+    for i in 0..5 {
+        w.push(Record::counter(1, i)).expect("room");
+    }
+    w.stage(Record::counter(1, 99)).expect("room");
+    assert_eq!(drain_values(&mut r, 2), [0, 1]);
+    assert!(!w.is_closed());
+    drop(r);
+    assert!(w.is_closed());
+    let mut unread = Vec::new();
+    assert_eq!(w.for_each_unconsumed(|rec| unread.push(rec.words[0])), 3);
+    assert_eq!(
+        unread,
+        [2, 3, 4],
+        "published and unread; the staged record was never published"
+    );
+}

@@ -168,6 +168,39 @@ impl<R: Region> Writer<R> {
         flags & (CONSUMER_FLAG_QUARANTINED | CONSUMER_FLAG_CLOSED) != 0
     }
 
+    /// Whether the consumer has closed this ring after its last drain: what it had not
+    /// read by then ([`for_each_unconsumed`](Self::for_each_unconsumed)) it never will.
+    pub fn is_closed(&self) -> bool {
+        // ORDERING: Acquire pairs with the consumer's Release store of its final read
+        // position, made before the flag (see `Reader`'s `Drop`): seeing the flag means
+        // seeing that position.
+        let flags = self.region.consumer_flags().load(Ordering::Acquire);
+        flags & CONSUMER_FLAG_CLOSED != 0
+    }
+
+    /// Copies out, oldest first, every record this writer published that the consumer
+    /// has not consumed, and returns how many. Once the ring [`is_closed`](Self::is_closed),
+    /// these are exactly the records nobody will read, so the producer can account for
+    /// them: send counter increments again on another ring, count the rest as dropped.
+    /// Returns 0 without visiting anything if the consumer's position is not within a
+    /// capacity behind ours.
+    pub fn for_each_unconsumed(&mut self, mut visit: impl FnMut(Record)) -> u64 {
+        // ORDERING: Acquire pairs with the reader's Release store of the read position.
+        let read = self.region.read_pos().load(Ordering::Acquire);
+        let unconsumed = self.published.wrapping_sub(read);
+        if unconsumed > self.capacity {
+            return 0;
+        }
+        for i in 0..unconsumed {
+            let slot = (read.wrapping_add(i) & self.mask) as usize;
+            // SAFETY: we are the ring's only writer (`&mut self`), so no write to this
+            // slot can happen while we copy it; a reader may be copying it too, which is
+            // a read beside a read.
+            visit(unsafe { self.region.read_slot(slot) });
+        }
+        unconsumed
+    }
+
     /// The region this writer writes to.
     pub fn region(&self) -> &R {
         &self.region
