@@ -55,58 +55,42 @@ pub unsafe trait Region {
     unsafe fn read_slot(&self, slot: usize) -> Record;
 }
 
-// SAFETY: forwards every call to the same `R`, which upholds the contract.
-unsafe impl<R: Region + ?Sized> Region for &R {
-    fn geometry(&self) -> Geometry {
-        (**self).geometry()
-    }
-    fn write_pos(&self) -> &AtomicU64 {
-        (**self).write_pos()
-    }
-    fn dropped(&self) -> &AtomicU64 {
-        (**self).dropped()
-    }
-    fn read_pos(&self) -> &AtomicU64 {
-        (**self).read_pos()
-    }
-    fn consumer_flags(&self) -> &AtomicU64 {
-        (**self).consumer_flags()
-    }
-    unsafe fn write_slot(&self, slot: usize, record: &Record) {
-        // SAFETY: the caller's guarantees are passed on unchanged.
-        unsafe { (**self).write_slot(slot, record) }
-    }
-    unsafe fn read_slot(&self, slot: usize) -> Record {
-        // SAFETY: the caller's guarantees are passed on unchanged.
-        unsafe { (**self).read_slot(slot) }
-    }
+/// Implements [`Region`] for a pointer type by forwarding every call to its target.
+macro_rules! forward_region {
+    ($(#[$attr:meta])* $ptr:ty) => {
+        $(#[$attr])*
+        // SAFETY: forwards every call to the same `R`, which upholds the contract and
+        // which the pointer keeps alive as long as itself.
+        unsafe impl<R: Region + ?Sized> Region for $ptr {
+            fn geometry(&self) -> Geometry {
+                (**self).geometry()
+            }
+            fn write_pos(&self) -> &AtomicU64 {
+                (**self).write_pos()
+            }
+            fn dropped(&self) -> &AtomicU64 {
+                (**self).dropped()
+            }
+            fn read_pos(&self) -> &AtomicU64 {
+                (**self).read_pos()
+            }
+            fn consumer_flags(&self) -> &AtomicU64 {
+                (**self).consumer_flags()
+            }
+            unsafe fn write_slot(&self, slot: usize, record: &Record) {
+                // SAFETY: the caller's guarantees are passed on unchanged.
+                unsafe { (**self).write_slot(slot, record) }
+            }
+            unsafe fn read_slot(&self, slot: usize) -> Record {
+                // SAFETY: the caller's guarantees are passed on unchanged.
+                unsafe { (**self).read_slot(slot) }
+            }
+        }
+    };
 }
 
-#[cfg(feature = "alloc")]
-// SAFETY: forwards every call to the same `R`, which upholds the contract; the `Arc`
-// keeps it alive as long as this handle.
-unsafe impl<R: Region + ?Sized> Region for alloc::sync::Arc<R> {
-    fn geometry(&self) -> Geometry {
-        (**self).geometry()
-    }
-    fn write_pos(&self) -> &AtomicU64 {
-        (**self).write_pos()
-    }
-    fn dropped(&self) -> &AtomicU64 {
-        (**self).dropped()
-    }
-    fn read_pos(&self) -> &AtomicU64 {
-        (**self).read_pos()
-    }
-    fn consumer_flags(&self) -> &AtomicU64 {
-        (**self).consumer_flags()
-    }
-    unsafe fn write_slot(&self, slot: usize, record: &Record) {
-        // SAFETY: the caller's guarantees are passed on unchanged.
-        unsafe { (**self).write_slot(slot, record) }
-    }
-    unsafe fn read_slot(&self, slot: usize) -> Record {
-        // SAFETY: the caller's guarantees are passed on unchanged.
-        unsafe { (**self).read_slot(slot) }
-    }
-}
+forward_region!(&R);
+forward_region!(
+    #[cfg(feature = "alloc")]
+    alloc::sync::Arc<R>
+);
