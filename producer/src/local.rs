@@ -76,6 +76,10 @@ static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
 /// one enum) gives each its own copy of the thread-local access, small enough to
 /// inline, with the key and value in registers.
 pub(crate) trait Op: Copy {
+    /// The fast path: writes the record if nothing else is needed first (no pending
+    /// deltas, the key registered in this ring, room). False changes nothing: the
+    /// caller takes the slow path, which applies the op in full.
+    fn fast(self, recorder: &mut GlobalRecorder) -> bool;
     fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped>;
 }
 
@@ -93,12 +97,20 @@ pub(crate) struct HistogramOp(pub(crate) u32, pub(crate) u64);
 
 impl Op for CounterOp {
     #[inline(always)]
+    fn fast(self, recorder: &mut GlobalRecorder) -> bool {
+        recorder.try_fast(Record::counter(self.0, self.1))
+    }
+    #[inline(always)]
     fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
         recorder.counter_raw(self.0, self.1)
     }
 }
 
 impl Op for GaugeOp {
+    #[inline(always)]
+    fn fast(self, recorder: &mut GlobalRecorder) -> bool {
+        recorder.try_fast(Record::gauge(self.0, self.1))
+    }
     #[inline(always)]
     fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
         recorder
@@ -108,6 +120,10 @@ impl Op for GaugeOp {
 }
 
 impl Op for HistogramOp {
+    #[inline(always)]
+    fn fast(self, recorder: &mut GlobalRecorder) -> bool {
+        recorder.try_fast(Record::histogram(self.0, self.1))
+    }
     #[inline(always)]
     fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
         recorder
@@ -226,17 +242,15 @@ impl Local {
     #[inline(always)]
     fn record(&mut self, op: impl Op) {
         if let Slot::Ready(ring) = &mut self.slot {
-            if ring.generation == generation() {
-                let result = op.apply(&mut ring.recorder);
-                if let Ok(Delivery::Written) = result {
-                    return;
-                }
-                return self.settle(result);
+            if ring.generation == generation() && op.fast(&mut ring.recorder) {
+                return;
             }
         }
         self.record_cold(op);
     }
 
+    /// Everything but the fast path: no ring yet (or a stale one), a key not yet
+    /// registered in this ring, pending deltas to write first, a full ring.
     #[cold]
     #[inline(never)]
     fn record_cold(&mut self, op: impl Op) {

@@ -269,6 +269,17 @@ where
         self.counter_cold(key, n)
     }
 
+    /// The fast path of every record kind, on the raw key in `record.key`: writes it
+    /// when no pending delta must go first, the key is registered in this ring and there
+    /// is room. False changes nothing and counts nothing: the caller goes on to
+    /// [`counter_raw`](Self::counter_raw) or [`sample_raw`](Self::sample_raw).
+    #[inline(always)]
+    pub(crate) fn try_fast(&mut self, record: Record) -> bool {
+        self.table.pending_keys() == 0
+            && self.table.is_registered(record.key)
+            && self.writer.try_push(record).is_ok()
+    }
+
     /// The hot path of every other record, on the raw key in `record.key`.
     #[inline(always)]
     pub(crate) fn sample_raw(&mut self, record: Record) -> Result<(), Dropped> {
