@@ -370,7 +370,9 @@ impl Store {
         id
     }
 
-    #[inline]
+    // `touch`, `add`, `set` and `observe` are always inlined into the drain loop's
+    // per-record path (see `Ctx::sample` in `drain.rs`).
+    #[inline(always)]
     fn touch(&mut self, id: SeriesId) -> Option<&mut Series> {
         let s = self.series.get_mut(id as usize)?;
         s.samples += 1;
@@ -385,7 +387,7 @@ impl Store {
     }
 
     /// Adds `delta` to counter `id`.
-    #[inline]
+    #[inline(always)]
     pub fn add(&mut self, id: SeriesId, delta: u64) {
         if let Some(Series {
             value: Value::Counter { total },
@@ -397,7 +399,7 @@ impl Store {
     }
 
     /// Sets gauge `id` to `value`.
-    #[inline]
+    #[inline(always)]
     pub fn set(&mut self, id: SeriesId, value: i64) {
         if let Some(Series {
             value: Value::Gauge { value: v },
@@ -409,7 +411,7 @@ impl Store {
     }
 
     /// Records observation `value` in histogram `id`.
-    #[inline]
+    #[inline(always)]
     pub fn observe(&mut self, id: SeriesId, value: u64) {
         if let Some(Series {
             value:
