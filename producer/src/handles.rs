@@ -69,9 +69,15 @@ impl Handle {
 
     #[inline(always)]
     fn unpack(word: u64) -> Self {
+        let key = word as u32;
+        if key != 0 {
+            // Only a no-op (key 0) carries a reason: a macro call on a registered key
+            // skips decoding it.
+            return Self { key, noop: None };
+        }
         let reason = ((word >> 32) & 0xff) as usize;
         Self {
-            key: word as u32,
+            key,
             noop: reason
                 .checked_sub(1)
                 .and_then(|i| DropReason::ALL.get(i).copied()),
