@@ -74,7 +74,7 @@ impl<R: Region> Writer<R> {
     #[inline]
     pub fn push(&mut self, record: Record) -> Result<(), Full> {
         self.stage(record)?;
-        self.flush();
+        self.publish();
         Ok(())
     }
 
@@ -87,7 +87,7 @@ impl<R: Region> Writer<R> {
             return Err(Full);
         }
         self.write_unchecked(record);
-        self.flush();
+        self.publish();
         Ok(())
     }
 
@@ -123,11 +123,18 @@ impl<R: Region> Writer<R> {
     #[inline]
     pub fn flush(&mut self) {
         if self.published != self.write {
-            // ORDERING: Release pairs with the reader's Acquire load of the write
-            // position: the slot writes above happen-before the reader's copies.
-            self.region.write_pos().store(self.write, Ordering::Release);
-            self.published = self.write;
+            self.publish();
         }
+    }
+
+    /// Publishes up to `write`; the pushes call it right after writing a record, when
+    /// there is always something to publish, so they skip `flush`'s comparison.
+    #[inline(always)]
+    fn publish(&mut self) {
+        // ORDERING: Release pairs with the reader's Acquire load of the write position:
+        // the slot writes before it happen-before the reader's copies.
+        self.region.write_pos().store(self.write, Ordering::Release);
+        self.published = self.write;
     }
 
     /// Counts `n` records the caller gave up on (for example because a push returned
