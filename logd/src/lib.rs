@@ -44,7 +44,7 @@ pub mod time;
 pub use client::{BufferedClient, Client, ClientError, ClientOptions};
 pub use config::Config;
 pub use query::{Query, QueryPage};
-pub use record::{Identity, Level, Record, StoredRecord, is_identity_key};
+pub use record::{Identity, Level, Record, StoredRecord, is_identity_key, key_in_lists};
 pub use server::{RunningServer, Server, ServerError, ShutdownHandle};
 pub use stats::{RejectCounts, SenderStats, Stats};
 pub use status::{AppendReport, Reason, RecordStatus, Reject};

@@ -200,6 +200,13 @@ pub const IDENTITY_PREFIXES: &[&str] = &["sender_", "service_", "logd_", "_"];
 /// assert!(!logd::is_identity_key("subject"));
 /// ```
 pub fn is_identity_key(key: &str) -> bool {
+    key_in_lists(key, IDENTITY_KEYS, IDENTITY_PREFIXES)
+}
+
+/// Whether `key`, compared in ASCII lower case with `-` and `.` read as `_`, is one of
+/// `keys` or starts with one of `prefixes`: the matching rule of [`is_identity_key`],
+/// for callers that guard their own lists of identity keys (metricsd's label rules).
+pub fn key_in_lists(key: &str, keys: &[&str], prefixes: &[&str]) -> bool {
     let norm: String = key
         .chars()
         .map(|c| match c {
@@ -207,7 +214,7 @@ pub fn is_identity_key(key: &str) -> bool {
             c => c.to_ascii_lowercase(),
         })
         .collect();
-    IDENTITY_KEYS.contains(&norm.as_str()) || IDENTITY_PREFIXES.iter().any(|p| norm.starts_with(p))
+    keys.contains(&norm.as_str()) || prefixes.iter().any(|p| norm.starts_with(p))
 }
 
 #[cfg(test)]

@@ -55,14 +55,7 @@ impl Redactor {
 
 /// Whether a label key claims an identity (see the module docs).
 pub fn is_identity_key(key: &str) -> bool {
-    let norm: String = key
-        .chars()
-        .map(|c| match c {
-            '-' | '.' => '_',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect();
-    IDENTITY_KEYS.contains(&norm.as_str()) || IDENTITY_PREFIXES.iter().any(|p| norm.starts_with(p))
+    logd::key_in_lists(key, IDENTITY_KEYS, IDENTITY_PREFIXES)
 }
 
 #[cfg(test)]
