@@ -17,14 +17,29 @@ use crate::sync::{AtomicU64, Cell};
 ///
 /// The producer's and consumer's words sit on separate cache-padded lines, as they do
 /// in a shared region; the slots are plain cells (the protocol keeps the two sides off
-/// each other's slots).
+/// each other's slots), two to a cache line as in the shared layout, so no record
+/// straddles two lines.
 #[derive(Debug)]
 pub struct HeapRegion {
     geometry: Geometry,
     producer: CachePadded<[AtomicU64; 2]>,
     consumer: CachePadded<[AtomicU64; 2]>,
-    slots: Box<[Cell<Record>]>,
+    lines: Box<[SlotLine]>,
 }
+
+/// Records per cache line.
+const PER_LINE: usize = 2;
+
+/// One cache line of record slots. Line-aligned: a slot array aligned only to its 8-byte
+/// words would let every other record straddle two lines, so each push and each copy
+/// could touch two lines (the shared layout starts its records on a line boundary).
+#[derive(Debug)]
+#[repr(C, align(64))]
+struct SlotLine([Cell<Record>; PER_LINE]);
+
+// A line exactly (loom's checked cells are larger; their layout does not matter).
+#[cfg(not(telemetry_loom))]
+const _: () = assert!(core::mem::size_of::<SlotLine>() == 64);
 
 // SAFETY: `HeapRegion` is shared between exactly one writer and one reader. The atomics
 // are `Sync`; the slot cells are accessed under the ring protocol, which gives each slot
@@ -36,20 +51,41 @@ impl HeapRegion {
     /// A region of `capacity` records (a power of two from 2 to 2^24).
     pub fn new(capacity: u64) -> Result<Self, GeometryError> {
         let geometry = Geometry::new(capacity)?;
-        let slots: Vec<Cell<Record>> = (0..geometry.capacity())
-            .map(|_| Cell::new(Record::default()))
+        // A capacity is a power of two from 2, so it fills whole lines.
+        let lines: Vec<SlotLine> = (0..geometry.capacity() as usize / PER_LINE)
+            .map(|_| SlotLine(core::array::from_fn(|_| Cell::new(Record::default()))))
             .collect();
         Ok(Self {
             geometry,
             producer: CachePadded::new([AtomicU64::new(0), AtomicU64::new(0)]),
             consumer: CachePadded::new([AtomicU64::new(0), AtomicU64::new(0)]),
-            slots: slots.into_boxed_slice(),
+            lines: lines.into_boxed_slice(),
         })
     }
 }
 
-// SAFETY: the geometry never changes; slot access is bounds-checked by `get`, so an
-// out-of-range slot touches nothing; the four atomics are distinct fields of `self`.
+impl HeapRegion {
+    /// The cell of `slot`.
+    ///
+    /// # Safety
+    ///
+    /// `slot < capacity` (the `Region` contract's precondition).
+    #[inline(always)]
+    unsafe fn slot(&self, slot: usize) -> &Cell<Record> {
+        debug_assert!(slot < self.geometry.capacity() as usize);
+        // SAFETY: `slot < capacity = lines.len() * PER_LINE`, so both indices are in
+        // bounds.
+        unsafe {
+            self.lines
+                .get_unchecked(slot / PER_LINE)
+                .0
+                .get_unchecked(slot % PER_LINE)
+        }
+    }
+}
+
+// SAFETY: the geometry never changes; a slot below the capacity (the callers'
+// precondition) is one cell of `lines`; the four atomics are distinct fields of `self`.
 unsafe impl Region for HeapRegion {
     fn geometry(&self) -> Geometry {
         self.geometry
@@ -67,18 +103,13 @@ unsafe impl Region for HeapRegion {
         &self.consumer[1]
     }
     unsafe fn write_slot(&self, slot: usize, record: &Record) {
-        if let Some(cell) = self.slots.get(slot) {
-            // SAFETY: the caller is the only writer and the reader is off this slot
-            // (the trait's contract), so this is the only access to the cell.
-            cell.with_mut(|p| unsafe { p.write(*record) });
-        }
+        // SAFETY: `slot < capacity`, the caller is the only writer and the reader is off
+        // this slot (the trait's contract), so this is the only access to the cell.
+        unsafe { self.slot(slot) }.with_mut(|p| unsafe { p.write(*record) });
     }
     unsafe fn read_slot(&self, slot: usize) -> Record {
-        match self.slots.get(slot) {
-            // SAFETY: the slot was published to the only reader and the writer does not
-            // touch it until the reader releases it (the trait's contract).
-            Some(cell) => cell.with(|p| unsafe { p.read() }),
-            None => Record::default(),
-        }
+        // SAFETY: `slot < capacity`; the slot was published to the only reader and the
+        // writer does not touch it until the reader releases it (the trait's contract).
+        unsafe { self.slot(slot) }.with(|p| unsafe { p.read() })
     }
 }

@@ -167,9 +167,9 @@ impl MappedRegion {
     }
 }
 
-// SAFETY: the geometry is fixed at construction; slot offsets are computed from the
-// private mask, so any `slot` lands inside the records area (and out-of-range slots are
-// ignored); the four atomics are distinct words of the validated producer and consumer
+// SAFETY: the geometry is fixed at construction and validated against the mapping's
+// length, so every slot below its capacity (the callers' precondition) lies inside the
+// records area; the four atomics are distinct words of the validated producer and consumer
 // lines.
 unsafe impl Region for MappedRegion {
     fn geometry(&self) -> Geometry {
@@ -193,22 +193,19 @@ unsafe impl Region for MappedRegion {
     }
     #[inline(always)]
     unsafe fn write_slot(&self, slot: usize, record: &Record) {
-        if slot >= self.geometry.capacity() as usize {
-            return;
-        }
+        debug_assert!(slot < self.geometry.capacity() as usize);
         let words: [u64; WORDS_PER_RECORD] = zerocopy::transmute!(*record);
         let offset = self.geometry.record_offset(slot as u64);
         for (i, word) in words.iter().enumerate() {
-            // SAFETY: `offset` is a record slot inside the validated region and records
-            // are 8-aligned; word `i` of 4 stays inside the slot.
+            // SAFETY: `slot < capacity` (the caller's precondition), so `offset` is a
+            // record slot inside the validated region; records are 8-aligned and word
+            // `i` of 4 stays inside the slot.
             unsafe { self.word(offset + i * 8) }.store(*word, Ordering::Relaxed);
         }
     }
     #[inline(always)]
     unsafe fn read_slot(&self, slot: usize) -> Record {
-        if slot >= self.geometry.capacity() as usize {
-            return Record::default();
-        }
+        debug_assert!(slot < self.geometry.capacity() as usize);
         let offset = self.geometry.record_offset(slot as u64);
         let mut words = [0u64; WORDS_PER_RECORD];
         for (i, word) in words.iter_mut().enumerate() {

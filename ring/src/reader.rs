@@ -103,9 +103,10 @@ impl<R: Region> Reader<R> {
         };
         for i in 0..take {
             let slot = (self.read.wrapping_add(i) & self.mask) as usize;
-            // SAFETY: `slot` lies in `read..write`, published to us by the Acquire load
-            // in `available`; the producer may not reuse it until we store `read` below.
-            // A producer breaking that rule only races with a race-tolerant copy.
+            // SAFETY: masked by the private geometry, `slot < capacity`; it lies in
+            // `read..write`, published to us by the Acquire load in `available`; the
+            // producer may not reuse it until we store `read` below. A producer breaking
+            // that rule only races with a race-tolerant copy.
             let record = unsafe { self.region.read_slot(slot) };
             if record.kind.is_known() {
                 drained.delivered += 1;

@@ -19,7 +19,7 @@ use crate::sync::AtomicU64;
 /// - `geometry()` always returns the same value, and `region_len()` bytes of memory
 ///   (when the region is memory-backed) stay mapped for the implementor's lifetime;
 /// - `write_slot(slot, _)` and `read_slot(slot)` touch only the 32 bytes of `slot`
-///   when `slot < geometry().capacity()`, and nothing at all otherwise;
+///   (their callers guarantee `slot < geometry().capacity()`);
 /// - the four atomics are distinct and live as long as `self`.
 pub unsafe trait Region {
     /// The geometry as the side that created the region set it (never re-read from
@@ -38,15 +38,17 @@ pub unsafe trait Region {
     ///
     /// # Safety
     ///
-    /// The caller is the ring's only writer and, by the protocol, the consumer is not
-    /// reading `slot` (it lies between the read and the write position plus capacity).
+    /// `slot < geometry().capacity()`; the caller is the ring's only writer and, by the
+    /// protocol, the consumer is not reading `slot` (it lies between the read and the
+    /// write position plus capacity).
     unsafe fn write_slot(&self, slot: usize, record: &Record);
 
     /// Copies the record out of `slot`.
     ///
     /// # Safety
     ///
-    /// No write to `slot` happens while it is copied: the caller is the ring's only
+    /// `slot < geometry().capacity()`, and no write to `slot` happens while it is
+    /// copied: the caller is the ring's only
     /// reader and `slot` was published to it (the writer does not reuse it until the
     /// reader releases it), or the caller is the ring's only writer itself. Regions
     /// that may be shared with an untrusted writer implement this as a race-tolerant

@@ -200,9 +200,10 @@ impl<R: Region> Writer<R> {
         }
         for i in 0..unconsumed {
             let slot = (read.wrapping_add(i) & self.mask) as usize;
-            // SAFETY: we are the ring's only writer (`&mut self`), so no write to this
-            // slot can happen while we copy it; a reader may be copying it too, which is
-            // a read beside a read.
+            // SAFETY: the slot is masked by the private geometry, so below the capacity;
+            // we are the ring's only writer (`&mut self`), so no write to this slot can
+            // happen while we copy it; a reader may be copying it too, which is a read
+            // beside a read.
             visit(unsafe { self.region.read_slot(slot) });
         }
         unconsumed
@@ -234,8 +235,9 @@ impl<R: Region> Writer<R> {
     #[inline(always)]
     fn write_unchecked(&mut self, record: Record) {
         let slot = (self.write & self.mask) as usize;
-        // SAFETY: `has_room` showed `write - read < capacity`, so this slot is not among
-        // those published and unread; we are the only writer (`&mut self`).
+        // SAFETY: masked by the private geometry, `slot < capacity`; `has_room` showed
+        // `write - read < capacity`, so this slot is not among those published and
+        // unread; we are the only writer (`&mut self`).
         unsafe { self.region.write_slot(slot, &record) };
         self.write = self.write.wrapping_add(1);
     }
