@@ -3,11 +3,16 @@
 //! - `ring_producer`: producer cost per record with a consumer draining on the other
 //!   core: our `Writer` (single push, `stage` x 64 + `flush`, `push_all` of 64) against
 //!   rtrb (`push`, `write_chunk_uninit`, `write_chunk`) and crossbeam-queue `ArrayQueue`.
-//! - `ring_thread_to_thread`: end-to-end records/s, thread to thread.
+//!   Timed as [`Mode::Bursts`]: the producer's own time for bursts into a ring with room,
+//!   while the consumer drains them.
+//! - `ring_thread_to_thread`: end-to-end records/s, thread to thread ([`Mode::Sustained`]).
 //! - `ring_process_to_process`: end-to-end records/s from a child process through a
 //!   memfd ring, and the design the ring replaces: one `UnixDatagram` send per record.
 //! - `record_size`: 16, 32, 64 and 128-byte records through one protocol, for the ABI's
 //!   choice of a 32-byte record.
+//!
+//! Every contender's producer loop is inlined into its producer closure (ours are passed
+//! as generic functions, not function pointers), so all pay the same call structure.
 //!
 //! Run with `cargo bench -p telemetry-benches --bench ring`; the results are in
 //! `benches/README.md`.
@@ -16,13 +21,13 @@
 //! thread-to-thread contender and record size again, one run each per round, order
 //! rotated, so that all see the same machine (see [`interleaved`]).
 //!
-//! Every ring holds 4096 records. The producer retries on a full ring (spinning), so
-//! every number is a sustained rate, not the cost of pushing into an empty ring: it is
-//! the rate of the slower side. The producer runs on CPU 0 and the consumer on CPU 1
-//! (pinned unless `TELEMETRY_BENCH_NO_PIN` is set). Samples are timed by bursts of
-//! 16 Ki records, median burst (see [`Clock`]); `TELEMETRY_BENCH_WHOLE=1` times them
-//! first record to last instead, and `TELEMETRY_BENCH_VERBOSE=1` prints each sample's
-//! burst quantiles.
+//! Every ring holds 4096 records. In [`Mode::Sustained`] the producer retries on a full
+//! ring (spinning), so the number is a sustained rate: the rate of the slower side. The
+//! producer runs on CPU 0 and the consumer on CPU 1 (pinned unless
+//! `TELEMETRY_BENCH_NO_PIN` is set). Sustained samples are timed by bursts of 16 Ki
+//! records, median burst (see [`Clock`]); `TELEMETRY_BENCH_WHOLE=1` times them first
+//! record to last instead, and `TELEMETRY_BENCH_VERBOSE=1` prints each sample's burst
+//! quantiles.
 //!
 //! The binary is its own child process: the process-to-process benches re-execute it
 //! with `TELEMETRY_BENCH_RING_CHILD` set, and `main` then acts as the producer process
@@ -43,6 +48,7 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, criterion_group};
 use crossbeam_queue::ArrayQueue;
+use crossbeam_utils::CachePadded;
 use rtrb::{PushError, RingBuffer};
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
@@ -117,23 +123,31 @@ const VERBOSE_ENV: &str = "TELEMETRY_BENCH_VERBOSE";
 ///   slice), so most bursts run with both sides on CPU and the median is their rate;
 /// - as a whole (`TELEMETRY_BENCH_WHOLE=1`): first record to last. On an idle machine
 ///   the two agree.
+///
+/// The consumer's clock also publishes its count of records read (see [`Mode::Bursts`]).
 struct Clock {
     marks: Vec<(u64, Instant)>,
     next: u64,
+    progress: Option<Arc<CachePadded<AtomicU64>>>,
 }
 
 impl Clock {
-    /// A clock for a run of `n` records (allocates its marks up front).
-    fn new(n: u64) -> Self {
+    /// A clock for a run of `n` records (allocates its marks up front) that, if given
+    /// `progress`, stores every count it is ticked with there.
+    fn new(n: u64, progress: Option<Arc<CachePadded<AtomicU64>>>) -> Self {
         Self {
             marks: Vec::with_capacity(usize::try_from(n / BURST + 2).unwrap_or(0)),
             next: BURST,
+            progress,
         }
     }
 
     /// Notes that `done` records are through; timestamps when a burst is complete.
     #[inline(always)]
     fn tick(&mut self, done: u64) {
+        if let Some(progress) = &self.progress {
+            progress.store(done, Ordering::Release);
+        }
         if done >= self.next {
             self.mark(done);
         }
@@ -191,55 +205,100 @@ impl Clock {
     }
 }
 
-/// What one sample measured, both from the instant the producer starts.
+/// What one sample measured.
 #[derive(Clone, Copy, Debug)]
 struct Timing {
-    /// Until the producer has written (and published) its last record.
+    /// [`Mode::Sustained`]: until the producer has written (and published) its last
+    /// record. [`Mode::Bursts`]: the producer's own time (see there).
     producer: Duration,
-    /// Until the consumer has read the last record.
+    /// Until the consumer has read the last record ([`Mode::Sustained`] only; in
+    /// [`Mode::Bursts`] it includes the producer's pauses).
     end_to_end: Duration,
+}
+
+/// Records per timed burst in [`Mode::Bursts`]: a quarter of the ring, so a burst
+/// started on an empty ring never finds it full.
+const PRODUCER_BURST: u64 = CAPACITY as u64 / 4;
+
+/// How a pair runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The producer writes without pause and waits out a full ring: both sides at
+    /// full speed, so the rate is the slower side's. This is the end-to-end throughput.
+    Sustained,
+    /// The producer's cost per record: it waits (untimed) until the consumer has read
+    /// everything, then times a burst of [`PRODUCER_BURST`] records while the consumer
+    /// drains them concurrently on the other core. A burst never finds the ring full,
+    /// so the consumer's speed does not set the figure, only the producer's own work and
+    /// the cache-line traffic the consumer's draining causes it. The sample is the
+    /// median burst's time per record, times the records in the sample.
+    Bursts,
 }
 
 /// Runs `consume` on the consumer CPU and, once it is running, `produce` on this thread
 /// on the producer CPU, one burst at a time (`produce(first, count)` writes the records
-/// `first..first + count`). Checks that the consumer saw exactly the records `0..n`.
+/// `first..first + count`), as `mode` says. Checks that the consumer saw exactly the
+/// records `0..n`.
 fn run_pair(
     name: &str,
     n: u64,
+    mode: Mode,
     mut produce: impl FnMut(u64, u64),
     consume: impl FnOnce(u64, &mut Clock) -> u64 + Send,
 ) -> Timing {
     let ready = AtomicBool::new(false);
+    let progress = Arc::new(CachePadded::new(AtomicU64::new(0)));
     let (start, producer, consumer, sum) = std::thread::scope(|s| {
         let ready = &ready;
+        let consumer_progress = Arc::clone(&progress);
         let consumer = s.spawn(move || {
             pin(CONSUMER_CPU);
-            let mut clock = Clock::new(n);
+            let mut clock = Clock::new(n, Some(consumer_progress));
             ready.store(true, Ordering::Release);
             let sum = consume(n, &mut clock);
             clock.stop(n);
             (sum, clock)
         });
         pin(PRODUCER_CPU);
-        let mut clock = Clock::new(n);
+        let mut clock = Clock::new(n, None);
         while !ready.load(Ordering::Acquire) {
             spin_loop();
         }
         let start = Instant::now();
         let mut first = 0;
-        while first < n {
-            let count = BURST.min(n - first);
-            produce(first, count);
-            first += count;
-            clock.tick(first);
-        }
-        clock.stop(n);
+        let producer = match mode {
+            Mode::Sustained => {
+                while first < n {
+                    let count = BURST.min(n - first);
+                    produce(first, count);
+                    first += count;
+                    clock.tick(first);
+                }
+                clock.stop(n);
+                clock.measure(start, n)
+            }
+            Mode::Bursts => {
+                let mut per_record = Vec::with_capacity((n / PRODUCER_BURST + 1) as usize);
+                while first < n {
+                    let count = PRODUCER_BURST.min(n - first);
+                    while progress.load(Ordering::Acquire) != first {
+                        spin_loop();
+                    }
+                    let began = Instant::now();
+                    produce(first, count);
+                    per_record.push(began.elapsed().as_secs_f64() / count as f64);
+                    first += count;
+                }
+                per_record.sort_by(f64::total_cmp);
+                Duration::from_secs_f64(per_record[per_record.len() / 2] * n as f64)
+            }
+        };
         let (sum, consumer) = consumer.join().expect("the consumer thread panicked");
-        (start, clock, consumer, sum)
+        (start, producer, consumer, sum)
     });
     assert_eq!(sum, expected_sum(n), "{name}: records lost or duplicated");
     Timing {
-        producer: producer.measure(start, n),
+        producer,
         end_to_end: consumer.measure(start, n),
     }
 }
@@ -254,6 +313,7 @@ fn drain_ours<R: Region>(reader: &mut Reader<R>, n: u64, clock: &mut Clock) -> u
             .expect("the bench's writer never breaks the protocol");
         if drained.consumed == 0 {
             spin_loop();
+            continue;
         }
         got += drained.consumed;
         clock.tick(got);
@@ -325,11 +385,21 @@ fn heap_ring() -> (Writer<Arc<HeapRegion>>, Reader<Arc<HeapRegion>>) {
     (Writer::new(Arc::clone(&region)), Reader::new(region))
 }
 
-fn ours_heap(name: &str, n: u64, produce: fn(&mut Writer<Arc<HeapRegion>>, u64, u64)) -> Timing {
+/// Runs one of our producer paths against our reader. `produce` is a generic function,
+/// not a function pointer, so that its loop is inlined into the producer's closure as
+/// the peers' loops are (a call through a pointer keeps the writer's fields in memory,
+/// which costs a store per record that the peers do not pay).
+fn ours_heap(
+    name: &str,
+    n: u64,
+    mode: Mode,
+    produce: impl Fn(&mut Writer<Arc<HeapRegion>>, u64, u64),
+) -> Timing {
     let (mut writer, mut reader) = heap_ring();
     run_pair(
         name,
         n,
+        mode,
         |first, count| produce(&mut writer, first, count),
         move |n, clock| drain_ours(&mut reader, n, clock),
     )
@@ -361,7 +431,7 @@ fn drain_rtrb(consumer: &mut rtrb::Consumer<Record>, n: u64, clock: &mut Clock) 
     sum
 }
 
-fn rtrb_push(n: u64) -> Timing {
+fn rtrb_push(n: u64, mode: Mode) -> Timing {
     let (mut producer, mut consumer) = RingBuffer::<Record>::new(CAPACITY);
     let produce = |first: u64, count: u64| {
         for seq in first..first + count {
@@ -372,12 +442,12 @@ fn rtrb_push(n: u64) -> Timing {
             }
         }
     };
-    run_pair("rtrb/push", n, produce, move |n, clock| {
+    run_pair("rtrb/push", n, mode, produce, move |n, clock| {
         drain_rtrb(&mut consumer, n, clock)
     })
 }
 
-fn rtrb_write_chunk_uninit(n: u64) -> Timing {
+fn rtrb_write_chunk_uninit(n: u64, mode: Mode) -> Timing {
     let (mut producer, mut consumer) = RingBuffer::<Record>::new(CAPACITY);
     let produce = |first: u64, count: u64| {
         let mut seq = first;
@@ -392,12 +462,16 @@ fn rtrb_write_chunk_uninit(n: u64) -> Timing {
             }
         }
     };
-    run_pair("rtrb/write_chunk_uninit", n, produce, move |n, clock| {
-        drain_rtrb(&mut consumer, n, clock)
-    })
+    run_pair(
+        "rtrb/write_chunk_uninit",
+        n,
+        mode,
+        produce,
+        move |n, clock| drain_rtrb(&mut consumer, n, clock),
+    )
 }
 
-fn rtrb_write_chunk(n: u64) -> Timing {
+fn rtrb_write_chunk(n: u64, mode: Mode) -> Timing {
     let (mut producer, mut consumer) = RingBuffer::<Record>::new(CAPACITY);
     let produce = |first: u64, count: u64| {
         let mut seq = first;
@@ -416,12 +490,12 @@ fn rtrb_write_chunk(n: u64) -> Timing {
             }
         }
     };
-    run_pair("rtrb/write_chunk", n, produce, move |n, clock| {
+    run_pair("rtrb/write_chunk", n, mode, produce, move |n, clock| {
         drain_rtrb(&mut consumer, n, clock)
     })
 }
 
-fn crossbeam_push(n: u64) -> Timing {
+fn crossbeam_push(n: u64, mode: Mode) -> Timing {
     let queue = ArrayQueue::<Record>::new(CAPACITY);
     let produce = |first: u64, count: u64| {
         for seq in first..first + count {
@@ -436,33 +510,36 @@ fn crossbeam_push(n: u64) -> Timing {
         let mut sum = 0u64;
         let mut got = 0;
         while got < n {
-            match queue.pop() {
-                Some(r) => {
-                    sum = sum.wrapping_add(r.words[0]);
-                    got += 1;
-                    clock.tick(got);
-                }
-                None => spin_loop(),
+            // Pop until empty, then tick once, as the other consumers tick once a drain.
+            let before = got;
+            while let Some(r) = queue.pop() {
+                sum = sum.wrapping_add(r.words[0]);
+                got += 1;
+            }
+            if got == before {
+                spin_loop();
+            } else {
+                clock.tick(got);
             }
         }
         sum
     };
-    run_pair("crossbeam/ArrayQueue::push", n, produce, consume)
+    run_pair("crossbeam/ArrayQueue::push", n, mode, produce, consume)
 }
 
 /// A thread-to-thread contender: moves `n` records through a fresh ring.
-type Contender = (&'static str, fn(u64) -> Timing);
+type Contender = (&'static str, fn(u64, Mode) -> Timing);
 
-fn ours_heap_push(n: u64) -> Timing {
-    ours_heap("ours/push", n, ours_push)
+fn ours_heap_push(n: u64, mode: Mode) -> Timing {
+    ours_heap("ours/push", n, mode, ours_push)
 }
 
-fn ours_heap_stage_flush(n: u64) -> Timing {
-    ours_heap("ours/stage_flush_64", n, ours_stage_flush)
+fn ours_heap_stage_flush(n: u64, mode: Mode) -> Timing {
+    ours_heap("ours/stage_flush_64", n, mode, ours_stage_flush)
 }
 
-fn ours_heap_push_all(n: u64) -> Timing {
-    ours_heap("ours/push_all_64", n, ours_push_all)
+fn ours_heap_push_all(n: u64, mode: Mode) -> Timing {
+    ours_heap("ours/push_all_64", n, mode, ours_push_all)
 }
 
 /// The producer-cost contenders, in the order they run.
@@ -489,7 +566,7 @@ fn producer_cost(c: &mut Criterion) {
     let mut group = c.benchmark_group("ring_producer");
     configure(&mut group);
     for (name, run) in PRODUCER_CONTENDERS {
-        group.bench_function(name, |b| b.iter_custom(|n| run(n).producer));
+        group.bench_function(name, |b| b.iter_custom(|n| run(n, Mode::Bursts).producer));
     }
     group.finish();
 }
@@ -499,7 +576,9 @@ fn thread_to_thread(c: &mut Criterion) {
     configure(&mut group);
     group.throughput(Throughput::Elements(1));
     for (name, run) in END_TO_END_CONTENDERS {
-        group.bench_function(name, |b| b.iter_custom(|n| run(n).end_to_end));
+        group.bench_function(name, |b| {
+            b.iter_custom(|n| run(n, Mode::Sustained).end_to_end)
+        });
     }
     group.finish();
 }
@@ -625,7 +704,7 @@ fn process_ring(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, op: u64) {
             let mut bad = 0u64;
             let mut got = 0;
             let mut idle = 0u32;
-            let mut clock = Clock::new(n);
+            let mut clock = Clock::new(n, None);
             let start = Instant::now();
             child.command(op, n);
             while got < n {
@@ -666,7 +745,7 @@ fn process_datagram(group: &mut BenchmarkGroup<'_, WallTime>, name: &str) {
             pin(CONSUMER_CPU);
             let mut buf = [0u8; 64];
             let mut bad = 0u64;
-            let mut clock = Clock::new(n);
+            let mut clock = Clock::new(n, None);
             let start = Instant::now();
             child.command(OP_PUSH, n);
             for got in 1..=n {
@@ -849,7 +928,7 @@ fn word_ring<const W: usize>(n: u64, batch: u64) -> Timing {
         }
         writer.flush();
     };
-    run_pair("record_size", n, produce, |n, clock| {
+    run_pair("record_size", n, Mode::Sustained, produce, |n, clock| {
         drain_words(&ring, n, clock)
     })
 }
@@ -897,12 +976,23 @@ fn summary(values: &mut [f64]) -> String {
     format!("{median:.1} [{min:.1}, {max:.1}]")
 }
 
+/// `a[k] / b[k]` for each round `k`: median [p25, p75]. The two ran in the same round,
+/// a few milliseconds apart, so the ratio cancels most of the machine's drift.
+fn paired(a: &[f64], b: &[f64]) -> String {
+    let mut ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+    ratios.sort_by(f64::total_cmp);
+    let at = |q: usize| ratios[(ratios.len() - 1) * q / 4];
+    format!("{:.2} [{:.2}, {:.2}]", at(2), at(1), at(3))
+}
+
 /// Criterion runs one benchmark after the other, and on a shared VM the cost of a
 /// cache-line transfer between the two vCPUs drifts over seconds to minutes, so
 /// contenders measured a minute apart may see different machines. This pass runs every
 /// thread-to-thread contender once per round, in a rotated order, for
-/// [`INTERLEAVED_ROUNDS`] rounds of [`INTERLEAVED_RECORDS`] records, so each sees the
-/// same mixture of conditions; it prints median [min, max] per contender.
+/// [`INTERLEAVED_ROUNDS`] rounds of [`INTERLEAVED_RECORDS`] records (once timed as
+/// [`Mode::Bursts`], once as [`Mode::Sustained`]), so each sees the same mixture of
+/// conditions; it prints median [min, max] per contender, and each contender's
+/// per-round ratio to the peer the issue names ([`paired`]).
 fn interleaved() {
     let ns = |d: Duration| d.as_secs_f64() * 1e9 / INTERLEAVED_RECORDS as f64;
     println!(
@@ -915,18 +1005,41 @@ fn interleaved() {
     for round in 0..INTERLEAVED_ROUNDS {
         for k in 0..contenders.len() {
             let i = (round + k) % contenders.len();
-            let timing = (contenders[i].1)(INTERLEAVED_RECORDS);
-            producer[i].push(ns(timing.producer));
-            end_to_end[i].push(ns(timing.end_to_end));
+            let run = contenders[i].1;
+            producer[i].push(ns(run(INTERLEAVED_RECORDS, Mode::Bursts).producer));
+            end_to_end[i].push(ns(run(INTERLEAVED_RECORDS, Mode::Sustained).end_to_end));
         }
     }
-    println!("| contender | producer ns/record | end-to-end ns/record |");
-    println!("| --- | --- | --- |");
+    // Per-round ratios first: `summary` sorts the series in place.
+    let position = |peer: &str| {
+        contenders
+            .iter()
+            .position(|(name, _)| *name == peer)
+            .expect("the peer is a contender")
+    };
+    let (push, chunk) = (position("rtrb/push"), position("rtrb/write_chunk_64"));
+    let producer_ratio: Vec<String> = (0..contenders.len())
+        .map(|i| paired(&producer[i], &producer[push]))
+        .collect();
+    let end_to_end_ratio: Vec<String> = (0..contenders.len())
+        .map(|i| paired(&end_to_end[i], &end_to_end[chunk]))
+        .collect();
+    println!(
+        "producer: Mode::Bursts; end-to-end: Mode::Sustained. Ratios are per round (the \
+         two contenders ran next to each other), median [p25, p75]; below 1 is faster."
+    );
+    println!(
+        "| contender | producer ns/record | producer / rtrb push | end-to-end ns/record \
+         | end-to-end / rtrb write_chunk_64 |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
     for (i, (name, _)) in contenders.iter().enumerate() {
         println!(
-            "| {name} | {} | {} |",
+            "| {name} | {} | {} | {} | {} |",
             summary(&mut producer[i]),
-            summary(&mut end_to_end[i])
+            producer_ratio[i],
+            summary(&mut end_to_end[i]),
+            end_to_end_ratio[i],
         );
     }
 
