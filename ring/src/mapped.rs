@@ -155,6 +155,20 @@ impl MappedRegion {
         self.base
     }
 
+    /// The first word of `slot`.
+    ///
+    /// # Safety
+    ///
+    /// `slot < capacity`: the result then points inside the validated region (no
+    /// masking here; the callers mask with the same geometry).
+    #[inline(always)]
+    unsafe fn slot_ptr(&self, slot: usize) -> *mut u64 {
+        let offset = self.geometry.records_offset() + slot * RECORD_SIZE;
+        // SAFETY: `records_offset + capacity * RECORD_SIZE` is the validated region
+        // length, so the slot's bytes lie inside the caller's memory.
+        unsafe { self.base.as_ptr().add(offset) }.cast::<u64>()
+    }
+
     /// The atomic word at byte `offset` of the region.
     ///
     /// # Safety
@@ -195,23 +209,26 @@ unsafe impl Region for MappedRegion {
     unsafe fn write_slot(&self, slot: usize, record: &Record) {
         debug_assert!(slot < self.geometry.capacity() as usize);
         let words: [u64; WORDS_PER_RECORD] = zerocopy::transmute!(*record);
-        let offset = self.geometry.record_offset(slot as u64);
+        // The slot's address once: `word` would load `base` again after every store,
+        // which the compiler cannot tell apart from this region's own fields.
+        // SAFETY: `slot < capacity`, the caller's precondition.
+        let at = unsafe { self.slot_ptr(slot) };
         for (i, word) in words.iter().enumerate() {
-            // SAFETY: `slot < capacity` (the caller's precondition), so `offset` is a
-            // record slot inside the validated region; records are 8-aligned and word
-            // `i` of 4 stays inside the slot.
-            unsafe { self.word(offset + i * 8) }.store(*word, Ordering::Relaxed);
+            // SAFETY: `at` is a record slot inside the validated region (`slot_ptr`),
+            // 8-aligned; word `i` of 4 stays inside it.
+            unsafe { AtomicU64::from_ptr(at.add(i)) }.store(*word, Ordering::Relaxed);
         }
     }
     #[inline(always)]
     unsafe fn read_slot(&self, slot: usize) -> Record {
         debug_assert!(slot < self.geometry.capacity() as usize);
-        let offset = self.geometry.record_offset(slot as u64);
+        // SAFETY: `slot < capacity`, the caller's precondition.
+        let at = unsafe { self.slot_ptr(slot) };
         let mut words = [0u64; WORDS_PER_RECORD];
         for (i, word) in words.iter_mut().enumerate() {
             // SAFETY: as in `write_slot`: inside the slot, 8-aligned. The load is atomic,
             // so a concurrent hostile write gives a torn value, never UB.
-            *word = unsafe { self.word(offset + i * 8) }.load(Ordering::Relaxed);
+            *word = unsafe { AtomicU64::from_ptr(at.add(i)) }.load(Ordering::Relaxed);
         }
         zerocopy::transmute!(words)
     }

@@ -73,8 +73,11 @@ impl<R: Region> Writer<R> {
     /// nothing is written, the record is counted as dropped, and `Err(Full)` returned.
     #[inline]
     pub fn push(&mut self, record: Record) -> Result<(), Full> {
-        self.stage(record)?;
-        self.publish();
+        if !self.has_room(1) {
+            self.count_dropped(1);
+            return Err(Full);
+        }
+        self.write_and_publish(record);
         Ok(())
     }
 
@@ -86,8 +89,7 @@ impl<R: Region> Writer<R> {
         if !self.has_room(1) {
             return Err(Full);
         }
-        self.write_unchecked(record);
-        self.publish();
+        self.write_and_publish(record);
         Ok(())
     }
 
@@ -127,8 +129,7 @@ impl<R: Region> Writer<R> {
         }
     }
 
-    /// Publishes up to `write`; the pushes call it right after writing a record, when
-    /// there is always something to publish, so they skip `flush`'s comparison.
+    /// Publishes up to `write`.
     #[inline(always)]
     fn publish(&mut self) {
         // ORDERING: Release pairs with the reader's Acquire load of the write position:
@@ -230,6 +231,26 @@ impl<R: Region> Writer<R> {
         // ORDERING: Acquire pairs with the reader's Release store of the read position:
         // its copies out of the slots below it happen-before we overwrite them.
         self.cached_read = self.region.read_pos().load(Ordering::Acquire);
+    }
+
+    /// The pushes' path once `has_room` said yes: writes `record` and publishes it with
+    /// anything staged. Both addresses are taken before the slot's stores, so nothing
+    /// is loaded again after them (the compiler cannot tell that those stores, through
+    /// pointers into the region, leave the writer's own fields alone).
+    #[inline(always)]
+    fn write_and_publish(&mut self, record: Record) {
+        let write = self.write;
+        let next = write.wrapping_add(1);
+        let position = self.region.write_pos();
+        let slot = (write & self.mask) as usize;
+        // SAFETY: as in `write_unchecked`: masked, so `slot < capacity`; free by
+        // `has_room`; we are the only writer.
+        unsafe { self.region.write_slot(slot, &record) };
+        self.write = next;
+        self.published = next;
+        // ORDERING: Release pairs with the reader's Acquire load of the write position:
+        // the slot writes before it happen-before the reader's copies.
+        position.store(next, Ordering::Release);
     }
 
     #[inline(always)]
