@@ -471,7 +471,7 @@ fn producer_cost(c: &mut Criterion) {
     }
     group.finish();
 
-    if want_interleaved() {
+    if want_interleaved("producer_cost") {
         let mut ns = vec![Vec::new(); PRODUCER_CONTENDERS.len()];
         for round in 0..INTERLEAVED_ROUNDS {
             for k in 0..PRODUCER_CONTENDERS.len() {
@@ -946,7 +946,7 @@ fn end_to_end(c: &mut Criterion) {
     });
     group.finish();
 
-    if want_interleaved() {
+    if want_interleaved("end_to_end") {
         let mut rates = [Vec::new(), Vec::new()];
         for round in 0..E2E_INTERLEAVED_ROUNDS {
             for k in 0..2 {
@@ -1217,7 +1217,7 @@ fn metricsd_drain(c: &mut Criterion) {
     }
     group.finish();
 
-    if want_interleaved() {
+    if want_interleaved("metricsd_drain") {
         let records = (DRAIN_RINGS as u64 * DRAIN_FILL) as f64;
         let mut rates = vec![Vec::new(); DRAIN_CONTENDERS.len()];
         for round in 0..INTERLEAVED_ROUNDS {
@@ -1263,9 +1263,17 @@ const INTERLEAVED_ENV: &str = "TELEMETRY_BENCH_INTERLEAVED";
 /// cache-line transfer between the two vCPUs drifts over seconds to minutes. After each
 /// group, a plain full run also runs every contender of the group once per round, order
 /// rotated, so all see the same mixture of conditions, and prints median [min, max].
-fn want_interleaved() -> bool {
+/// With `TELEMETRY_BENCH_INTERLEAVED=1` and a filter (`-- producer_cost`), only the
+/// passes of the groups whose names contain the filter run.
+fn want_interleaved(group: &str) -> bool {
     match std::env::var(INTERLEAVED_ENV).as_deref() {
-        Ok("1") => true,
+        Ok("1") => {
+            let filters: Vec<String> = std::env::args()
+                .skip(1)
+                .filter(|arg| !arg.starts_with("--"))
+                .collect();
+            filters.is_empty() || filters.iter().any(|f| group.contains(f.as_str()))
+        }
         Ok(_) => false,
         Err(_) => std::env::args().skip(1).all(|arg| arg == "--bench"),
     }
