@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use telemetry_abi::{Record, RecordKind, RegisterKind, SpanStatus};
-use telemetry_ring::MemfdRegion;
+use telemetry_ring::{MemfdRegion, Writer};
 
 use crate::global::{count_unavailable, global, monotonic_ns};
 use crate::intern::{GlobalRegistry, KeyError};
@@ -64,6 +64,14 @@ pub(crate) struct Local {
     current_span: u64,
     /// (address, length, kind, key) of recently interned `&'static str`s.
     strs: [(usize, usize, u16, u32); STR_CACHE],
+    /// A released ring its consumer had not closed yet: metricsd hangs up on a producer
+    /// before its last drain of the producer's rings, so a thread can let go of a ring
+    /// while records it wrote after that drain's look at the write position are still
+    /// unread. Checked again on cold paths ([`Local::check_retired`]) until metricsd
+    /// closes it, then accounted for like a ring found closed at release. One per thread;
+    /// a ring whose consumer never closes it (a crash) is let go when the next one
+    /// retires or the thread exits.
+    retired: Option<Writer<MemfdRegion>>,
 }
 
 thread_local! {
@@ -236,6 +244,7 @@ impl Local {
             rings: 0,
             current_span: 0,
             strs: [(0, 0, 0, 0); STR_CACHE],
+            retired: None,
         }
     }
 
@@ -254,6 +263,7 @@ impl Local {
     #[cold]
     #[inline(never)]
     fn record_cold(&mut self, op: impl Op) {
+        self.check_retired();
         let result = match self.ring() {
             Ok(ring) => op.apply(&mut ring.recorder),
             Err(reason) => return self.count(Event::Dropped(reason), 1),
@@ -323,35 +333,51 @@ impl Local {
     /// If metricsd closed the ring after its last drain (a restart, say), what it had
     /// not read is known exactly: counter increments among it go back into the pending
     /// deltas (so they reach the next ring: late, never short) and every other record
-    /// is counted as dropped. A ring whose consumer vanished without closing it (a
-    /// crash) gives no such account.
+    /// is counted as dropped. A ring not closed yet is kept as the thread's retired ring
+    /// and accounted for the same way once it is. A ring whose consumer vanished without
+    /// closing it (a crash) gives no such account.
     fn release(&mut self) {
         if let Slot::Ready(ring) = std::mem::replace(&mut self.slot, Slot::Unclaimed) {
             let (mut writer, mut table, _) = ring.recorder.into_parts();
             if writer.is_closed() {
-                let mut lost = 0;
-                writer.for_each_unconsumed(|record| match record.kind {
-                    RecordKind::COUNTER => {
-                        if !table.add_pending(record.key, record.words[0]) {
-                            lost += 1;
-                        }
-                    }
-                    // Registrations are written again on the next ring before use.
-                    RecordKind::REGISTER | RecordKind::REGISTER_DATA => {}
-                    _ => lost += 1,
-                });
-                if lost > 0 {
-                    self.count(Event::Dropped(DropReason::NoMetricsd), lost);
-                }
+                let lost = salvage(&mut writer, |key, n| table.add_pending(key, n));
+                self.count_salvage_loss(lost);
+            } else {
+                self.retired = Some(writer);
             }
             self.table = Some(table);
         }
         self.current_span = 0;
     }
 
+    /// Accounts for the retired ring once its consumer has closed it: its unread
+    /// counter increments become pending deltas of the current key table (the ring's,
+    /// or the one kept while there is no ring), the rest is counted as dropped.
+    fn check_retired(&mut self) {
+        let Some(mut writer) = self.retired.take_if(|w| w.is_closed()) else {
+            return;
+        };
+        let lost = match (&mut self.slot, &mut self.table) {
+            (Slot::Ready(ring), _) => {
+                salvage(&mut writer, |key, n| ring.recorder.hold_back(key, n))
+            }
+            (_, Some(table)) => salvage(&mut writer, |key, n| table.add_pending(key, n)),
+            // No key table at all: nothing can hold the increments.
+            (_, None) => salvage(&mut writer, |_, _| false),
+        };
+        self.count_salvage_loss(lost);
+    }
+
+    fn count_salvage_loss(&mut self, lost: u64) {
+        if lost > 0 {
+            self.count(Event::Dropped(DropReason::NoMetricsd), lost);
+        }
+    }
+
     #[cold]
     #[inline(never)]
     fn claim(&mut self, previous_backoff_ns: u64) -> Result<(), DropReason> {
+        self.check_retired();
         let global = global();
         if self.thread == 0 {
             // ORDERING: Relaxed: a unique number, nothing published with it.
@@ -411,6 +437,7 @@ impl Local {
     }
 
     fn flush(&mut self) -> bool {
+        self.check_retired();
         let has_pending = match (&self.slot, &self.table) {
             (Slot::Ready(ring), _) => ring.recorder.pending_keys() > 0,
             (_, Some(table)) => table.pending_keys() > 0,
@@ -537,11 +564,30 @@ fn to_span_id(id: u64) -> Option<SpanId> {
     SpanId::new(id)
 }
 
+/// Visits what `writer` published and its (closed) consumer never read: counter
+/// increments are offered to `hold` (key, amount), registrations skipped (a new ring
+/// gets its own), everything else lost. Returns the records lost.
+fn salvage(writer: &mut Writer<MemfdRegion>, mut hold: impl FnMut(u32, u64) -> bool) -> u64 {
+    let mut lost = 0;
+    writer.for_each_unconsumed(|record| match record.kind {
+        RecordKind::COUNTER => {
+            if !hold(record.key, record.words[0]) {
+                lost += 1;
+            }
+        }
+        // Registrations are written again on the next ring before use.
+        RecordKind::REGISTER | RecordKind::REGISTER_DATA => {}
+        _ => lost += 1,
+    });
+    lost
+}
+
 impl Drop for Local {
     fn drop(&mut self) {
-        // Best effort at thread exit: write what counters still owe; what cannot be
-        // written now (the ring is still full, or there is no ring) is counted as
-        // dropped, one record per key.
+        // Best effort at thread exit: account for a retired ring metricsd has closed by
+        // now, then write what counters still owe; what cannot be written now (the ring
+        // is still full, or there is no ring) is counted as dropped, one record per key.
+        self.check_retired();
         let (reason, lost) = match &mut self.slot {
             Slot::Ready(ring) => {
                 let lost = if ring.recorder.flush() > 0 {

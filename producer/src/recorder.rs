@@ -223,6 +223,13 @@ where
         discarded
     }
 
+    /// Holds back `n` increments of counter `key` as a pending delta, written ahead of a
+    /// later record (as a full ring's increments are). False (and nothing held) if the
+    /// key is out of range or the sum would overflow.
+    pub(crate) fn hold_back(&mut self, key: u32, n: u64) -> bool {
+        self.table.add_pending(key, n)
+    }
+
     /// Moves to a new ring: forgets which keys were registered (the new ring has
     /// none), restarts span ids, keeps pending counter deltas. Returns the old writer.
     pub fn replace_writer(&mut self, writer: Writer<R>) -> Writer<R> {
