@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Server, wait_until, watchdog};
-use nexus_metrics::{Config, DropReason, RegisterKind, counter};
+use common::{Server, install_with_fast_reconnect, wait_until, watchdog};
+use nexus_metrics::{DropReason, RegisterKind, counter};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -29,14 +29,7 @@ fn has_samples(server: &Server, min_rings: usize) -> bool {
 #[test]
 fn producer_reconnects_after_metricsd_restarts_and_reclaims_closed_rings() {
     let _dog = watchdog(Duration::from_secs(40));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("metricsd.sock");
-    nexus_metrics::install(
-        Config::new()
-            .socket(&path)
-            .retry(Duration::from_millis(1), Duration::from_millis(5)),
-    )
-    .expect("first install");
+    let (_dir, path) = install_with_fast_reconnect();
     let mut first = Server::start(&path, 64);
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -9,8 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, sum, wait_until, watchdog};
-use nexus_metrics::{Config, DropReason, RegisterKind, counter};
+use common::{Server, install_with_fast_reconnect, sum, wait_until, watchdog};
+use nexus_metrics::{DropReason, RegisterKind, counter};
 
 const LIMIT: Duration = Duration::from_secs(10);
 const NAME: &str = "rw.requests";
@@ -31,14 +31,7 @@ fn total(server: &Server) -> u64 {
 #[test]
 fn increments_left_in_a_ring_released_before_it_closed_reach_the_next_ring() {
     let _dog = watchdog(Duration::from_secs(30));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("metricsd.sock");
-    nexus_metrics::install(
-        Config::new()
-            .socket(&path)
-            .retry(Duration::from_millis(1), Duration::from_millis(5)),
-    )
-    .expect("first install");
+    let (_dir, path) = install_with_fast_reconnect();
     let mut first = Server::start(&path, 64);
 
     // 1. Three increments, drained by the first metricsd: its last look at the ring.

@@ -399,6 +399,21 @@ impl Drop for Watchdog {
     }
 }
 
+/// Installs the library on a socket path in a fresh temporary directory, reconnecting
+/// 1 to 5 ms apart (the restart tests). Returns the directory (keep it alive) and the
+/// path, where nothing listens yet.
+pub fn install_with_fast_reconnect() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("metricsd.sock");
+    nexus_metrics::install(
+        nexus_metrics::Config::new()
+            .socket(&path)
+            .retry(Duration::from_millis(1), Duration::from_millis(5)),
+    )
+    .expect("first install");
+    (dir, path)
+}
+
 /// Polls `cond` every millisecond until it holds; panics after `limit`.
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
