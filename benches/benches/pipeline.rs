@@ -57,31 +57,14 @@ use metricsd::snapshot::GrantStats;
 use metricsd::{Daemon, DaemonHandle, MemorySink, Snapshot, Value};
 use nexus_metrics::{ClaimError, RingInfo, RingSource};
 use telemetry_abi::{Geometry, MAX_REGISTER_RECORDS, Record, RegisterKind, SpanStatus};
+use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, pin};
 use telemetry_ring::{MemfdRegion, Reader, Writer};
 
-/// Where the producer (thread or child process) runs.
-const PRODUCER_CPU: usize = 0;
-/// Where the consumer (metricsd, the StatsD receiver, the drain thread) runs.
-const CONSUMER_CPU: usize = 1;
 /// Set in the environment of the re-executed bench binary: it is a child producer of
 /// this kind (`nexus` or `statsd`).
 const CHILD_ENV: &str = "TELEMETRY_BENCH_PIPELINE_CHILD";
 /// The child's socket: metricsd's control socket, or the StatsD receiver's.
 const CHILD_SOCKET_ENV: &str = "TELEMETRY_BENCH_PIPELINE_SOCKET";
-/// Set in the environment to leave threads unpinned (to compare).
-const NO_PIN_ENV: &str = "TELEMETRY_BENCH_NO_PIN";
-
-/// Pins the calling thread (and the threads and children it starts afterwards) to
-/// `cpu`, unless `TELEMETRY_BENCH_NO_PIN` is set. Best effort: on a machine without
-/// `cpu` the call fails and the thread keeps its affinity.
-fn pin(cpu: usize) {
-    if std::env::var_os(NO_PIN_ENV).is_some() {
-        return;
-    }
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
-    let _ = rustix::thread::sched_setaffinity(None, &set);
-}
 
 /// A latency-like value for sample `i`: spread over ~20 exponential buckets.
 #[inline(always)]

@@ -55,6 +55,7 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 use telemetry_abi::{Geometry, Record};
+use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, pin};
 use telemetry_ring::{HeapRegion, MemfdRegion, Reader, Region, Writer};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -62,10 +63,6 @@ use zerocopy::{FromBytes, IntoBytes};
 const CAPACITY: usize = 4096;
 /// Records per batch on the batch paths.
 const BATCH: usize = 64;
-/// Where the producer (thread or child process) runs.
-const PRODUCER_CPU: usize = 0;
-/// Where the consumer runs.
-const CONSUMER_CPU: usize = 1;
 /// Set in the environment of the re-executed bench binary: it is the child producer.
 const CHILD_ENV: &str = "TELEMETRY_BENCH_RING_CHILD";
 
@@ -79,25 +76,6 @@ fn record(seq: u64) -> Record {
 /// The sum of the sequence numbers `0..n`, which the consumer must have seen.
 fn expected_sum(n: u64) -> u64 {
     (0..n).fold(0u64, u64::wrapping_add)
-}
-
-// --- Pinning -------------------------------------------------------------------------
-
-/// Set in the environment to leave threads unpinned (to compare).
-const NO_PIN_ENV: &str = "TELEMETRY_BENCH_NO_PIN";
-
-/// Pins the calling thread to `cpu` unless `TELEMETRY_BENCH_NO_PIN` is set. Best effort:
-/// on a machine without `cpu` the call fails and the thread keeps its affinity (an
-/// unpinned run is still a valid, noisier measurement). Whether to pin is not decided
-/// from `available_parallelism`: that follows the caller's affinity, which an earlier
-/// pin (inherited by spawned threads and the child process) has narrowed to one CPU.
-fn pin(cpu: usize) {
-    if std::env::var_os(NO_PIN_ENV).is_some() {
-        return;
-    }
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
-    let _ = rustix::thread::sched_setaffinity(None, &set);
 }
 
 // --- Thread to thread ----------------------------------------------------------------
