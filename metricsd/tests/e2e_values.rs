@@ -13,7 +13,7 @@ use e2e_support::{
     Producer, WAIT, child, config, last_field, query, series_records, start_logd, start_metricsd,
     wait_for, watchdog,
 };
-use metricsd::{MetricKind, Reason, Value, series_id};
+use metricsd::{MetricKind, Reason, Snapshot, Value, series_id};
 use nexus_metrics::{
     Config, Counter, Histogram, ManualClock, Status, counter, gauge, histogram, span,
 };
@@ -43,6 +43,18 @@ fn assert_clean(report: &e2e_support::Report) {
     assert_eq!(report.u64("dropped"), 0, "{report:?}");
     assert_eq!(report.u64("coalesced"), 0, "{report:?}");
     assert_eq!(report.u64("rings"), 1, "{report:?}");
+}
+
+/// Runs the child test `child` as service `service` to its end, checks that it
+/// recorded everything through one ring, waits until metricsd has drained and closed
+/// that ring, and returns metricsd's snapshot once it has exported to logd.
+fn run_producer(daemon: &metricsd::DaemonHandle, child: &str, service: &str) -> Snapshot {
+    let mut producer = Producer::spawn(child, service, daemon.socket_path(), &[]);
+    let report = producer.expect("stats");
+    producer.finish();
+    assert_clean(&report);
+    wait_closed(daemon, service);
+    daemon.flush(WAIT).expect("flush")
 }
 
 /// Waits until metricsd has seen every ring of `service` close (the producer exited and
@@ -128,17 +140,7 @@ fn histogram_buckets_are_exact_on_and_around_every_bound() {
     let logd = start_logd(&logd_path);
     let daemon = start_metricsd(cfg);
 
-    let mut producer = Producer::spawn(
-        "child_records_values_around_bucket_bounds",
-        "hist",
-        daemon.socket_path(),
-        &[],
-    );
-    let report = producer.expect("stats");
-    producer.finish();
-    assert_clean(&report);
-    wait_closed(&daemon, "hist");
-    let snap = daemon.flush(WAIT).expect("flush");
+    let snap = run_producer(&daemon, "child_records_values_around_bucket_bounds", "hist");
     assert_eq!(snap.rejects.total(), 0, "{:?}", snap.rejects);
 
     let b_values = [10, 10, 10_001];
@@ -487,17 +489,7 @@ fn cardinality_caps_route_the_rest_into_overflow_series_with_exact_totals() {
     let logd = start_logd(&logd_path);
     let daemon = start_metricsd(cfg);
 
-    let mut producer = Producer::spawn(
-        "child_floods_label_cardinality",
-        "caps",
-        daemon.socket_path(),
-        &[],
-    );
-    let report = producer.expect("stats");
-    producer.finish();
-    assert_clean(&report);
-    wait_closed(&daemon, "caps");
-    let snap = daemon.flush(WAIT).expect("flush");
+    let snap = run_producer(&daemon, "child_floods_label_cardinality", "caps");
 
     // e2e.logins: users u0..u3 get series (the per-metric cap is 4); u4..u9 land in
     // the metric's overflow series.
@@ -686,17 +678,11 @@ fn sensitive_label_and_attribute_values_never_reach_logd() {
     let logd = start_logd(&logd_path);
     let daemon = start_metricsd(cfg);
 
-    let mut producer = Producer::spawn(
+    let snap = run_producer(
+        &daemon,
         "child_records_secrets_in_labels_and_attributes",
         "login",
-        daemon.socket_path(),
-        &[],
     );
-    let report = producer.expect("stats");
-    producer.finish();
-    assert_clean(&report);
-    wait_closed(&daemon, "login");
-    let snap = daemon.flush(WAIT).expect("flush");
     assert_eq!(snap.rejects.total(), 0, "{:?}", snap.rejects);
     // Two api_token registrations, one password, one Authorization.
     assert_eq!(snap.store.labels_redacted, 4);
