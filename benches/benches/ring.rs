@@ -268,7 +268,11 @@ fn run_pair(
                     first += count;
                 }
                 per_record.sort_by(f64::total_cmp);
-                Duration::from_secs_f64(per_record[per_record.len() / 2] * n as f64)
+                per_record
+                    .get(per_record.len() / 2)
+                    .map_or(Duration::ZERO, |median| {
+                        Duration::from_secs_f64(median * n as f64)
+                    })
             }
         };
         let (sum, consumer) = consumer.join().expect("the consumer thread panicked");
