@@ -62,9 +62,7 @@ impl HeapRegion {
             lines: lines.into_boxed_slice(),
         })
     }
-}
 
-impl HeapRegion {
     /// The cell of `slot`.
     ///
     /// # Safety

@@ -234,18 +234,14 @@ impl<R: Region> Writer<R> {
     }
 
     /// The pushes' path once `has_room` said yes: writes `record` and publishes it with
-    /// anything staged. Both addresses are taken before the slot's stores, so nothing
-    /// is loaded again after them (the compiler cannot tell that those stores, through
-    /// pointers into the region, leave the writer's own fields alone).
+    /// anything staged. The write position's address is taken before the slot's
+    /// stores and the new position kept in a register, so nothing is loaded again after
+    /// them (the compiler cannot tell that those stores, through pointers into the
+    /// region, leave the writer's own fields alone).
     #[inline(always)]
     fn write_and_publish(&mut self, record: Record) {
-        let write = self.write;
-        let next = write.wrapping_add(1);
         let position = self.region.write_pos();
-        let slot = (write & self.mask) as usize;
-        // SAFETY: as in `write_unchecked`: masked, so `slot < capacity`; free by
-        // `has_room`; we are the only writer.
-        unsafe { self.region.write_slot(slot, &record) };
+        let next = write_at(&self.region, self.mask, self.write, &record);
         self.write = next;
         self.published = next;
         // ORDERING: Release pairs with the reader's Acquire load of the write position:
@@ -253,13 +249,22 @@ impl<R: Region> Writer<R> {
         position.store(next, Ordering::Release);
     }
 
+    /// Writes `record` without publishing it, once `has_room` said yes.
     #[inline(always)]
     fn write_unchecked(&mut self, record: Record) {
-        let slot = (self.write & self.mask) as usize;
-        // SAFETY: masked by the private geometry, `slot < capacity`; `has_room` showed
-        // `write - read < capacity`, so this slot is not among those published and
-        // unread; we are the only writer (`&mut self`).
-        unsafe { self.region.write_slot(slot, &record) };
-        self.write = self.write.wrapping_add(1);
+        self.write = write_at(&self.region, self.mask, self.write, &record);
     }
+}
+
+/// Stores `record` in the slot of position `write` and returns the next position. The
+/// caller is the ring's only writer (it holds the `Writer` mutably) and `has_room` has
+/// shown `write - read < capacity`.
+#[inline(always)]
+fn write_at<R: Region>(region: &R, mask: u64, write: u64, record: &Record) -> u64 {
+    let slot = (write & mask) as usize;
+    // SAFETY: masked by the private geometry, `slot < capacity`; `has_room` showed
+    // `write - read < capacity`, so this slot is not among those published and unread;
+    // the caller is the only writer.
+    unsafe { region.write_slot(slot, record) };
+    write.wrapping_add(1)
 }
