@@ -67,7 +67,7 @@ pub(crate) struct Local {
     /// A released ring its consumer had not closed yet: metricsd hangs up on a producer
     /// before its last drain of the producer's rings, so a thread can let go of a ring
     /// while records it wrote after that drain's look at the write position are still
-    /// unread. Checked again on cold paths ([`Local::check_retired`]) until metricsd
+    /// unread. Checked again on slow paths ([`Local::check_retired`]) until metricsd
     /// closes it, then accounted for like a ring found closed at release. One per thread;
     /// a ring whose consumer never closes it (a crash) is let go when the next one
     /// retires or the thread exits.
@@ -263,7 +263,6 @@ impl Local {
     #[cold]
     #[inline(never)]
     fn record_cold(&mut self, op: impl Op) {
-        self.check_retired();
         let result = match self.ring() {
             Ok(ring) => op.apply(&mut ring.recorder),
             Err(reason) => return self.count(Event::Dropped(reason), 1),
@@ -295,8 +294,10 @@ impl Local {
     }
 
     /// The thread's usable ring, claiming one if it has none (or a stale one) and the
-    /// backoff allows.
+    /// backoff allows. Every slow path comes through here, so this is also where a
+    /// retired ring is looked at again.
     fn ring(&mut self) -> Result<&mut Ring, DropReason> {
+        self.check_retired();
         let mut backoff_ns = 0;
         match &mut self.slot {
             Slot::Ready(ring) if ring.generation == generation() => {}
@@ -377,7 +378,6 @@ impl Local {
     #[cold]
     #[inline(never)]
     fn claim(&mut self, previous_backoff_ns: u64) -> Result<(), DropReason> {
-        self.check_retired();
         let global = global();
         if self.thread == 0 {
             // ORDERING: Relaxed: a unique number, nothing published with it.
