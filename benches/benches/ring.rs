@@ -228,10 +228,12 @@ fn run_pair(
     let progress = Arc::new(CachePadded::new(AtomicU64::new(0)));
     let (start, producer, consumer, sum) = std::thread::scope(|s| {
         let ready = &ready;
-        let consumer_progress = Arc::clone(&progress);
+        // Only the bursts need the consumer's count; a sustained run's consumer does
+        // not publish it.
+        let consumer_progress = (mode == Mode::Bursts).then(|| Arc::clone(&progress));
         let consumer = s.spawn(move || {
             pin(CONSUMER_CPU);
-            let mut clock = Clock::new(n, Some(consumer_progress));
+            let mut clock = Clock::new(n, consumer_progress);
             ready.store(true, Ordering::Release);
             let sum = consume(n, &mut clock);
             clock.stop(n);
