@@ -206,9 +206,9 @@ unsafe impl Region for MappedRegion {
         unsafe { self.word(CONSUMER_FLAGS_OFFSET) }
     }
     #[inline(always)]
-    unsafe fn write_slot(&self, slot: usize, record: &Record) {
+    unsafe fn write_slot(&self, slot: usize, record: Record) {
         debug_assert!(slot < self.geometry.capacity() as usize);
-        let words: [u64; WORDS_PER_RECORD] = zerocopy::transmute!(*record);
+        let words: [u64; WORDS_PER_RECORD] = zerocopy::transmute!(record);
         // The slot's address once: `word` would load `base` again after every store,
         // which the compiler cannot tell apart from this region's own fields.
         // SAFETY: `slot < capacity`, the caller's precondition.

@@ -220,7 +220,7 @@ unsafe impl Region for MemfdRegion {
         self.region.consumer_flags()
     }
     #[inline(always)]
-    unsafe fn write_slot(&self, slot: usize, record: &Record) {
+    unsafe fn write_slot(&self, slot: usize, record: Record) {
         // SAFETY: the caller's guarantees are passed on unchanged.
         unsafe { self.region.write_slot(slot, record) }
     }

@@ -41,7 +41,7 @@ pub unsafe trait Region {
     /// `slot < geometry().capacity()`; the caller is the ring's only writer and, by the
     /// protocol, the consumer is not reading `slot` (it lies between the read and the
     /// write position plus capacity).
-    unsafe fn write_slot(&self, slot: usize, record: &Record);
+    unsafe fn write_slot(&self, slot: usize, record: Record);
 
     /// Copies the record out of `slot`.
     ///
@@ -79,7 +79,7 @@ macro_rules! forward_region {
             fn consumer_flags(&self) -> &AtomicU64 {
                 (**self).consumer_flags()
             }
-            unsafe fn write_slot(&self, slot: usize, record: &Record) {
+            unsafe fn write_slot(&self, slot: usize, record: Record) {
                 // SAFETY: the caller's guarantees are passed on unchanged.
                 unsafe { (**self).write_slot(slot, record) }
             }

@@ -37,10 +37,9 @@ pub struct Writer<R: Region> {
     region: R,
     mask: u64,
     capacity: u64,
-    /// Next position to write (staged records lie between `published` and here).
+    /// Next position to write. Staged records lie between the shared write position
+    /// (what the consumer can see, which only this writer stores) and here.
     write: u64,
-    /// What the consumer can see.
-    published: u64,
     /// The consumer's read position as last loaded.
     cached_read: u64,
     /// Records given up on; mirrored to the shared `dropped` word.
@@ -63,7 +62,6 @@ impl<R: Region> Writer<R> {
             capacity: u64::from(geometry.capacity()),
             region,
             write,
-            published: write,
             cached_read,
             dropped,
         }
@@ -124,9 +122,18 @@ impl<R: Region> Writer<R> {
     /// Publishes every staged record. Cheap when nothing is staged.
     #[inline]
     pub fn flush(&mut self) {
-        if self.published != self.write {
+        if self.published() != self.write {
             self.publish();
         }
+    }
+
+    /// The write position last published. This writer is the only one that stores it,
+    /// so reading it back costs a load from a line this core already holds (the
+    /// consumer only reads it), and spares each push a store of its own copy.
+    #[inline(always)]
+    fn published(&self) -> u64 {
+        // ORDERING: Relaxed: the word's only writer reads its own last store.
+        self.region.write_pos().load(Ordering::Relaxed)
     }
 
     /// Publishes up to `write`.
@@ -135,7 +142,6 @@ impl<R: Region> Writer<R> {
         // ORDERING: Release pairs with the reader's Acquire load of the write position:
         // the slot writes before it happen-before the reader's copies.
         self.region.write_pos().store(self.write, Ordering::Release);
-        self.published = self.write;
     }
 
     /// Counts `n` records the caller gave up on (for example because a push returned
@@ -160,7 +166,7 @@ impl<R: Region> Writer<R> {
 
     /// Records staged and not yet published.
     pub fn staged(&self) -> u64 {
-        self.write.wrapping_sub(self.published)
+        self.write.wrapping_sub(self.published())
     }
 
     /// The ring's capacity in records.
@@ -195,7 +201,7 @@ impl<R: Region> Writer<R> {
     pub fn for_each_unconsumed(&mut self, mut visit: impl FnMut(Record)) -> u64 {
         // ORDERING: Acquire pairs with the reader's Release store of the read position.
         let read = self.region.read_pos().load(Ordering::Acquire);
-        let unconsumed = self.published.wrapping_sub(read);
+        let unconsumed = self.published().wrapping_sub(read);
         if unconsumed > self.capacity {
             return 0;
         }
@@ -241,9 +247,8 @@ impl<R: Region> Writer<R> {
     #[inline(always)]
     fn write_and_publish(&mut self, record: Record) {
         let position = self.region.write_pos();
-        let next = write_at(&self.region, self.mask, self.write, &record);
+        let next = write_at(&self.region, self.mask, self.write, record);
         self.write = next;
-        self.published = next;
         // ORDERING: Release pairs with the reader's Acquire load of the write position:
         // the slot writes before it happen-before the reader's copies.
         position.store(next, Ordering::Release);
@@ -252,7 +257,7 @@ impl<R: Region> Writer<R> {
     /// Writes `record` without publishing it, once `has_room` said yes.
     #[inline(always)]
     fn write_unchecked(&mut self, record: Record) {
-        self.write = write_at(&self.region, self.mask, self.write, &record);
+        self.write = write_at(&self.region, self.mask, self.write, record);
     }
 }
 
@@ -260,7 +265,7 @@ impl<R: Region> Writer<R> {
 /// caller is the ring's only writer (it holds the `Writer` mutably) and `has_room` has
 /// shown `write - read < capacity`.
 #[inline(always)]
-fn write_at<R: Region>(region: &R, mask: u64, write: u64, record: &Record) -> u64 {
+fn write_at<R: Region>(region: &R, mask: u64, write: u64, record: Record) -> u64 {
     let slot = (write & mask) as usize;
     // SAFETY: masked by the private geometry, `slot < capacity`; `has_room` showed
     // `write - read < capacity`, so this slot is not among those published and unread;
