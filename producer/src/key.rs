@@ -48,15 +48,30 @@ pub struct Discarded {
 /// Keys per block: one bitmap word covers 64 keys.
 const BLOCK: usize = 64;
 /// Words one block of 64 keys takes: a registered bit per key, a pending bit per key,
-/// and one pending counter delta per key.
+/// and one pending counter delta per key, in that order ([`REGISTERED`], [`PENDING`],
+/// [`DELTAS`]).
 const WORDS_PER_BLOCK: usize = 2 + BLOCK;
+/// A block's registered bitmap, its first word: a key's bit is found with one bounds
+/// check against the storage (the words past the last whole block are zero and never
+/// written, so a key past the capacity finds its bit clear or no word at all).
+const REGISTERED: usize = 0;
+/// A block's pending bitmap.
+const PENDING: usize = 1;
+/// A block's pending deltas, one word per key.
+const DELTAS: usize = 2;
+
+/// Where key `index`'s block starts in the storage.
+#[inline(always)]
+const fn block_start(index: usize) -> usize {
+    index / BLOCK * WORDS_PER_BLOCK
+}
 
 /// Per-ring state for every key below [`capacity`](Self::capacity), kept in storage
 /// the caller provides (a static array in a driver, a boxed slice in a service).
 ///
 /// For `n` keys the storage needs [`KeyTable::words_for(n)`](Self::words_for) words
-/// (about 8.3 bytes per key): a "registered in this ring" bitmap, a "has a pending
-/// counter delta" bitmap, and the pending deltas themselves.
+/// (about 8.3 bytes per key), in blocks of 64 keys: a "registered in this ring" bitmap,
+/// a "has a pending counter delta" bitmap, and the pending deltas themselves.
 ///
 /// ```
 /// use nexus_metrics::KeyTable;
@@ -110,15 +125,12 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
     #[inline(always)]
     pub(crate) fn is_registered(&self, key: u32) -> bool {
         let index = key as usize;
-        let word = index / BLOCK;
-        // `get`, not indexing: no panic path on the hot path (`word < blocks` already
-        // keeps it inside the bitmap).
-        word < self.blocks
-            && self
-                .storage
-                .as_ref()
-                .get(word)
-                .is_some_and(|w| w & (1 << (index % BLOCK)) != 0)
+        // `get`, not indexing: no panic path on the hot path, and its bounds check is
+        // the only one (see `REGISTERED`).
+        self.storage
+            .as_ref()
+            .get(block_start(index) + REGISTERED)
+            .is_some_and(|w| w & (1 << (index % BLOCK)) != 0)
     }
 
     pub(crate) fn contains(&self, key: u32) -> bool {
@@ -128,14 +140,17 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
     pub(crate) fn set_registered(&mut self, key: u32) {
         if self.contains(key) {
             let index = key as usize;
-            self.storage.as_mut()[index / BLOCK] |= 1 << (index % BLOCK);
+            self.storage.as_mut()[block_start(index) + REGISTERED] |= 1 << (index % BLOCK);
         }
     }
 
     /// Forgets every registration (a new ring starts empty); pending deltas are kept.
     pub(crate) fn clear_registered(&mut self) {
         let blocks = self.blocks;
-        self.storage.as_mut()[..blocks].fill(0);
+        let words = self.storage.as_mut();
+        for block in 0..blocks {
+            words[block * WORDS_PER_BLOCK + REGISTERED] = 0;
+        }
     }
 
     /// Adds `n` to `key`'s pending delta. Returns false (and changes nothing) if the key
@@ -145,9 +160,9 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
             return false;
         }
         let index = key as usize;
-        let blocks = self.blocks;
+        let start = block_start(index);
         let words = self.storage.as_mut();
-        let slot = 2 * blocks + index;
+        let slot = start + DELTAS + index % BLOCK;
         let Some(sum) = words[slot].checked_add(n) else {
             return false;
         };
@@ -156,7 +171,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         }
         words[slot] = sum;
         let bit = 1u64 << (index % BLOCK);
-        let pending = &mut words[blocks + index / BLOCK];
+        let pending = &mut words[start + PENDING];
         if *pending & bit == 0 {
             *pending |= bit;
             self.pending_keys += 1;
@@ -170,13 +185,14 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
             return None;
         }
         let words = self.storage.as_ref();
-        let bitmap = &words[self.blocks..2 * self.blocks];
         let mut index = from as usize;
         while index / BLOCK < self.blocks {
-            let word = bitmap[index / BLOCK] & (u64::MAX << (index % BLOCK));
+            let start = block_start(index);
+            let word = words[start + PENDING] & (u64::MAX << (index % BLOCK));
             if word != 0 {
-                let key = (index / BLOCK) * BLOCK + word.trailing_zeros() as usize;
-                return Some((key as u32, words[2 * self.blocks + key]));
+                let offset = word.trailing_zeros() as usize;
+                let key = (index / BLOCK) * BLOCK + offset;
+                return Some((key as u32, words[start + DELTAS + offset]));
             }
             index = (index / BLOCK + 1) * BLOCK;
         }
@@ -204,13 +220,13 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
             return;
         }
         let index = key as usize;
-        let blocks = self.blocks;
+        let start = block_start(index);
         let words = self.storage.as_mut();
         let bit = 1u64 << (index % BLOCK);
-        let pending = &mut words[blocks + index / BLOCK];
+        let pending = &mut words[start + PENDING];
         if *pending & bit != 0 {
             *pending &= !bit;
-            words[2 * blocks + index] = 0;
+            words[start + DELTAS + index % BLOCK] = 0;
             self.pending_keys -= 1;
         }
     }
@@ -253,5 +269,33 @@ mod tests {
         table.clear_registered();
         assert!(!table.is_registered(5));
         assert_eq!(table.pending_keys(), 1, "pending deltas survive a new ring");
+        assert_eq!(table.next_pending(0), Some((70, 7)));
+    }
+
+    #[test]
+    fn keys_past_the_capacity_are_never_registered() {
+        // Storage for one block and most of another: the partial block is not part of
+        // the table, and a key in it must not read a bit from its words.
+        let mut storage = [0u64; KeyTable::<&mut [u64]>::words_for(64) + 40];
+        let mut table = KeyTable::new(&mut storage[..]);
+        assert_eq!(table.capacity(), 64);
+        for key in 1..64 {
+            table.set_registered(key);
+            assert!(table.add_pending(key, u64::from(key)));
+        }
+        for key in [64, 65, 100, 127, 128, 1000, u32::MAX] {
+            table.set_registered(key);
+            assert!(!table.is_registered(key), "key {key}");
+            assert!(!table.add_pending(key, 1), "key {key}");
+        }
+        assert_eq!(table.pending_keys(), 63);
+        let discarded = table.discard_pending();
+        assert_eq!((discarded.keys, discarded.increments), (63, 63 * 64 / 2));
+        let _ = table.into_storage();
+        assert!(
+            storage[KeyTable::<&mut [u64]>::words_for(64)..]
+                .iter()
+                .all(|w| *w == 0)
+        );
     }
 }
