@@ -26,7 +26,9 @@
 //! Run with `cargo bench -p telemetry-benches --bench pipeline`; the results are in
 //! `benches/README.md`. After each group, a plain full run (no arguments) also prints an
 //! interleaved pass: every contender once per round, order rotated, median [min, max]
-//! (see [`want_interleaved`]).
+//! (see [`want_interleaved`]). The `producer_cost` pass runs 101 short rounds and
+//! compares within each round: ns above the ring's push (the library's own share), the
+//! ratio to the `metrics` crate's peer, and the rounds under 5 ns.
 //!
 //! The producer runs on CPU 0 and the consumer (metricsd, the StatsD receiver, the
 //! rings' drain thread) on CPU 1, pinned unless `TELEMETRY_BENCH_NO_PIN` is set. The
@@ -57,7 +59,7 @@ use metricsd::snapshot::GrantStats;
 use metricsd::{Daemon, DaemonHandle, MemorySink, Snapshot, Value};
 use nexus_metrics::{ClaimError, RingInfo, RingSource};
 use telemetry_abi::{Geometry, MAX_REGISTER_RECORDS, Record, RegisterKind, SpanStatus};
-use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, pin};
+use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, paired, pin, summary};
 use telemetry_ring::{MemfdRegion, Reader, Writer};
 
 /// Set in the environment of the re-executed bench binary: it is a child producer of
@@ -425,8 +427,63 @@ const PRODUCER_CONTENDERS: [(&str, u8, ProducerRun); 10] = [
     }),
 ];
 
-/// Calls per contender per round of the interleaved pass.
-const INTERLEAVED_CALLS: u64 = 1 << 20;
+/// Calls per contender per round of the interleaved pass (64 laps).
+const INTERLEAVED_CALLS: u64 = 1 << 18;
+/// Rounds of the interleaved `producer_cost` pass: many short rounds, so that the
+/// per-round comparisons have a narrow confidence interval.
+const PRODUCER_ROUNDS: usize = 101;
+
+/// Each `nexus-metrics` contender's peer in the `metrics` crate.
+const METRICS_PEERS: [(&str, &str); 4] = [
+    ("nexus/counter!.increment", "metrics/counter!.increment"),
+    ("nexus/Counter.increment", "metrics/Counter.increment"),
+    ("nexus/histogram!.record", "metrics/histogram!.record"),
+    ("nexus/Histogram.record", "metrics/Histogram.record"),
+];
+
+/// Prints the interleaved `producer_cost` pass: ns/call per contender; for ours, the
+/// ns above the ring's push in the same round (the library's own share) and the
+/// per-round ratio to the `metrics` crate's peer; and how many rounds were under the
+/// 5 ns target.
+fn print_producer_rounds(ns: &[Vec<f64>]) {
+    let position = |name: &str| {
+        PRODUCER_CONTENDERS
+            .iter()
+            .position(|(n, ..)| *n == name)
+            .expect("a contender")
+    };
+    let floor = position("ring/Writer::push (floor)");
+    let above_floor = |i: usize| {
+        let mut d: Vec<f64> = ns[i].iter().zip(&ns[floor]).map(|(a, f)| a - f).collect();
+        d.sort_by(f64::total_cmp);
+        format!("{:.1}", d[d.len() / 2])
+    };
+    println!(
+        "\ninterleaved producer_cost: {PRODUCER_ROUNDS} rounds x {INTERLEAVED_CALLS} calls per \
+         contender, order rotated each round. ns/call median [min, max]; above the floor: \
+         median per-round difference; ratio to the metrics crate's peer: median per-round \
+         ratio (95 % CI) [p25, p75] and rounds below it."
+    );
+    println!("| contender | ns/call | rounds under 5 ns | ns above the floor | / metrics peer |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (i, (name, ..)) in PRODUCER_CONTENDERS.iter().enumerate() {
+        let peer = METRICS_PEERS
+            .iter()
+            .find(|(ours, _)| ours == name)
+            .map(|(_, peer)| position(peer));
+        let (above, versus) = match (name.starts_with("nexus/"), peer) {
+            (true, Some(p)) => (above_floor(i), paired(&ns[i], &ns[p])),
+            (true, None) => (above_floor(i), "-".to_owned()),
+            _ => ("-".to_owned(), "-".to_owned()),
+        };
+        let under = ns[i].iter().filter(|v| **v < 5.0).count();
+        println!(
+            "| {name} | {} | {under}/{} | {above} | {versus} |",
+            summary(&mut ns[i].clone()),
+            ns[i].len()
+        );
+    }
+}
 
 fn producer_cost(c: &mut Criterion) {
     pin(PRODUCER_CPU);
@@ -456,7 +513,14 @@ fn producer_cost(c: &mut Criterion) {
 
     if want_interleaved("producer_cost") {
         let mut ns = vec![Vec::new(); PRODUCER_CONTENDERS.len()];
-        for round in 0..INTERLEAVED_ROUNDS {
+        let began = Instant::now();
+        for round in 0..PRODUCER_ROUNDS {
+            if round % 25 == 0 {
+                eprintln!(
+                    "interleaved producer_cost: round {round} of {PRODUCER_ROUNDS}, {:.0} s",
+                    began.elapsed().as_secs_f64()
+                );
+            }
             for k in 0..PRODUCER_CONTENDERS.len() {
                 let i = (round + k) % PRODUCER_CONTENDERS.len();
                 let (_, mode, run) = PRODUCER_CONTENDERS[i];
@@ -465,15 +529,7 @@ fn producer_cost(c: &mut Criterion) {
                 ns[i].push(took.as_secs_f64() * 1e9 / INTERLEAVED_CALLS as f64);
             }
         }
-        println!(
-            "\ninterleaved producer_cost: {INTERLEAVED_ROUNDS} rounds x {INTERLEAVED_CALLS} \
-             calls per contender, order rotated each round; ns/call, median [min, max]"
-        );
-        println!("| contender | ns/call |");
-        println!("| --- | --- |");
-        for (i, (name, ..)) in PRODUCER_CONTENDERS.iter().enumerate() {
-            println!("| {name} | {} |", summary(&mut ns[i]));
-        }
+        print_producer_rounds(&ns);
     }
     consumer.set(MODE_IDLE);
 
@@ -1259,15 +1315,6 @@ fn want_interleaved(group: &str) -> bool {
         }
         Ok(_) => false,
         Err(_) => std::env::args().skip(1).all(|arg| arg == "--bench"),
-    }
-}
-
-/// Median, minimum and maximum of `values`.
-fn summary(values: &mut [f64]) -> String {
-    values.sort_by(f64::total_cmp);
-    match (values.first(), values.get(values.len() / 2), values.last()) {
-        (Some(min), Some(median), Some(max)) => format!("{median:.1} [{min:.1}, {max:.1}]"),
-        _ => "-".to_owned(),
     }
 }
 

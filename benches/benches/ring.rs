@@ -18,8 +18,12 @@
 //! `benches/README.md`.
 //!
 //! After criterion, a plain full run (no arguments) prints an interleaved pass: every
-//! thread-to-thread contender and record size again, one run each per round, order
-//! rotated, so that all see the same machine (see [`interleaved`]).
+//! thread-to-thread contender again, one run each per round for 201 rounds, order
+//! rotated, so that all see the same machine, with each contender's per-round ratio to
+//! the rtrb peer the issue names (median, its 95 % confidence interval, and the rounds
+//! it was below the peer); then the record sizes (see [`interleaved`]).
+//! `TELEMETRY_BENCH_INTERLEAVED=1 cargo bench -p telemetry-benches --bench ring -- none`
+//! runs only that pass (about a minute); `TELEMETRY_BENCH_ROUNDS` changes its rounds.
 //!
 //! Every ring holds 4096 records. In [`Mode::Sustained`] the producer retries on a full
 //! ring (spinning), so the number is a sustained rate: the rate of the slower side. The
@@ -55,7 +59,7 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 use telemetry_abi::{Geometry, Record};
-use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, pin};
+use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, paired, pin, summary};
 use telemetry_ring::{HeapRegion, MemfdRegion, Reader, Region, Writer};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -320,6 +324,7 @@ fn wait_room<R: Region>(writer: &mut Writer<R>, n: u64) -> u64 {
 
 /// Our single-record path: `try_push` (a full ring is waited out, not counted as a
 /// loss; its success path is `push`'s), one Release store per record.
+#[inline(always)]
 fn ours_push<R: Region>(writer: &mut Writer<R>, first: u64, n: u64) {
     for seq in first..first + n {
         while writer.try_push(record(seq)).is_err() {
@@ -329,6 +334,7 @@ fn ours_push<R: Region>(writer: &mut Writer<R>, first: u64, n: u64) {
 }
 
 /// Our batch path: `stage` each record, `flush` (one Release store) every `BATCH`.
+#[inline(always)]
 fn ours_stage_flush<R: Region>(writer: &mut Writer<R>, first: u64, n: u64) {
     let mut room = 0u64;
     for (i, seq) in (first..first + n).enumerate() {
@@ -346,6 +352,7 @@ fn ours_stage_flush<R: Region>(writer: &mut Writer<R>, first: u64, n: u64) {
 }
 
 /// Our all-or-nothing batch path: `push_all` of `BATCH` records built on the stack.
+#[inline(always)]
 fn ours_push_all<R: Region>(writer: &mut Writer<R>, first: u64, n: u64) {
     let mut batch = [Record::default(); BATCH];
     let mut room = 0u64;
@@ -370,9 +377,10 @@ fn heap_ring() -> (Writer<Arc<HeapRegion>>, Reader<Arc<HeapRegion>>) {
 }
 
 /// Runs one of our producer paths against our reader. `produce` is a generic function,
-/// not a function pointer, so that its loop is inlined into the producer's closure as
-/// the peers' loops are (a call through a pointer keeps the writer's fields in memory,
-/// which costs a store per record that the peers do not pay).
+/// not a function pointer, and `#[inline(always)]`, so that its loop is inlined into
+/// the producer's closure as the peers' loops are (a call through a pointer keeps the
+/// writer's fields in memory, which costs a store per record that the peers do not
+/// pay).
 fn ours_heap(
     name: &str,
     n: u64,
@@ -946,28 +954,17 @@ fn record_size(c: &mut Criterion) {
 
 /// Records per run in the interleaved pass.
 const INTERLEAVED_RECORDS: u64 = 1 << 19;
-/// Rounds of the interleaved pass.
-const INTERLEAVED_ROUNDS: usize = 15;
+/// Rounds of the interleaved pass's ring contenders, unless `TELEMETRY_BENCH_ROUNDS`
+/// says otherwise: enough that the median per-round ratio's 95 % confidence interval
+/// is a few percent wide on this VM.
+const INTERLEAVED_ROUNDS: usize = 201;
+/// Rounds of the interleaved pass's record sizes (their differences are large).
+const SIZE_ROUNDS: usize = 15;
 /// Set to `1` to run the interleaved pass even when criterion got arguments (a filter),
 /// or to `0` to skip it.
 const INTERLEAVED_ENV: &str = "TELEMETRY_BENCH_INTERLEAVED";
-
-/// Median, minimum and maximum of `values`, in nanoseconds per record.
-fn summary(values: &mut [f64]) -> String {
-    values.sort_by(f64::total_cmp);
-    let median = values[values.len() / 2];
-    let (min, max) = (values[0], values[values.len() - 1]);
-    format!("{median:.1} [{min:.1}, {max:.1}]")
-}
-
-/// `a[k] / b[k]` for each round `k`: median [p25, p75]. The two ran in the same round,
-/// a few milliseconds apart, so the ratio cancels most of the machine's drift.
-fn paired(a: &[f64], b: &[f64]) -> String {
-    let mut ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
-    ratios.sort_by(f64::total_cmp);
-    let at = |q: usize| ratios[(ratios.len() - 1) * q / 4];
-    format!("{:.2} [{:.2}, {:.2}]", at(2), at(1), at(3))
-}
+/// Set to a number of rounds for the interleaved pass's ring contenders.
+const ROUNDS_ENV: &str = "TELEMETRY_BENCH_ROUNDS";
 
 /// Criterion runs one benchmark after the other, and on a shared VM the cost of a
 /// cache-line transfer between the two vCPUs drifts over seconds to minutes, so
@@ -976,17 +973,38 @@ fn paired(a: &[f64], b: &[f64]) -> String {
 /// [`INTERLEAVED_ROUNDS`] rounds of [`INTERLEAVED_RECORDS`] records (once timed as
 /// [`Mode::Bursts`], once as [`Mode::Sustained`]), so each sees the same mixture of
 /// conditions; it prints median [min, max] per contender, and each contender's
-/// per-round ratio to the peer the issue names ([`paired`]).
+/// per-round ratio to the peer the issue names ([`paired`]). Then the record sizes,
+/// [`SIZE_ROUNDS`] rounds.
 fn interleaved() {
     let ns = |d: Duration| d.as_secs_f64() * 1e9 / INTERLEAVED_RECORDS as f64;
+    let rounds = match std::env::var(ROUNDS_ENV) {
+        Ok(text) => match text.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                eprintln!(
+                    "ring bench: {ROUNDS_ENV}={text:?} is not a number of rounds (expected \
+                     a positive integer); using {INTERLEAVED_ROUNDS}"
+                );
+                INTERLEAVED_ROUNDS
+            }
+        },
+        Err(_) => INTERLEAVED_ROUNDS,
+    };
     println!(
-        "\ninterleaved: {INTERLEAVED_ROUNDS} rounds x {INTERLEAVED_RECORDS} records per contender, \
-         order rotated each round; ns/record, median [min, max]"
+        "\ninterleaved: {rounds} rounds x {INTERLEAVED_RECORDS} records per contender, order \
+         rotated each round; ns/record, median [min, max]"
     );
     let contenders: Vec<Contender> = PRODUCER_CONTENDERS.to_vec();
     let mut producer = vec![Vec::new(); contenders.len()];
     let mut end_to_end = vec![Vec::new(); contenders.len()];
-    for round in 0..INTERLEAVED_ROUNDS {
+    let began = Instant::now();
+    for round in 0..rounds {
+        if round % 25 == 0 {
+            eprintln!(
+                "interleaved: round {round} of {rounds}, {:.0} s",
+                began.elapsed().as_secs_f64()
+            );
+        }
         for k in 0..contenders.len() {
             let i = (round + k) % contenders.len();
             let run = contenders[i].1;
@@ -1010,7 +1028,9 @@ fn interleaved() {
         .collect();
     println!(
         "producer: Mode::Bursts; end-to-end: Mode::Sustained. Ratios are per round (the \
-         two contenders ran next to each other), median [p25, p75]; below 1 is faster."
+         two contenders ran a few milliseconds apart): median (its 95 % confidence \
+         interval) [p25, p75], and the rounds in which the contender was below the peer; \
+         below 1 is faster."
     );
     println!(
         "| contender | producer ns/record | producer / rtrb push | end-to-end ns/record \
@@ -1028,7 +1048,7 @@ fn interleaved() {
     }
 
     let mut sizes = vec![Vec::new(); SIZE_CONTENDERS.len()];
-    for round in 0..INTERLEAVED_ROUNDS {
+    for round in 0..SIZE_ROUNDS {
         for k in 0..SIZE_CONTENDERS.len() {
             let i = (round + k) % SIZE_CONTENDERS.len();
             sizes[i].push(ns((SIZE_CONTENDERS[i].2)(INTERLEAVED_RECORDS).producer));
