@@ -5,8 +5,9 @@
 //!   api_key, apikey, auth, cookie, session) keeps its key and has its value replaced by
 //!   [`REDACTED`] before anything is stored, so no original value is ever exported.
 //! - A label key that claims the producer's identity (`service`, `service_id`,
-//!   `sender_service_id`, anything in [`IDENTITY_KEYS`] or starting with one of
-//!   [`IDENTITY_PREFIXES`], compared in lower case with `-` and `.` read as `_`) is
+//!   `sender_service_id`: every key logd refuses, [`logd::is_identity_key`], and
+//!   metricsd's own [`IDENTITY_KEYS`] and [`IDENTITY_PREFIXES`], compared in lower case
+//!   with `-` and `.` read as `_`) is
 //!   renamed `exported_<key>` (Prometheus' convention for a target label clash): the
 //!   producer's word never competes with the kernel-derived `producer_service`, and its
 //!   data is kept. Each rename is counted.
@@ -14,23 +15,12 @@
 /// The value a redacted label or attribute is exported with.
 pub const REDACTED: &str = "[redacted]";
 
-/// Keys that claim an identity only metricsd (or logd) may state.
-pub const IDENTITY_KEYS: &[&str] = &[
-    "service",
-    "service_id",
-    "service_name",
-    "sender",
-    "pid",
-    "uid",
-    "gid",
-    "identity",
-    "peer",
-    "unit",
-];
+/// Keys that claim an identity only metricsd may state, beyond those logd refuses
+/// ([`logd::record::IDENTITY_KEYS`]).
+pub const IDENTITY_KEYS: &[&str] = &["peer", "unit"];
 
-/// Key prefixes that claim an identity (a leading `_` is journald's convention for
-/// fields only the log daemon sets).
-pub const IDENTITY_PREFIXES: &[&str] = &["sender_", "service_", "peer_", "logd_", "producer_", "_"];
+/// Key prefixes that claim an identity, beyond logd's ([`logd::record::IDENTITY_PREFIXES`]).
+pub const IDENTITY_PREFIXES: &[&str] = &["peer_", "producer_"];
 
 /// The redaction policy.
 #[derive(Clone, Debug)]
@@ -53,9 +43,11 @@ impl Redactor {
     }
 }
 
-/// Whether a label key claims an identity (see the module docs).
+/// Whether a label key claims an identity (see the module docs): every key logd would
+/// refuse in an exported record, so a renamed label never costs an export, and
+/// metricsd's own.
 pub fn is_identity_key(key: &str) -> bool {
-    logd::key_in_lists(key, IDENTITY_KEYS, IDENTITY_PREFIXES)
+    logd::is_identity_key(key) || logd::key_in_lists(key, IDENTITY_KEYS, IDENTITY_PREFIXES)
 }
 
 #[cfg(test)]
@@ -90,6 +82,10 @@ mod tests {
             "sender_service_id",
             "service.name",
             "_pid",
+            "peer",
+            "Peer-Pid",
+            "producer_service",
+            "unit",
         ] {
             assert!(is_identity_key(k), "{k}");
         }
