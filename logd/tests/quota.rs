@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use common::{config, start, watchdog};
+use common::{config, flood_command, flood_from_env, start, watchdog};
 use logd::{Client, Level, Query, Record};
 
 fn quiet_batch(from: usize, n: usize) -> Vec<Record> {
@@ -30,10 +30,7 @@ fn quota_isolation_flooders_cannot_evict_a_quiet_sender() {
     // Two other processes flood: 40 frames of 500 records each, as fast as they can.
     let flooders: Vec<_> = (0..2)
         .map(|_| {
-            Command::new(std::env::current_exe().unwrap())
-                .args(["--ignored", "--exact", "flood_helper", "--test-threads=1"])
-                .env("LOGD_FLOOD_SOCKET", server.path())
-                .env("LOGD_FLOOD_BATCHES", "40")
+            flood_command(server.path(), 40)
                 .stdout(Stdio::null())
                 .spawn()
                 .unwrap()
@@ -80,16 +77,5 @@ fn quota_isolation_flooders_cannot_evict_a_quiet_sender() {
 #[test]
 #[ignore = "helper process for the quota test"]
 fn flood_helper() {
-    let sock = std::env::var("LOGD_FLOOD_SOCKET").expect("LOGD_FLOOD_SOCKET");
-    let batches: usize = std::env::var("LOGD_FLOOD_BATCHES")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut c = Client::connect(sock).unwrap();
-    let batch: Vec<Record> = (0..500)
-        .map(|i| Record::new(Level::Debug, "flood", format!("flood {i}")).field("who", "flooder"))
-        .collect();
-    for _ in 0..batches {
-        assert!(c.append(&batch).unwrap().all_accepted());
-    }
+    let _ = flood_from_env(|report| assert!(report.all_accepted()));
 }

@@ -5,10 +5,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{config, records, start, watchdog};
+use common::{config, flood_command, flood_from_env, records, start, watchdog};
 use logd::frame::{self, Reply};
 use logd::{Client, ClientError, Level, Query, Reason, Record, RecordStatus, Reject, Stats};
 
@@ -304,18 +303,7 @@ fn reject_rate_limited_records_per_sender() {
     cfg.quota.records_burst = 50;
     let server = start(cfg);
     // A noisy child process spends its own bucket...
-    let flood = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "flood_helper",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("LOGD_FLOOD_SOCKET", server.path())
-        .env("LOGD_FLOOD_BATCHES", "4")
-        .output()
-        .unwrap();
+    let flood = flood_command(server.path(), 4).output().unwrap();
     assert!(
         flood.status.success(),
         "{}",
@@ -457,23 +445,11 @@ fn reject_query_with_too_many_field_matches() {
     );
 }
 
-/// Not a test on its own: the child process of the rate-limit and quota tests, a second
-/// sender with its own pid that sends as fast as it can.
+/// Not a test on its own: the child process of the rate-limit test (`flood_command`).
 #[test]
 #[ignore = "helper process for the rate-limit and quota tests"]
 fn flood_helper() {
-    let sock = std::env::var("LOGD_FLOOD_SOCKET").expect("LOGD_FLOOD_SOCKET");
-    let batches: usize = std::env::var("LOGD_FLOOD_BATCHES")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut c = Client::connect(sock).unwrap();
-    let batch: Vec<Record> = (0..500)
-        .map(|i| Record::new(Level::Debug, "flood", format!("flood {i}")).field("who", "flooder"))
-        .collect();
     let mut answered = 0;
-    for _ in 0..batches {
-        answered += c.append(&batch).unwrap().statuses.len();
-    }
+    let batches = flood_from_env(|report| answered += report.statuses.len());
     assert_eq!(answered, batches * 500);
 }

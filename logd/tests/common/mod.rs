@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use logd::{Config, Level, Record, RunningServer, Server};
+use logd::{AppendReport, Client, Config, Level, Record, RunningServer, Server};
 
 /// Aborts the whole test process if the guard is still alive after `secs`: a hang fails
 /// loudly instead of stalling CI.
@@ -64,6 +64,42 @@ pub fn records(scope: &str, n: usize) -> Vec<Record> {
     (0..n)
         .map(|i| Record::new(Level::Info, scope, format!("message {i}")).field("i", i.to_string()))
         .collect()
+}
+
+/// This test binary's `flood_helper` as a child process: a second sender with its own
+/// pid that sends `batches` batches of 500 records to `socket` as fast as it can (see
+/// [`flood_from_env`]).
+pub fn flood_command(socket: &Path, batches: usize) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "--ignored",
+            "--exact",
+            "flood_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("LOGD_FLOOD_SOCKET", socket)
+        .env("LOGD_FLOOD_BATCHES", batches.to_string());
+    command
+}
+
+/// The body of a `flood_helper` started by [`flood_command`]: sends the batches it was
+/// told to, hands each one's report to `check`, and returns how many it sent.
+pub fn flood_from_env(mut check: impl FnMut(&AppendReport)) -> usize {
+    let sock = std::env::var("LOGD_FLOOD_SOCKET").expect("LOGD_FLOOD_SOCKET");
+    let batches: usize = std::env::var("LOGD_FLOOD_BATCHES")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut c = Client::connect(sock).unwrap();
+    let batch: Vec<Record> = (0..500)
+        .map(|i| Record::new(Level::Debug, "flood", format!("flood {i}")).field("who", "flooder"))
+        .collect();
+    for _ in 0..batches {
+        check(&c.append(&batch).unwrap());
+    }
+    batches
 }
 
 pub fn my_uid() -> u32 {
