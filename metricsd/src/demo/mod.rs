@@ -44,6 +44,7 @@ use crate::daemon::{Daemon, DaemonError};
 use crate::health::Class;
 use crate::identity::Peer;
 use crate::snapshot::Snapshot;
+use crate::top::human;
 use report::Report;
 use verify::Verification;
 
@@ -370,19 +371,6 @@ impl Progress {
             s.drain.rings_quarantined,
             s.drain.rings_open,
         )
-    }
-}
-
-/// `1234567.0` as `1.23M`.
-fn human(x: f64) -> String {
-    if x >= 1e9 {
-        format!("{:.2}G", x / 1e9)
-    } else if x >= 1e6 {
-        format!("{:.2}M", x / 1e6)
-    } else if x >= 1e3 {
-        format!("{:.1}k", x / 1e3)
-    } else {
-        format!("{x:.0}")
     }
 }
 
