@@ -8,10 +8,9 @@ mod e2e_support;
 use std::time::Duration;
 
 use e2e_support::{
-    Producer, WAIT, child, config, delta_sum, last_field, start_logd, start_metricsd, wait_for,
-    watchdog,
+    Producer, WAIT, assert_counter_exported, child, config, delta_sum, histogram_count_sum,
+    start_logd, start_metricsd, wait_closed, watchdog,
 };
-use metricsd::{MetricKind, Value, series_id};
 use nexus_metrics::{Config, DropReason, counter, histogram};
 
 /// Producing threads in the child.
@@ -71,11 +70,7 @@ fn counter_totals_are_exact_after_a_forced_ring_full_episode() {
     );
 
     // Wait for metricsd to see the producer go (its rings drained a last time).
-    wait_for("the producer's rings to close", || {
-        let s = daemon.snapshot().ok()?;
-        let rings: Vec<_> = s.rings.iter().filter(|r| r.service == "burst").collect();
-        (rings.len() == THREADS as usize && rings.iter().all(|r| r.closed)).then_some(())
-    });
+    wait_closed(&daemon, "burst", THREADS as usize);
     let snap = daemon.flush(WAIT).expect("flush");
 
     let want_a = u128::from(THREADS * BURST);
@@ -89,12 +84,7 @@ fn counter_totals_are_exact_after_a_forced_ring_full_episode() {
         Some(want_b)
     );
     // Other records lost to the full ring are counted exactly, per ring.
-    let histogram = snap
-        .find("burst", MetricKind::Histogram, "e2e.burst.value", &[])
-        .expect("the histogram series");
-    let Value::Histogram { count, .. } = histogram.value else {
-        panic!("not a histogram: {histogram:?}");
-    };
+    let (count, _) = histogram_count_sum(&snap, "burst", "e2e.burst.value", &[]);
     assert_eq!(
         count + ring_full,
         report.u64("histograms"),
@@ -115,31 +105,18 @@ fn counter_totals_are_exact_after_a_forced_ring_full_episode() {
 
     // Exported to logd: the last value is the total, and the window deltas add up to it.
     for (route, want) in [("/a", want_a), ("/b", want_b)] {
-        let id = series_id(
-            "burst",
-            MetricKind::Counter,
-            "e2e.requests",
-            &[("route", route)],
-        );
-        assert_eq!(
-            last_field(&logd_path, &id, "value"),
-            Some(want.to_string()),
-            "{id}"
-        );
+        let labels = [("route", route)];
+        let id = assert_counter_exported(&logd_path, "burst", "e2e.requests", &labels, want);
         assert_eq!(delta_sum(&logd_path, &id), want, "{id}");
     }
     for ring in rings.iter().filter(|r| r.producer_dropped > 0) {
         let ring_id = ring.id.to_string();
-        let id = series_id(
+        assert_counter_exported(
+            &logd_path,
             "metricsd",
-            MetricKind::Counter,
             "metricsd.ring.dropped",
             &[("ring", ring_id.as_str()), ("producer", "burst")],
-        );
-        assert_eq!(
-            last_field(&logd_path, &id, "value"),
-            Some(ring.producer_dropped.to_string()),
-            "{id}"
+            ring.producer_dropped,
         );
     }
 

@@ -10,10 +10,10 @@ use std::sync::{Arc, Barrier, mpsc};
 use std::time::Duration;
 
 use e2e_support::{
-    Producer, WAIT, child, config, last_field, query, series_records, start_logd, start_metricsd,
-    wait_for, watchdog,
+    Producer, WAIT, assert_counter_exported, child, config, health, histogram_count_sum, query,
+    series_records, start_logd, start_metricsd, wait_closed, wait_for, watchdog,
 };
-use metricsd::{DaemonHandle, MetricKind, Reason, Snapshot, Value, series_id};
+use metricsd::{MetricKind, Reason, series_id};
 use nexus_metrics::{
     ClaimError, Config, Counter, DropReason, Histogram, RingSource, SocketSource, counter,
     histogram,
@@ -24,30 +24,6 @@ use telemetry_abi::{
 };
 use telemetry_ring::{MemfdRegion, Region, Writer};
 use zerocopy::FromBytes;
-
-/// Waits until metricsd has seen `rings` rings of `service`, all closed.
-fn wait_closed(daemon: &DaemonHandle, service: &str, rings: usize) -> Snapshot {
-    wait_for("the producer's rings to close", || {
-        let s = daemon.snapshot().ok()?;
-        let mine: Vec<_> = s.rings.iter().filter(|r| r.service == service).collect();
-        (mine.len() == rings && mine.iter().all(|r| r.closed)).then_some(s)
-    })
-}
-
-fn histogram_count_sum(
-    snap: &Snapshot,
-    service: &str,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> (u64, u128) {
-    let series = snap
-        .find(service, MetricKind::Histogram, name, labels)
-        .unwrap_or_else(|| panic!("no histogram {service} {name} {labels:?}"));
-    match &series.value {
-        Value::Histogram { count, sum, .. } => (*count, *sum),
-        other => panic!("not a histogram: {other:?}"),
-    }
-}
 
 // ---------------------------------------------------------------------------------
 // A hostile producer beside a well-behaved one
@@ -240,38 +216,24 @@ fn a_hostile_producer_leaves_another_services_totals_exact() {
 
     // In logd: the good totals, and the quarantine and violations as health series.
     for (route, want) in [("/a", want_a), ("/b", want_b)] {
-        let id = series_id(
-            "good",
-            MetricKind::Counter,
-            "e2e.requests",
-            &[("route", route)],
-        );
+        let labels = [("route", route)];
+        assert_counter_exported(&logd_path, "good", "e2e.requests", &labels, want);
+    }
+    assert_eq!(
+        health(&logd_path, "metricsd.rings.quarantined", &[]),
+        Some("2".into())
+    );
+    for reason in [
+        "write_out_of_range",
+        "write_moved_back",
+        "dropped_moved_back",
+    ] {
         assert_eq!(
-            last_field(&logd_path, &id, "value"),
-            Some(want.to_string()),
-            "{id}"
+            health(&logd_path, "metricsd.violations", &[("reason", reason)]),
+            Some("1".into()),
+            "{reason}"
         );
     }
-    let health = |name: &str, labels: &[(&str, &str)]| {
-        last_field(
-            &logd_path,
-            &series_id("metricsd", MetricKind::Counter, name, labels),
-            "value",
-        )
-    };
-    assert_eq!(health("metricsd.rings.quarantined", &[]), Some("2".into()));
-    assert_eq!(
-        health("metricsd.violations", &[("reason", "write_out_of_range")]),
-        Some("1".into())
-    );
-    assert_eq!(
-        health("metricsd.violations", &[("reason", "write_moved_back")]),
-        Some("1".into())
-    );
-    assert_eq!(
-        health("metricsd.violations", &[("reason", "dropped_moved_back")]),
-        Some("1".into())
-    );
     let spoofed = query(
         &logd_path,
         &logd::Query::new()
@@ -580,26 +542,8 @@ fn a_producer_keeps_recording_across_a_metricsd_restart_and_the_new_daemon_count
         recorded - first_total - second_total - u128::from(no_metricsd)
     );
     // Both daemons' exports are in logd.
-    let before = series_id(
-        "restart",
-        MetricKind::Counter,
-        "e2e.before",
-        &[] as &[(&str, &str)],
-    );
-    assert_eq!(
-        last_field(&logd_path, &before, "value"),
-        Some(BEFORE.to_string())
-    );
-    let after = series_id(
-        "restart",
-        MetricKind::Counter,
-        "e2e.after",
-        &[] as &[(&str, &str)],
-    );
-    assert_eq!(
-        last_field(&logd_path, &after, "value"),
-        Some(AFTER.to_string())
-    );
+    assert_counter_exported(&logd_path, "restart", "e2e.before", &[], BEFORE);
+    assert_counter_exported(&logd_path, "restart", "e2e.after", &[], AFTER);
 
     second.shutdown();
     logd.shutdown().expect("logd stops");

@@ -6,7 +6,9 @@ mod e2e_support;
 
 use std::time::{Duration, Instant};
 
-use e2e_support::{Producer, WAIT, child, config, start_logd, start_metricsd, wait_for, watchdog};
+use e2e_support::{
+    Producer, WAIT, child, config, start_logd, start_metricsd, wait_closed, watchdog,
+};
 use metricsd::{MetricKind, Snapshot};
 use nexus_metrics::{Config, DropReason, counter, gauge, histogram};
 
@@ -77,11 +79,7 @@ fn a_million_samples_from_a_producer_process_send_no_control_message_per_sample(
 
     producer.send("exit");
     producer.finish();
-    wait_for("the producer's rings to close", || {
-        let s = daemon.snapshot().ok()?;
-        let rings: Vec<_> = s.rings.iter().filter(|r| r.service == "ipc").collect();
-        (rings.len() == THREADS as usize && rings.iter().all(|r| r.closed)).then_some(())
-    });
+    wait_closed(&daemon, "ipc", THREADS as usize);
     let snap = daemon.settle(WAIT).expect("settle");
     assert_eq!(snap.grant.messages, THREADS, "its hang-up is not a message");
 

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use e2e_support::{
-    Producer, WAIT, child, config, last_field, query, series_records, start_logd, start_metricsd,
-    wait_for, watchdog,
+    Producer, WAIT, child, config, health, histogram_count_sum, last_field, query, series_records,
+    start_logd, start_metricsd, wait_for, watchdog,
 };
 use metricsd::{MetricKind, Reason, Snapshot, Value, series_id};
 use nexus_metrics::{
@@ -529,14 +529,7 @@ fn cardinality_caps_route_the_rest_into_overflow_series_with_exact_totals() {
     assert_eq!(snap.counter("caps", "e2e.pages", &overflow), None);
     // e2e.sizes: s0 is the service's 8th series; s1..s3 overflow (per-service cap).
     let shard_sum = |j: u64| (0..SHARD_SAMPLES).map(|i| u128::from(j * 100 + i)).sum();
-    let hist = |labels: &[(&str, &str)]| match &snap
-        .find("caps", MetricKind::Histogram, "e2e.sizes", labels)
-        .unwrap_or_else(|| panic!("e2e.sizes {labels:?}"))
-        .value
-    {
-        Value::Histogram { count, sum, .. } => (*count, *sum),
-        other => panic!("not a histogram: {other:?}"),
-    };
+    let hist = |labels: &[(&str, &str)]| histogram_count_sum(&snap, "caps", "e2e.sizes", labels);
     assert_eq!(hist(&[("shard", "s0")]), (SHARD_SAMPLES, shard_sum(0)));
     assert_eq!(
         hist(&overflow),
@@ -596,19 +589,13 @@ fn cardinality_caps_route_the_rest_into_overflow_series_with_exact_totals() {
     assert_eq!(last_values.values().sum::<u64>(), logins_total);
     let none = query(&logd_path, &logd::Query::new().field("metric", "e2e.extra"));
     assert!(none.is_empty(), "nothing of the refused metric: {none:?}");
-    let health = |name: &str, labels: &[(&str, &str)]| {
-        last_field(
-            &logd_path,
-            &series_id("metricsd", MetricKind::Counter, name, labels),
-            "value",
-        )
-    };
     assert_eq!(
-        health("metricsd.overflow.samples", &[]),
+        health(&logd_path, "metricsd.overflow.samples", &[]),
         Some((6 * ROUNDS + 3 * SHARD_SAMPLES).to_string())
     );
     assert_eq!(
         health(
+            &logd_path,
             "metricsd.rejects",
             &[("class", "over_limit"), ("reason", "series_cap")]
         ),

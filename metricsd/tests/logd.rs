@@ -4,32 +4,20 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{Control, WAIT, config, watchdog};
+use common::{Control, WAIT, config, start_logd, watchdog};
 use metricsd::Daemon;
 use telemetry_abi::{Record, RegisterKind};
-
-fn logd(path: &Path) -> logd::RunningServer {
-    let cfg = logd::Config {
-        socket: path.to_owned(),
-        ..logd::Config::default()
-    };
-    logd::Server::bind(cfg)
-        .expect("logd binds")
-        .spawn()
-        .expect("logd runs")
-}
 
 #[test]
 fn exported_totals_read_back_from_logd_exactly() {
     watchdog();
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(dir.path());
-    let server = logd(&cfg.logd_socket);
+    let server = start_logd(&cfg.logd_socket);
     let logd_path = cfg.logd_socket.clone();
     let daemon = Daemon::new(cfg)
         .identify(|_: &metricsd::Peer| "shop".to_owned())
@@ -101,7 +89,7 @@ fn serve_prints_ready_only_after_logd_answered() {
         rx.recv_timeout(Duration::from_millis(500)).is_err(),
         "ready printed without logd"
     );
-    let server = logd(&logd_sock);
+    let server = start_logd(&logd_sock);
     let line = rx.recv_timeout(WAIT).expect("ready once logd is up");
     assert_eq!(line, "metricsd: ready");
     // The marker really is in logd.

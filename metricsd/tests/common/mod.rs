@@ -1,5 +1,7 @@
-//! Shared helpers: a daemon on a private socket with an in-memory sink, a grant client
-//! over the real control socket, and ring writers over the granted memfds.
+//! Shared helpers: a daemon on a private socket with an in-memory sink, a real logd
+//! in-process, a grant client over the real control socket, and ring writers over the
+//! granted memfds. The end-to-end tests' support module includes this one for the config
+//! and logd every test starts from.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::io::IoSliceMut;
@@ -31,16 +33,35 @@ pub fn watchdog() {
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// A config for tests: a private socket, a short export interval.
-pub fn config(dir: &Path) -> Config {
+/// The config every test starts from: metricsd's and logd's sockets in `dir`, an export
+/// every 50 ms.
+pub fn base_config(dir: &Path) -> Config {
     let mut c = Config {
         socket: dir.join("metricsd.sock"),
         logd_socket: dir.join("logd.sock"),
         ..Config::default()
     };
     c.export.interval_ms = 50;
+    c
+}
+
+/// A config for tests: [`base_config`] with 1024-record rings.
+pub fn config(dir: &Path) -> Config {
+    let mut c = base_config(dir);
     c.rings.capacity = 1024;
     c
+}
+
+/// A real logd, in-process, on `path`.
+pub fn start_logd(path: &Path) -> logd::RunningServer {
+    let cfg = logd::Config {
+        socket: path.to_owned(),
+        ..logd::Config::default()
+    };
+    logd::Server::bind(cfg)
+        .expect("logd binds")
+        .spawn()
+        .expect("logd runs")
 }
 
 /// Starts a daemon whose connections are named, in accept order, by `services`

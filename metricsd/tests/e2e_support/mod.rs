@@ -9,6 +9,10 @@
 //! the parent test fails.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+// The config and the logd every test starts from, shared with the other integration tests.
+#[path = "../common/mod.rs"]
+mod common;
+
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -18,7 +22,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use metricsd::{Config, Daemon, DaemonHandle, Peer};
+use metricsd::{Config, Daemon, DaemonHandle, MetricKind, Peer, Snapshot, Value, series_id};
+
+pub use common::start_logd;
 
 /// How long any single wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -50,28 +56,12 @@ pub fn watchdog(what: &'static str, limit: Duration) -> Watchdog {
     Watchdog { _armed: tx }
 }
 
-/// A metricsd config on private sockets in `dir`, exporting every 50 ms.
+/// A metricsd config on private sockets in `dir`, exporting every 50 ms and retrying a
+/// failed export after 20 ms.
 pub fn config(dir: &Path) -> Config {
-    let mut c = Config {
-        socket: dir.join("metricsd.sock"),
-        logd_socket: dir.join("logd.sock"),
-        ..Config::default()
-    };
-    c.export.interval_ms = 50;
+    let mut c = common::base_config(dir);
     c.export.retry_ms = 20;
     c
-}
-
-/// A real logd, in-process, on `path`.
-pub fn start_logd(path: &Path) -> logd::RunningServer {
-    let cfg = logd::Config {
-        socket: path.to_owned(),
-        ..logd::Config::default()
-    };
-    logd::Server::bind(cfg)
-        .expect("logd binds")
-        .spawn()
-        .expect("logd runs")
 }
 
 /// The test's identity policy: the service named by the producer process's
@@ -103,6 +93,33 @@ pub fn start_metricsd(config: Config) -> DaemonHandle {
     daemon
 }
 
+/// Waits until metricsd has seen `rings` rings of `service`, all closed (the producer
+/// exited and its rings were drained a last time), and returns that snapshot.
+pub fn wait_closed(daemon: &DaemonHandle, service: &str, rings: usize) -> Snapshot {
+    wait_for("the producer's rings to close", || {
+        let s = daemon.snapshot().ok()?;
+        let mine: Vec<_> = s.rings.iter().filter(|r| r.service == service).collect();
+        (mine.len() == rings && mine.iter().all(|r| r.closed)).then_some(s)
+    })
+}
+
+/// The count and sum of the histogram `name` with `labels` of `service` in `snap`;
+/// panics if there is no such histogram.
+pub fn histogram_count_sum(
+    snap: &Snapshot,
+    service: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> (u64, u128) {
+    let series = snap
+        .find(service, MetricKind::Histogram, name, labels)
+        .unwrap_or_else(|| panic!("no histogram {service} {name} {labels:?}"));
+    match &series.value {
+        Value::Histogram { count, sum, .. } => (*count, *sum),
+        other => panic!("not a histogram: {other:?}"),
+    }
+}
+
 /// Every record of logd at `path` matching `query`, oldest first.
 pub fn query(path: &Path, query: &logd::Query) -> Vec<logd::StoredRecord> {
     let mut client = logd::Client::connect(path).expect("connect to logd");
@@ -122,6 +139,35 @@ pub fn last_field(path: &Path, series: &str, key: &str) -> Option<String> {
     series_records(path, series)
         .last()
         .and_then(|r| r.record.get(key).map(str::to_owned))
+}
+
+/// Asserts that the last exported record of the counter `name` with `labels` of
+/// `service` holds the value `want`; returns the counter's series id.
+#[track_caller]
+pub fn assert_counter_exported(
+    path: &Path,
+    service: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    want: impl Display,
+) -> String {
+    let id = series_id(service, MetricKind::Counter, name, labels);
+    assert_eq!(
+        last_field(path, &id, "value"),
+        Some(want.to_string()),
+        "{id}"
+    );
+    id
+}
+
+/// The last exported value of metricsd's own counter `name` with `labels` (one of its
+/// health series).
+pub fn health(path: &Path, name: &str, labels: &[(&str, &str)]) -> Option<String> {
+    last_field(
+        path,
+        &series_id("metricsd", MetricKind::Counter, name, labels),
+        "value",
+    )
 }
 
 /// The sum of the `delta` fields of every exported record of `series`.
