@@ -816,7 +816,7 @@ struct Line([AtomicU64; 8]);
 struct Padded(AtomicU64);
 
 /// A minimal copy of the ring protocol for records of `W` words: slots written and read
-/// word by word with Relaxed atomics (as `MappedRegion` does for shared memory), the
+/// word by word with Relaxed atomics (as `MappedRegion` reads shared memory), the
 /// write position published with Release, the read position cached by the writer and
 /// reloaded only when the ring looks full, the reader releasing slots once per drain.
 /// Bench-only; it exists so the record size can vary.
