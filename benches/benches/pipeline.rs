@@ -598,14 +598,6 @@ fn child_main(kind: &str) -> io::Result<()> {
     let socket = std::env::var_os(CHILD_SOCKET_ENV)
         .map(PathBuf::from)
         .ok_or_else(|| io::Error::other("no socket in the environment"))?;
-    let mut stdin = io::stdin().lock();
-    let mut stdout = io::stdout().lock();
-    let mut next_command = || -> io::Result<u64> {
-        let mut word = [0u8; 8];
-        stdin.read_exact(&mut word)?;
-        Ok(u64::from_le_bytes(word))
-    };
-    let mut seq = 0u64;
     match kind {
         "nexus" => {
             nexus_metrics::install(
@@ -618,53 +610,68 @@ fn child_main(kind: &str) -> io::Result<()> {
             let la = nexus_metrics::histogram!("http.latency_ns", "route" => "/a");
             let b = nexus_metrics::counter!("http.requests", "route" => "/b", "status" => "500");
             let lb = nexus_metrics::histogram!("http.latency_ns", "route" => "/b");
-            loop {
-                let n = next_command()?;
-                if n == 0 {
-                    return Ok(());
-                }
-                let start = Instant::now();
-                for i in seq..seq + n {
+            serve_rounds(
+                |i| {
                     match i & 3 {
                         0 => a.increment(1),
                         1 => la.record(sample_value(i)),
                         2 => b.increment(1),
                         _ => lb.record(sample_value(i)),
                     }
-                }
-                let took = start.elapsed().as_nanos() as u64;
-                seq += n;
-                nexus_metrics::flush_for(Duration::from_secs(5));
-                let stats = nexus_metrics::stats();
-                stdout.write_all(&stats.dropped_total().to_le_bytes())?;
-                stdout.write_all(&stats.coalesced.to_le_bytes())?;
-                stdout.write_all(&took.to_le_bytes())?;
-                stdout.flush()?;
-            }
+                    Ok(())
+                },
+                || {
+                    nexus_metrics::flush_for(Duration::from_secs(5));
+                    let stats = nexus_metrics::stats();
+                    (stats.dropped_total(), stats.coalesced)
+                },
+            )
         }
         "statsd" => {
             let sender = UnixDatagram::unbound()?;
             sender.connect(&socket)?;
             let mut buf = [0u8; 128];
-            loop {
-                let n = next_command()?;
-                if n == 0 {
-                    return Ok(());
-                }
-                let start = Instant::now();
-                for i in seq..seq + n {
+            serve_rounds(
+                |i| {
                     let len = statsd_sample(i, &mut buf);
                     // Blocking: a full receive queue waits, so nothing is lost.
-                    sender.send(&buf[..len])?;
-                }
-                let took = start.elapsed().as_nanos() as u64;
-                seq += n;
-                stdout.write_all(&[0u8; 16])?;
-                stdout.write_all(&took.to_le_bytes())?;
-                stdout.flush()?;
-            }
+                    sender.send(&buf[..len]).map(|_| ())
+                },
+                || (0, 0),
+            )
         }
         _ => Err(io::Error::other(format!("unknown child kind {kind}"))),
+    }
+}
+
+/// The child's command loop: for each command `n` read from stdin, records samples
+/// `seq..seq + n` of the mix with `record` (timed), then lets `settle` finish the round
+/// and answers with the counts it returns (dropped, coalesced) and the recording time.
+fn serve_rounds(
+    mut record: impl FnMut(u64) -> io::Result<()>,
+    mut settle: impl FnMut() -> (u64, u64),
+) -> io::Result<()> {
+    let mut stdin = io::stdin().lock();
+    let mut stdout = io::stdout().lock();
+    let mut seq = 0u64;
+    loop {
+        let mut word = [0u8; 8];
+        stdin.read_exact(&mut word)?;
+        let n = u64::from_le_bytes(word);
+        if n == 0 {
+            return Ok(());
+        }
+        let start = Instant::now();
+        for i in seq..seq + n {
+            record(i)?;
+        }
+        let took = start.elapsed().as_nanos() as u64;
+        seq += n;
+        let (dropped, coalesced) = settle();
+        stdout.write_all(&dropped.to_le_bytes())?;
+        stdout.write_all(&coalesced.to_le_bytes())?;
+        stdout.write_all(&took.to_le_bytes())?;
+        stdout.flush()?;
     }
 }
 
