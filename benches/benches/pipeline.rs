@@ -59,7 +59,7 @@ use metricsd::snapshot::GrantStats;
 use metricsd::{Daemon, DaemonHandle, MemorySink, Snapshot, Value};
 use nexus_metrics::{ClaimError, RingInfo, RingSource};
 use telemetry_abi::{Geometry, MAX_REGISTER_RECORDS, Record, RegisterKind, SpanStatus};
-use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, paired, pin, summary};
+use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, Progress, paired, pin, summary};
 use telemetry_ring::{MemfdRegion, Reader, Writer};
 
 /// Set in the environment of the re-executed bench binary: it is a child producer of
@@ -513,14 +513,9 @@ fn producer_cost(c: &mut Criterion) {
 
     if want_interleaved("producer_cost") {
         let mut ns = vec![Vec::new(); PRODUCER_CONTENDERS.len()];
-        let began = Instant::now();
+        let progress = Progress::new("interleaved producer_cost", PRODUCER_ROUNDS);
         for round in 0..PRODUCER_ROUNDS {
-            if round % 25 == 0 {
-                eprintln!(
-                    "interleaved producer_cost: round {round} of {PRODUCER_ROUNDS}, {:.0} s",
-                    began.elapsed().as_secs_f64()
-                );
-            }
+            progress.round(round);
             for k in 0..PRODUCER_CONTENDERS.len() {
                 let i = (round + k) % PRODUCER_CONTENDERS.len();
                 let (_, mode, run) = PRODUCER_CONTENDERS[i];

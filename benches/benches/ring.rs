@@ -59,7 +59,7 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 use telemetry_abi::{Geometry, Record};
-use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, paired, pin, summary};
+use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, Progress, paired, pin, summary};
 use telemetry_ring::{HeapRegion, MemfdRegion, Reader, Region, Writer};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -997,14 +997,9 @@ fn interleaved() {
     let contenders: Vec<Contender> = PRODUCER_CONTENDERS.to_vec();
     let mut producer = vec![Vec::new(); contenders.len()];
     let mut end_to_end = vec![Vec::new(); contenders.len()];
-    let began = Instant::now();
+    let progress = Progress::new("interleaved", rounds);
     for round in 0..rounds {
-        if round % 25 == 0 {
-            eprintln!(
-                "interleaved: round {round} of {rounds}, {:.0} s",
-                began.elapsed().as_secs_f64()
-            );
-        }
+        progress.round(round);
         for k in 0..contenders.len() {
             let i = (round + k) % contenders.len();
             let run = contenders[i].1;

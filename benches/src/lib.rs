@@ -23,6 +23,36 @@ pub fn pin(cpu: usize) {
     let _ = rustix::thread::sched_setaffinity(None, &set);
 }
 
+/// Progress of a long interleaved pass on stderr: a line every 25 rounds.
+pub struct Progress {
+    label: &'static str,
+    rounds: usize,
+    began: std::time::Instant,
+}
+
+impl Progress {
+    /// A pass called `label` of `rounds` rounds, starting now.
+    pub fn new(label: &'static str, rounds: usize) -> Self {
+        Self {
+            label,
+            rounds,
+            began: std::time::Instant::now(),
+        }
+    }
+
+    /// Notes that round `round` (from 0) begins.
+    pub fn round(&self, round: usize) {
+        if round % 25 == 0 {
+            eprintln!(
+                "{}: round {round} of {}, {:.0} s",
+                self.label,
+                self.rounds,
+                self.began.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
 /// Median, minimum and maximum of `values`, one decimal: `median [min, max]`. Sorts
 /// `values` in place.
 pub fn summary(values: &mut [f64]) -> String {
