@@ -59,7 +59,7 @@ use metricsd::snapshot::GrantStats;
 use metricsd::{Daemon, DaemonHandle, MemorySink, Snapshot, Value};
 use nexus_metrics::{ClaimError, RingInfo, RingSource};
 use telemetry_abi::{Geometry, MAX_REGISTER_RECORDS, Record, RegisterKind, SpanStatus};
-use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, Progress, paired, pin, summary};
+use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, interleave, paired, pin, summary};
 use telemetry_ring::{MemfdRegion, Reader, Writer};
 
 /// Set in the environment of the re-executed bench binary: it is a child producer of
@@ -513,17 +513,13 @@ fn producer_cost(c: &mut Criterion) {
 
     if want_interleaved("producer_cost") {
         let mut ns = vec![Vec::new(); PRODUCER_CONTENDERS.len()];
-        let progress = Progress::new("interleaved producer_cost", PRODUCER_ROUNDS);
-        for round in 0..PRODUCER_ROUNDS {
-            progress.round(round);
-            for k in 0..PRODUCER_CONTENDERS.len() {
-                let i = (round + k) % PRODUCER_CONTENDERS.len();
-                let (_, mode, run) = PRODUCER_CONTENDERS[i];
-                consumer.set(mode);
-                let took = run(consumer, &mut baseline, INTERLEAVED_CALLS);
-                ns[i].push(took.as_secs_f64() * 1e9 / INTERLEAVED_CALLS as f64);
-            }
-        }
+        let (rounds, n) = (PRODUCER_ROUNDS, PRODUCER_CONTENDERS.len());
+        interleave("interleaved producer_cost", rounds, n, |i| {
+            let (_, mode, run) = PRODUCER_CONTENDERS[i];
+            consumer.set(mode);
+            let took = run(consumer, &mut baseline, INTERLEAVED_CALLS);
+            ns[i].push(took.as_secs_f64() * 1e9 / INTERLEAVED_CALLS as f64);
+        });
         print_producer_rounds(&ns);
     }
     consumer.set(MODE_IDLE);
@@ -989,17 +985,14 @@ fn end_to_end(c: &mut Criterion) {
 
     if want_interleaved("end_to_end") {
         let mut rates = [Vec::new(), Vec::new()];
-        for round in 0..E2E_INTERLEAVED_ROUNDS {
-            for k in 0..2 {
-                let i = (round + k) % 2;
-                let took = if i == 0 {
-                    metricsd_round(&daemon, &mut nexus, &mut base, &mut ours)
-                } else {
-                    statsd_round(&statsd, &mut statsd_child, &mut aggregator, &mut theirs)
-                };
-                rates[i].push(e2e_samples() as f64 / took.as_secs_f64() / 1e6);
-            }
-        }
+        interleave("interleaved end_to_end", E2E_INTERLEAVED_ROUNDS, 2, |i| {
+            let took = if i == 0 {
+                metricsd_round(&daemon, &mut nexus, &mut base, &mut ours)
+            } else {
+                statsd_round(&statsd, &mut statsd_child, &mut aggregator, &mut theirs)
+            };
+            rates[i].push(e2e_samples() as f64 / took.as_secs_f64() / 1e6);
+        });
         println!(
             "\ninterleaved end_to_end: {E2E_INTERLEAVED_ROUNDS} rounds x {} samples per \
              contender, order rotated each round; million samples/s, median [min, max]",
@@ -1261,16 +1254,14 @@ fn metricsd_drain(c: &mut Criterion) {
     if want_interleaved("metricsd_drain") {
         let records = (DRAIN_RINGS as u64 * DRAIN_FILL) as f64;
         let mut rates = vec![Vec::new(); DRAIN_CONTENDERS.len()];
-        for round in 0..INTERLEAVED_ROUNDS {
-            for k in 0..DRAIN_CONTENDERS.len() {
-                let i = (round + k) % DRAIN_CONTENDERS.len();
-                // Several fills per round: one is only a millisecond.
-                let took: Duration = (0..8)
-                    .map(|_| drain_round(&mut drainer, &filler, DRAIN_CONTENDERS[i].1))
-                    .sum();
-                rates[i].push(8.0 * records / took.as_secs_f64() / 1e6);
-            }
-        }
+        let (rounds, n) = (INTERLEAVED_ROUNDS, DRAIN_CONTENDERS.len());
+        interleave("interleaved metricsd_drain", rounds, n, |i| {
+            // Several fills per round: one is only a millisecond.
+            let took: Duration = (0..8)
+                .map(|_| drain_round(&mut drainer, &filler, DRAIN_CONTENDERS[i].1))
+                .sum();
+            rates[i].push(8.0 * records / took.as_secs_f64() / 1e6);
+        });
         println!(
             "\ninterleaved metricsd_drain: {INTERLEAVED_ROUNDS} rounds x 8 fills of {records} \
              records per contender, order rotated each round; million records/s, median \

@@ -59,7 +59,7 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 use telemetry_abi::{Geometry, Record};
-use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, Progress, paired, pin, summary};
+use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, interleave, paired, pin, summary};
 use telemetry_ring::{HeapRegion, MemfdRegion, Reader, Region, Writer};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -997,16 +997,11 @@ fn interleaved() {
     let contenders: Vec<Contender> = PRODUCER_CONTENDERS.to_vec();
     let mut producer = vec![Vec::new(); contenders.len()];
     let mut end_to_end = vec![Vec::new(); contenders.len()];
-    let progress = Progress::new("interleaved", rounds);
-    for round in 0..rounds {
-        progress.round(round);
-        for k in 0..contenders.len() {
-            let i = (round + k) % contenders.len();
-            let run = contenders[i].1;
-            producer[i].push(ns(run(INTERLEAVED_RECORDS, Mode::Bursts).producer));
-            end_to_end[i].push(ns(run(INTERLEAVED_RECORDS, Mode::Sustained).end_to_end));
-        }
-    }
+    interleave("interleaved", rounds, contenders.len(), |i| {
+        let run = contenders[i].1;
+        producer[i].push(ns(run(INTERLEAVED_RECORDS, Mode::Bursts).producer));
+        end_to_end[i].push(ns(run(INTERLEAVED_RECORDS, Mode::Sustained).end_to_end));
+    });
     // Per-round ratios first: `summary` sorts the series in place.
     let position = |peer: &str| {
         contenders
@@ -1043,12 +1038,14 @@ fn interleaved() {
     }
 
     let mut sizes = vec![Vec::new(); SIZE_CONTENDERS.len()];
-    for round in 0..SIZE_ROUNDS {
-        for k in 0..SIZE_CONTENDERS.len() {
-            let i = (round + k) % SIZE_CONTENDERS.len();
+    interleave(
+        "interleaved record sizes",
+        SIZE_ROUNDS,
+        SIZE_CONTENDERS.len(),
+        |i| {
             sizes[i].push(ns((SIZE_CONTENDERS[i].2)(INTERLEAVED_RECORDS).producer));
-        }
-    }
+        },
+    );
     println!("\n| record size | producer ns/record | GB/s at the median |");
     println!("| --- | --- | --- |");
     for (i, (name, bytes, _)) in SIZE_CONTENDERS.iter().enumerate() {

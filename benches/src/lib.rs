@@ -23,32 +23,22 @@ pub fn pin(cpu: usize) {
     let _ = rustix::thread::sched_setaffinity(None, &set);
 }
 
-/// Progress of a long interleaved pass on stderr: a line every 25 rounds.
-pub struct Progress {
-    label: &'static str,
-    rounds: usize,
-    began: std::time::Instant,
-}
-
-impl Progress {
-    /// A pass called `label` of `rounds` rounds, starting now.
-    pub fn new(label: &'static str, rounds: usize) -> Self {
-        Self {
-            label,
-            rounds,
-            began: std::time::Instant::now(),
-        }
-    }
-
-    /// Notes that round `round` (from 0) begins.
-    pub fn round(&self, round: usize) {
+/// An interleaved pass: `rounds` rounds in which each of `contenders` contenders runs
+/// once (`run(i)` runs contender `i`), in an order rotated by one every round, so that
+/// all of them see the same mixture of the machine's states and each runs next to the
+/// others. Prints `label: round r of n, s` to stderr every 25 rounds: these passes run
+/// for up to a couple of minutes.
+pub fn interleave(label: &str, rounds: usize, contenders: usize, mut run: impl FnMut(usize)) {
+    let began = std::time::Instant::now();
+    for round in 0..rounds {
         if round % 25 == 0 {
             eprintln!(
-                "{}: round {round} of {}, {:.0} s",
-                self.label,
-                self.rounds,
-                self.began.elapsed().as_secs_f64()
+                "{label}: round {round} of {rounds}, {:.0} s",
+                began.elapsed().as_secs_f64()
             );
+        }
+        for k in 0..contenders {
+            run((round + k) % contenders);
         }
     }
 }
@@ -134,6 +124,13 @@ pub fn paired(a: &[f64], b: &[f64]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleave_rotates_the_order_every_round() {
+        let mut order = Vec::new();
+        interleave("test", 3, 3, |i| order.push(i));
+        assert_eq!(order, [0, 1, 2, 1, 2, 0, 2, 0, 1]);
+    }
 
     #[test]
     fn paired_ratios_are_per_round() {
