@@ -219,11 +219,13 @@ unsafe impl Region for MappedRegion {
         // which the compiler cannot tell apart from this region's own fields.
         // SAFETY: `slot < capacity`, the caller's precondition.
         let at = unsafe { self.slot_ptr(slot) };
-        // Two 16-byte stores: every store of a push waits in the store buffer behind the
-        // slot line's transfer from the consumer's core, and two fewer of them make the
-        // ring's push about a fifth cheaper when transfers are fast (1.5 against 1.9 ns
-        // in one interleaved pass of the pipeline bench's floor; equal when they are
-        // slow).
+        // Two 16-byte stores instead of four 8-byte ones. Measured once against the
+        // four-store write built into the same binary (the pipeline bench's floor,
+        // interleaved, 101 rounds a pass): 1.5 against 1.9 ns a push in the pass where
+        // transfers between the cores were fast, the same in two passes where they were
+        // slow. Fewer stores waiting behind the slot line's transfer is the likely
+        // reason; in `HeapRegion` under the ring bench's concurrent drain the same
+        // change measured slower, so it is made here only.
         #[cfg(target_arch = "x86_64")]
         {
             use core::arch::x86_64::{__m128i, _mm_set_epi64x, _mm_storeu_si128};

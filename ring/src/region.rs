@@ -48,12 +48,12 @@ pub unsafe trait Region {
     /// # Safety
     ///
     /// `slot < geometry().capacity()`, and no write to `slot` happens while it is
-    /// copied: the caller is the ring's only
-    /// reader and `slot` was published to it (the writer does not reuse it until the
-    /// reader releases it), or the caller is the ring's only writer itself. Regions
-    /// that may be shared with an untrusted writer implement this as a race-tolerant
-    /// copy (see [`MappedRegion`](crate::MappedRegion)), so a writer breaking the
-    /// protocol yields garbage values, never undefined behaviour.
+    /// copied: the caller is the ring's only reader and `slot` was published to it (the
+    /// writer does not reuse it until the reader releases it), or the caller is the
+    /// ring's only writer itself. Regions that may be shared with an untrusted writer
+    /// implement this as a race-tolerant copy (see [`MappedRegion`](crate::MappedRegion)),
+    /// so a writer breaking the protocol yields garbage values, never undefined
+    /// behaviour.
     unsafe fn read_slot(&self, slot: usize) -> Record;
 }
 
