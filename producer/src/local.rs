@@ -70,7 +70,8 @@ pub(crate) struct Local {
     /// unread. Checked again on slow paths ([`Local::check_retired`]) until metricsd
     /// closes it, then accounted for like a ring found closed at release. One per thread;
     /// a ring whose consumer never closes it (a crash) is let go when the next one
-    /// retires or the thread exits.
+    /// retires or the thread exits, its unread records counted as unconfirmed
+    /// ([`Local::let_go_retired`]).
     retired: Option<Writer<MemfdRegion>>,
 }
 
@@ -336,7 +337,8 @@ impl Local {
     /// deltas (so they reach the next ring: late, never short) and every other record
     /// is counted as dropped. A ring not closed yet is kept as the thread's retired ring
     /// and accounted for the same way once it is. A ring whose consumer vanished without
-    /// closing it (a crash) gives no such account.
+    /// closing it (a crash) gives no such account: its unread records are counted as
+    /// unconfirmed when the thread lets go of it.
     fn release(&mut self) {
         if let Slot::Ready(ring) = std::mem::replace(&mut self.slot, Slot::Unclaimed) {
             let (mut writer, mut table, _) = ring.recorder.into_parts();
@@ -344,6 +346,7 @@ impl Local {
                 let lost = salvage(&mut writer, |key, n| table.add_pending(key, n));
                 self.count_salvage_loss(lost);
             } else {
+                self.let_go_retired();
                 self.retired = Some(writer);
             }
             self.table = Some(table);
@@ -367,6 +370,28 @@ impl Local {
             (_, None) => salvage(&mut writer, |_, _| false),
         };
         self.count_salvage_loss(lost);
+    }
+
+    /// Gives up the retired ring while its consumer has not closed it: the records it
+    /// has not read may never be read (metricsd crashed) or may still be (a slow last
+    /// drain), so they are counted as unconfirmed, neither dropped nor resent.
+    /// Registrations are not counted: a new ring gets its own.
+    fn let_go_retired(&mut self) {
+        let Some(mut writer) = self.retired.take() else {
+            return;
+        };
+        let mut unread = 0;
+        writer.for_each_unconsumed(|record| {
+            if !matches!(
+                record.kind,
+                RecordKind::REGISTER | RecordKind::REGISTER_DATA
+            ) {
+                unread += 1;
+            }
+        });
+        if unread > 0 {
+            self.count(Event::Unconfirmed, unread);
+        }
     }
 
     fn count_salvage_loss(&mut self, lost: u64) {
@@ -585,9 +610,11 @@ fn salvage(writer: &mut Writer<MemfdRegion>, mut hold: impl FnMut(u32, u64) -> b
 impl Drop for Local {
     fn drop(&mut self) {
         // Best effort at thread exit: account for a retired ring metricsd has closed by
-        // now, then write what counters still owe; what cannot be written now (the ring
-        // is still full, or there is no ring) is counted as dropped, one record per key.
+        // now (or count what it left unread as unconfirmed if it has not), then write
+        // what counters still owe; what cannot be written now (the ring is still full,
+        // or there is no ring) is counted as dropped, one record per key.
         self.check_retired();
+        self.let_go_retired();
         let (reason, lost) = match &mut self.slot {
             Slot::Ready(ring) => {
                 let lost = if ring.recorder.flush() > 0 {

@@ -92,6 +92,15 @@ pub struct Stats {
     pub rings_claimed: u64,
     /// Claims that failed (each is followed by a backoff).
     pub claim_failures: u64,
+    /// Records a thread let go of unconfirmed: they were published into a ring whose
+    /// consumer had neither read them nor closed the ring when the thread gave it up
+    /// (a newer ring of the thread retired, or the thread exited). Normally metricsd
+    /// closes a ring after its last drain and the thread accounts for what it left
+    /// unread exactly (counter increments resent, the rest dropped); these rings never
+    /// got that far, because metricsd crashed (then the records are lost) or restarted
+    /// twice within one drain (then it may still read them). Not counted as dropped,
+    /// and counter increments among them are not resent, which could count them twice.
+    pub unconfirmed: u64,
     /// Keys registered in the process (series, span names, attribute keys, strings).
     pub keys: u32,
 }
@@ -116,15 +125,17 @@ pub(crate) enum Event {
     LostIncrements,
     RingClaimed,
     ClaimFailed,
+    Unconfirmed,
 }
 
-const EVENTS: usize = DropReason::ALL.len() + 4;
+const EVENTS: usize = DropReason::ALL.len() + 5;
 
 impl Event {
     const fn index(self) -> usize {
         match self {
             Self::Dropped(r) => r.index(),
-            Self::Coalesced => EVENTS - 4,
+            Self::Coalesced => EVENTS - 5,
+            Self::Unconfirmed => EVENTS - 4,
             Self::LostIncrements => EVENTS - 3,
             Self::RingClaimed => EVENTS - 2,
             Self::ClaimFailed => EVENTS - 1,
@@ -166,6 +177,7 @@ impl Counts {
         stats.lost_increments += get(Event::LostIncrements);
         stats.rings_claimed += get(Event::RingClaimed);
         stats.claim_failures += get(Event::ClaimFailed);
+        stats.unconfirmed += get(Event::Unconfirmed);
     }
 }
 
@@ -178,6 +190,7 @@ mod tests {
         let a = Counts::default();
         a.add_local(Event::Dropped(DropReason::RingFull), 3);
         a.add_local(Event::Coalesced, 2);
+        a.add_local(Event::Unconfirmed, 4);
         let b = Counts::default();
         b.add_local(Event::Dropped(DropReason::NoMetricsd), 5);
         b.absorb(&a);
@@ -187,6 +200,8 @@ mod tests {
         assert_eq!(stats.dropped(DropReason::NoMetricsd), 5);
         assert_eq!(stats.dropped_total(), 8);
         assert_eq!(stats.coalesced, 2);
+        assert_eq!(stats.unconfirmed, 4);
+        assert_eq!(stats.claim_failures, 0);
         let names: Vec<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
         assert_eq!(names.len(), 8);
         assert!(

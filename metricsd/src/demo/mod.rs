@@ -892,6 +892,7 @@ pub fn producer_main(role: &str, duration: Duration, rate: u64) -> Result<(), St
                 series: Vec::new(),
                 dropped: BTreeMap::new(),
                 lost_increments: 0,
+                unconfirmed: 0,
                 coalesced: 0,
                 rings_claimed: u64::from(h.rings),
                 hostile: Some(h),

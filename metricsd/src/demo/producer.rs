@@ -192,6 +192,7 @@ fn report(role: &str, check: Check, tally: Tally, requests: u64) -> Report {
         series: tally.into_series(),
         dropped,
         lost_increments: stats.lost_increments,
+        unconfirmed: stats.unconfirmed,
         coalesced: stats.coalesced,
         rings_claimed: stats.rings_claimed,
         hostile: None,

@@ -131,6 +131,10 @@ pub struct Report {
     pub dropped: BTreeMap<String, u64>,
     /// Counter increments given up at thread exit (must be 0).
     pub lost_increments: u64,
+    /// Records left in a ring whose metricsd never closed it (must be 0; see
+    /// `nexus_metrics::Stats::unconfirmed`).
+    #[serde(default)]
+    pub unconfirmed: u64,
     /// Counter increments that waited for room (late, not lost).
     pub coalesced: u64,
     /// Rings its threads claimed.
@@ -221,6 +225,7 @@ mod tests {
             series,
             dropped: BTreeMap::new(),
             lost_increments: 0,
+            unconfirmed: 0,
             coalesced: 0,
             rings_claimed: 1,
             hostile: None,

@@ -318,7 +318,7 @@ pub fn verify(
             continue;
         }
         v.services += 1;
-        if report.dropped_total() > 0 || report.lost_increments > 0 {
+        if report.dropped_total() > 0 || report.lost_increments > 0 || report.unconfirmed > 0 {
             let mut dropped: Vec<String> = report
                 .dropped
                 .iter()
@@ -326,6 +326,9 @@ pub fn verify(
                 .collect();
             if report.lost_increments > 0 {
                 dropped.push(format!("lost increments {}", report.lost_increments));
+            }
+            if report.unconfirmed > 0 {
+                dropped.push(format!("unconfirmed {}", report.unconfirmed));
             }
             v.mismatches.push(Mismatch::ProducerDropped {
                 service: service.clone(),
@@ -661,6 +664,7 @@ mod tests {
                 .collect(),
             dropped: BTreeMap::new(),
             lost_increments: 0,
+            unconfirmed: 0,
             coalesced: 0,
             rings_claimed: 1,
             hostile: None,
