@@ -37,12 +37,17 @@
 //! - [`HeapRegion`]: one process (tests, benchmarks, the loom models).
 //! - [`MappedRegion`]: the ABI layout at any address (a driver's shared pages).
 //! - `MemfdRegion` (Linux, `std`): a sealed memfd, the capability a producer is granted.
+//!
+//! A child process inherits its parent's mappings, so a writer must not be used on both
+//! sides of `fork()`: `on_fork_child` (Linux, `std`) lets a producer library notice.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
 mod error;
+#[cfg(all(feature = "std", target_os = "linux", not(telemetry_loom)))]
+mod fork;
 #[cfg(feature = "alloc")]
 mod heap;
 #[cfg(not(telemetry_loom))]
@@ -55,6 +60,8 @@ pub mod sync;
 mod writer;
 
 pub use error::{Full, Quarantined, Violation};
+#[cfg(all(feature = "std", target_os = "linux", not(telemetry_loom)))]
+pub use fork::on_fork_child;
 #[cfg(feature = "alloc")]
 pub use heap::HeapRegion;
 #[cfg(not(telemetry_loom))]
