@@ -187,6 +187,7 @@ pub(crate) fn global() -> &'static Global {
 
 impl Global {
     fn new(config: Config) -> Self {
+        crate::source::watch_forks();
         let source = config.source.unwrap_or_else(|| {
             let path = config.socket.unwrap_or_else(crate::default_socket_path);
             Box::new(

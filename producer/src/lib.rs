@@ -84,7 +84,7 @@ pub use intern::KeyError;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use socket::{SOCKET_ENV, SocketSource, default_socket_path};
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub use source::{ClaimError, RingInfo, RingSource, generation, invalidate};
+pub use source::{ClaimError, RingInfo, RingSource, forks, generation, invalidate};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use span::{MAX_SPAN_ATTRS, Span, SpanName, SpanValue, Status};
 #[cfg(all(feature = "std", target_os = "linux"))]

@@ -17,7 +17,7 @@ use crate::global::{count_unavailable, global, monotonic_ns};
 use crate::intern::{GlobalRegistry, KeyError};
 use crate::key::{Discarded, Key, KeyTable};
 use crate::recorder::{AttrValue, Delivery, Dropped, Recorder, SpanId};
-use crate::source::{ClaimError, generation};
+use crate::source::{ClaimError, forks, generation};
 use crate::stats::{Counts, DropReason, Event};
 
 type GlobalRecorder = Recorder<MemfdRegion, Box<[u64]>, GlobalRegistry>;
@@ -73,6 +73,8 @@ pub(crate) struct Local {
     /// retires or the thread exits, its unread records counted as unconfirmed
     /// ([`Local::let_go_retired`]).
     retired: Option<Writer<MemfdRegion>>,
+    /// [`forks`] when this state was last known to be this process's own.
+    forks: u64,
 }
 
 thread_local! {
@@ -246,6 +248,7 @@ impl Local {
             current_span: 0,
             strs: [(0, 0, 0, 0); STR_CACHE],
             retired: None,
+            forks: 0,
         }
     }
 
@@ -298,6 +301,7 @@ impl Local {
     /// backoff allows. Every slow path comes through here, so this is also where a
     /// retired ring is looked at again.
     fn ring(&mut self) -> Result<&mut Ring, DropReason> {
+        self.leave_parent();
         self.check_retired();
         let mut backoff_ns = 0;
         match &mut self.slot {
@@ -328,6 +332,24 @@ impl Local {
             Slot::Ready(ring) => Ok(ring),
             _ => Err(DropReason::NoMetricsd),
         }
+    }
+
+    /// In a child process after `fork()`, the thread's first slow path finds state made
+    /// in the parent: the ring, the retired ring and the pending counter deltas are the
+    /// parent's, who still writes that ring and still owes those deltas. Lets all of it
+    /// go without writing or counting anything (the child's copy of the mappings is
+    /// unmapped), so the child claims a ring of its own and starts with a fresh key
+    /// table. The parent's spans open in this thread end as `no_metricsd` here.
+    fn leave_parent(&mut self) {
+        let forks = forks();
+        if self.forks == forks {
+            return;
+        }
+        self.forks = forks;
+        self.slot = Slot::Unclaimed;
+        self.table = None;
+        self.retired = None;
+        self.current_span = 0;
     }
 
     /// Drops the current ring, keeping the key table (and its pending deltas).
@@ -462,6 +484,7 @@ impl Local {
     }
 
     fn flush(&mut self) -> bool {
+        self.leave_parent();
         self.check_retired();
         let has_pending = match (&self.slot, &self.table) {
             (Slot::Ready(ring), _) => ring.recorder.pending_keys() > 0,
@@ -518,6 +541,7 @@ impl Local {
             // Never started (counted then): nothing to end.
             return;
         }
+        self.leave_parent();
         if self.current_span == started.id {
             self.current_span = started.prev;
         }
@@ -540,6 +564,7 @@ impl Local {
         if started.id == 0 {
             return;
         }
+        self.leave_parent();
         let attr = match self.intern_str(RegisterKind::ATTR, attr) {
             Ok(key) => key,
             Err(reason) => return self.count(Event::Dropped(reason), 1),
@@ -613,6 +638,7 @@ impl Drop for Local {
         // now (or count what it left unread as unconfirmed if it has not), then write
         // what counters still owe; what cannot be written now (the ring is still full,
         // or there is no ring) is counted as dropped, one record per key.
+        self.leave_parent();
         self.check_retired();
         self.let_go_retired();
         let (reason, lost) = match &mut self.slot {

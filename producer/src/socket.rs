@@ -6,7 +6,9 @@
 //! `GrantRequest` and reads one `GrantResponse`, with the ring's memfd as `SCM_RIGHTS`
 //! when granted. A watcher thread per connection sleeps in `poll` for the hang-up only;
 //! when metricsd goes away it [`invalidate`](crate::invalidate)s the connection's
-//! generation, so every thread drops its ring on its next record and claims again.
+//! generation, so every thread drops its ring on its next record and claims again. A
+//! child process after `fork()` opens a connection of its own, so metricsd sees the
+//! child's identity and grants it its own rings.
 
 use std::io::{self, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -27,7 +29,7 @@ use telemetry_abi::{
 use telemetry_ring::{MemfdRegion, Writer};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::source::{ClaimError, RingInfo, RingSource, generation, invalidate};
+use crate::source::{ClaimError, RingInfo, RingSource, forks, generation, invalidate};
 
 /// The environment variable naming metricsd's control socket.
 pub const SOCKET_ENV: &str = "NEXUS_METRICSD_SOCKET";
@@ -70,9 +72,22 @@ struct Conn {
     /// No connect attempt before this.
     retry_at: Option<Instant>,
     backoff: Duration,
+    /// [`forks`] when this state was made: a child must not use its parent's socket.
+    forks: u64,
 }
 
 impl Conn {
+    /// In a child process after `fork()`: forgets the parent's connection without
+    /// shutting it down (the parent still uses it). The child's copy of the fd stays
+    /// open until `exec` (it is close-on-exec) or exit: the parent's watcher thread,
+    /// which holds the other reference, does not exist in the child.
+    fn forget_parent(&mut self) {
+        *self = Self {
+            forks: forks(),
+            ..Self::default()
+        };
+    }
+
     /// Closes the connection (metricsd sees end-of-file and releases our rings) and
     /// makes every thread drop the rings it granted.
     fn close(&mut self) {
@@ -292,6 +307,9 @@ impl SocketSource {
 impl RingSource for SocketSource {
     fn claim(&self, hint: u64) -> Result<(Writer<MemfdRegion>, RingInfo), ClaimError> {
         let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if conn.forks != forks() {
+            conn.forget_parent();
+        }
         // A held connection that broke since the last claim (metricsd restarted and the
         // watcher has not run yet, say) gets one immediate reconnect; a fresh one that
         // fails backs off.

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io;
+use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use telemetry_abi::GrantStatus;
@@ -15,6 +16,10 @@ use telemetry_ring::{MemfdError, MemfdRegion, Writer};
 /// `claim` runs on the claiming thread's slow path (first record, or after its ring
 /// went stale), never per sample. It may block briefly but must not wait without a
 /// bound.
+///
+/// After `fork()`, the child's first record finds its inherited ring stale and claims
+/// again in the child: a source that keeps per-process state (a connection) must not
+/// use its parent's there. [`forks`] tells the two apart.
 pub trait RingSource: Send + Sync {
     /// One new ring for the calling thread. `hint` is a diagnostic label (the thread's
     /// serial number in this process), never trusted by the consumer.
@@ -87,6 +92,40 @@ impl std::error::Error for ClaimError {
 
 /// The generation every thread compares its ring against: one relaxed load per record.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Forks between the process that first used the library and this one.
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+/// Runs in a child process before `fork()` returns there (see [`watch_forks`]). Every
+/// ring the child inherited is its parent's: moving the generation on makes each
+/// thread's next record take the slow path, which sees [`forks`] changed and lets go of
+/// the parent's state without touching it. Atomic adds only: the child may have
+/// inherited any lock held.
+extern "C" fn after_fork_in_child() {
+    // ORDERING: Relaxed: the child's one thread reads both after `fork()` returns.
+    FORKS.fetch_add(1, Ordering::Relaxed);
+    GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Registers [`after_fork_in_child`] once per process, before the first ring is claimed.
+pub(crate) fn watch_forks() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Fails only when the C library is out of memory for its handler list; the
+        // library then works as before, without noticing forks.
+        let _ = telemetry_ring::on_fork_child(after_fork_in_child);
+    });
+}
+
+/// How many times the library's state has been carried across `fork()` into this
+/// process: 0 in the process that first used it, 1 in a child it forked, and so on. A
+/// [`RingSource`] that keeps a connection compares this with the count it connected
+/// under, and opens its own connection in a child.
+#[inline]
+pub fn forks() -> u64 {
+    // ORDERING: Relaxed: written only in a child before it returns from `fork()`.
+    FORKS.load(Ordering::Relaxed)
+}
 
 /// The current ring generation. A [`RingSource`] stamps each ring it grants with it.
 #[inline(always)]

@@ -1,0 +1,90 @@
+//! A child process forked after the library was used inherits its parent's rings and
+//! connection. Its first record must not land in the parent's ring (a second writer
+//! would corrupt it) and it must not write the parent's held-back counter increments
+//! again: it connects on its own, gets its own ring and starts from nothing.
+#![expect(
+    unsafe_code,
+    reason = "fork(), waitpid() and _exit() around the test's child"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, install_with_fast_reconnect, sum, watchdog};
+use nexus_metrics::{RegisterKind, counter};
+
+const NAME: &str = "fork.requests";
+/// Increments the parent makes before the fork: more than its 64-record ring holds,
+/// so some are held back as a pending delta when it forks.
+const PARENT: u64 = 200;
+const CHILD: u64 = 1000;
+
+/// The increments of `NAME` in each of `server`'s rings, in grant order.
+fn totals(server: &Server) -> Vec<u64> {
+    server.with_rings(|rings| {
+        rings
+            .iter()
+            .map(|r| {
+                r.key_of(RegisterKind::COUNTER, NAME)
+                    .map_or(0, |k| sum(&r.records_of(k)))
+            })
+            .collect()
+    })
+}
+
+/// The child's whole life: one increment of `CHILD`, written out, then `_exit`.
+fn child() -> ! {
+    let ok = std::panic::catch_unwind(|| {
+        counter!(NAME).increment(CHILD);
+        let flushed = nexus_metrics::flush_for(Duration::from_secs(5));
+        let stats = nexus_metrics::stats();
+        flushed && nexus_metrics::forks() == 1 && stats.dropped_total() == 0
+    });
+    // SAFETY: `_exit` ends the child at once, without running the parent's atexit
+    // handlers or the test harness's teardown in this copy of the process.
+    unsafe { libc::_exit(if matches!(ok, Ok(true)) { 0 } else { 1 }) }
+}
+
+#[test]
+fn a_forked_child_records_into_a_ring_of_its_own() {
+    let _dog = watchdog(Duration::from_secs(30));
+    let (_dir, path) = install_with_fast_reconnect();
+    let server = Server::start(&path, 64);
+
+    // The parent fills its ring without a drain, so the rest of its increments wait
+    // as a pending delta.
+    for _ in 0..PARENT {
+        counter!(NAME).increment(1);
+    }
+    let before = nexus_metrics::stats();
+    assert!(before.coalesced > 0, "some increments wait: {before:?}");
+    assert_eq!(nexus_metrics::forks(), 0);
+
+    // SAFETY: the child runs only `child()`, which touches the library and exits
+    // with `_exit`; nothing it inherits is unwound or dropped twice.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        child();
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just forked; `status` is a valid out-pointer.
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(waited, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child recorded, flushed and dropped nothing (status {status:#x})"
+    );
+
+    // The parent writes what it held back, now that the server drained its ring.
+    server.drain();
+    assert!(nexus_metrics::flush_for(Duration::from_secs(5)));
+    assert_eq!(
+        totals(&server),
+        [PARENT, CHILD],
+        "the parent's ring has exactly the parent's increments, the child's its own"
+    );
+    assert_eq!(server.connections(), 2, "the child connected on its own");
+    assert_eq!(nexus_metrics::forks(), 0, "the parent is not a child");
+}
