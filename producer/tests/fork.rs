@@ -11,27 +11,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, install_with_fast_reconnect, sum, watchdog};
-use nexus_metrics::{RegisterKind, counter};
+use common::{Server, counter_totals, install_with_fast_reconnect, watchdog};
+use nexus_metrics::counter;
 
 const NAME: &str = "fork.requests";
 /// Increments the parent makes before the fork: more than its 64-record ring holds,
 /// so some are held back as a pending delta when it forks.
 const PARENT: u64 = 200;
 const CHILD: u64 = 1000;
-
-/// The increments of `NAME` in each of `server`'s rings, in grant order.
-fn totals(server: &Server) -> Vec<u64> {
-    server.with_rings(|rings| {
-        rings
-            .iter()
-            .map(|r| {
-                r.key_of(RegisterKind::COUNTER, NAME)
-                    .map_or(0, |k| sum(&r.records_of(k)))
-            })
-            .collect()
-    })
-}
 
 /// The child's whole life: one increment of `CHILD`, written out, then `_exit`.
 fn child() -> ! {
@@ -81,7 +68,7 @@ fn a_forked_child_records_into_a_ring_of_its_own() {
     server.drain();
     assert!(nexus_metrics::flush_for(Duration::from_secs(5)));
     assert_eq!(
-        totals(&server),
+        counter_totals(&server, NAME),
         [PARENT, CHILD],
         "the parent's ring has exactly the parent's increments, the child's its own"
     );

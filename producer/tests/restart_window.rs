@@ -9,23 +9,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, install_with_fast_reconnect, sum, wait_until, watchdog};
-use nexus_metrics::{DropReason, RegisterKind, counter};
+use common::{Server, counter_totals, install_with_fast_reconnect, wait_until, watchdog};
+use nexus_metrics::{DropReason, counter};
 
 const LIMIT: Duration = Duration::from_secs(10);
 const NAME: &str = "rw.requests";
 
 /// The counter increments `server` read for `NAME`, over all its rings.
 fn total(server: &Server) -> u64 {
-    server.with_rings(|rings| {
-        rings
-            .iter()
-            .filter_map(|r| {
-                r.key_of(RegisterKind::COUNTER, NAME)
-                    .map(|k| sum(&r.records_of(k)))
-            })
-            .sum()
-    })
+    counter_totals(server, NAME).iter().sum()
 }
 
 #[test]

@@ -885,17 +885,11 @@ pub fn producer_main(role: &str, duration: Duration, rate: u64) -> Result<(), St
         HOSTILE_ROLE => {
             let socket = nexus_metrics::default_socket_path();
             let h = hostile::run(&socket, duration).map_err(|e| e.to_string())?;
+            let (requests, rings) = (h.garbage_records, u64::from(h.rings));
             Report {
-                role: role.to_owned(),
-                check: report::Check::Exact,
-                requests: h.garbage_records,
-                series: Vec::new(),
-                dropped: BTreeMap::new(),
-                lost_increments: 0,
-                unconfirmed: 0,
-                coalesced: 0,
-                rings_claimed: u64::from(h.rings),
+                rings_claimed: rings,
                 hostile: Some(h),
+                ..Report::new(role, report::Check::Exact, requests, Vec::new())
             }
         }
         FLOOD_ROLE => {

@@ -144,6 +144,22 @@ pub struct Report {
 }
 
 impl Report {
+    /// A report of `role` with nothing dropped, coalesced or claimed yet.
+    pub fn new(role: &str, check: Check, requests: u64, series: Vec<SeriesReport>) -> Self {
+        Self {
+            role: role.to_owned(),
+            check,
+            requests,
+            series,
+            dropped: BTreeMap::new(),
+            lost_increments: 0,
+            unconfirmed: 0,
+            coalesced: 0,
+            rings_claimed: 0,
+            hostile: None,
+        }
+    }
+
     /// Records the producer itself dropped (exact totals need zero for every kind but
     /// counters, which coalesce instead).
     pub fn dropped_total(&self) -> u64 {
@@ -219,16 +235,8 @@ mod tests {
             [("a".into(), "1".into()), ("b".into(), "2".into())]
         );
         let report = Report {
-            role: "checkout".into(),
-            check: Check::Exact,
-            requests: 1,
-            series,
-            dropped: BTreeMap::new(),
-            lost_increments: 0,
-            unconfirmed: 0,
-            coalesced: 0,
             rings_claimed: 1,
-            hostile: None,
+            ..Report::new("checkout", Check::Exact, 1, series)
         };
         let line = serde_json::to_string(&report).expect("serializes");
         assert!(!line.contains('\n'));

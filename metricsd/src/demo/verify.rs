@@ -621,7 +621,6 @@ pub fn verify_spans(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use logd::{Level, Record};
 
@@ -647,27 +646,20 @@ mod tests {
     type Recorded<'a> = (&'a str, &'a [(&'a str, &'a str)], u64);
 
     fn report(check: Check, series: &[Recorded<'_>]) -> Report {
+        let series = series
+            .iter()
+            .map(|(name, labels, total)| SeriesReport {
+                name: (*name).into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+                expect: Expect::Counter { total: *total },
+            })
+            .collect();
         Report {
-            role: "web".into(),
-            check,
-            requests: 0,
-            series: series
-                .iter()
-                .map(|(name, labels, total)| SeriesReport {
-                    name: (*name).into(),
-                    labels: labels
-                        .iter()
-                        .map(|(k, v)| ((*k).into(), (*v).into()))
-                        .collect(),
-                    expect: Expect::Counter { total: *total },
-                })
-                .collect(),
-            dropped: BTreeMap::new(),
-            lost_increments: 0,
-            unconfirmed: 0,
-            coalesced: 0,
             rings_claimed: 1,
-            hostile: None,
+            ..Report::new("web", check, 0, series)
         }
     }
 

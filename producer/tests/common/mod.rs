@@ -427,3 +427,17 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 pub fn sum(records: &[Record]) -> u64 {
     records.iter().map(|r| r.words[0]).sum()
 }
+
+/// The increments of counter `name` each ring of `server` read (after draining), in
+/// grant order; 0 for a ring that never registered it.
+pub fn counter_totals(server: &Server, name: &str) -> Vec<u64> {
+    server.with_rings(|rings| {
+        rings
+            .iter()
+            .map(|r| {
+                r.key_of(RegisterKind::COUNTER, name)
+                    .map_or(0, |k| sum(&r.records_of(k)))
+            })
+            .collect()
+    })
+}
