@@ -225,6 +225,10 @@ unsafe impl Region for MemfdRegion {
         unsafe { self.region.write_slot(slot, record) }
     }
     #[inline(always)]
+    fn prepare_write(&self, slot: usize) {
+        self.region.prepare_write(slot);
+    }
+    #[inline(always)]
     unsafe fn read_slot(&self, slot: usize) -> Record {
         // SAFETY: the caller's guarantees are passed on unchanged.
         unsafe { self.region.read_slot(slot) }

@@ -43,6 +43,15 @@ pub unsafe trait Region {
     /// write position plus capacity).
     unsafe fn write_slot(&self, slot: usize, record: Record);
 
+    /// A hint from the writer that it will write `slot` soon (the slot is free: the
+    /// consumer has released it). A region may start bringing the slot's memory close
+    /// for writing; it must not read or change the slot's contents. Does nothing by
+    /// default.
+    #[inline(always)]
+    fn prepare_write(&self, slot: usize) {
+        let _ = slot;
+    }
+
     /// Copies the record out of `slot`.
     ///
     /// # Safety
@@ -82,6 +91,10 @@ macro_rules! forward_region {
             unsafe fn write_slot(&self, slot: usize, record: Record) {
                 // SAFETY: the caller's guarantees are passed on unchanged.
                 unsafe { (**self).write_slot(slot, record) }
+            }
+            #[inline(always)]
+            fn prepare_write(&self, slot: usize) {
+                (**self).prepare_write(slot)
             }
             unsafe fn read_slot(&self, slot: usize) -> Record {
                 // SAFETY: the caller's guarantees are passed on unchanged.

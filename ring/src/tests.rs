@@ -271,3 +271,75 @@ fn a_closed_ring_tells_the_writer_what_was_never_read() {
         "published and unread; the staged record was never published"
     );
 }
+
+/// A heap region that checks every `prepare_write` hint against the consumer's read
+/// position: the hinted slot must be one the consumer has released.
+struct HintChecked {
+    inner: HeapRegion,
+    hints: std::cell::Cell<u64>,
+}
+
+// SAFETY: forwards every data access to `inner`, which upholds the contract; the hint
+// only checks positions and counts.
+unsafe impl Region for HintChecked {
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+    fn write_pos(&self) -> &crate::sync::AtomicU64 {
+        self.inner.write_pos()
+    }
+    fn dropped(&self) -> &crate::sync::AtomicU64 {
+        self.inner.dropped()
+    }
+    fn read_pos(&self) -> &crate::sync::AtomicU64 {
+        self.inner.read_pos()
+    }
+    fn consumer_flags(&self) -> &crate::sync::AtomicU64 {
+        self.inner.consumer_flags()
+    }
+    unsafe fn write_slot(&self, slot: usize, record: Record) {
+        // SAFETY: the caller's guarantees are passed on unchanged.
+        unsafe { self.inner.write_slot(slot, record) }
+    }
+    fn prepare_write(&self, slot: usize) {
+        let capacity = u64::from(self.geometry().capacity());
+        let read = self.read_pos().load(Ordering::Relaxed);
+        let published = self.write_pos().load(Ordering::Relaxed);
+        // The slots the consumer has not released: positions read..published (and the
+        // writer's staged ones, which it owns). None of them may be hinted.
+        for position in read..published {
+            assert_ne!(
+                (position % capacity) as usize,
+                slot,
+                "hinted slot {slot} holds unread position {position} (read {read})"
+            );
+        }
+        self.hints.set(self.hints.get() + 1);
+    }
+    unsafe fn read_slot(&self, slot: usize) -> Record {
+        // SAFETY: the caller's guarantees are passed on unchanged.
+        unsafe { self.inner.read_slot(slot) }
+    }
+}
+
+#[test]
+fn the_write_hint_never_names_a_slot_the_consumer_has_not_released() {
+    let region = HintChecked {
+        inner: HeapRegion::new(64).expect("valid capacity"),
+        hints: std::cell::Cell::new(0),
+    };
+    let mut w = Writer::new(&region);
+    let mut r = Reader::new(&region);
+    let mut next = 0u64;
+    // Fill to full and drain a little at a time, so the writer runs close behind the
+    // reader for many laps: the hint's distance (32) is half the ring.
+    for round in 0..200u64 {
+        while w.try_push(Record::counter(1, next)).is_ok() {
+            next += 1;
+        }
+        let got = drain_values(&mut r, round % 7 + 1);
+        assert_eq!(got.len() as u64, round % 7 + 1);
+    }
+    assert!(next > 64 * 10, "many laps: {next}");
+    assert!(region.hints.get() > 0, "the writer did hint");
+}

@@ -247,6 +247,7 @@ impl<R: Region> Writer<R> {
     /// region, leave the writer's own fields alone).
     #[inline(always)]
     fn write_and_publish(&mut self, record: Record) {
+        self.prepare_ahead();
         let position = self.region.write_pos();
         let next = write_at(&self.region, self.mask, self.write, record);
         self.write = next;
@@ -258,7 +259,32 @@ impl<R: Region> Writer<R> {
     /// Writes `record` without publishing it, once `has_room` said yes.
     #[inline(always)]
     fn write_unchecked(&mut self, record: Record) {
+        self.prepare_ahead();
         self.write = write_at(&self.region, self.mask, self.write, record);
+    }
+}
+
+/// How far ahead of the record it writes the writer tells the region which slot it
+/// will write ([`Region::prepare_write`]): 32 records, 16 cache lines. On a mapped
+/// region on x86-64 that is a `PREFETCHW`; measured once, interleaved in one binary
+/// (the pipeline bench's `producer_cost` floor, 101 rounds a pass, temporary
+/// contenders for each distance), in four passes where transfers between the cores
+/// were slow: 6.9 to 8.7 ns a push without the hint, 3.8 to 4.3 with 32, 5.0 to 6.0
+/// with 16, 4.4 to 6.6 with 64, 4.7 to 6.7 with 96; `Counter::increment` 10.0 to 12.4
+/// without against 4.6 to 7.3 with 32. In a pass where transfers were fast: 2.0 without
+/// against 2.3 with.
+const PREPARE_AHEAD: u64 = 32;
+
+impl<R: Region> Writer<R> {
+    /// Hints the slot `PREPARE_AHEAD` records on, if the cached read position shows
+    /// the consumer has released it: a slot still unread is left alone, so the hint
+    /// never pulls a line the consumer is about to read away from it.
+    #[inline(always)]
+    fn prepare_ahead(&self) {
+        let ahead = self.write.wrapping_add(PREPARE_AHEAD);
+        if ahead.wrapping_sub(self.cached_read) < self.capacity {
+            self.region.prepare_write((ahead & self.mask) as usize);
+        }
     }
 }
 
