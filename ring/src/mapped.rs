@@ -285,20 +285,27 @@ unsafe impl Region for MappedRegion {
         if !self.prefetchw {
             return;
         }
+        // The address by wrapping arithmetic, so no bound is assumed here: the writer
+        // passes a slot below the capacity, and a prefetch of any other address would
+        // still be harmless.
+        let offset = self
+            .geometry
+            .records_offset()
+            .wrapping_add(slot.wrapping_mul(RECORD_SIZE));
+        let at = self.base.as_ptr().wrapping_add(offset);
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the slot is masked by the private geometry, so below the capacity and
-        // `slot_ptr` stays inside the region. `PREFETCHW` is a hint: it reads only its
-        // address register, accesses no memory as far as the program can tell (the
-        // line's contents are unchanged), changes no flags, and the CPU has it (checked
-        // when the region was made).
+        // SAFETY: `PREFETCHW` is a hint the CPU has (checked when the region was made):
+        // it never faults, whatever the address, changes no memory contents and no
+        // flags, and reads only its address register.
         unsafe {
-            let at = self.slot_ptr(slot & (self.geometry.capacity() as usize - 1));
             core::arch::asm!(
                 "prefetchw [{0}]",
                 in(reg) at,
                 options(nostack, preserves_flags, readonly),
             );
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = at;
     }
     #[inline(always)]
     unsafe fn read_slot(&self, slot: usize) -> Record {
