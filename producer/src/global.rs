@@ -234,11 +234,11 @@ impl Global {
     }
 }
 
-/// Counts a record dropped with no usable thread-local state.
+/// Counts `n` records dropped with no usable thread-local state.
 #[cold]
-pub(crate) fn count_unavailable() {
+pub(crate) fn count_unavailable(n: u64) {
     // ORDERING: Relaxed: a counter.
-    UNAVAILABLE.fetch_add(1, Ordering::Relaxed);
+    UNAVAILABLE.fetch_add(n, Ordering::Relaxed);
 }
 
 /// What the process-wide recorder has dropped, coalesced and claimed so far, summed

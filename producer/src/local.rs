@@ -7,6 +7,7 @@
 //! registration, counting drops) sits behind `#[cold]` functions.
 
 use std::cell::RefCell;
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -75,10 +76,45 @@ pub(crate) struct Local {
     retired: Option<Writer<MemfdRegion>>,
     /// [`forks`] when this state was last known to be this process's own.
     forks: u64,
+    /// The thread's exit accounting has run ([`ExitGuard`]): no ring is claimed and
+    /// nothing allocated any more; records are counted as unavailable.
+    exited: bool,
 }
 
 thread_local! {
-    static LOCAL: RefCell<Local> = const { RefCell::new(Local::new()) };
+    /// The thread's state. It has no drop glue, so the hot path reaches it at a plain
+    /// thread-local address: a thread-local with a destructor is checked on every
+    /// access and registers the destructor on the first, and that registration call in
+    /// the same function made an out-of-line record save five registers on every call.
+    /// The state is torn down by [`ExitGuard`] instead.
+    static LOCAL: ManuallyDrop<RefCell<Local>> =
+        const { ManuallyDrop::new(RefCell::new(Local::new())) };
+    /// Touched on a cold path once the state holds something to give back (a ring, a
+    /// thread's counts); its destructor runs the state's thread-exit accounting.
+    static EXIT: ExitGuard = const { ExitGuard };
+}
+
+/// Runs `Local`'s `Drop` (thread-exit accounting, unmapping its rings) when the thread
+/// exits, leaving behind a state that claims nothing more.
+struct ExitGuard;
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        // Take the state out under the borrow, drop it after: its accounting may look
+        // at other thread-locals but never at this one.
+        let state = LOCAL.with(|cell| {
+            cell.try_borrow_mut()
+                .ok()
+                .map(|mut local| std::mem::replace(&mut *local, Local::exited()))
+        });
+        drop(state);
+    }
+}
+
+/// Makes sure the thread's exit accounting will run. A thread already past it (its
+/// guard destroyed) cannot register again; its state is then `exited`.
+fn arm_exit() {
+    let _ = EXIT.try_with(|_| ());
 }
 
 static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
@@ -146,15 +182,15 @@ impl Op for HistogramOp {
 /// Records `op` in the calling thread's ring.
 #[inline(always)]
 pub(crate) fn record(op: impl Op) {
-    let done = LOCAL.try_with(|cell| match cell.try_borrow_mut() {
+    let done = LOCAL.with(|cell| match cell.try_borrow_mut() {
         Ok(mut local) => {
             local.record(op);
             true
         }
         Err(_) => false,
     });
-    if done != Ok(true) {
-        count_unavailable();
+    if !done {
+        count_unavailable(1);
     }
 }
 
@@ -167,14 +203,11 @@ pub(crate) fn count_noop(reason: DropReason) {
 
 /// Runs `f` on the thread's state, or counts an unavailable record.
 fn with_local<T>(f: impl FnOnce(&mut Local) -> T) -> Option<T> {
-    let result = LOCAL.try_with(|cell| cell.try_borrow_mut().ok().map(|mut l| f(&mut l)));
-    match result {
-        Ok(Some(t)) => Some(t),
-        _ => {
-            count_unavailable();
-            None
-        }
+    let result = LOCAL.with(|cell| cell.try_borrow_mut().ok().map(|mut l| f(&mut l)));
+    if result.is_none() {
+        count_unavailable(1);
     }
+    result
 }
 
 /// Writes the thread's pending counter deltas; true when none is left.
@@ -249,7 +282,15 @@ impl Local {
             strs: [(0, 0, 0, 0); STR_CACHE],
             retired: None,
             forks: 0,
+            exited: false,
         }
+    }
+
+    /// What a thread's state becomes once its exit accounting ran.
+    fn exited() -> Self {
+        let mut local = Self::new();
+        local.exited = true;
+        local
     }
 
     #[inline(always)]
@@ -301,6 +342,9 @@ impl Local {
     /// backoff allows. Every slow path comes through here, so this is also where a
     /// retired ring is looked at again.
     fn ring(&mut self) -> Result<&mut Ring, DropReason> {
+        if self.exited {
+            return Err(DropReason::Unavailable);
+        }
         self.leave_parent();
         self.check_retired();
         let mut backoff_ns = 0;
@@ -478,6 +522,17 @@ impl Local {
     }
 
     fn count(&mut self, event: Event, n: u64) {
+        if self.exited {
+            // After the exit accounting nothing is allocated: a drop goes to the
+            // process-wide count of records with no usable thread state.
+            if let Event::Dropped(_) = event {
+                count_unavailable(n);
+            }
+            return;
+        }
+        if self.counts.is_none() {
+            arm_exit();
+        }
         self.counts
             .get_or_insert_with(|| global().thread_counts())
             .add_local(event, n);
