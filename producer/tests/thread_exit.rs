@@ -8,8 +8,8 @@ mod common;
 use std::cell::Cell;
 use std::time::Duration;
 
-use common::{Server, counter_totals, watchdog};
-use nexus_metrics::{Config, DropReason, counter};
+use common::{Server, counter_totals, install_with_fast_reconnect, watchdog};
+use nexus_metrics::{DropReason, counter};
 
 const NAME: &str = "exit.requests";
 
@@ -31,10 +31,8 @@ thread_local! {
 #[test]
 fn a_record_from_a_late_destructor_claims_no_ring_and_is_accounted_for() {
     let _dog = watchdog(Duration::from_secs(30));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("metricsd.sock");
+    let (_dir, path) = install_with_fast_reconnect();
     let server = Server::start(&path, 64);
-    nexus_metrics::install(Config::new().socket(&path)).expect("first install");
 
     std::thread::spawn(|| {
         // Registered before the library's own exit hook (the first record arms it),
