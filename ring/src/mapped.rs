@@ -285,27 +285,29 @@ unsafe impl Region for MappedRegion {
         if !self.prefetchw {
             return;
         }
-        // The address by wrapping arithmetic, so no bound is assumed here: the writer
-        // passes a slot below the capacity, and a prefetch of any other address would
-        // still be harmless.
-        let offset = self
-            .geometry
-            .records_offset()
-            .wrapping_add(slot.wrapping_mul(RECORD_SIZE));
-        let at = self.base.as_ptr().wrapping_add(offset);
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `PREFETCHW` is a hint the CPU has (checked when the region was made):
-        // it never faults, whatever the address, changes no memory contents and no
-        // flags, and reads only its address register.
-        unsafe {
-            core::arch::asm!(
-                "prefetchw [{0}]",
-                in(reg) at,
-                options(nostack, preserves_flags, readonly),
-            );
+        {
+            // The address by wrapping arithmetic, so no bound is assumed here: the
+            // writer passes a slot below the capacity, and a prefetch of any other
+            // address would still be harmless.
+            let offset = self
+                .geometry
+                .records_offset()
+                .wrapping_add(slot.wrapping_mul(RECORD_SIZE));
+            let at = self.base.as_ptr().wrapping_add(offset);
+            // SAFETY: `PREFETCHW` is a hint the CPU has (checked when the region was
+            // made): it never faults, whatever the address, changes no memory contents
+            // and no flags, and reads only its address register.
+            unsafe {
+                core::arch::asm!(
+                    "prefetchw [{0}]",
+                    in(reg) at,
+                    options(nostack, preserves_flags, readonly),
+                );
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = at;
+        let _ = slot;
     }
     #[inline(always)]
     unsafe fn read_slot(&self, slot: usize) -> Record {

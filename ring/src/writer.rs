@@ -247,9 +247,8 @@ impl<R: Region> Writer<R> {
     /// region, leave the writer's own fields alone).
     #[inline(always)]
     fn write_and_publish(&mut self, record: Record) {
-        self.prepare_ahead();
         let position = self.region.write_pos();
-        let next = write_at(&self.region, self.mask, self.write, record);
+        let next = self.write_next(record);
         self.write = next;
         // ORDERING: Release pairs with the reader's Acquire load of the write position:
         // the slot writes before it happen-before the reader's copies.
@@ -259,8 +258,28 @@ impl<R: Region> Writer<R> {
     /// Writes `record` without publishing it, once `has_room` said yes.
     #[inline(always)]
     fn write_unchecked(&mut self, record: Record) {
-        self.prepare_ahead();
-        self.write = write_at(&self.region, self.mask, self.write, record);
+        self.write = self.write_next(record);
+    }
+
+    /// Stores `record` in the slot of the write position and returns the next
+    /// position, once `has_room` showed `write - read < capacity`. First hints the slot
+    /// [`PREPARE_AHEAD`] records on to the region, if the cached read position shows
+    /// the consumer has released it: a slot still unread is left alone, so the hint
+    /// never pulls a line the consumer is about to read away from it. Every field is
+    /// loaded before the slot's stores.
+    #[inline(always)]
+    fn write_next(&self, record: Record) -> u64 {
+        let write = self.write;
+        let ahead = write.wrapping_add(PREPARE_AHEAD);
+        if ahead.wrapping_sub(self.cached_read) < self.capacity {
+            self.region.prepare_write((ahead & self.mask) as usize);
+        }
+        let slot = (write & self.mask) as usize;
+        // SAFETY: masked by the private geometry, `slot < capacity`; `has_room` showed
+        // `write - read < capacity`, so this slot is not among those published and
+        // unread; we are the only writer (the callers hold `&mut self`).
+        unsafe { self.region.write_slot(slot, record) };
+        write.wrapping_add(1)
     }
 }
 
@@ -274,29 +293,3 @@ impl<R: Region> Writer<R> {
 /// without against 4.6 to 7.3 with 32. In a pass where transfers were fast: 2.0 without
 /// against 2.3 with.
 const PREPARE_AHEAD: u64 = 32;
-
-impl<R: Region> Writer<R> {
-    /// Hints the slot `PREPARE_AHEAD` records on, if the cached read position shows
-    /// the consumer has released it: a slot still unread is left alone, so the hint
-    /// never pulls a line the consumer is about to read away from it.
-    #[inline(always)]
-    fn prepare_ahead(&self) {
-        let ahead = self.write.wrapping_add(PREPARE_AHEAD);
-        if ahead.wrapping_sub(self.cached_read) < self.capacity {
-            self.region.prepare_write((ahead & self.mask) as usize);
-        }
-    }
-}
-
-/// Stores `record` in the slot of position `write` and returns the next position. The
-/// caller is the ring's only writer (it holds the `Writer` mutably) and `has_room` has
-/// shown `write - read < capacity`.
-#[inline(always)]
-fn write_at<R: Region>(region: &R, mask: u64, write: u64, record: Record) -> u64 {
-    let slot = (write & mask) as usize;
-    // SAFETY: masked by the private geometry, `slot < capacity`; `has_room` showed
-    // `write - read < capacity`, so this slot is not among those published and unread;
-    // the caller is the only writer.
-    unsafe { region.write_slot(slot, record) };
-    write.wrapping_add(1)
-}
