@@ -201,9 +201,16 @@ pub(crate) fn count_noop(reason: DropReason) {
     with_local(|local| local.count(Event::Dropped(reason), 1));
 }
 
-/// Runs `f` on the thread's state, or counts an unavailable record.
+/// Runs `f` on the thread's state (let go of first if it is a forked parent's, see
+/// [`Local::leave_parent`]), or counts an unavailable record. Every entry but the
+/// record fast path comes through here; that one reaches `Local::ring` when it misses.
 fn with_local<T>(f: impl FnOnce(&mut Local) -> T) -> Option<T> {
-    let result = LOCAL.with(|cell| cell.try_borrow_mut().ok().map(|mut l| f(&mut l)));
+    let result = LOCAL.with(|cell| {
+        cell.try_borrow_mut().ok().map(|mut local| {
+            local.leave_parent();
+            f(&mut local)
+        })
+    });
     if result.is_none() {
         count_unavailable(1);
     }
@@ -539,7 +546,6 @@ impl Local {
     }
 
     fn flush(&mut self) -> bool {
-        self.leave_parent();
         self.check_retired();
         let has_pending = match (&self.slot, &self.table) {
             (Slot::Ready(ring), _) => ring.recorder.pending_keys() > 0,
@@ -596,7 +602,6 @@ impl Local {
             // Never started (counted then): nothing to end.
             return;
         }
-        self.leave_parent();
         if self.current_span == started.id {
             self.current_span = started.prev;
         }
@@ -619,7 +624,6 @@ impl Local {
         if started.id == 0 {
             return;
         }
-        self.leave_parent();
         let attr = match self.intern_str(RegisterKind::ATTR, attr) {
             Ok(key) => key,
             Err(reason) => return self.count(Event::Dropped(reason), 1),
