@@ -36,6 +36,9 @@ const WORDS_PER_RECORD: usize = RECORD_SIZE / 8;
 /// A ring region at a caller-provided address, laid out as `telemetry-abi` says.
 pub struct MappedRegion {
     base: NonNull<u8>,
+    /// Record 0's address: `base` plus the geometry's records offset, computed once so
+    /// that a slot's address is one shift and one add on the writer's path.
+    records: NonNull<u8>,
     geometry: Geometry,
     /// Whether the CPU has `PREFETCHW` (see [`MappedRegion::prepare_write`]).
     prefetchw: bool,
@@ -118,11 +121,8 @@ impl MappedRegion {
         }
         let header = Header::new(geometry, epoch);
         header.validate(len).map_err(MapError::Header)?;
-        let region = Self {
-            base,
-            geometry,
-            prefetchw: has_prefetchw(),
-        };
+        // SAFETY: `validate` checked the geometry against `len`.
+        let region = unsafe { Self::validated(base, geometry) };
         let mut words = [0u64; LINE_SIZE / 8];
         words.as_mut_bytes().copy_from_slice(header.as_bytes());
         // Header line, then the producer's and consumer's lines, all zero but the header.
@@ -168,11 +168,26 @@ impl MappedRegion {
             })
         })?;
         let geometry = header.validate(len).map_err(MapError::Header)?;
-        Ok(Self {
+        // SAFETY: `validate` checked the geometry against `len`.
+        Ok(unsafe { Self::validated(base, geometry) })
+    }
+
+    /// The region at `base` with `geometry`.
+    ///
+    /// # Safety
+    ///
+    /// `geometry` was validated against the length of the memory at `base`: its records
+    /// area lies inside it.
+    unsafe fn validated(base: NonNull<u8>, geometry: Geometry) -> Self {
+        // SAFETY: the records offset is inside the validated region (the caller's
+        // contract), so the pointer stays inside the same allocation.
+        let records = unsafe { base.add(geometry.records_offset()) };
+        Self {
             base,
+            records,
             geometry,
             prefetchw: has_prefetchw(),
-        })
+        }
     }
 
     /// The region's grant epoch as the header says now (informational: a producer may
@@ -195,10 +210,9 @@ impl MappedRegion {
     /// masking here; the callers mask with the same geometry).
     #[inline(always)]
     unsafe fn slot_ptr(&self, slot: usize) -> *mut u64 {
-        let offset = self.geometry.records_offset() + slot * RECORD_SIZE;
-        // SAFETY: `records_offset + capacity * RECORD_SIZE` is the validated region
-        // length, so the slot's bytes lie inside the caller's memory.
-        unsafe { self.base.as_ptr().add(offset) }.cast::<u64>()
+        // SAFETY: `records_offset + capacity * RECORD_SIZE` is within the validated
+        // region length, so the slot's bytes lie inside the caller's memory.
+        unsafe { self.records.as_ptr().add(slot * RECORD_SIZE) }.cast::<u64>()
     }
 
     /// The atomic word at byte `offset` of the region.
@@ -290,11 +304,10 @@ unsafe impl Region for MappedRegion {
             // The address by wrapping arithmetic, so no bound is assumed here: the
             // writer passes a slot below the capacity, and a prefetch of any other
             // address would still be harmless.
-            let offset = self
-                .geometry
-                .records_offset()
+            let at = self
+                .records
+                .as_ptr()
                 .wrapping_add(slot.wrapping_mul(RECORD_SIZE));
-            let at = self.base.as_ptr().wrapping_add(offset);
             // SAFETY: `PREFETCHW` is a hint the CPU has (checked when the region was
             // made): it never faults, whatever the address, changes no memory contents
             // and no flags, and reads only its address register.

@@ -37,6 +37,10 @@ pub struct Writer<R: Region> {
     region: R,
     mask: u64,
     capacity: u64,
+    /// `capacity - PREPARE_AHEAD`, or 0 for a ring of at most that many records: with
+    /// fewer records than this unread (as last seen), a write has room and the slot
+    /// [`PREPARE_AHEAD`] on is released, so it may be hinted (see [`Self::roomy`]).
+    roomy_below: u64,
     /// Next position to write. Staged records lie between the shared write position
     /// (what the consumer can see, which only this writer stores) and here.
     write: u64,
@@ -57,9 +61,11 @@ impl<R: Region> Writer<R> {
         let write = region.write_pos().load(Ordering::Relaxed);
         let cached_read = region.read_pos().load(Ordering::Acquire);
         let dropped = region.dropped().load(Ordering::Relaxed);
+        let capacity = u64::from(geometry.capacity());
         Self {
             mask: geometry.mask(),
-            capacity: u64::from(geometry.capacity()),
+            capacity,
+            roomy_below: capacity.saturating_sub(PREPARE_AHEAD),
             region,
             write,
             cached_read,
@@ -71,11 +77,12 @@ impl<R: Region> Writer<R> {
     /// nothing is written, the record is counted as dropped, and `Err(Full)` returned.
     #[inline]
     pub fn push(&mut self, record: Record) -> Result<(), Full> {
-        if !self.has_room(1) {
+        let roomy = self.roomy();
+        if !roomy && !self.has_room(1) {
             self.count_dropped(1);
             return Err(Full);
         }
-        self.write_and_publish(record);
+        self.write_and_publish(record, roomy);
         Ok(())
     }
 
@@ -84,10 +91,11 @@ impl<R: Region> Writer<R> {
     /// increment into a later record).
     #[inline]
     pub fn try_push(&mut self, record: Record) -> Result<(), Full> {
-        if !self.has_room(1) {
+        let roomy = self.roomy();
+        if !roomy && !self.has_room(1) {
             return Err(Full);
         }
-        self.write_and_publish(record);
+        self.write_and_publish(record, roomy);
         Ok(())
     }
 
@@ -96,11 +104,12 @@ impl<R: Region> Writer<R> {
     /// dropped and `Err(Full)` returned.
     #[inline]
     pub fn stage(&mut self, record: Record) -> Result<(), Full> {
-        if !self.has_room(1) {
+        let roomy = self.roomy();
+        if !roomy && !self.has_room(1) {
             self.count_dropped(1);
             return Err(Full);
         }
-        self.write_unchecked(record);
+        self.write = self.write_next(record, roomy);
         Ok(())
     }
 
@@ -113,7 +122,8 @@ impl<R: Region> Writer<R> {
             return Err(Full);
         }
         for record in records {
-            self.write_unchecked(*record);
+            let roomy = self.roomy();
+            self.write = self.write_next(*record, roomy);
         }
         self.flush();
         Ok(())
@@ -222,6 +232,15 @@ impl<R: Region> Writer<R> {
         &self.region
     }
 
+    /// Whether the ring, as last seen, has room for a record and [`PREPARE_AHEAD`]
+    /// more: the common case, decided by one comparison. The slot `PREPARE_AHEAD` on
+    /// from the write position is then one the consumer has released, so a write may
+    /// hint it to the region. When false, [`has_room`](Self::has_room) decides.
+    #[inline(always)]
+    fn roomy(&self) -> bool {
+        self.write.wrapping_sub(self.cached_read) < self.roomy_below
+    }
+
     #[inline(always)]
     fn has_room(&mut self, n: u64) -> bool {
         let used = self.write.wrapping_sub(self.cached_read);
@@ -240,43 +259,37 @@ impl<R: Region> Writer<R> {
         self.cached_read = self.region.read_pos().load(Ordering::Acquire);
     }
 
-    /// The pushes' path once `has_room` said yes: writes `record` and publishes it with
-    /// anything staged. The write position's address is taken before the slot's
+    /// The pushes' path once `roomy` or `has_room` said yes (`hint`: `roomy` did):
+    /// writes `record` and publishes it with anything staged. The write position's address is taken before the slot's
     /// stores and the new position kept in a register, so nothing is loaded again after
     /// them (the compiler cannot tell that those stores, through pointers into the
     /// region, leave the writer's own fields alone).
     #[inline(always)]
-    fn write_and_publish(&mut self, record: Record) {
+    fn write_and_publish(&mut self, record: Record, hint: bool) {
         let position = self.region.write_pos();
-        let next = self.write_next(record);
+        let next = self.write_next(record, hint);
         self.write = next;
         // ORDERING: Release pairs with the reader's Acquire load of the write position:
         // the slot writes before it happen-before the reader's copies.
         position.store(next, Ordering::Release);
     }
 
-    /// Writes `record` without publishing it, once `has_room` said yes.
-    #[inline(always)]
-    fn write_unchecked(&mut self, record: Record) {
-        self.write = self.write_next(record);
-    }
-
     /// Stores `record` in the slot of the write position and returns the next
-    /// position, once `has_room` showed `write - read < capacity`. First hints the slot
-    /// [`PREPARE_AHEAD`] records on to the region, if the cached read position shows
-    /// the consumer has released it: a slot still unread is left alone, so the hint
-    /// never pulls a line the consumer is about to read away from it. Every field is
-    /// loaded before the slot's stores.
+    /// position, once `has_room` or `roomy` showed `write - read < capacity`. With
+    /// `hint` (`roomy` said yes), first hints the slot [`PREPARE_AHEAD`] records on to
+    /// the region: the cached read position showed the consumer has released it, so
+    /// the hint never pulls a line the consumer is about to read away from it. Every
+    /// field is loaded before the slot's stores.
     #[inline(always)]
-    fn write_next(&self, record: Record) -> u64 {
+    fn write_next(&self, record: Record, hint: bool) -> u64 {
         let write = self.write;
-        let ahead = write.wrapping_add(PREPARE_AHEAD);
-        if ahead.wrapping_sub(self.cached_read) < self.capacity {
+        if hint {
+            let ahead = write.wrapping_add(PREPARE_AHEAD);
             self.region.prepare_write((ahead & self.mask) as usize);
         }
         let slot = (write & self.mask) as usize;
-        // SAFETY: masked by the private geometry, `slot < capacity`; `has_room` showed
-        // `write - read < capacity`, so this slot is not among those published and
+        // SAFETY: masked by the private geometry, `slot < capacity`; `roomy` or
+        // `has_room` showed `write - read < capacity`, so this slot is not among those published and
         // unread; we are the only writer (the callers hold `&mut self`).
         unsafe { self.region.write_slot(slot, record) };
         write.wrapping_add(1)
