@@ -71,8 +71,7 @@ impl Handle {
     fn unpack(word: u64) -> Self {
         let key = word as u32;
         if key != 0 {
-            // Only a no-op (key 0) carries a reason: a macro call on a registered key
-            // skips decoding it.
+            // Only a no-op (key 0) carries a reason.
             return Self { key, noop: None };
         }
         let reason = ((word >> 32) & 0xff) as usize;
@@ -102,15 +101,22 @@ impl Cached {
         // (stored in the interner before the key was returned) are visible to a thread
         // that sees the key.
         let word = self.0.load(Ordering::Acquire);
+        // A registered key is never zero, so its low half alone decides the common
+        // case; the rest of the word is decoded only for a no-op.
+        let key = word as u32;
+        if key != 0 {
+            return Handle { key, noop: None };
+        }
+        self.get_cold(word, init)
+    }
+
+    /// Not yet registered (zero), or a no-op with its reason.
+    #[cold]
+    #[inline(never)]
+    fn get_cold(&self, word: u64, init: impl FnOnce() -> Handle) -> Handle {
         if word != 0 {
             return Handle::unpack(word);
         }
-        self.init(init)
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn init(&self, init: impl FnOnce() -> Handle) -> Handle {
         let handle = init();
         // ORDERING: Release pairs with the Acquire in `get`. Two threads racing here
         // store the same value: interning is idempotent.

@@ -145,7 +145,7 @@ pub(crate) struct HistogramOp(pub(crate) u32, pub(crate) u64);
 impl Op for CounterOp {
     #[inline(always)]
     fn fast(self, recorder: &mut GlobalRecorder) -> bool {
-        recorder.try_fast(Record::counter(self.0, self.1))
+        recorder.try_fast(self.0, Record::counter(self.0, self.1))
     }
     #[inline(always)]
     fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
@@ -156,7 +156,7 @@ impl Op for CounterOp {
 impl Op for GaugeOp {
     #[inline(always)]
     fn fast(self, recorder: &mut GlobalRecorder) -> bool {
-        recorder.try_fast(Record::gauge(self.0, self.1))
+        recorder.try_fast(self.0, Record::gauge(self.0, self.1))
     }
     #[inline(always)]
     fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
@@ -169,7 +169,7 @@ impl Op for GaugeOp {
 impl Op for HistogramOp {
     #[inline(always)]
     fn fast(self, recorder: &mut GlobalRecorder) -> bool {
-        recorder.try_fast(Record::histogram(self.0, self.1))
+        recorder.try_fast(self.0, Record::histogram(self.0, self.1))
     }
     #[inline(always)]
     fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {

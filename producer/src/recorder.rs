@@ -276,14 +276,17 @@ where
         self.counter_cold(key, n)
     }
 
-    /// The fast path of every record kind, on the raw key in `record.key`: writes it
-    /// when no pending delta must go first, the key is registered in this ring and there
-    /// is room. False changes nothing and counts nothing: the caller goes on to
-    /// [`counter_raw`](Self::counter_raw) or [`sample_raw`](Self::sample_raw).
+    /// The fast path of every record kind, on the raw `key` (`record.key`): writes
+    /// `record` when no pending delta must go first, the key is registered in this ring
+    /// and there is room. False changes nothing and counts nothing: the caller goes on
+    /// to [`counter_raw`](Self::counter_raw) or [`sample_raw`](Self::sample_raw). The
+    /// key comes separately so that its check reads it where the caller has it, not
+    /// back out of the record under construction.
     #[inline(always)]
-    pub(crate) fn try_fast(&mut self, record: Record) -> bool {
+    pub(crate) fn try_fast(&mut self, key: u32, record: Record) -> bool {
+        debug_assert_eq!(key, record.key);
         self.table.pending_keys() == 0
-            && self.table.is_registered(record.key)
+            && self.table.is_registered(key)
             && self.writer.try_push(record).is_ok()
     }
 
