@@ -180,16 +180,22 @@ impl Op for HistogramOp {
 }
 
 /// Records `op` in the calling thread's ring.
+///
+/// `try_with`, not `with`: `with` is a separate generic function around `try_with`
+/// that a build without LTO did not inline into the caller's loop, so every record
+/// paid a call with its arguments passed through the stack. `try_with` inlines, and
+/// this state (constant-initialised, no destructor) is never inaccessible, so its
+/// error arm is dead code; it would count as unavailable.
 #[inline(always)]
 pub(crate) fn record(op: impl Op) {
-    let done = LOCAL.with(|cell| match cell.try_borrow_mut() {
+    let done = LOCAL.try_with(|cell| match cell.try_borrow_mut() {
         Ok(mut local) => {
             local.record(op);
             true
         }
         Err(_) => false,
     });
-    if !done {
+    if done != Ok(true) {
         count_unavailable(1);
     }
 }
