@@ -77,12 +77,11 @@ impl<R: Region> Writer<R> {
     /// nothing is written, the record is counted as dropped, and `Err(Full)` returned.
     #[inline]
     pub fn push(&mut self, record: Record) -> Result<(), Full> {
-        let roomy = self.roomy();
-        if !roomy && !self.has_room(1) {
+        let Some(hint) = self.room_for_one() else {
             self.count_dropped(1);
             return Err(Full);
-        }
-        self.write_and_publish(record, roomy);
+        };
+        self.write_and_publish(record, hint);
         Ok(())
     }
 
@@ -91,11 +90,10 @@ impl<R: Region> Writer<R> {
     /// increment into a later record).
     #[inline]
     pub fn try_push(&mut self, record: Record) -> Result<(), Full> {
-        let roomy = self.roomy();
-        if !roomy && !self.has_room(1) {
+        let Some(hint) = self.room_for_one() else {
             return Err(Full);
-        }
-        self.write_and_publish(record, roomy);
+        };
+        self.write_and_publish(record, hint);
         Ok(())
     }
 
@@ -104,12 +102,11 @@ impl<R: Region> Writer<R> {
     /// dropped and `Err(Full)` returned.
     #[inline]
     pub fn stage(&mut self, record: Record) -> Result<(), Full> {
-        let roomy = self.roomy();
-        if !roomy && !self.has_room(1) {
+        let Some(hint) = self.room_for_one() else {
             self.count_dropped(1);
             return Err(Full);
-        }
-        self.write = self.write_next(record, roomy);
+        };
+        self.write = self.write_next(record, hint);
         Ok(())
     }
 
@@ -239,6 +236,14 @@ impl<R: Region> Writer<R> {
     #[inline(always)]
     fn roomy(&self) -> bool {
         self.write.wrapping_sub(self.cached_read) < self.roomy_below
+    }
+
+    /// Whether one record fits: `Some(hint)`, where `hint` says [`roomy`](Self::roomy)
+    /// decided it (so the write may hint ahead), or `None` for a full ring.
+    #[inline(always)]
+    fn room_for_one(&mut self) -> Option<bool> {
+        let roomy = self.roomy();
+        (roomy || self.has_room(1)).then_some(roomy)
     }
 
     #[inline(always)]
