@@ -146,10 +146,9 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
 
     /// Forgets every registration (a new ring starts empty); pending deltas are kept.
     pub(crate) fn clear_registered(&mut self) {
-        let blocks = self.blocks;
-        let words = self.storage.as_mut();
-        for block in 0..blocks {
-            words[block * WORDS_PER_BLOCK + REGISTERED] = 0;
+        // Every whole block (`blocks` of them); the words past the last are never used.
+        for block in self.storage.as_mut().chunks_exact_mut(WORDS_PER_BLOCK) {
+            block[REGISTERED] = 0;
         }
     }
 
@@ -267,7 +266,10 @@ mod tests {
         assert_eq!(table.next_pending(0), Some((70, 7)));
 
         table.clear_registered();
-        assert!(!table.is_registered(5));
+        assert!(
+            !table.is_registered(5) && !table.is_registered(191),
+            "every block"
+        );
         assert_eq!(table.pending_keys(), 1, "pending deltas survive a new ring");
         assert_eq!(table.next_pending(0), Some((70, 7)));
     }
