@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, counter_totals, install_with_fast_reconnect, wait_until, watchdog};
+use common::{Server, counter_total, install_with_fast_reconnect, wait_until, watchdog};
 use nexus_metrics::counter;
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -17,7 +17,7 @@ const NAME: &str = "cw.requests";
 
 /// The counter increments `server` read for `NAME`, over all its rings.
 fn total(server: &Server) -> u64 {
-    counter_totals(server, NAME).iter().sum()
+    counter_total(server, NAME)
 }
 
 /// Stops `server` the way a crash looks to a producer: the connection drops and the

@@ -265,10 +265,11 @@ impl<R: Region> Writer<R> {
     }
 
     /// The pushes' path once `roomy` or `has_room` said yes (`hint`: `roomy` did):
-    /// writes `record` and publishes it with anything staged. The write position's address is taken before the slot's
-    /// stores and the new position kept in a register, so nothing is loaded again after
-    /// them (the compiler cannot tell that those stores, through pointers into the
-    /// region, leave the writer's own fields alone).
+    /// writes `record` and publishes it with anything staged. The write position's
+    /// address is taken before the slot's stores and the new position kept in a
+    /// register, so nothing is loaded again after them (the compiler cannot tell that
+    /// those stores, through pointers into the region, leave the writer's own fields
+    /// alone).
     #[inline(always)]
     fn write_and_publish(&mut self, record: Record, hint: bool) {
         let position = self.region.write_pos();
@@ -294,8 +295,8 @@ impl<R: Region> Writer<R> {
         }
         let slot = (write & self.mask) as usize;
         // SAFETY: masked by the private geometry, `slot < capacity`; `roomy` or
-        // `has_room` showed `write - read < capacity`, so this slot is not among those published and
-        // unread; we are the only writer (the callers hold `&mut self`).
+        // `has_room` showed `write - read < capacity`, so this slot is not among those
+        // published and unread; we are the only writer (the callers hold `&mut self`).
         unsafe { self.region.write_slot(slot, record) };
         write.wrapping_add(1)
     }
@@ -303,11 +304,8 @@ impl<R: Region> Writer<R> {
 
 /// How far ahead of the record it writes the writer tells the region which slot it
 /// will write ([`Region::prepare_write`]): 32 records, 16 cache lines. On a mapped
-/// region on x86-64 that is a `PREFETCHW`; measured once, interleaved in one binary
-/// (the pipeline bench's `producer_cost` floor, 101 rounds a pass, temporary
-/// contenders for each distance), in four passes where transfers between the cores
-/// were slow: 6.9 to 8.7 ns a push without the hint, 3.8 to 4.3 with 32, 5.0 to 6.0
-/// with 16, 4.4 to 6.6 with 64, 4.7 to 6.7 with 96; `Counter::increment` 10.0 to 12.4
-/// without against 4.6 to 7.3 with 32. In a pass where transfers were fast: 2.0 without
-/// against 2.3 with.
+/// region on x86-64 that is a `PREFETCHW`. Of the distances measured against each other
+/// (16, 32, 64 and 96 records, and no hint), 32 gave the cheapest push where transfers
+/// between the cores were slow, and cost about 0.3 ns where they were fast; the figures
+/// are in `benches/README.md` ("Run 6").
 const PREPARE_AHEAD: u64 = 32;

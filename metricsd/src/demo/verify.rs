@@ -621,7 +621,6 @@ pub fn verify_spans(
 
 #[cfg(test)]
 mod tests {
-
     use logd::{Level, Record};
 
     use super::*;

@@ -441,3 +441,8 @@ pub fn counter_totals(server: &Server, name: &str) -> Vec<u64> {
             .collect()
     })
 }
+
+/// The increments of counter `name` that `server` read, over all its rings.
+pub fn counter_total(server: &Server, name: &str) -> u64 {
+    counter_totals(server, name).iter().sum()
+}
