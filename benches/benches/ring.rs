@@ -77,6 +77,27 @@ fn record(seq: u64) -> Record {
     Record::counter(1, seq)
 }
 
+/// What a consumer takes from a record: its sequence number if the record is whole
+/// (every field exactly as [`record`] wrote it), else `u64::MAX`, which breaks the
+/// consumers' sum check. So every consumer reads each record in full, as a real one
+/// (metricsd) must, and all do the same work: had they summed `words[0]` alone, the
+/// compiler would have kept 8 of a peer's 32 bytes per record, while our `Reader`
+/// copies each record out whole to check its kind. That difference moved rtrb
+/// `push`'s producer cost on this machine (`benches/README.md`, "Run 8").
+#[inline(always)]
+fn seq_of(r: &Record) -> u64 {
+    let seq = r.words[0];
+    // Word by word, in registers: the derived `==` went through the stack with mixed
+    // widths, and the stalls it caused set both consumers' pace.
+    let got: [u64; 4] = zerocopy::transmute!(*r);
+    let want: [u64; 4] = zerocopy::transmute!(record(seq));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0, |diff, (got, want)| diff | (got ^ want));
+    if diff == 0 { seq } else { u64::MAX }
+}
+
 /// The sum of the sequence numbers `0..n`, which the consumer must have seen.
 fn expected_sum(n: u64) -> u64 {
     (0..n).fold(0u64, u64::wrapping_add)
@@ -297,7 +318,7 @@ fn drain_ours<R: Region>(reader: &mut Reader<R>, n: u64, clock: &mut Clock) -> u
     let mut got = 0;
     while got < n {
         let drained = reader
-            .drain(CAPACITY as u64, |r| sum = sum.wrapping_add(r.words[0]))
+            .drain(CAPACITY as u64, |r| sum = sum.wrapping_add(seq_of(&r)))
             .expect("the bench's writer never breaks the protocol");
         if drained.consumed == 0 {
             spin_loop();
@@ -414,7 +435,7 @@ fn drain_rtrb(consumer: &mut rtrb::Consumer<Record>, n: u64, clock: &mut Clock) 
         }
         if let Ok(chunk) = consumer.read_chunk(available) {
             for r in chunk {
-                sum = sum.wrapping_add(r.words[0]);
+                sum = sum.wrapping_add(seq_of(&r));
             }
             got += available as u64;
             clock.tick(got);
@@ -505,7 +526,7 @@ fn crossbeam_push(n: u64, mode: Mode) -> Timing {
             // Pop until empty, then tick once, as the other consumers tick once a drain.
             let before = got;
             while let Some(r) = queue.pop() {
-                sum = sum.wrapping_add(r.words[0]);
+                sum = sum.wrapping_add(seq_of(&r));
                 got += 1;
             }
             if got == before {
@@ -702,7 +723,7 @@ fn process_ring(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, op: u64) {
             while got < n {
                 let drained = reader
                     .drain(CAPACITY as u64, |r| {
-                        bad += u64::from(r.words[0] != next);
+                        bad += u64::from(seq_of(&r) != next);
                         next = next.wrapping_add(1);
                     })
                     .expect("the child never breaks the protocol");
@@ -742,7 +763,7 @@ fn process_datagram(group: &mut BenchmarkGroup<'_, WallTime>, name: &str) {
             child.command(OP_PUSH, n);
             for got in 1..=n {
                 let len = ours.recv(&mut buf).expect("a datagram from the child");
-                let seq = Record::read_from_bytes(&buf[..len]).map_or(u64::MAX, |r| r.words[0]);
+                let seq = Record::read_from_bytes(&buf[..len]).map_or(u64::MAX, |r| seq_of(&r));
                 bad += u64::from(seq != next);
                 next = next.wrapping_add(1);
                 clock.tick(got);
