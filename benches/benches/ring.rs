@@ -83,7 +83,7 @@ fn record(seq: u64) -> Record {
 /// (metricsd) must, and all do the same work: had they summed `words[0]` alone, the
 /// compiler would have kept 8 of a peer's 32 bytes per record, while our `Reader`
 /// copies each record out whole to check its kind. That difference moved rtrb
-/// `push`'s producer cost on this machine (`benches/README.md`, "Run 8").
+/// `push`'s producer cost on this machine (`benches/README.md`, "Runs 1 to 3").
 #[inline(always)]
 fn seq_of(r: &Record) -> u64 {
     let seq = r.words[0];
