@@ -84,43 +84,54 @@ impl Handle {
     }
 }
 
-/// A handle cached at a macro's call site: zero until the first call registers it.
+/// A macro's call site, one `static` each: the handle cached there (zero until the first
+/// call registers it) and the name and labels that register it. The hot path loads one
+/// word; the name and labels are read only on the cold path, by the site's address, so
+/// a call never spills them to the stack for a registration that happened long ago.
 #[doc(hidden)]
 #[derive(Debug)]
-pub struct Cached(AtomicU64);
+pub struct Site {
+    cached: AtomicU64,
+    name: &'static str,
+    labels: &'static [(&'static str, &'static str)],
+}
 
-impl Cached {
+impl Site {
     #[doc(hidden)]
-    pub const fn new() -> Self {
-        Self(AtomicU64::new(0))
+    pub const fn new(name: &'static str, labels: &'static [(&'static str, &'static str)]) -> Self {
+        Self {
+            cached: AtomicU64::new(0),
+            name,
+            labels,
+        }
     }
 
     #[inline(always)]
-    pub(crate) fn get(&self, init: impl FnOnce() -> Handle) -> Handle {
+    pub(crate) fn get(&self, kind: RegisterKind) -> Handle {
         // ORDERING: Acquire pairs with the Release below: the key's registration records
         // (stored in the interner before the key was returned) are visible to a thread
         // that sees the key.
-        let word = self.0.load(Ordering::Acquire);
+        let word = self.cached.load(Ordering::Acquire);
         // A registered key is never zero, so its low half alone decides the common
         // case; the rest of the word is decoded only for a no-op.
         let key = word as u32;
         if key != 0 {
             return Handle { key, noop: None };
         }
-        self.get_cold(word, init)
+        self.get_cold(word, kind)
     }
 
     /// Not yet registered (zero), or a no-op with its reason.
     #[cold]
     #[inline(never)]
-    fn get_cold(&self, word: u64, init: impl FnOnce() -> Handle) -> Handle {
+    fn get_cold(&self, word: u64, kind: RegisterKind) -> Handle {
         if word != 0 {
             return Handle::unpack(word);
         }
-        let handle = init();
+        let handle = Handle::register_or_noop(kind, self.name, self.labels);
         // ORDERING: Release pairs with the Acquire in `get`. Two threads racing here
         // store the same value: interning is idempotent.
-        self.0.store(handle.pack(), Ordering::Release);
+        self.cached.store(handle.pack(), Ordering::Release);
         handle
     }
 }
@@ -157,8 +168,8 @@ macro_rules! handle_type {
 
             #[doc(hidden)]
             #[inline(always)]
-            pub fn __cached(cache: &Cached, name: &str, labels: &[(&str, &str)]) -> Self {
-                Self(cache.get(|| Handle::register_or_noop($kind, name, labels)))
+            pub fn __site(site: &Site) -> Self {
+                Self(site.get($kind))
             }
         }
     };

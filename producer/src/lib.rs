@@ -112,7 +112,7 @@ pub fn flush_for(timeout: std::time::Duration) -> bool {
 #[cfg(all(feature = "std", target_os = "linux"))]
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::handles::Cached;
+    pub use crate::handles::Site;
 
     /// Accepts `&str`, `String` and friends in the non-literal macro forms.
     #[inline(always)]

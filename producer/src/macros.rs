@@ -7,8 +7,9 @@
 #[macro_export]
 macro_rules! counter {
     ($name:literal $(, $k:literal => $v:literal)* $(,)?) => {{
-        static __NEXUS_HANDLE: $crate::__private::Cached = $crate::__private::Cached::new();
-        $crate::Counter::__cached(&__NEXUS_HANDLE, $name, &[$(($k, $v)),*])
+        static __NEXUS_SITE: $crate::__private::Site =
+            $crate::__private::Site::new($name, &[$(($k, $v)),*]);
+        $crate::Counter::__site(&__NEXUS_SITE)
     }};
     ($name:expr $(, $k:expr => $v:expr)* $(,)?) => {
         $crate::Counter::new(
@@ -22,8 +23,9 @@ macro_rules! counter {
 #[macro_export]
 macro_rules! gauge {
     ($name:literal $(, $k:literal => $v:literal)* $(,)?) => {{
-        static __NEXUS_HANDLE: $crate::__private::Cached = $crate::__private::Cached::new();
-        $crate::Gauge::__cached(&__NEXUS_HANDLE, $name, &[$(($k, $v)),*])
+        static __NEXUS_SITE: $crate::__private::Site =
+            $crate::__private::Site::new($name, &[$(($k, $v)),*]);
+        $crate::Gauge::__site(&__NEXUS_SITE)
     }};
     ($name:expr $(, $k:expr => $v:expr)* $(,)?) => {
         $crate::Gauge::new(
@@ -37,8 +39,9 @@ macro_rules! gauge {
 #[macro_export]
 macro_rules! histogram {
     ($name:literal $(, $k:literal => $v:literal)* $(,)?) => {{
-        static __NEXUS_HANDLE: $crate::__private::Cached = $crate::__private::Cached::new();
-        $crate::Histogram::__cached(&__NEXUS_HANDLE, $name, &[$(($k, $v)),*])
+        static __NEXUS_SITE: $crate::__private::Site =
+            $crate::__private::Site::new($name, &[$(($k, $v)),*]);
+        $crate::Histogram::__site(&__NEXUS_SITE)
     }};
     ($name:expr $(, $k:expr => $v:expr)* $(,)?) => {
         $crate::Histogram::new(
@@ -54,12 +57,12 @@ macro_rules! histogram {
 #[macro_export]
 macro_rules! span {
     ($name:literal $(,)?) => {{
-        static __NEXUS_HANDLE: $crate::__private::Cached = $crate::__private::Cached::new();
-        $crate::SpanName::__cached(&__NEXUS_HANDLE, $name).enter()
+        static __NEXUS_SITE: $crate::__private::Site = $crate::__private::Site::new($name, &[]);
+        $crate::SpanName::__site(&__NEXUS_SITE).enter()
     }};
     ($name:literal, parent: $parent:expr $(,)?) => {{
-        static __NEXUS_HANDLE: $crate::__private::Cached = $crate::__private::Cached::new();
-        $crate::SpanName::__cached(&__NEXUS_HANDLE, $name).enter_under($parent)
+        static __NEXUS_SITE: $crate::__private::Site = $crate::__private::Site::new($name, &[]);
+        $crate::SpanName::__site(&__NEXUS_SITE).enter_under($parent)
     }};
     ($name:expr $(,)?) => {
         $crate::SpanName::new($crate::__private::as_str(&$name)).enter()

@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 
 use telemetry_abi::{RegisterKind, SpanStatus};
 
-use crate::handles::{Cached, Handle};
+use crate::handles::{Handle, Site};
 use crate::intern::KeyError;
 use crate::key::Key;
 use crate::local::{self, RawAttr, Started};
@@ -48,8 +48,8 @@ impl SpanName {
 
     #[doc(hidden)]
     #[inline(always)]
-    pub fn __cached(cache: &Cached, name: &str) -> Self {
-        Self(cache.get(|| Handle::register_or_noop(RegisterKind::SPAN, name, &[])))
+    pub fn __site(site: &Site) -> Self {
+        Self(site.get(RegisterKind::SPAN))
     }
 }
 
