@@ -80,15 +80,15 @@ fn record(seq: u64) -> Record {
 /// What a consumer takes from a record: its sequence number if the record is whole
 /// (every field exactly as [`record`] wrote it), else `u64::MAX`, which breaks the
 /// consumers' sum check. So every consumer reads each record in full, as a real one
-/// (metricsd) must, and all do the same work: had they summed `words[0]` alone, the
-/// compiler would have kept 8 of a peer's 32 bytes per record, while our `Reader`
-/// copies each record out whole to check its kind. That difference moved rtrb
-/// `push`'s producer cost on this machine (`benches/README.md`, "Runs 1 to 3").
+/// (metricsd) must, and all do the same work: a consumer summing `words[0]` alone
+/// reads 8 of a peer's 32 bytes per record (the compiler drops the rest), while our
+/// `Reader` copies each record out whole to check its kind, and that difference moves
+/// rtrb `push`'s producer cost on this machine (`benches/README.md`, "Runs 1 to 3").
 #[inline(always)]
 fn seq_of(r: &Record) -> u64 {
     let seq = r.words[0];
-    // Word by word, in registers: the derived `==` went through the stack with mixed
-    // widths, and the stalls it caused set both consumers' pace.
+    // Word by word, in registers: the derived `==` goes through the stack with mixed
+    // widths, and its store-forwarding stalls would set both consumers' pace.
     let got: [u64; 4] = zerocopy::transmute!(*r);
     let want: [u64; 4] = zerocopy::transmute!(record(seq));
     let diff = got

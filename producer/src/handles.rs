@@ -67,7 +67,6 @@ impl Handle {
         1 << 63 | reason << 32 | u64::from(self.key)
     }
 
-    #[inline(always)]
     fn unpack(word: u64) -> Self {
         let key = word as u32;
         if key != 0 {
