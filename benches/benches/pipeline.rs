@@ -2,9 +2,10 @@
 //! the same run:
 //!
 //! - `producer_cost`: nanoseconds per call on the producer's thread with a warm handle:
-//!   `nexus-metrics`' `counter!`, `Counter`, `histogram!`, `Histogram` and a `span!`
+//!   `nexus-metrics`' `counter!`, `Counter`, `histogram!`, `Histogram`, four handles
+//!   recorded in turn (the end-to-end child's mix, see [`NexusMix`]) and a `span!`
 //!   start + end, against the `metrics` crate's `counter!` / `histogram!` (and its cached
-//!   handles) with an in-process recorder installed (metrics-util's `Registry` with
+//!   handles, and the same mix) with an in-process recorder installed (metrics-util's `Registry` with
 //!   `AtomicStorage`, what exporters such as metrics-exporter-prometheus build on). The
 //!   ring's own `Writer::push` is the floor. Calls are timed in laps of 4096; between
 //!   laps a consumer on the other core empties what was recorded (our memfd rings of
@@ -72,6 +73,69 @@ const CHILD_SOCKET_ENV: &str = "TELEMETRY_BENCH_PIPELINE_SOCKET";
 #[inline(always)]
 fn sample_value(i: u64) -> u64 {
     (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 44) + 100
+}
+
+/// The sample mix through `nexus-metrics` handles: two counter and two histogram series,
+/// cycled. The end-to-end child records it, and so does a `producer_cost` contender:
+/// with several call sites of each handle kind in one loop, the compiler no longer
+/// treats each record as the only use of its fast path, as it does in the one-handle
+/// loops.
+struct NexusMix {
+    a: nexus_metrics::Counter,
+    latency_a: nexus_metrics::Histogram,
+    b: nexus_metrics::Counter,
+    latency_b: nexus_metrics::Histogram,
+}
+
+impl NexusMix {
+    fn new() -> Self {
+        Self {
+            a: nexus_metrics::counter!("http.requests", "route" => "/a", "status" => "200"),
+            latency_a: nexus_metrics::histogram!("http.latency_ns", "route" => "/a"),
+            b: nexus_metrics::counter!("http.requests", "route" => "/b", "status" => "500"),
+            latency_b: nexus_metrics::histogram!("http.latency_ns", "route" => "/b"),
+        }
+    }
+
+    /// Sample `i` of the mix.
+    #[inline(always)]
+    fn record(&self, i: u64) {
+        match i & 3 {
+            0 => self.a.increment(1),
+            1 => self.latency_a.record(sample_value(i)),
+            2 => self.b.increment(1),
+            _ => self.latency_b.record(sample_value(i)),
+        }
+    }
+}
+
+/// The same mix through the `metrics` crate's handles.
+struct MetricsMix {
+    a: metrics::Counter,
+    latency_a: metrics::Histogram,
+    b: metrics::Counter,
+    latency_b: metrics::Histogram,
+}
+
+impl MetricsMix {
+    fn new() -> Self {
+        Self {
+            a: metrics::counter!("http.requests", "route" => "/a", "status" => "200"),
+            latency_a: metrics::histogram!("http.latency_ns", "route" => "/a"),
+            b: metrics::counter!("http.requests", "route" => "/b", "status" => "500"),
+            latency_b: metrics::histogram!("http.latency_ns", "route" => "/b"),
+        }
+    }
+
+    #[inline(always)]
+    fn record(&self, i: u64) {
+        match i & 3 {
+            0 => self.a.increment(1),
+            1 => self.latency_a.record(sample_value(i) as f64),
+            2 => self.b.increment(1),
+            _ => self.latency_b.record(sample_value(i) as f64),
+        }
+    }
 }
 
 // --- Producer cost ---------------------------------------------------------------------
@@ -336,7 +400,7 @@ type ProducerRun = fn(&Consumer, &mut Writer<MemfdRegion>, u64) -> Duration;
 
 /// The producer-cost contenders, in the order they run: each of ours next to its
 /// `metrics` counterpart. Name, what the consumer empties, the run.
-const PRODUCER_CONTENDERS: [(&str, u8, ProducerRun); 10] = [
+const PRODUCER_CONTENDERS: [(&str, u8, ProducerRun); 12] = [
     ("ring/Writer::push (floor)", MODE_RINGS, |c, w, n| {
         c.laps(n, LAP, |k| {
             for _ in 0..k {
@@ -416,6 +480,26 @@ const PRODUCER_CONTENDERS: [(&str, u8, ProducerRun); 10] = [
             }
         })
     }),
+    ("nexus/4 handles, mixed", MODE_RINGS, |c, _, n| {
+        let mix = NexusMix::new();
+        let mut seq = 0u64;
+        c.laps(n, LAP, |k| {
+            for i in seq..seq + k {
+                mix.record(black_box(i));
+            }
+            seq += k;
+        })
+    }),
+    ("metrics/4 handles, mixed", MODE_METRICS, |c, _, n| {
+        let mix = MetricsMix::new();
+        let mut seq = 0u64;
+        c.laps(n, LAP, |k| {
+            for i in seq..seq + k {
+                mix.record(black_box(i));
+            }
+            seq += k;
+        })
+    }),
     // Two records per span: half as many calls per lap.
     ("nexus/span!_start_end", MODE_RINGS, |c, _, n| {
         c.laps(n, LAP / 2, |k| {
@@ -434,11 +518,12 @@ const INTERLEAVED_CALLS: u64 = 1 << 18;
 const PRODUCER_ROUNDS: usize = 101;
 
 /// Each `nexus-metrics` contender's peer in the `metrics` crate.
-const METRICS_PEERS: [(&str, &str); 4] = [
+const METRICS_PEERS: [(&str, &str); 5] = [
     ("nexus/counter!.increment", "metrics/counter!.increment"),
     ("nexus/Counter.increment", "metrics/Counter.increment"),
     ("nexus/histogram!.record", "metrics/histogram!.record"),
     ("nexus/Histogram.record", "metrics/Histogram.record"),
+    ("nexus/4 handles, mixed", "metrics/4 handles, mixed"),
 ];
 
 /// Prints the interleaved `producer_cost` pass: ns/call per contender; for ours, the
@@ -597,18 +682,10 @@ fn child_main(kind: &str) -> io::Result<()> {
                     .ring_capacity(e2e_ring()),
             )
             .map_err(io::Error::other)?;
-            let a = nexus_metrics::counter!("http.requests", "route" => "/a", "status" => "200");
-            let la = nexus_metrics::histogram!("http.latency_ns", "route" => "/a");
-            let b = nexus_metrics::counter!("http.requests", "route" => "/b", "status" => "500");
-            let lb = nexus_metrics::histogram!("http.latency_ns", "route" => "/b");
+            let mix = NexusMix::new();
             serve_rounds(
                 |i| {
-                    match i & 3 {
-                        0 => a.increment(1),
-                        1 => la.record(sample_value(i)),
-                        2 => b.increment(1),
-                        _ => lb.record(sample_value(i)),
-                    }
+                    mix.record(i);
                     Ok(())
                 },
                 || {
