@@ -202,7 +202,7 @@ handle_type!(
 
 impl Counter {
     /// Adds `n`.
-    #[inline]
+    #[inline(always)]
     pub fn increment(&self, n: u64) {
         if self.0.key == 0 {
             return self.0.dropped();
@@ -213,7 +213,7 @@ impl Counter {
 
 impl Gauge {
     /// Sets the gauge to `value`.
-    #[inline]
+    #[inline(always)]
     pub fn set(&self, value: i64) {
         if self.0.key == 0 {
             return self.0.dropped();
@@ -224,7 +224,7 @@ impl Gauge {
 
 impl Histogram {
     /// Records one observation.
-    #[inline]
+    #[inline(always)]
     pub fn record(&self, value: u64) {
         if self.0.key == 0 {
             return self.0.dropped();
