@@ -5,13 +5,13 @@
 //!   `nexus-metrics`' `counter!`, `Counter`, `histogram!`, `Histogram`, four handles
 //!   recorded in turn (the end-to-end child's mix, see [`NexusMix`]) and a `span!`
 //!   start + end, against the `metrics` crate's `counter!` / `histogram!` (and its cached
-//!   handles, and the same mix) with an in-process recorder installed (metrics-util's `Registry` with
-//!   `AtomicStorage`, what exporters such as metrics-exporter-prometheus build on). The
-//!   ring's own `Writer::push` is the floor. Calls are timed in laps of 4096; between
-//!   laps a consumer on the other core empties what was recorded (our memfd rings of
-//!   65536 records, metricsd's default; the `metrics` registry's histogram buckets, as
-//!   an exporter's upkeep does), so every record finds room and lines the consumer read
-//!   must come back to the producer, as in production.
+//!   handles, and the same mix) with an in-process recorder installed (metrics-util's
+//!   `Registry` with `AtomicStorage`, what exporters such as metrics-exporter-prometheus
+//!   build on). The ring's own `Writer::push` is the floor. Calls are timed in laps of
+//!   4096; between laps a consumer on the other core empties what was recorded (our
+//!   memfd rings of 65536 records, metricsd's default; the `metrics` registry's
+//!   histogram buckets, as an exporter's upkeep does), so every record finds room and
+//!   lines the consumer read must come back to the producer, as in production.
 //! - `end_to_end`: samples per second from a producer process into aggregates: the child
 //!   records a round of 262144 samples through `nexus-metrics` into a real in-process
 //!   `metricsd::Daemon` (its ring granted over the control socket), against a
