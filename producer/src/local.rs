@@ -183,17 +183,19 @@ impl Op for HistogramOp {
 ///
 /// The fast path runs alone under the borrow and calls nothing, so where it is not
 /// inlined (a function with several call sites of one kind of record keeps one
-/// out-of-line copy) it is a leaf: no registers saved, no stack traffic. That matters
-/// more than the instructions: the ring's lines come back from the consumer's core, and
-/// x86 commits stores in order, so every store a record adds (a saved register too)
-/// waits in the store buffer behind the ring's, and fewer records are in flight. The
-/// rest is [`record_slow`], which takes the borrow again.
+/// out-of-line copy) it is a leaf and saves no registers: the ring's lines come back
+/// from the consumer's core and x86 commits stores in order, so any store a record adds
+/// waits behind the ring's. The rest is [`record_slow`], which takes the borrow again.
+/// With the cold path called from inside the borrow instead, a loop recording four
+/// handles in turn cost two to three times as much a record (`benches/README.md`,
+/// "Runs 11 to 13").
 ///
 /// `try_with`, not `with`: `with` is a separate generic function around `try_with`
 /// that a build without LTO did not inline into the caller's loop, so every record
-/// paid a call with its arguments passed through the stack. `try_with` inlines, and
-/// this state (constant-initialised, no destructor) is never inaccessible, so its
-/// error arm is dead code; it would count as unavailable.
+/// paid a call with its arguments passed through the stack. `try_with` is the one the
+/// compiler inlines where it inlines anything, and this state (constant-initialised,
+/// no destructor) is never inaccessible, so its error arm is dead code; it would count
+/// as unavailable.
 #[inline(always)]
 pub(crate) fn record(op: impl Op) {
     let written = LOCAL.try_with(|cell| match cell.try_borrow_mut() {
