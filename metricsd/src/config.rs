@@ -84,6 +84,14 @@ pub struct DrainConfig {
     pub idle_min_us: u32,
     /// Longest such sleep, in microseconds (default 1000).
     pub idle_max_us: u32,
+    /// After this long with every ring empty, in milliseconds (default 1000), the drain
+    /// loop sleeps `deep_idle_ms` between passes instead.
+    pub deep_idle_after_ms: u32,
+    /// The sleep between passes once idle that long, in milliseconds (default 100, and
+    /// never past the next export): an idle metricsd wakes about ten times a second, and
+    /// a record written after a long silence is drained within this bound. A new ring,
+    /// a snapshot or a shutdown still wakes it at once.
+    pub deep_idle_ms: u32,
 }
 
 /// `[series]`: hard cardinality caps.
@@ -282,6 +290,8 @@ impl Default for DrainConfig {
             budget: 4096,
             idle_min_us: 100,
             idle_max_us: 1000,
+            deep_idle_after_ms: 1000,
+            deep_idle_ms: 100,
         }
     }
 }
@@ -419,6 +429,13 @@ impl Config {
         in_range("drain.budget", d.budget, 1, MAX_CAPACITY)?;
         in_range("drain.idle_min_us", d.idle_min_us, 1, 1_000_000)?;
         in_range("drain.idle_max_us", d.idle_max_us, d.idle_min_us, 1_000_000)?;
+        in_range(
+            "drain.deep_idle_after_ms",
+            d.deep_idle_after_ms,
+            1,
+            3_600_000,
+        )?;
+        in_range("drain.deep_idle_ms", d.deep_idle_ms, 1, 10_000)?;
 
         let s = &self.series;
         in_range("series.max_total", s.max_total, 1, 10_000_000)?;

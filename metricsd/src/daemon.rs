@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -16,6 +15,7 @@ use crate::grant::{GrantError, GrantServer};
 use crate::identity::{Identify, Policy};
 use crate::sink::{LogdSink, Sink};
 use crate::snapshot::{GrantStats, Snapshot};
+use crate::wake::StopSignal;
 
 /// Why the daemon could not start, or stopped answering.
 #[derive(Debug)]
@@ -26,6 +26,8 @@ pub enum DaemonError {
     Grant(GrantError),
     /// A thread could not be started.
     Spawn(std::io::Error),
+    /// The eventfd that wakes the grant thread at shutdown could not be made.
+    StopSignal(std::io::Error),
     /// The drain loop did not answer within the time given.
     Timeout(&'static str),
     /// The drain loop is gone.
@@ -38,6 +40,7 @@ impl fmt::Display for DaemonError {
             Self::Config(e) => write!(f, "{e}"),
             Self::Grant(e) => write!(f, "{e}"),
             Self::Spawn(e) => write!(f, "cannot start a thread: {e}"),
+            Self::StopSignal(e) => write!(f, "cannot create the stop eventfd: {e}"),
             Self::Timeout(what) => write!(f, "timed out waiting for {what}"),
             Self::Stopped => f.write_str("the drain loop has stopped"),
         }
@@ -49,7 +52,7 @@ impl std::error::Error for DaemonError {
         match self {
             Self::Config(e) => Some(e),
             Self::Grant(e) => Some(e),
-            Self::Spawn(e) => Some(e),
+            Self::Spawn(e) | Self::StopSignal(e) => Some(e),
             _ => None,
         }
     }
@@ -124,7 +127,7 @@ impl Daemon {
         .map_err(DaemonError::Grant)?;
 
         let queue = ExportQueue::new(config.export.queue_records);
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(StopSignal::new().map_err(DaemonError::StopSignal)?);
         let instance = format!(
             "{}-{}",
             std::process::id(),
@@ -152,14 +155,10 @@ impl Daemon {
         )?);
 
         let drainer = Drainer::new(&config, queue.clone(), grant_stats);
-        let (idle_min, idle_max, interval) = (
-            Duration::from_micros(u64::from(config.drain.idle_min_us)),
-            Duration::from_micros(u64::from(config.drain.idle_max_us)),
-            config.export_interval(),
-        );
+        let idle = drain::IdlePolicy::from_config(&config);
         let drain_thread = spawn(
             "metricsd-drain",
-            Box::new(move || drain::run(drainer, rx, idle_min, idle_max, interval)),
+            Box::new(move || drain::run(drainer, rx, idle)),
         )?;
 
         let s = stop.clone();
@@ -181,7 +180,7 @@ impl Daemon {
 /// A running daemon. Dropping it shuts it down.
 pub struct DaemonHandle {
     tx: Sender<Command>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     queue: Arc<ExportQueue>,
     socket: PathBuf,
     instance: String,
@@ -281,7 +280,7 @@ impl DaemonHandle {
     }
 
     fn stop_all(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.raise();
         if let Some(t) = self.grant_thread.take() {
             let _ = t.join();
         }

@@ -7,7 +7,8 @@
 //! that must be zero, span ids and statuses. Each reject is counted with its reason.
 //! Registrations are assembled per ring. Nothing here blocks on a producer: a pass that
 //! found every ring empty sleeps (`drain.idle_min_us`, doubling up to
-//! `drain.idle_max_us`) on the command channel, so a new ring or a snapshot request
+//! `drain.idle_max_us`, and `drain.deep_idle_ms` once every ring has been empty for
+//! `drain.deep_idle_after_ms`) on the command channel, so a new ring or a snapshot request
 //! wakes it at once.
 
 use std::collections::{HashMap, VecDeque};
@@ -700,16 +701,50 @@ fn ring_snapshot(r: &RingState) -> RingSnapshot {
     }
 }
 
+/// How the drain loop sleeps when every ring is empty (`[drain]` in the config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdlePolicy {
+    /// First sleep after an empty pass; doubled after each further empty pass.
+    pub min: Duration,
+    /// Longest sleep while recently busy.
+    pub max: Duration,
+    /// After this long with nothing drained, sleep `deep` instead.
+    pub deep_after: Duration,
+    /// The sleep once idle for `deep_after`.
+    pub deep: Duration,
+    /// Time between exports (no sleep runs past the next export).
+    pub interval: Duration,
+}
+
+impl IdlePolicy {
+    /// The policy `config` sets.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let d = &config.drain;
+        Self {
+            min: Duration::from_micros(u64::from(d.idle_min_us)),
+            max: Duration::from_micros(u64::from(d.idle_max_us)),
+            deep_after: Duration::from_millis(u64::from(d.deep_idle_after_ms)),
+            deep: Duration::from_millis(u64::from(d.deep_idle_ms)),
+            interval: config.export_interval(),
+        }
+    }
+
+    /// The sleep after an empty pass, given the current short backoff and how long
+    /// every ring has been empty.
+    fn sleep(&self, backoff: Duration, idle_for: Duration) -> Duration {
+        if idle_for >= self.deep_after {
+            self.deep.max(backoff)
+        } else {
+            backoff
+        }
+    }
+}
+
 /// Runs the drain loop until [`Command::Shutdown`] or every sender is gone.
-pub fn run(
-    mut d: Drainer,
-    rx: Receiver<Command>,
-    idle_min: Duration,
-    idle_max: Duration,
-    interval: Duration,
-) {
-    let mut idle = idle_min;
-    let mut next_export = Instant::now() + interval;
+pub fn run(mut d: Drainer, rx: Receiver<Command>, policy: IdlePolicy) {
+    let mut backoff = policy.min;
+    let mut idle_since: Option<Instant> = None;
+    let mut next_export = Instant::now() + policy.interval;
     let mut snapshots: Vec<Sender<Snapshot>> = Vec::new();
     let mut exports: Vec<Sender<()>> = Vec::new();
     let mut stop = false;
@@ -728,9 +763,13 @@ pub fn run(
         false
     };
     loop {
+        let mut commands = false;
         loop {
             match rx.try_recv() {
-                Ok(cmd) => stop |= handle(&mut d, cmd, &mut snapshots, &mut exports),
+                Ok(cmd) => {
+                    commands = true;
+                    stop |= handle(&mut d, cmd, &mut snapshots, &mut exports);
+                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     stop = true;
@@ -742,7 +781,7 @@ pub fn run(
         let now = Instant::now();
         if now >= next_export || !exports.is_empty() || stop {
             d.export();
-            next_export = now + interval;
+            next_export = now + policy.interval;
             for tx in exports.drain(..) {
                 let _ = tx.send(());
             }
@@ -756,16 +795,52 @@ pub fn run(
         if stop {
             return;
         }
-        if consumed == 0 {
-            let wait = idle.min(next_export.saturating_duration_since(Instant::now()));
+        if consumed == 0 && !commands {
+            let since = *idle_since.get_or_insert(now);
+            let sleep = policy.sleep(backoff, now.saturating_duration_since(since));
+            let wait = sleep.min(next_export.saturating_duration_since(Instant::now()));
             match rx.recv_timeout(wait) {
-                Ok(cmd) => stop |= handle(&mut d, cmd, &mut snapshots, &mut exports),
-                Err(RecvTimeoutError::Timeout) => {}
+                Ok(cmd) => {
+                    // A new ring or a request: be responsive again.
+                    idle_since = None;
+                    backoff = policy.min;
+                    stop |= handle(&mut d, cmd, &mut snapshots, &mut exports);
+                }
+                Err(RecvTimeoutError::Timeout) => backoff = (backoff * 2).min(policy.max),
                 Err(RecvTimeoutError::Disconnected) => stop = true,
             }
-            idle = (idle * 2).min(idle_max);
         } else {
-            idle = idle_min;
+            idle_since = None;
+            backoff = policy.min;
         }
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::IdlePolicy;
+    use std::time::Duration;
+
+    #[test]
+    fn the_sleep_deepens_only_after_the_idle_threshold() {
+        let p = IdlePolicy {
+            min: Duration::from_micros(100),
+            max: Duration::from_micros(1000),
+            deep_after: Duration::from_secs(1),
+            deep: Duration::from_millis(100),
+            interval: Duration::from_secs(1),
+        };
+        let b = Duration::from_micros(400);
+        assert_eq!(p.sleep(b, Duration::from_millis(999)), b);
+        assert_eq!(
+            p.sleep(b, Duration::from_secs(1)),
+            Duration::from_millis(100)
+        );
+        // A configured deep sleep shorter than the backoff never shortens it.
+        let shallow = IdlePolicy {
+            deep: Duration::from_micros(50),
+            ..p
+        };
+        assert_eq!(shallow.sleep(b, Duration::from_secs(5)), b);
     }
 }
