@@ -22,7 +22,7 @@ use telemetry_abi::{
 };
 use telemetry_ring::{MemfdRegion, Reader};
 
-use crate::aggregate::{MetricKind, Resolved, Store};
+use crate::aggregate::{MetricKind, Resolved, SeriesId, Store};
 use crate::config::Config;
 use crate::export::ExportQueue;
 use crate::health::{Class, Reason, RejectCounts};
@@ -95,7 +95,8 @@ type HealthRow<'a> = (MetricKind, &'a str, Vec<(&'a str, String)>, i128);
 /// Closed rings kept in snapshots (the most recent).
 const CLOSED_KEPT: usize = 64;
 
-fn wall_ns() -> u64 {
+/// Now, in ns since the Unix epoch.
+pub(crate) fn wall_ns() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -147,7 +148,7 @@ impl Ctx<'_> {
     fn record(&mut self, ring: &mut RingCtx<'_>, record: Record) {
         if let Some(want) = sample_kind(record.kind) {
             if !ring.regbuf.is_pending() {
-                if let Err(reason) = self.sample(ring.keys, want, record) {
+                if let Err(reason) = self.sample(ring, want, record) {
                     self.reject(reason);
                 }
                 return;
@@ -162,7 +163,7 @@ impl Ctx<'_> {
     #[inline(always)]
     fn sample(
         &mut self,
-        keys: &KeyTable,
+        ring: &mut RingCtx<'_>,
         want: RegisterKind,
         record: Record,
     ) -> Result<(), Reason> {
@@ -170,7 +171,7 @@ impl Ctx<'_> {
         if s.flags != 0 || s.reserved != [0, 0] {
             return Err(Reason::ReservedNonzero);
         }
-        let entry = keys.get(record.key).ok_or(Reason::UnregisteredKey)?;
+        let entry = ring.keys.get(record.key).ok_or(Reason::UnregisteredKey)?;
         if entry.what != want {
             return Err(Reason::KindMismatch);
         }
@@ -179,12 +180,82 @@ impl Ctx<'_> {
             Target::Refused => return Err(Reason::SeriesCap),
             _ => return Err(Reason::KindMismatch),
         };
-        match record.kind {
-            RecordKind::COUNTER => self.store.add(id, s.value),
-            RecordKind::GAUGE => self.store.set(id, s.value as i64),
-            _ => self.store.observe(id, s.value),
+        if self.apply(id, record.kind, s.value) {
+            Ok(())
+        } else {
+            self.rebind(ring, record.key, record.kind, s.value)
         }
-        Ok(())
+    }
+
+    /// Aggregates one sample into series `id`; `false` when `id` expired.
+    #[inline(always)]
+    fn apply(&mut self, id: SeriesId, kind: RecordKind, value: u64) -> bool {
+        match kind {
+            RecordKind::COUNTER => self.store.add(id, value),
+            RecordKind::GAUGE => self.store.set(id, value as i64),
+            _ => self.store.observe(id, value),
+        }
+    }
+
+    /// A sample on a key whose series expired: the key's registration is resolved again
+    /// (a new series, or the overflow series if the caps are reached now) and the sample
+    /// aggregated there.
+    #[cold]
+    #[inline(never)]
+    fn rebind(
+        &mut self,
+        ring: &mut RingCtx<'_>,
+        key: u32,
+        kind: RecordKind,
+        value: u64,
+    ) -> Result<(), Reason> {
+        let Some(entry) = ring.keys.get_mut(key) else {
+            return Err(Reason::UnregisteredKey);
+        };
+        let metric = match entry.what {
+            RegisterKind::COUNTER => MetricKind::Counter,
+            RegisterKind::GAUGE => MetricKind::Gauge,
+            _ => MetricKind::Histogram,
+        };
+        let labels = entry.labels();
+        let resolved = self
+            .store
+            .resolve(ring.service_idx, metric, entry.name(), &labels);
+        match resolved {
+            Resolved::Series(id) => {
+                entry.target = Target::Series(id);
+                // A series just resolved is live: this cannot fail.
+                self.apply(id, kind, value);
+                Ok(())
+            }
+            Resolved::Refused => {
+                entry.target = Target::Refused;
+                Err(Reason::SeriesCap)
+            }
+        }
+    }
+
+    /// A span ended whose name's duration series expired while it was open: the name's
+    /// entry is bound to the series found or made again, and the duration observed there.
+    #[cold]
+    #[inline(never)]
+    fn rebind_duration(&mut self, ring: &mut RingCtx<'_>, name_key: u32, duration_ns: u64) {
+        let Some(entry) = ring.keys.get_mut(name_key) else {
+            return;
+        };
+        let Target::Span { name, duration } = &mut entry.target else {
+            return;
+        };
+        match self
+            .store
+            .resolve(ring.service_idx, MetricKind::SpanDuration, name, &[])
+        {
+            Resolved::Series(id) => {
+                *duration = Some(id);
+                self.store.observe(id, duration_ns);
+            }
+            Resolved::Refused => *duration = None,
+        }
     }
 
     #[inline(never)]
@@ -208,7 +279,7 @@ impl Ctx<'_> {
 
     fn validated(&mut self, ring: &mut RingCtx<'_>, record: Record) -> Result<(), Reason> {
         if let Some(want) = sample_kind(record.kind) {
-            return self.sample(ring.keys, want, record);
+            return self.sample(ring, want, record);
         }
         let entry = ring.keys.get(record.key);
         match record.kind {
@@ -251,7 +322,9 @@ impl Ctx<'_> {
                     .spans
                     .end(ring.id, e.span_id, e.name, e.status, e.end_ns)?;
                 if let Some(series) = done.duration_series {
-                    self.store.observe(series, done.duration_ns);
+                    if !self.store.observe(series, done.duration_ns) {
+                        self.rebind_duration(ring, e.name, done.duration_ns);
+                    }
                 }
                 Ok(())
             }
@@ -359,6 +432,7 @@ impl Drainer {
     /// Starts draining `ring`.
     pub fn add_ring(&mut self, ring: NewRing) {
         let service_idx = self.store.service(&ring.service);
+        self.store.ring_opened(service_idx);
         self.rings.push(RingState {
             id: ring.id,
             connection: ring.connection,
@@ -478,6 +552,10 @@ impl Drainer {
             }
             let ring = self.rings.swap_remove(i);
             self.spans.orphan_ring(ring.id);
+            for series in ring.keys.entries().filter_map(|e| e.series()) {
+                self.store.unbind(series);
+            }
+            self.store.ring_closed(ring.service_idx);
             let mut snap = ring_snapshot(&ring);
             snap.closed = true;
             if self.closed.len() >= CLOSED_KEPT {
@@ -505,15 +583,18 @@ impl Drainer {
             let Some(s) = self.store.get(id) else {
                 continue;
             };
-            let delta = match s.value {
-                crate::aggregate::Value::Counter { total } => total - s.exported_total,
-                _ => 0,
+            let total = match s.value {
+                crate::aggregate::Value::Counter { total } => Some(total),
+                _ => None,
             };
+            let delta = total.map_or(0, |t| t - s.exported_total);
             records.push(schema::series_record(s, delta, window));
-            if let crate::aggregate::Value::Counter { total } = s.value {
-                self.store.set_exported_total(id, total);
-            }
+            self.store.exported(id, total, end);
         }
+        let swept = self.store.sweep(end, |s| {
+            records.push(schema::expired_record(s, window));
+        });
+        self.stats.expiry_scanned += u64::from(swept.scanned);
         let (spans, _skipped) = self.spans.take_interval();
         records.extend(spans.iter().map(schema::span_record));
         self.stats.exports += 1;
@@ -606,6 +687,27 @@ impl Drainer {
             vec![],
             st.labels_redacted.into(),
         ));
+        h.push((
+            g,
+            "metricsd.series.overflow",
+            vec![],
+            st.overflow_series.into(),
+        ));
+        h.push((c, "metricsd.series.expired", vec![], st.expired.into()));
+        h.push((
+            c,
+            "metricsd.series.expired_overflow",
+            vec![],
+            st.expired_overflow.into(),
+        ));
+        h.push((c, "metricsd.series.recreated", vec![], st.recreated.into()));
+        h.push((g, "metricsd.services", vec![], st.services.into()));
+        h.push((
+            c,
+            "metricsd.services.released",
+            vec![],
+            st.services_released.into(),
+        ));
         let sp = self.spans.stats();
         h.push((g, "metricsd.spans.live", vec![], sp.live.into()));
         h.push((c, "metricsd.spans.orphaned", vec![], sp.orphaned.into()));
@@ -669,7 +771,7 @@ impl Drainer {
     /// The full snapshot.
     pub fn snapshot(&self) -> Snapshot {
         let mut s = self.snapshot_core();
-        s.series = self.store.all().to_vec();
+        s.series = self.store.all().cloned().collect();
         s.grant = self
             .grant
             .lock()

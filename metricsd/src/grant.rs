@@ -343,6 +343,7 @@ impl GrantServer {
                 Err(_) => return false,
             };
             let response = self.handle(i, &buf[..n.min(buf.len())], n);
+            self.count(i, &response);
             if !self.reply(i, response) {
                 return false;
             }
@@ -350,15 +351,30 @@ impl GrantServer {
         true
     }
 
-    fn handle(&mut self, i: usize, bytes: &[u8], len: usize) -> Reply {
+    /// Counts a message and its answer under one lock, so no snapshot sees a message
+    /// whose outcome is not counted yet.
+    fn count(&self, i: usize, reply: &Reply) {
         let conn_id = self.conns[i].id;
-        {
-            let mut st = self.stats();
-            st.messages += 1;
-            if let Some(c) = st.connections.get_mut(&conn_id) {
-                c.messages += 1;
+        let status = reply.response.status;
+        let mut st = self.stats();
+        st.messages += 1;
+        if status == GrantStatus::OK {
+            st.granted += 1;
+        } else {
+            *st.refused
+                .entry(status.name().unwrap_or("unknown"))
+                .or_insert(0) += 1;
+        }
+        if let Some(c) = st.connections.get_mut(&conn_id) {
+            c.messages += 1;
+            if status == GrantStatus::OK {
+                c.rings += 1;
             }
         }
+    }
+
+    fn handle(&mut self, i: usize, bytes: &[u8], len: usize) -> Reply {
+        let conn_id = self.conns[i].id;
         let rate = f64::from(self.cfg.grant_rate_per_sec);
         let burst = f64::from(self.cfg.grant_burst);
         let bucket = &mut self.conns[i].bucket;
@@ -422,13 +438,6 @@ impl GrantServer {
         *self.rings_by_service.entry(service).or_insert(0) += 1;
         self.rings_total += 1;
         self.conns[i].rings += 1;
-        {
-            let mut st = self.stats();
-            st.granted += 1;
-            if let Some(c) = st.connections.get_mut(&conn_id) {
-                c.rings += 1;
-            }
-        }
         Reply {
             response: GrantResponse::granted(id, capacity, epoch),
             fd: Some(fd),
@@ -436,11 +445,6 @@ impl GrantServer {
     }
 
     fn refuse(&self, status: GrantStatus) -> Reply {
-        *self
-            .stats()
-            .refused
-            .entry(status.name().unwrap_or("unknown"))
-            .or_insert(0) += 1;
         Reply {
             response: GrantResponse::refused(status),
             fd: None,

@@ -69,6 +69,8 @@ pub struct DrainStats {
     pub rings_closed: u64,
     /// Exports built.
     pub exports: u64,
+    /// Series slots looked at by the expiry sweep.
+    pub expiry_scanned: u64,
 }
 
 /// One control connection.
