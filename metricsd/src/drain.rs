@@ -527,6 +527,8 @@ impl Drainer {
         }
         self.stats.passes += 1;
         self.stats.lag = lag;
+        let took = u64::try_from(now.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.stats.pass_ns_max = self.stats.pass_ns_max.max(took);
         consumed
     }
 
@@ -599,6 +601,7 @@ impl Drainer {
         records.extend(spans.iter().map(schema::span_record));
         self.stats.exports += 1;
         self.health_records(window, &mut records);
+        self.stats.pass_ns_max = 0;
         self.queue.push(records);
     }
 
@@ -620,6 +623,12 @@ impl Drainer {
             snap.drain.records.into(),
         ));
         h.push((g, "metricsd.drain.lag", vec![], snap.drain.lag.into()));
+        h.push((
+            g,
+            "metricsd.drain.pass_max_us",
+            vec![],
+            (snap.drain.pass_ns_max / 1000).into(),
+        ));
         h.push((
             g,
             "metricsd.rings.open",
