@@ -58,6 +58,33 @@ impl std::error::Error for DaemonError {
     }
 }
 
+/// File descriptors a daemon of `config` may hold at once: one memfd per ring, one
+/// socket per control connection, and a margin for the listener, the eventfd, logd's
+/// connection, the binary's own files and the standard streams.
+pub fn fds_needed(config: &Config) -> u64 {
+    u64::from(config.rings.max_total) + u64::from(config.rings.max_connections) + 64
+}
+
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to what `config`
+/// can need, within the hard limit: many systems start services with a soft limit of
+/// 1024, below the default caps (1024 rings and 256 connections). Returns the soft
+/// limit now in force; below [`fds_needed`] when the hard limit does not allow more.
+pub fn raise_open_file_limit(config: &Config) -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let need = fds_needed(config);
+    let mut limit = getrlimit(Resource::Nofile);
+    let current = limit.current.unwrap_or(u64::MAX);
+    if current >= need {
+        return current;
+    }
+    let want = limit.maximum.map_or(need, |max| need.min(max));
+    limit.current = Some(want);
+    match setrlimit(Resource::Nofile, limit) {
+        Ok(()) => want,
+        Err(_) => current,
+    }
+}
+
 /// Builds a daemon: the config, then optionally another identity policy or sink.
 pub struct Daemon {
     config: Config,
@@ -298,5 +325,25 @@ impl DaemonHandle {
 impl Drop for DaemonHandle {
     fn drop(&mut self) {
         self.stop_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_file_limit_covers_every_ring_and_connection() {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let config = Config::default();
+        assert_eq!(fds_needed(&config), 1024 + 256 + 64);
+        // Start from a soft limit below the need, as many service managers do.
+        let mut low = getrlimit(Resource::Nofile);
+        let hard = low.maximum.unwrap_or(u64::MAX);
+        low.current = Some(256.min(hard));
+        setrlimit(Resource::Nofile, low).expect("lowering the soft limit is allowed");
+        let limit = raise_open_file_limit(&config);
+        assert_eq!(limit, fds_needed(&config).min(hard));
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(limit));
     }
 }
