@@ -48,6 +48,7 @@ pub use aggregate::{MetricKind, Series, Value, series_id};
 pub use config::Config;
 pub use daemon::{Daemon, DaemonError, DaemonHandle};
 pub use health::{Class, Reason};
+pub use histogram::Histogram;
 pub use identity::{Identify, Peer, Policy};
 pub use sink::{LogdSink, MemorySink, Sink};
 pub use snapshot::Snapshot;

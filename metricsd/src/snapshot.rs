@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use crate::aggregate::{MetricKind, Series, StoreStats, Value, series_id};
 use crate::export::ExportStats;
 use crate::health::RejectCounts;
+use crate::histogram::Histogram;
 use crate::spans::SpanStats;
 
 /// One ring as the drain loop sees it.
@@ -158,18 +159,18 @@ impl Snapshot {
         }
     }
 
-    /// A histogram's bucket counts.
+    /// A histogram.
     pub fn histogram(
         &self,
         service: &str,
         name: &str,
         labels: &[(&str, &str)],
-    ) -> Option<Vec<u64>> {
+    ) -> Option<&Histogram> {
         match &self
             .find(service, MetricKind::Histogram, name, labels)?
             .value
         {
-            Value::Histogram { counts, .. } => Some(counts.to_vec()),
+            Value::Histogram(h) => Some(h),
             _ => None,
         }
     }
