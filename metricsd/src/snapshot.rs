@@ -107,6 +107,19 @@ pub struct GrantStats {
     pub connections: BTreeMap<u64, ConnectionStats>,
 }
 
+/// One of metricsd's own health series (the table in `metricsd/README.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSeries {
+    /// Counter or gauge.
+    pub kind: MetricKind,
+    /// The name, e.g. `metricsd.records.drained`.
+    pub name: &'static str,
+    /// Labels, sorted by key.
+    pub labels: std::sync::Arc<[(String, String)]>,
+    /// The value.
+    pub value: i128,
+}
+
 /// The whole view.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
@@ -128,6 +141,8 @@ pub struct Snapshot {
     pub grant: GrantStats,
     /// Export totals.
     pub export: ExportStats,
+    /// metricsd's health series (as exported).
+    pub health: Vec<HealthSeries>,
 }
 
 impl Snapshot {
