@@ -25,7 +25,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use crate::config::SeriesConfig;
-use crate::histogram::Layout;
+use crate::histogram::{Histogram, NotFinite};
 use crate::redact::{REDACTED, Redactor, is_identity_key};
 
 /// A series in the store: its slot and the slot's generation, which changes when the
@@ -75,7 +75,7 @@ impl MetricKind {
 pub type Labels = Arc<[(String, String)]>;
 
 /// The aggregate of one series.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     /// Sum of every increment since the series was created.
     Counter {
@@ -87,21 +87,13 @@ pub enum Value {
         /// The value.
         value: Option<i64>,
     },
-    /// Observations since the series was created.
-    Histogram {
-        /// The bucket layout.
-        layout: Layout,
-        /// Count per bucket, `+Inf` last.
-        counts: Box<[u64]>,
-        /// Observations.
-        count: u64,
-        /// Sum of observations.
-        sum: u128,
-    },
+    /// Observations since the series was created: exponential with an automatic
+    /// scale, or over the bounds configured for the name.
+    Histogram(Histogram),
 }
 
 /// One series.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Series {
     /// The producer's service (kernel-derived).
     pub service: Arc<str>,
@@ -359,11 +351,10 @@ impl Store {
         }
     }
 
-    /// The layout for histograms (and span durations) named `name`.
-    pub fn layout(&self, name: &str) -> Layout {
-        self.layouts
-            .get(name)
-            .map_or(Layout::Exponential, |b| Layout::Explicit(b.clone()))
+    /// The configured bounds for histograms (and span durations) named `name`; `None`
+    /// means exponential.
+    pub fn layout(&self, name: &str) -> Option<Arc<[u64]>> {
+        self.layouts.get(name).cloned()
     }
 
     /// Resolves a registration of `name` with `labels` (as the producer gave them) in
@@ -499,13 +490,7 @@ impl Store {
             MetricKind::Counter => Value::Counter { total: 0 },
             MetricKind::Gauge => Value::Gauge { value: None },
             MetricKind::Histogram | MetricKind::SpanDuration => {
-                let layout = self.layout(&name);
-                Value::Histogram {
-                    counts: vec![0; layout.buckets()].into_boxed_slice(),
-                    layout,
-                    count: 0,
-                    sum: 0,
-                }
+                Value::Histogram(Histogram::new(self.layout(&name)))
             }
         };
         let now = crate::drain::wall_ns();
@@ -602,25 +587,35 @@ impl Store {
     pub fn observe(&mut self, id: SeriesId, value: u64) -> bool {
         match self.touch(id) {
             Some(Series {
-                value:
-                    Value::Histogram {
-                        layout,
-                        counts,
-                        count,
-                        sum,
-                    },
+                value: Value::Histogram(h),
                 ..
             }) => {
-                let i = layout.index(value);
-                if let Some(c) = counts.get_mut(i) {
-                    *c += 1;
-                }
-                *count += 1;
-                *sum += u128::from(value);
+                h.record(value);
                 true
             }
             Some(_) => true,
             None => false,
+        }
+    }
+
+    /// Records observation `value` in histogram `id`; NaN and infinities are refused
+    /// (the caller counts them) and leave the series untouched. `Ok(false)` when `id`
+    /// is stale (its series expired): the caller registers the series again.
+    #[inline(always)]
+    pub fn observe_f64(&mut self, id: SeriesId, value: f64) -> Result<bool, NotFinite> {
+        if !value.is_finite() {
+            return Err(NotFinite);
+        }
+        match self.touch(id) {
+            Some(Series {
+                value: Value::Histogram(h),
+                ..
+            }) => {
+                h.record_f64(value)?;
+                Ok(true)
+            }
+            Some(_) => Ok(true),
+            None => Ok(false),
         }
     }
 

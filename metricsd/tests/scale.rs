@@ -167,7 +167,7 @@ fn scale_1000_rings_every_total_exact() {
     let rss_loaded = rss_kb(pid);
     let per_ring_kb = (rss_loaded.saturating_sub(rss_idle)) / (PROCESSES * THREADS);
     let ring_kb = (u64::from(RING) * 32 + 384).div_ceil(1024);
-    let slowest_pass_us = health_max(&logd_path, "metricsd.drain.pass_max_us");
+    let slowest_pass_us = health_max(&logd_path, "metricsd.drain.longest_pass");
     println!(
         "{} rings, {} counter increments and {} histogram samples recorded in {:.2} s, \
          all counters exact in logd after {:.2} s; histogram samples dropped for a full \
