@@ -82,18 +82,23 @@ impl RetentionConfig {
         s.saturating_mul(SECOND_NS)
     }
 
-    /// Checks the values; the error names the key and the expected form.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the values; an error is (key, value found, expected form).
+    pub fn validate(&self) -> Result<(), (&'static str, String, String)> {
         if !(4096..=1 << 40).contains(&self.segment_bytes) {
-            return Err(format!(
-                "retention.segment_bytes = {}: expected 4096 to 2^40",
-                self.segment_bytes
+            return Err((
+                "retention.segment_bytes",
+                self.segment_bytes.to_string(),
+                "bytes, 4096 to 2^40".to_owned(),
             ));
         }
-        if self.max_bytes < 2 * self.segment_bytes {
-            return Err(format!(
-                "retention.max_bytes = {}: expected at least twice retention.segment_bytes ({})",
-                self.max_bytes, self.segment_bytes
+        if self.max_bytes / 2 < self.segment_bytes {
+            return Err((
+                "retention.max_bytes",
+                self.max_bytes.to_string(),
+                format!(
+                    "at least twice retention.segment_bytes ({})",
+                    self.segment_bytes
+                ),
             ));
         }
         for (key, v, step) in [
@@ -102,14 +107,19 @@ impl RetentionConfig {
             ("retention.ttl_1h_s", self.ttl_1h_s, 3600),
         ] {
             if v < step || v > 100 * 365 * 86_400 {
-                return Err(format!(
-                    "{key} = {v}: expected seconds, at least {step} and at most 100 years"
+                return Err((
+                    key,
+                    v.to_string(),
+                    format!("seconds, at least {step} and at most 100 years"),
                 ));
             }
         }
         Ok(())
     }
 }
+
+/// One health series: (a counter, else a gauge), name, labels, value.
+pub type HealthRow = (bool, &'static str, Vec<(&'static str, String)>, i128);
 
 /// Why points were dropped or writes failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -603,8 +613,8 @@ impl Retention {
         }
     }
 
-    /// Health rows: (kind is counter?, name, labels, value).
-    pub fn health(&self) -> Vec<(bool, &'static str, Vec<(&'static str, String)>, i128)> {
+    /// The health series of the store.
+    pub fn health(&self) -> Vec<HealthRow> {
         let s = &self.stats;
         let mut h = vec![
             (
@@ -899,5 +909,89 @@ impl Query {
                 points: steps.into_iter().collect(),
             })
             .collect()
+    }
+}
+
+/// Writes a query's answer: one line per step (`<series> <start_ns> <fields>`), or with
+/// `json` one object per series: `{"series", "kind", "step_ns", "points": [{"start_ns",
+/// ...}]}` with a counter's `delta`, a gauge's `last`, `min`, `max`, `mean` and
+/// `count`, a histogram's `count`, `sum`, `bounds` and `buckets`.
+pub fn render(
+    answer: &[QuerySeries],
+    step_ns: u64,
+    json: bool,
+    out: &mut dyn io::Write,
+) -> io::Result<()> {
+    for s in answer {
+        let kind = s.points.first().map_or("", |(_, a)| a.kind_name());
+        if json {
+            let points: Vec<serde_json::Value> = s
+                .points
+                .iter()
+                .map(|(t, a)| {
+                    let mut v = agg_json(a);
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("start_ns".into(), (*t).into());
+                    }
+                    v
+                })
+                .collect();
+            let obj = serde_json::json!({
+                "series": &*s.series,
+                "kind": kind,
+                "step_ns": step_ns,
+                "points": points,
+            });
+            writeln!(out, "{obj}")?;
+        } else {
+            for (t, a) in &s.points {
+                let fields = agg_json(a)
+                    .as_object()
+                    .map(|o| {
+                        o.iter()
+                            .map(|(k, v)| match v {
+                                serde_json::Value::String(s) => format!("{k}={s}"),
+                                v => format!("{k}={v}"),
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default();
+                writeln!(out, "{} {t} {fields}", s.series)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An aggregate's fields as JSON (128-bit numbers as decimal strings).
+pub fn agg_json(a: &Agg) -> serde_json::Value {
+    match a {
+        Agg::Counter { delta } => serde_json::json!({ "delta": delta.to_string() }),
+        Agg::Gauge {
+            last,
+            min,
+            max,
+            sum,
+            count,
+        } => {
+            let mean = if *count == 0 {
+                0.0
+            } else {
+                *sum as f64 / *count as f64
+            };
+            serde_json::json!({ "last": last, "min": min, "max": max, "mean": mean, "count": count })
+        }
+        Agg::Histogram {
+            bounds,
+            count,
+            sum,
+            buckets,
+        } => serde_json::json!({
+            "count": count,
+            "sum": sum.to_string(),
+            "bounds": &**bounds,
+            "buckets": buckets.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+        }),
     }
 }

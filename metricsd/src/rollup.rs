@@ -242,13 +242,16 @@ pub struct Point {
     pub agg: Agg,
 }
 
+/// A histogram's cumulative state at an export: bounds, count, sum, per bucket.
+type Cumulative = (Arc<str>, u64, u128, Box<[u64]>);
+
 /// The open windows of one series, one per resolution.
 #[derive(Debug, Default)]
 struct Open {
     windows: [Option<(u64, Agg)>; 3],
     /// The histogram's cumulative (count, sum, per-bucket) at the last export, to
     /// difference the next one against.
-    last_histogram: Option<(Arc<str>, u64, u128, Box<[u64]>)>,
+    last_histogram: Option<Cumulative>,
 }
 
 /// Open windows of every series; closes them into [`Point`]s as time passes.

@@ -476,8 +476,13 @@ impl Writer {
     }
 
     /// Writes the trailer and syncs: the segment is clean and never written again.
+    /// On an error the file is cut back to its frames (best effort), left dirty: the
+    /// next replay seals it.
     pub fn seal(mut self) -> io::Result<u64> {
-        self.file.write_all(&trailer(self.frames))?;
+        if let Err(e) = self.file.write_all(&trailer(self.frames)) {
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
         self.file.sync_data()?;
         Ok(self.len + TRAILER)
     }
