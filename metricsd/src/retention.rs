@@ -689,8 +689,10 @@ impl Retention {
 }
 
 /// Every point of `res` under `dir` whose series `select` accepts, read from the
-/// segments (damaged ones up to the damage; a point found twice is taken from the
-/// later segment). Reading never changes a segment.
+/// segments (damaged ones up to the damage). Two points of one series and window are
+/// two parts of it (a series that expired and came back within the window) and are
+/// merged; replay never writes a point again, so this counts nothing twice. Reading
+/// never changes a segment.
 pub fn read_points(
     dir: &std::path::Path,
     res: Resolution,
@@ -703,7 +705,15 @@ pub fn read_points(
         };
         for p in scan.points {
             if p.resolution == res && select(&p.series) {
-                out.insert((p.series.clone(), p.start_ns), p);
+                match out.get_mut(&(p.series.clone(), p.start_ns)) {
+                    // A kind or layout change within one window keeps the first part.
+                    Some(q) => {
+                        let _ = q.agg.merge(&p.agg);
+                    }
+                    None => {
+                        out.insert((p.series.clone(), p.start_ns), p);
+                    }
+                }
             }
         }
     }
@@ -879,14 +889,14 @@ impl Query {
     /// Groups `points` (of one resolution) into steps within `[now - since, now)`.
     pub fn assemble(&self, points: Vec<Point>, now_ns: u64) -> Vec<QuerySeries> {
         let from = now_ns.saturating_sub(self.since_ns);
-        let mut dedup: BTreeMap<(Arc<str>, u64), Agg> = BTreeMap::new();
-        for p in points {
-            // The open window (memory) comes last and replaces nothing on disk: a
-            // window is either closed or open.
-            dedup.insert((p.series.clone(), p.start_ns), p.agg);
-        }
         let mut out: BTreeMap<Arc<str>, BTreeMap<u64, Agg>> = BTreeMap::new();
-        for ((series, start), agg) in dedup {
+        for Point {
+            series,
+            start_ns: start,
+            agg,
+            ..
+        } in points
+        {
             if start < from || start >= now_ns {
                 // Windows starting outside the range are left out whole.
                 continue;
@@ -895,7 +905,9 @@ impl Query {
             let steps = out.entry(series).or_default();
             match steps.get_mut(&step) {
                 Some(a) => {
-                    // A kind or layout change inside one step keeps the earlier.
+                    // Points come in time order per source (disk, then the open
+                    // windows, which are newer). A kind or layout change inside one
+                    // step keeps the earlier.
                     let _ = a.merge(&agg);
                 }
                 None => {

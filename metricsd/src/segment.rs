@@ -22,8 +22,9 @@
 //! corrupt (a frame whose checksum fails with more data after it, a bad trailer or a
 //! bad header). Replay keeps the good frames before the problem, cuts the file there and
 //! seals it, so a second replay finds a clean segment and reads the same points:
-//! replay is idempotent. A point read twice (the same series, resolution and window,
-//! from two segments) is taken from the segment with the higher sequence number.
+//! replay is idempotent: it never writes a point again. Two points of the same series,
+//! resolution and window are two parts of that window (a series that expired and came
+//! back within it) and a reader merges them.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};

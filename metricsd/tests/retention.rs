@@ -322,7 +322,7 @@ fn retention_disk_stays_under_its_bound_by_deleting_whole_segments() {
     assert!(points.iter().all(|p| p.agg == Agg::Counter { delta: 10 }));
     assert_eq!(
         *starts.last().expect("some"),
-        T0 + 2 * 3600 * SECOND_NS - 20 * SECOND_NS
+        T0 + 3600 * SECOND_NS - 20 * SECOND_NS
     );
 }
 
@@ -539,4 +539,36 @@ fn retention_replay_after_a_corrupt_segment_keeps_the_rest() {
     let r = open(&cfg);
     assert_eq!((r.stats().replay_torn, r.stats().replay_corrupt), (0, 0));
     assert_eq!(ten_second_windows(dir.path()), after);
+}
+
+#[test]
+fn retention_a_series_that_expires_and_returns_within_a_window_keeps_both_parts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let mut r = open(&cfg);
+    let id = "svc/counter/c{}";
+    r.observe_sample(id, &Sample::Counter(3), T0 + SECOND_NS);
+    r.tick(T0 + SECOND_NS);
+    // Expired: its open windows are closed and written now.
+    r.forget(id);
+    r.tick(T0 + 2 * SECOND_NS);
+    // Back within the same 10 s window (and minute, and hour).
+    r.observe_sample(id, &Sample::Counter(4), T0 + 5 * SECOND_NS);
+    r.tick(T0 + 5 * SECOND_NS);
+    for step in [10, 60, 3600] {
+        let got = answer(&r, id, step * SECOND_NS, T0 + 6 * SECOND_NS);
+        assert_eq!(
+            got.into_iter().collect::<Vec<_>>(),
+            [(T0, Agg::Counter { delta: 7 })],
+            "step {step} s: disk and memory merged"
+        );
+    }
+    r.tick(T0 + 3600 * SECOND_NS);
+    r.close();
+    let r = open(&cfg);
+    let got = answer(&r, id, 10 * SECOND_NS, T0 + 7200 * SECOND_NS);
+    assert_eq!(
+        got.into_iter().collect::<Vec<_>>(),
+        [(T0, Agg::Counter { delta: 7 })]
+    );
 }
