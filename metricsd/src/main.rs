@@ -143,8 +143,8 @@ enum Cmd {
     /// coarsest resolution (10s, 1m, 1h) whose step divides --step, and merges each
     /// step's windows: counters as the sum of their deltas, gauges as last/min/max/mean,
     /// histograms bucket by bucket. Windows still open in a running daemon (the newest
-    /// 10 s, minute and hour) are not on disk yet; the daemon's own query
-    /// (`Retention::query`) includes them.
+    /// 10 s, minute and hour) are not on disk yet: with --logd-socket they are rebuilt
+    /// from the daemon's export records in logd (the same inputs, so the same windows).
     ///
     /// Examples:
     ///   metricsd query --dir /var/lib/metricsd --select 'http.requests{route="/a"}' --since 6h --step 1m
@@ -173,6 +173,9 @@ enum Cmd {
         /// One JSON object per series on stdout.
         #[arg(long)]
         json: bool,
+        /// Also read the windows not on disk yet from metricsd's exports in this logd.
+        #[arg(long, value_name = "PATH")]
+        logd_socket: Option<PathBuf>,
     },
 
     /// A demo producer process (started by `metricsd demo`, not by hand).
@@ -235,7 +238,16 @@ fn main() -> anyhow::Result<()> {
             since,
             step,
             json,
-        } => query(config, dir, series, select, &since, &step, json),
+            logd_socket,
+        } => query(
+            config,
+            dir,
+            series,
+            select,
+            (&since, &step),
+            json,
+            logd_socket,
+        ),
         Cmd::DemoProducer {
             role,
             seconds,
@@ -255,9 +267,9 @@ fn query(
     dir: Option<PathBuf>,
     series: Option<String>,
     select: Option<String>,
-    since: &str,
-    step: &str,
+    (since, step): (&str, &str),
     json: bool,
+    logd_socket: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     use metricsd::retention::{self, Query, Selector};
     let dir = match (dir, config) {
@@ -287,12 +299,33 @@ fn query(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    let points = retention::read_points(&dir, res, |s| q.selector.matches(s));
+    let mut points = retention::read_points(&dir, res, |s| q.selector.matches(s));
+    if let Some(path) = logd_socket {
+        let mut lq = logd::Query::new()
+            .scope(metricsd::schema::SCOPE_METRICS)
+            .since_ns(now.saturating_sub(q.since_ns.saturating_add(2 * res.step_ns())));
+        lq = match &q.selector {
+            Selector::Series(id) => lq.field("series", id.as_str()),
+            Selector::Labels { name, .. } => lq.field("metric", name.as_str()),
+        };
+        let mut client = logd::Client::connect(&path)
+            .with_context(|| format!("--logd-socket {}", path.display()))?;
+        // Bounded: logd holds a bounded journal; this caps what one query takes of it.
+        let records = client
+            .query_all(&lq, QUERY_MAX_RECORDS)
+            .with_context(|| format!("querying logd at {}", path.display()))?;
+        let recent =
+            retention::windows_from_exports(&records, &points, res, |s| q.selector.matches(s));
+        points.extend(recent);
+    }
     let answer = q.assemble(points, now);
     let mut out = std::io::stdout().lock();
     retention::render(&answer, q.step_ns, json, &mut out)?;
     Ok(())
 }
+
+/// Export records one `metricsd query --logd-socket` reads from logd at most.
+const QUERY_MAX_RECORDS: usize = 1_000_000;
 
 fn demo(
     seconds: u64,

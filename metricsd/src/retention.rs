@@ -24,7 +24,8 @@
 //! What a crash loses: the windows still open (at most one per series and resolution),
 //! and nothing else: closed windows are written before the next export and the page
 //! cache survives the process; a sealed segment is also synced, so it survives the
-//! machine.
+//! machine. A clean stop writes the open windows too (as a first part of each: the
+//! next daemon's part is merged with it when read).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -606,8 +607,19 @@ impl Retention {
         }
     }
 
-    /// Seals every current segment (a clean stop).
+    /// A clean stop: writes every window still open (a part of it: a later daemon's
+    /// part of the same window is merged with it when read), then seals every current
+    /// segment.
     pub fn close(mut self) {
+        self.rollups.close_due(u64::MAX, &mut self.closed);
+        let mut closed = std::mem::take(&mut self.closed);
+        closed.sort_by_key(|p| (p.resolution, p.start_ns));
+        let mut frame = Vec::new();
+        for p in closed.drain(..) {
+            frame.clear();
+            segment::encode_frame(&p, &mut frame);
+            self.write_point(&p, &frame);
+        }
         for i in 0..3 {
             self.seal_current(i);
         }
@@ -1006,4 +1018,86 @@ pub fn agg_json(a: &Agg) -> serde_json::Value {
             "buckets": buckets.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
         }),
     }
+}
+
+/// The windows a running daemon still holds open (or closed but not yet written),
+/// rebuilt from its export records in logd: the same inputs the daemon's rollups take,
+/// so the same windows. `records` in logd order; only windows of `res` that start
+/// after the newest window `disk` has for the series are returned (disk wins where it
+/// has the window). Expired-series records and metricsd's own health series are not
+/// rollup inputs and are skipped. A histogram's first record in `records` only sets
+/// the baseline for the next one, unless the series started within that record's
+/// window (then its cumulative counts are the window's).
+pub fn windows_from_exports(
+    records: &[logd::StoredRecord],
+    disk: &[Point],
+    res: Resolution,
+    mut select: impl FnMut(&str) -> bool,
+) -> Vec<Point> {
+    let mut newest_on_disk: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for p in disk {
+        let e = newest_on_disk.entry(&p.series).or_insert(0);
+        *e = (*e).max(p.start_ns.saturating_add(1));
+    }
+    let after =
+        |series: &str, start: u64| start >= newest_on_disk.get(series).copied().unwrap_or(0);
+    let mut rollups = Rollups::new();
+    let mut closed = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for stored in records {
+        let r = &stored.record;
+        let (Some(series), Some(end)) = (
+            r.get("series"),
+            r.get("window_end_ns").and_then(|v| v.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        if r.get("expired") == Some("true")
+            || r.get("producer_service") == Some(crate::schema::HEALTH_SERVICE)
+            || !select(series)
+        {
+            continue;
+        }
+        let num = |k: &str| r.get(k).and_then(|v| v.parse::<u128>().ok());
+        let sample = match r.get("kind") {
+            Some("counter") => num("delta").map(crate::rollup::Sample::Counter),
+            Some("gauge") => r
+                .get("value")
+                .and_then(|v| v.parse::<i64>().ok())
+                .map(crate::rollup::Sample::Gauge),
+            Some("histogram" | "span_duration") => {
+                let buckets: Option<Vec<u64>> = r
+                    .get("buckets")
+                    .map(|b| b.split(',').map(|c| c.parse().ok()).collect())
+                    .unwrap_or(None);
+                let (Some(count), Some(sum), Some(bounds), Some(buckets)) = (
+                    num("count").and_then(|c| u64::try_from(c).ok()),
+                    num("sum"),
+                    r.get("bounds"),
+                    buckets,
+                ) else {
+                    continue;
+                };
+                let sample = rollups.histogram_sample(series, bounds, count, sum, &buckets);
+                let first = seen.insert(series.to_owned());
+                let started_within = num("start_ns")
+                    .zip(num("window_start_ns"))
+                    .is_some_and(|(s, w)| s >= w);
+                if first && !started_within {
+                    continue;
+                }
+                Some(sample)
+            }
+            _ => None,
+        };
+        let Some(sample) = sample else {
+            continue;
+        };
+        if after(series, res.window_of(end)) {
+            rollups.observe(series, &sample, end, &mut closed);
+        }
+    }
+    rollups.close_due(u64::MAX, &mut closed);
+    closed.retain(|p| p.resolution == res && after(&p.series, p.start_ns));
+    closed
 }
