@@ -209,6 +209,16 @@ pub struct Retention {
     /// The fault of the last failed write, until a write succeeds (one log line per
     /// change).
     failing: Option<Fault>,
+    /// Windows encoded for each resolution's current segment, not written yet.
+    pending: [Queued; 3],
+}
+
+/// Encoded windows waiting for one append.
+#[derive(Debug, Default)]
+struct Queued {
+    bytes: Vec<u8>,
+    count: u64,
+    newest_end_ns: u64,
 }
 
 /// A retention store could not be opened.
@@ -258,6 +268,7 @@ impl Retention {
             stats: RetentionStats::default(),
             closed: Vec::new(),
             failing: None,
+            pending: Default::default(),
         };
         for res in Resolution::ALL {
             for (seq, path) in segment::list(&dir, res).map_err(err)? {
@@ -367,6 +378,11 @@ impl Retention {
                 segments += 1;
             }
         }
+        bytes += self
+            .pending
+            .iter()
+            .map(|q| q.bytes.len() as u64)
+            .sum::<u64>();
         self.stats.bytes = bytes;
         self.stats.segments = segments;
         self.stats.mismatches = self.rollups.mismatches;
@@ -440,17 +456,23 @@ impl Retention {
             self.write_point(&p, &frame);
         }
         self.closed = closed;
+        for i in 0..3 {
+            self.flush_pending(i);
+        }
         self.expire(now_ns);
         self.recount();
     }
 
-    /// Appends one encoded window to its resolution's current segment, rolling the
-    /// segment and making room under the bound first.
+    /// Queues one encoded window for its resolution's current segment, rolling the
+    /// segment and making room under the bound first. Queued windows are written with
+    /// one `write` per segment ([`flush_pending`](Self::flush_pending)).
     fn write_point(&mut self, p: &Point, frame: &[u8]) {
         let i = usize::from(p.resolution.0);
         let len = frame.len() as u64;
         if let Some((w, _)) = &self.levels[i].current {
-            if w.len + len + TRAILER > self.cfg.segment_bytes {
+            let queued = self.pending[i].bytes.len() as u64;
+            if w.len + queued + len + TRAILER > self.cfg.segment_bytes {
+                self.flush_pending(i);
                 self.seal_current(i);
             }
         }
@@ -471,43 +493,54 @@ impl Retention {
         }
         if new_segment {
             let seq = self.levels[i].next_seq;
+            // The sequence number moves on even on failure: a file left half-made is
+            // never reused.
+            self.levels[i].next_seq = seq + 1;
             match segment::Writer::create(&self.dir, p.resolution, seq) {
-                Ok(w) => {
-                    self.levels[i].next_seq = seq + 1;
-                    self.levels[i].current = Some((w, 0));
-                }
+                Ok(w) => self.levels[i].current = Some((w, 0)),
                 Err(e) => {
-                    // The sequence number moves on: a file left half-made is not reused.
-                    self.levels[i].next_seq = seq + 1;
                     self.write_failed(&e, 1, "creating a segment");
                     return;
                 }
             }
         }
+        let q = &mut self.pending[i];
+        q.bytes.extend_from_slice(frame);
+        q.count += 1;
+        q.newest_end_ns = q
+            .newest_end_ns
+            .max(p.start_ns.saturating_add(p.resolution.step_ns()));
+    }
+
+    /// Writes the windows queued for resolution `i` in one append.
+    fn flush_pending(&mut self, i: usize) {
+        if self.pending[i].count == 0 {
+            return;
+        }
+        let q = std::mem::take(&mut self.pending[i]);
         let result = match &mut self.levels[i].current {
-            Some((w, newest)) => {
-                let r = w.append(frame, 1);
-                if r.is_ok() {
-                    *newest = (*newest).max(p.start_ns.saturating_add(p.resolution.step_ns()));
-                }
-                r
-            }
+            Some((w, newest)) => w.append(&q.bytes, q.count).map(|()| {
+                *newest = (*newest).max(q.newest_end_ns);
+            }),
             None => Ok(()),
         };
         match result {
             Ok(()) => {
-                self.stats.points_written += 1;
+                self.stats.points_written += q.count;
                 if let Some(f) = self.failing.take() {
                     log(format_args!("writes succeed again (after {})", f.name()));
                 }
             }
             Err(e) => {
-                self.write_failed(&e, 1, "appending a window");
+                self.write_failed(&e, q.count, "appending windows");
                 // What this segment holds stays; new windows go to a new one.
                 self.seal_current(i);
             }
         }
-        self.recount();
+        // Keep the buffer's allocation for the next tick.
+        let mut bytes = q.bytes;
+        bytes.clear();
+        self.pending[i].bytes = bytes;
     }
 
     fn write_failed(&mut self, e: &io::Error, points: u64, what: &str) {
@@ -621,6 +654,7 @@ impl Retention {
             self.write_point(&p, &frame);
         }
         for i in 0..3 {
+            self.flush_pending(i);
             self.seal_current(i);
         }
     }
