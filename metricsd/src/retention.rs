@@ -406,14 +406,16 @@ impl Retention {
             Value::Counter { .. } => crate::rollup::Sample::Counter(delta),
             Value::Gauge { value: Some(v) } => crate::rollup::Sample::Gauge(*v),
             Value::Gauge { value: None } => return,
-            Value::Histogram {
-                layout,
-                counts,
-                count,
-                sum,
-            } => self
-                .rollups
-                .histogram_sample(&id, &layout.bounds_text(), *count, *sum, counts),
+            Value::Histogram(h) => match h {
+                crate::histogram::Histogram::Exponential(e) => {
+                    self.rollups.exponential_sample(&id, e)
+                }
+                crate::histogram::Histogram::Explicit(x) => {
+                    let sum = h.integer_sum().unwrap_or_else(|| h.sum().max(0.0) as u128);
+                    self.rollups
+                        .histogram_sample(&id, &x.bounds_text(), h.count(), sum, x.counts())
+                }
+            },
         };
         self.observe_sample(&id, &sample, t_ns);
     }
@@ -884,7 +886,7 @@ pub struct Query {
 }
 
 /// One series' answer: a point per step that had data.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct QuerySeries {
     /// The series id.
     pub series: Arc<str>,
@@ -1040,6 +1042,19 @@ pub fn agg_json(a: &Agg) -> serde_json::Value {
             };
             serde_json::json!({ "last": last, "min": min, "max": max, "mean": mean, "count": count })
         }
+        Agg::Exponential(h) => {
+            let csv = |c: &[u64]| c.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+            serde_json::json!({
+                "count": h.count(),
+                "sum": h.sum(),
+                "scale": h.scale(),
+                "zero_count": h.zero_count(),
+                "positive_offset": h.positive().offset(),
+                "positive_buckets": csv(h.positive().counts()),
+                "negative_offset": h.negative().offset(),
+                "negative_buckets": csv(h.negative().counts()),
+            })
+        }
         Agg::Histogram {
             bounds,
             count,
@@ -1099,6 +1114,20 @@ pub fn windows_from_exports(
                 .get("value")
                 .and_then(|v| v.parse::<i64>().ok())
                 .map(crate::rollup::Sample::Gauge),
+            Some("histogram" | "span_duration") if r.get("scale").is_some() => {
+                let Some(now) = exponential_of(r) else {
+                    continue;
+                };
+                let sample = rollups.exponential_sample(series, &now);
+                let first = seen.insert(series.to_owned());
+                let started_within = num("start_ns")
+                    .zip(num("window_start_ns"))
+                    .is_some_and(|(s, w)| s >= w);
+                if first && !started_within {
+                    continue;
+                }
+                Some(sample)
+            }
             Some("histogram" | "span_duration") => {
                 let buckets: Option<Vec<u64>> = r
                     .get("buckets")
@@ -1134,4 +1163,28 @@ pub fn windows_from_exports(
     rollups.close_due(u64::MAX, &mut closed);
     closed.retain(|p| p.resolution == res && after(&p.series, p.start_ns));
     closed
+}
+
+/// An exponential histogram from its exported fields (`scale`, `zero_count`, `sum`,
+/// `positive_offset`/`positive_buckets`, `negative_offset`/`negative_buckets`; a side
+/// without buckets is absent).
+fn exponential_of(r: &logd::Record) -> Option<crate::histogram::Exponential> {
+    let side = |name: &str| -> Option<(i32, Vec<u64>)> {
+        match r.get(&format!("{name}_buckets")) {
+            None => Some((0, Vec::new())),
+            Some(csv) => {
+                let offset = r.get(&format!("{name}_offset"))?.parse().ok()?;
+                let counts: Option<Vec<u64>> = csv.split(',').map(|c| c.parse().ok()).collect();
+                Some((offset, counts?))
+            }
+        }
+    };
+    crate::histogram::Exponential::from_parts(
+        r.get("scale")?.parse().ok()?,
+        r.get("zero_count")?.parse().ok()?,
+        side("positive")?,
+        side("negative")?,
+        r.get("sum")?.parse().ok()?,
+        None,
+    )
 }

@@ -10,7 +10,8 @@
 //! | --- | --- |
 //! | counter | the sum of the deltas |
 //! | gauge | the last, min, max and mean of the values exported (one per export) |
-//! | histogram, span duration | the observations' count, sum and per-bucket counts within the window (differences of the cumulative counts, merged bucket-wise) |
+//! | histogram, span duration (configured layout) | the observations' count, sum and per-bucket counts within the window (differences of the cumulative counts, merged bucket-wise) |
+//! | histogram, span duration (exponential) | the window's observations as an exponential histogram: the cumulative one less the previous export's, taken at the current scale (the previous one downscaled exactly first); windows merge with [`Exponential::merge`], which downscales the finer exactly |
 //!
 //! A gauge's min, max and mean are over the values the exports carried (one per export
 //! interval in which the gauge was set), not over every set between them.
@@ -19,6 +20,8 @@
 //! a closed window of a series never changes again.
 
 use std::sync::Arc;
+
+use crate::histogram::{Buckets, Exponential};
 
 /// A resolution: its index (0, 1, 2), its step and its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -61,8 +64,11 @@ impl Resolution {
 pub const SECOND_NS: u64 = 1_000_000_000;
 
 /// What one export said about a series.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Sample {
+    /// An exponential histogram's observations within the export window (already
+    /// differenced against the previous export).
+    Exponential(Exponential),
     /// A counter's increase within the export window.
     Counter(u128),
     /// A gauge's value at the export.
@@ -83,8 +89,10 @@ pub enum Sample {
 }
 
 /// The aggregate of one window.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Agg {
+    /// An exponential histogram's observations in the window.
+    Exponential(Exponential),
     /// Sum of the counter's deltas.
     Counter {
         /// The sum.
@@ -130,6 +138,7 @@ impl Agg {
     pub fn of(sample: &Sample) -> Self {
         match sample {
             Sample::Counter(d) => Self::Counter { delta: *d },
+            Sample::Exponential(h) => Self::Exponential(h.clone()),
             Sample::Gauge(v) => Self::Gauge {
                 last: *v,
                 min: *v,
@@ -199,9 +208,13 @@ impl Agg {
                 if bounds != b || buckets.len() != bs.len() {
                     return Err(MergeError::Layout);
                 }
-                merge_buckets_base2(buckets, bs);
+                merge_explicit_buckets(buckets, bs);
                 *count = count.saturating_add(*c);
                 *sum = sum.saturating_add(*s);
+                Ok(())
+            }
+            (Self::Exponential(a), Self::Exponential(b)) => {
+                a.merge(b);
                 Ok(())
             }
             _ => Err(MergeError::Kind),
@@ -213,24 +226,59 @@ impl Agg {
         match self {
             Self::Counter { .. } => "counter",
             Self::Gauge { .. } => "gauge",
-            Self::Histogram { .. } => "histogram",
+            Self::Histogram { .. } | Self::Exponential(_) => "histogram",
         }
     }
 }
 
-/// Merges the bucket counts of two windows of the same fixed layout (metricsd's base-2
-/// layout or a configured one): bucket by bucket. When histograms become exponential
-/// with an automatic scale, this is the function to replace with one that downscales
-/// the finer of the two to the coarser scale first (exactly: `2^k` neighbouring buckets
-/// become one) and then adds bucket-wise.
-pub fn merge_buckets_base2(into: &mut [u64], from: &[u64]) {
+/// Merges the bucket counts of two windows of the same configured layout: bucket by
+/// bucket. (Exponential histograms merge with [`Exponential::merge`], which downscales
+/// the finer of the two exactly first: `2^k` neighbouring buckets become one.)
+pub fn merge_explicit_buckets(into: &mut [u64], from: &[u64]) {
     for (a, b) in into.iter_mut().zip(from) {
         *a = a.saturating_add(*b);
     }
 }
 
+/// The observations `now` holds beyond `prev` (an earlier state of the same
+/// cumulative histogram), at `now`'s scale: `prev` is downscaled exactly to it first,
+/// then subtracted bucket by bucket. `None` when `prev` is not an earlier state of
+/// `now` (a reset: fewer observations, a finer scale, or a bucket that shrank). The sum
+/// is exact while both sums are integers; min and max of the window are unknown.
+pub fn exponential_difference(now: &Exponential, prev: &Exponential) -> Option<Exponential> {
+    if now.count() < prev.count() {
+        return None;
+    }
+    let p = prev.downscaled(now.scale());
+    if p.scale() != now.scale() {
+        return None;
+    }
+    let side = |n: &Buckets, p: &Buckets| -> Option<(i32, Vec<u64>)> {
+        let mut counts = n.counts().to_vec();
+        for (i, c) in p.iter().filter(|&(_, c)| c > 0) {
+            let k = usize::try_from(i.checked_sub(n.offset())?).ok()?;
+            let slot = counts.get_mut(k)?;
+            *slot = slot.checked_sub(c)?;
+        }
+        Some((n.offset(), counts))
+    };
+    let zero = now.zero_count().checked_sub(p.zero_count())?;
+    let sum = match (now.integer_sum(), p.integer_sum()) {
+        (Some(a), Some(b)) => a.checked_sub(b)? as f64,
+        _ => now.sum() - p.sum(),
+    };
+    Exponential::from_parts(
+        now.scale(),
+        zero,
+        side(now.positive(), p.positive())?,
+        side(now.negative(), p.negative())?,
+        sum,
+        None,
+    )
+}
+
 /// A closed window of one series at one resolution.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Point {
     /// The series identity (`Series::id`).
     pub series: Arc<str>,
@@ -252,6 +300,8 @@ struct Open {
     /// The histogram's cumulative (count, sum, per-bucket) at the last export, to
     /// difference the next one against.
     last_histogram: Option<Cumulative>,
+    /// An exponential histogram's cumulative state at the last export.
+    last_exponential: Option<Exponential>,
 }
 
 /// Open windows of every series; closes them into [`Point`]s as time passes.
@@ -355,6 +405,23 @@ impl Rollups {
         }
     }
 
+    /// An exponential histogram's window sample from its cumulative state at an
+    /// export, differenced against the previous export of `series` (the first export,
+    /// or one after a reset, counts from zero).
+    pub fn exponential_sample(&mut self, series: &str, now: &Exponential) -> Sample {
+        let open = match self.open.get_mut(series) {
+            Some(open) => open,
+            None => self.open.entry(Arc::from(series)).or_default(),
+        };
+        let window = open
+            .last_exponential
+            .as_ref()
+            .and_then(|prev| exponential_difference(now, prev))
+            .unwrap_or_else(|| now.clone());
+        open.last_exponential = Some(now.clone());
+        Sample::Exponential(window)
+    }
+
     /// Closes every window that ended at or before `now_ns` into `closed`.
     pub fn close_due(&mut self, now_ns: u64, closed: &mut Vec<Point>) {
         for (series, open) in &mut self.open {
@@ -445,6 +512,40 @@ mod tests {
                 (1, Agg::Counter { delta: 12 })
             ]
         );
+    }
+
+    #[test]
+    fn exponential_windows_are_exact_differences_across_a_scale_change() {
+        let mut cumulative = Exponential::new();
+        for v in [3, 5, 5, 100, 0] {
+            cumulative.record(v);
+        }
+        let before = cumulative.clone();
+        // The second window's observations; the huge one forces a lower scale.
+        let mut window = Exponential::new();
+        for v in [7, 5, 0, 1 << 40, 9_999] {
+            cumulative.record(v);
+            window.record(v);
+        }
+        assert!(
+            cumulative.scale() < before.scale(),
+            "the range grew: the scale dropped"
+        );
+        let diff = exponential_difference(&cumulative, &before).expect("an earlier state");
+        let window = window.downscaled(diff.scale());
+        assert_eq!(diff.scale(), window.scale());
+        assert_eq!(diff.count(), 5);
+        assert_eq!(diff.zero_count(), window.zero_count());
+        let nonzero = |b: &Buckets| b.iter().filter(|&(_, c)| c > 0).collect::<Vec<_>>();
+        assert_eq!(nonzero(diff.positive()), nonzero(window.positive()));
+        assert_eq!(diff.sum(), (7 + 5 + (1u64 << 40) + 9_999) as f64);
+        // Merged back onto the first window, the cumulative histogram's buckets.
+        let mut merged = before.downscaled(diff.scale());
+        merged.merge(&diff);
+        assert_eq!(nonzero(merged.positive()), nonzero(cumulative.positive()));
+        assert_eq!(merged.zero_count(), cumulative.zero_count());
+        // Not an earlier state: a reset.
+        assert!(exponential_difference(&before, &cumulative).is_none());
     }
 
     #[test]

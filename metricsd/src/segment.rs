@@ -14,7 +14,9 @@
 //! 2 gauge, 3 histogram), series id length (u16) and bytes, window start (u64), then a
 //! counter's delta (u128); a gauge's last, min, max (i64), sum (i128) and count (u64);
 //! a histogram's count (u64), sum (u128), bounds text length (u16) and bytes, bucket
-//! count (u16) and counts (u64 each).
+//! count (u16) and counts (u64 each); an exponential histogram's (kind 4) scale (i32),
+//! zero count (u64), sum (f64 bits), then per side (positive, negative) the first
+//! bucket's index (i32), bucket count (u16) and counts (u64 each).
 //!
 //! A segment without a trailer is dirty: the one being written, or one a crash left
 //! behind. [`scan`] reads every frame whose checksum holds and reports how the file
@@ -125,6 +127,22 @@ pub fn encode_frame(point: &Point, out: &mut Vec<u8>) {
             out.extend_from_slice(&sum.to_le_bytes());
             out.extend_from_slice(&count.to_le_bytes());
         }
+        Agg::Exponential(h) => {
+            out.push(4);
+            put_str(out, series);
+            out.extend_from_slice(&point.start_ns.to_le_bytes());
+            out.extend_from_slice(&h.scale().to_le_bytes());
+            out.extend_from_slice(&h.zero_count().to_le_bytes());
+            out.extend_from_slice(&h.sum().to_bits().to_le_bytes());
+            for side in [h.positive(), h.negative()] {
+                out.extend_from_slice(&side.offset().to_le_bytes());
+                let n = side.counts().len().min(usize::from(u16::MAX));
+                out.extend_from_slice(&(n as u16).to_le_bytes());
+                for c in &side.counts()[..n] {
+                    out.extend_from_slice(&c.to_le_bytes());
+                }
+            }
+        }
         Agg::Histogram {
             bounds,
             count,
@@ -189,6 +207,9 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.arr()?))
     }
+    fn i32(&mut self) -> Option<i32> {
+        Some(i32::from_le_bytes(self.arr()?))
+    }
     fn i64(&mut self) -> Option<i64> {
         Some(i64::from_le_bytes(self.arr()?))
     }
@@ -235,6 +256,25 @@ pub fn decode_payload(payload: &[u8]) -> Option<Point> {
                 sum,
                 buckets: buckets.into_boxed_slice(),
             }
+        }
+        4 => {
+            let scale = c.i32()?;
+            let zero = c.u64()?;
+            let sum = f64::from_bits(c.u64()?);
+            let mut sides = [(0i32, Vec::new()), (0i32, Vec::new())];
+            for side in &mut sides {
+                let offset = c.i32()?;
+                let n = usize::from(c.u16()?);
+                let mut counts = Vec::with_capacity(n);
+                for _ in 0..n {
+                    counts.push(c.u64()?);
+                }
+                *side = (offset, counts);
+            }
+            let [positive, negative] = sides;
+            Agg::Exponential(crate::histogram::Exponential::from_parts(
+                scale, zero, positive, negative, sum, None,
+            )?)
         }
         _ => return None,
     };
@@ -498,7 +538,19 @@ mod tests {
             series: Arc::from(format!("svc/counter/c{i}{{}}").as_str()),
             resolution: Resolution(1),
             start_ns: i * 60_000_000_000,
-            agg: if i % 2 == 0 {
+            agg: if i % 3 == 2 {
+                Agg::Exponential(
+                    crate::histogram::Exponential::from_parts(
+                        -2,
+                        i,
+                        (-3, vec![1, 0, i]),
+                        (5, vec![2]),
+                        12.5,
+                        None,
+                    )
+                    .expect("valid parts"),
+                )
+            } else if i % 2 == 0 {
                 Agg::Counter {
                     delta: u128::from(i) << 70,
                 }

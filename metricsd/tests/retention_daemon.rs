@@ -314,6 +314,33 @@ fn retention_query_reads_windows_back_from_disk() {
     );
 }
 
+/// Runs `metricsd query` and sums `field` over every point it answers (JSON).
+fn queried_sum(dir: &Path, name: &str, logd: Option<&Path>, field: &str) -> u128 {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["query", "--dir"])
+        .arg(dir)
+        .args(["--select", name, "--since", "1h", "--step", "10s", "--json"]);
+    if let Some(l) = logd {
+        cmd.arg("--logd-socket").arg(l);
+    }
+    let out = cmd.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON"))
+        .flat_map(|v| v["points"].as_array().cloned().unwrap_or_default())
+        .map(|p| match &p[field] {
+            serde_json::Value::String(s) => s.parse::<u128>().expect("a number"),
+            v => u128::from(v.as_u64().expect("a number")),
+        })
+        .sum()
+}
+
 /// Runs `metricsd query` and sums the counter deltas it answers (JSON).
 fn queried_total(dir: &Path, name: &str, logd: Option<&Path>) -> u128 {
     let mut cmd = Command::new(BIN);
@@ -359,6 +386,8 @@ fn retention_query_answers_from_disk_and_the_daemons_exports_alike() {
     let mut ring = control.ring(1024);
     ring.register(1, RegisterKind::COUNTER, "qd.requests", &[("route", "/a")]);
     ring.register(2, RegisterKind::COUNTER, "qd.requests", &[("route", "/b")]);
+    ring.register(3, RegisterKind::HISTOGRAM, "qd.latency", &[]);
+    let mut observed = 0u128;
     let mut pushed = 0u128;
     let started = Instant::now();
     let mut n = 0u64;
@@ -366,6 +395,9 @@ fn retention_query_answers_from_disk_and_the_daemons_exports_alike() {
         n += 1;
         ring.push_wait(Record::counter(1 + (n % 2) as u32, n % 9));
         pushed += u128::from(n % 9);
+        // Values over many powers of two: the exponential histogram's scale drops.
+        ring.push_wait(Record::histogram(3, n * n * n * 977));
+        observed += 1;
         std::thread::sleep(Duration::from_micros(300));
     }
     daemon.flush(WAIT).expect("exported");
@@ -373,6 +405,10 @@ fn retention_query_answers_from_disk_and_the_daemons_exports_alike() {
     assert_eq!(
         queried_total(&history, "qd.requests", Some(&logd_sock)),
         pushed
+    );
+    assert_eq!(
+        queried_sum(&history, "qd.latency", Some(&logd_sock), "count"),
+        observed
     );
     let on_disk = queried_total(&history, "qd.requests", None);
     assert!(on_disk <= pushed);
@@ -383,5 +419,6 @@ fn retention_query_answers_from_disk_and_the_daemons_exports_alike() {
         queried_total(&history, "qd.requests", Some(&logd_sock)),
         pushed
     );
+    assert_eq!(queried_sum(&history, "qd.latency", None, "count"), observed);
     logd.shutdown().expect("logd stops");
 }
