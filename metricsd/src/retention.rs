@@ -8,7 +8,8 @@
 //! sealed (trailer, `fdatasync`) when the next frame would take it past
 //! `retention.segment_bytes`. Expiry deletes whole sealed segments: those whose newest
 //! window is older than their resolution's TTL, and, while the total would pass
-//! `retention.max_bytes`, the segments with the oldest windows first. A window that
+//! `retention.max_bytes`, the oldest segments of the finest resolution that has sealed
+//! ones (10 s before 1 min before 1 h). A window that
 //! finds no room even then is dropped and counted: disk use never passes the bound.
 //!
 //! Faults never stop the drain loop: a failed write (a full disk: `ENOSPC`, or a file
@@ -579,7 +580,7 @@ impl Retention {
         });
     }
 
-    /// Deletes sealed segments (oldest newest-window first) until `need` more bytes fit
+    /// Deletes sealed segments (the finest resolution's oldest first) until `need` more bytes fit
     /// under the bound. False: they do not fit even with every sealed segment gone.
     fn make_room(&mut self, need: u64) -> bool {
         loop {
@@ -587,10 +588,9 @@ impl Retention {
             if self.stats.bytes + need <= self.cfg.max_bytes {
                 return true;
             }
-            let oldest = (0..3)
-                .filter_map(|i| self.levels[i].sealed.front().map(|s| (s.newest_end_ns, i)))
-                .min();
-            let Some((_, i)) = oldest else {
+            // The finest resolution first: its windows are the most numerous and the
+            // coarser ones summarize the same time for longer.
+            let Some(i) = (0..3).find(|&i| !self.levels[i].sealed.is_empty()) else {
                 return false;
             };
             if self.delete_front(i) {
