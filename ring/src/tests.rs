@@ -122,6 +122,29 @@ fn unknown_kinds_are_counted_not_delivered() {
 }
 
 #[test]
+fn the_consumer_line_never_sets_the_read_position() {
+    for scribble in [3, 1 << 40, u64::MAX, 0x9e37_79b9_7f4a_7c15] {
+        let region = Arc::new(HeapRegion::new(8).expect("valid"));
+        let mut w = Writer::new(region.clone());
+        // The producer writes the consumer's word before the reader attaches...
+        region.read_pos().store(scribble, Ordering::Relaxed);
+        let mut r = Reader::new(region.clone());
+        assert_eq!(r.position(), 0, "a fresh ring is read from 0");
+        for i in 0..3 {
+            w.push(Record::counter(1, i)).expect("room");
+        }
+        assert_eq!(drain_values(&mut r, 64), [0, 1, 2]);
+        // ...and again between drains: the reader keeps its own position.
+        region.read_pos().store(scribble, Ordering::Relaxed);
+        w.push(Record::counter(1, 3)).expect("room");
+        assert_eq!(drain_values(&mut r, 64), [3]);
+        assert_eq!(r.position(), 4);
+        assert_eq!(r.quarantined(), None, "scribble {scribble:#x}");
+        assert_eq!(region.read_pos().load(Ordering::Relaxed), 4);
+    }
+}
+
+#[test]
 fn a_write_position_past_capacity_quarantines() {
     let region = Arc::new(HeapRegion::new(8).expect("valid"));
     let mut r = Reader::new(region.clone());
@@ -196,7 +219,10 @@ fn positions_near_u64_max_wrap_by_difference() {
     let start = u64::MAX - 5;
     region.write_pos().store(start, Ordering::Relaxed);
     region.read_pos().store(start, Ordering::Relaxed);
-    let (mut w, mut r) = (Writer::new(region.clone()), Reader::new(region));
+    let (mut w, mut r) = (
+        Writer::new(region.clone()),
+        Reader::starting_at(region, start),
+    );
     for i in 0..20 {
         w.push(Record::counter(1, i)).expect("room");
         assert_eq!(drain_values(&mut r, 4), [i]);
