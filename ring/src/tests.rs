@@ -145,6 +145,48 @@ fn the_consumer_line_never_sets_the_read_position() {
 }
 
 #[test]
+fn a_write_position_both_behind_and_far_ahead_counts_as_moved_back_once() {
+    // (last accepted write position, the one seen next, the violation)
+    let moved_back = |before: u64, now: u64| Violation::WriteMovedBack { before, now };
+    let cases = [
+        (5, 4, moved_back(5, 4)), // behind, and 2^64 - 1 ahead of read 5
+        (5, 5 + (1 << 63), moved_back(5, 5 + (1 << 63))), // exactly 2^63 on: behind
+        (
+            5,
+            4 + (1 << 63),
+            Violation::WriteOutOfRange {
+                read: 5,
+                write: 4 + (1 << 63),
+            },
+        ),
+        (5, 5 + 9, Violation::WriteOutOfRange { read: 5, write: 14 }),
+        (0, 1 << 63, moved_back(0, 1 << 63)), // a fresh ring: measured from 0
+    ];
+    for (before, now, want) in cases {
+        let region = Arc::new(HeapRegion::new(8).expect("valid"));
+        let mut w = Writer::new(region.clone());
+        let mut r = Reader::new(region.clone());
+        for i in 0..before {
+            w.push(Record::counter(1, i)).expect("room");
+            assert_eq!(drain_values(&mut r, 8), [i]);
+        }
+        region.write_pos().store(now, Ordering::Release);
+        let err = r
+            .drain(8, |_| panic!("nothing delivered"))
+            .expect_err("violation");
+        assert_eq!(err.0, want, "{before} then {now}");
+        let s = r.stats();
+        assert_eq!(
+            s.write_moved_back + s.write_out_of_range,
+            1,
+            "one violation"
+        );
+        assert!(r.pending().is_err(), "quarantined for good");
+        assert_eq!(r.stats().write_moved_back + r.stats().write_out_of_range, 1);
+    }
+}
+
+#[test]
 fn a_write_position_past_capacity_quarantines() {
     let region = Arc::new(HeapRegion::new(8).expect("valid"));
     let mut r = Reader::new(region.clone());
