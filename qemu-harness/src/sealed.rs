@@ -33,7 +33,7 @@
 //! before is not filtered but the next one would be. Span timestamps come from
 //! `CLOCK_MONOTONIC` through the vDSO (no system call) when the kernel's clocksource
 //! offers one there (`tsc`, `kvm-clock`, ...); otherwise a counter clock times them and
-//! the ready line says so.
+//! its first line says so.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -54,8 +54,9 @@ use seccompiler::{
 };
 use telemetry_ring::{MemfdRegion, Region, Writer};
 
-/// The ready line's prefix (`sealed: ready clock=... rings=...`).
-pub const READY: &str = "sealed: ready";
+/// The first line it prints, when it has started its recording thread (before the
+/// seal): `sealed: started clock=... clocksource=...`.
+pub const STARTED: &str = "sealed: started";
 /// What the parent writes on stdin once it has checked the totals.
 pub const EXIT_COMMAND: &str = "exit";
 /// Records in the sealed producer's ring.
@@ -329,7 +330,7 @@ pub fn run(socket: &Path, samples: u64, probe: bool) -> Result<()> {
     nexus_metrics::install(config).map_err(|_| anyhow::anyhow!("nexus-metrics installed twice"))?;
     let main_tid = std::process::id().to_string();
 
-    let recorder = thread::Builder::new()
+    thread::Builder::new()
         .name("sealed-recorder".into())
         .spawn(move || {
             if let Err(e) = record(&main_tid, samples, probe, &rings) {
@@ -339,10 +340,9 @@ pub fn run(socket: &Path, samples: u64, probe: bool) -> Result<()> {
             }
         })
         .context("spawn the recording thread")?;
-    let _ = recorder;
 
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{READY} clock={clock:?} clocksource={clocksource}")?;
+    writeln!(out, "{STARTED} clock={clock:?} clocksource={clocksource}")?;
     out.flush()?;
     drop(out);
     // Blocks in `read` until the parent says exit: the recording thread waits for this
@@ -462,13 +462,13 @@ fn wait_drained(ring: &MemfdRegion) {
 pub struct Sealed {
     child: Child,
     stderr: Arc<Mutex<String>>,
-    /// The ready line.
-    pub ready: String,
+    /// Its first line ([`STARTED`]).
+    pub started: String,
 }
 
 impl Sealed {
     /// Starts `exe` against metricsd at `socket` and waits (at most `timeout`) for its
-    /// ready line, which comes before it seals itself.
+    /// first line, which comes before it seals itself.
     pub fn spawn(
         exe: &Path,
         socket: &Path,
@@ -512,14 +512,14 @@ impl Sealed {
         let mut sealed = Self {
             child,
             stderr,
-            ready: String::new(),
+            started: String::new(),
         };
         match rx.recv_timeout(timeout) {
-            Ok(line) if line.starts_with(READY) => sealed.ready = line.trim().to_owned(),
+            Ok(line) if line.starts_with(STARTED) => sealed.started = line.trim().to_owned(),
             other => {
                 let status = sealed.kill();
                 bail!(
-                    "no ready line from the sealed producer within {timeout:?} ({other:?}); \
+                    "no first line from the sealed producer within {timeout:?} ({other:?}); \
                      {status}; stderr: {}",
                     sealed.stderr()
                 );

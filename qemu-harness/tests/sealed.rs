@@ -81,7 +81,7 @@ fn a_million_samples_of_every_kind_with_every_system_call_forbidden() {
 
     let mut child = Sealed::spawn(exe(), daemon.socket_path(), SAMPLES, false, WAIT)
         .expect("the sealed producer starts");
-    println!("{}", child.ready);
+    println!("{}", child.started);
     let want = Expected::of(SAMPLES);
     // The producer cannot report anything once sealed: metricsd's totals tell when it
     // is done. It must still be alive meanwhile, waiting for its exit line.

@@ -248,9 +248,9 @@ fn sealed(ctx: &mut Ctx) -> Result<String> {
             Err(diffs.join("; "))
         })
     })?;
-    let ready = child
-        .ready
-        .trim_start_matches(sealed::READY)
+    let started = child
+        .started
+        .trim_start_matches(sealed::STARTED)
         .trim()
         .to_owned();
     let stderr = child.stderr();
@@ -261,7 +261,7 @@ fn sealed(ctx: &mut Ctx) -> Result<String> {
         sealed::describe(status),
     );
     Ok(format!(
-        "sealed ({ready}): {SEALED_SAMPLES} samples of each kind with every system call \
+        "sealed ({started}): {SEALED_SAMPLES} samples of each kind with every system call \
          forbidden exact, control messages +{}, {}",
         after.messages - before.messages,
         sealed::describe(status)
