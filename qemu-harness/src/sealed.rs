@@ -35,7 +35,7 @@
 //! offers one there (`tsc`, `kvm-clock`, ...); otherwise a counter clock times them and
 //! its first line says so.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -346,13 +346,15 @@ pub fn run(socket: &Path, samples: u64, probe: bool) -> Result<()> {
     out.flush()?;
     drop(out);
     // Blocks in `read` until the parent says exit: the recording thread waits for this
-    // thread to be in `read` before it seals the process.
-    let mut line = String::new();
-    let read = std::io::stdin().lock().read_line(&mut line);
+    // thread to be in `read` before it seals the process. Exactly one `read`: once it
+    // returns, a second one would kill the process, so whatever it brought is the word
+    // (the parent writes the line with one `write`, which a pipe delivers whole).
+    let mut word = [0u8; 64];
+    let read = std::io::stdin().lock().read(&mut word);
     // ORDERING: Acquire pairs with the recording thread's Release stores.
     let state = STATE.load(Ordering::Acquire);
     let code = match (read, state) {
-        (Ok(_), SEALED) if line.trim() == EXIT_COMMAND => 0,
+        (Ok(n), SEALED) if word[..n].trim_ascii() == EXIT_COMMAND.as_bytes() => 0,
         _ => 1,
     };
     // With the filters in, this makes `sigaltstack` and `munmap` (refused) and then
@@ -556,7 +558,8 @@ impl Sealed {
     pub fn finish(mut self, timeout: Duration) -> Result<ExitStatus> {
         if let Some(mut stdin) = self.child.stdin.take() {
             // A child that died already cannot read it; its status says why.
-            let _ = writeln!(stdin, "{EXIT_COMMAND}");
+            // One `write` of the whole line: the child reads exactly once.
+            let _ = stdin.write_all(format!("{EXIT_COMMAND}\n").as_bytes());
         }
         self.wait(timeout)
     }
