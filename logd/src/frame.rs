@@ -683,6 +683,7 @@ fn put_rejects(b: &mut Vec<u8>, r: &RejectCounts) {
     put_u64(b, r.over_limit);
     put_u64(b, r.rate_limited);
     put_u64(b, r.internal);
+    put_u64(b, r.denied);
 }
 
 fn get_rejects(d: &mut Dec<'_>) -> Result<RejectCounts, Malformed> {
@@ -691,6 +692,7 @@ fn get_rejects(d: &mut Dec<'_>) -> Result<RejectCounts, Malformed> {
         over_limit: d.u64("over_limit")?,
         rate_limited: d.u64("rate_limited")?,
         internal: d.u64("internal")?,
+        denied: d.u64("denied")?,
     })
 }
 
