@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use logd::IdSpec;
 use metricsd::{Config, Daemon};
 
 /// The telemetry daemon: grants shared-memory rings to producers, drains them,
@@ -54,6 +55,18 @@ enum Cmd {
         /// config's prometheus.listen, else no endpoint; overrides the config].
         #[arg(long, value_name = "ADDR")]
         prometheus_listen: Option<String>,
+        /// When started as root: switch to this user (uid or name) once the control
+        /// socket is bound [config: user].
+        #[arg(long, value_name = "USER", value_parser = parse_id)]
+        user: Option<IdSpec>,
+        /// The group to switch to with --user [config: group; default: the user's primary
+        /// group].
+        #[arg(long, value_name = "GROUP", value_parser = parse_id)]
+        group: Option<IdSpec>,
+        /// Let network listeners bind an address other than loopback [config:
+        /// network.allow_non_loopback]; put TLS and authentication in front of them.
+        #[arg(long)]
+        allow_non_loopback: bool,
     },
 
     /// Run the whole pipeline on private sockets and check it end to end through logd.
@@ -158,7 +171,18 @@ fn main() -> anyhow::Result<()> {
             socket,
             logd_socket,
             prometheus_listen,
-        } => serve(config, socket, logd_socket, prometheus_listen),
+            user,
+            group,
+            allow_non_loopback,
+        } => serve(ServeFlags {
+            config,
+            socket,
+            logd_socket,
+            prometheus_listen,
+            user,
+            group,
+            allow_non_loopback,
+        }),
         Cmd::Demo {
             seconds,
             producers,
@@ -245,16 +269,50 @@ fn demo(
     }
 }
 
-fn serve(
+fn parse_id(s: &str) -> Result<IdSpec, String> {
+    if s.is_empty() {
+        return Err("expected a number or a name (e.g. 997 or metricsd)".into());
+    }
+    Ok(match s.parse::<u32>() {
+        Ok(n) => IdSpec::Id(n),
+        Err(_) => IdSpec::Name(s.to_owned()),
+    })
+}
+
+/// `serve`'s flags that override the config.
+struct ServeFlags {
     config: Option<PathBuf>,
     socket: Option<PathBuf>,
     logd_socket: Option<PathBuf>,
     prometheus_listen: Option<String>,
-) -> anyhow::Result<()> {
+    user: Option<IdSpec>,
+    group: Option<IdSpec>,
+    allow_non_loopback: bool,
+}
+
+fn serve(flags: ServeFlags) -> anyhow::Result<()> {
+    let ServeFlags {
+        config,
+        socket,
+        logd_socket,
+        prometheus_listen,
+        user,
+        group,
+        allow_non_loopback,
+    } = flags;
     let mut cfg = match &config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    if user.is_some() {
+        cfg.user = user;
+    }
+    if group.is_some() {
+        cfg.group = group;
+    }
+    if allow_non_loopback {
+        cfg.network.allow_non_loopback = true;
+    }
     if let Some(s) = socket {
         cfg.socket = s;
     }
@@ -279,7 +337,13 @@ fn serve(
         );
     }
     let logd = cfg.logd_socket.clone();
+    let run_as = cfg.run_as()?;
     let daemon = Daemon::start(cfg)?;
+    if let Some(to) = run_as {
+        if rustix::process::getuid().as_raw() == to.uid {
+            eprintln!("metricsd: running as uid {} gid {}", to.uid, to.gid);
+        }
+    }
     eprintln!(
         "metricsd: serving {} (waiting for logd at {})",
         daemon.socket_path().display(),
