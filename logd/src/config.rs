@@ -429,6 +429,18 @@ mod tests {
     }
 
     #[test]
+    fn the_deployed_config_has_only_known_keys() {
+        // Names are looked up when validated, on the machine it is deployed to; here only
+        // the keys and their types are checked.
+        let c: Config = toml::from_str(include_str!("../../deploy/logd.toml")).unwrap();
+        assert_eq!(c.services[0].uid, IdSpec::Name("metricsd".into()));
+        assert_eq!(
+            c.access.reader_groups,
+            [IdSpec::Name("telemetry-readers".into())]
+        );
+    }
+
+    #[test]
     fn full_file_parses() {
         let c = Config::parse(
             r#"
