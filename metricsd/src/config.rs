@@ -759,22 +759,23 @@ mod tests {
 
     #[test]
     fn the_deployed_config_validates() {
-        let c = Config::from_toml(include_str!("../../deploy/metricsd.toml")).unwrap();
+        let c = Config::from_toml(include_str!("../../deploy/metricsd.toml"))
+            .expect("the deployed config");
         assert_eq!(c.rings.max_total_bytes, 1 << 30);
         assert_eq!(c.rings.max_bytes_per_uid, 256 << 20);
     }
 
     #[test]
     fn byte_bounds_below_one_ring_and_bad_grant_services_are_named() {
-        let e = Config::from_toml("[rings]\nmax_total_bytes = 10\n").unwrap_err();
+        let e = Config::from_toml("[rings]\nmax_total_bytes = 10\n").expect_err("refused");
         assert!(e.to_string().contains("rings.max_total_bytes"), "{e}");
-        let e = Config::from_toml("[rings]\nmax_bytes_per_uid = 10\n").unwrap_err();
+        let e = Config::from_toml("[rings]\nmax_bytes_per_uid = 10\n").expect_err("refused");
         assert!(e.to_string().contains("rings.max_bytes_per_uid"), "{e}");
-        let e = Config::from_toml("[grants]\nservices = [\"a b\"]\n").unwrap_err();
+        let e = Config::from_toml("[grants]\nservices = [\"a b\"]\n").expect_err("refused");
         assert!(e.to_string().contains("grants.services[0]"), "{e}");
-        let e = Config::from_toml("socket_mode = 0o4777\n").unwrap_err();
+        let e = Config::from_toml("socket_mode = 0o4777\n").expect_err("refused");
         assert!(e.to_string().contains("socket_mode"), "{e}");
-        let e = Config::from_toml("[grants]\nuids = [\"no-such-user-x\"]\n").unwrap_err();
+        let e = Config::from_toml("[grants]\nuids = [\"no-such-user-x\"]\n").expect_err("refused");
         assert!(e.to_string().contains("grants.uids"), "{e}");
     }
 
