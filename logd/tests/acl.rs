@@ -450,3 +450,71 @@ fn child_action(action: &str, socket: &Path) -> Value {
         other => panic!("unknown action {other}"),
     }
 }
+
+/// The `Uid:`, `Gid:` and `Groups:` lines of `/proc/<pid>/status`.
+fn credentials(pid: u32) -> (String, String, String) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    (line("Uid:"), line("Gid:"), line("Groups:"))
+}
+
+#[test]
+fn acl_serve_as_root_drops_to_the_configured_user_after_binding() {
+    if !is_root() {
+        return skip("acl_serve_as_root_drops_to_the_configured_user_after_binding");
+    }
+    let _w = watchdog(60, "acl privilege drop");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("logd.sock");
+    let journal = dir.path().join("journal");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_logd"))
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--journal-dir")
+        .arg(&journal)
+        .args(["--user", &UID_A.to_string(), "--ready-check"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l == "logd: ready") {
+        let line = lines.next().unwrap().unwrap();
+        assert!(!line.contains("FAIL"), "{line}");
+        seen.push(line);
+    }
+    assert!(
+        seen.contains(&format!("logd: running as uid {UID_A} gid {UID_A}")),
+        "{seen:?}"
+    );
+    // Real, effective, saved and filesystem ids all switched; no other group kept.
+    let (uid, gid, groups) = credentials(child.id());
+    let want = format!("{UID_A} {UID_A} {UID_A} {UID_A}");
+    assert_eq!((uid.as_str(), gid.as_str()), (want.as_str(), want.as_str()));
+    assert_eq!(groups, UID_A.to_string());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    for caps in ["CapEff:", "CapPrm:"] {
+        let line = status.lines().find(|l| l.starts_with(caps)).unwrap();
+        assert!(line.ends_with("0000000000000000"), "{line}");
+    }
+    // It still serves, and keeps writing its journal (handed over to it).
+    let mut c = Client::connect(&socket).unwrap();
+    let r = c
+        .append(&[Record::new(Level::Info, "acl", "after the drop")])
+        .unwrap();
+    assert!(r.all_accepted(), "{r:?}");
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&journal).unwrap());
+    assert_eq!(owner, UID_A);
+    let _ = child.kill();
+    let _ = child.wait();
+}
