@@ -283,3 +283,67 @@ fn grant_flood_child() {
     let _ = std::io::stdin().read_line(&mut rest);
     drop(tallies);
 }
+
+#[test]
+fn acl_serve_as_root_drops_to_the_configured_user_after_binding() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED acl_serve_as_root_drops_to_the_configured_user_after_binding: it needs \
+             root to switch users (CI runs it as root); nothing was checked"
+        );
+        return;
+    }
+    watchdog();
+    const USER: u32 = 61001;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path().join("m.sock");
+    let logd_sock = dir.path().join("l.sock");
+    let logd = common::start_logd(&logd_sock);
+    let cfg_path = dir.path().join("metricsd.toml");
+    std::fs::write(&cfg_path, "[export]\ninterval_ms = 100\nretry_ms = 20\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_metricsd"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg_path)
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--logd-socket")
+        .arg(&logd_sock)
+        .args(["--user", &USER.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), "metricsd: ready");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let field = |key: &str| {
+        let l = status.lines().find_map(|l| l.strip_prefix(key)).unwrap();
+        l.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    let want = format!("{USER} {USER} {USER} {USER}");
+    assert_eq!(field("Uid:"), want);
+    assert_eq!(field("Gid:"), want);
+    assert_eq!(field("Groups:"), USER.to_string());
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    // It still grants rings (memfds made as the new user) and its exports reach logd
+    // stamped with the new uid.
+    let c = Control::connect(&sock);
+    let (resp, fd) = c.request(1024);
+    assert_eq!(resp.status, GrantStatus::OK);
+    assert!(fd.is_some());
+    let mut client = logd::Client::connect(&logd_sock).unwrap();
+    let start = client
+        .query_all(&logd::Query::new().scope("metricsd"), 100)
+        .unwrap();
+    assert!(
+        !start.is_empty() && start.iter().all(|r| r.sender.uid == USER),
+        "{start:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    logd.shutdown().unwrap();
+}
