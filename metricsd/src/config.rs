@@ -534,6 +534,17 @@ impl Config {
         Ok(config)
     }
 
+    /// Reads and parses a file (unknown keys refused) without checking ranges, for a
+    /// caller that applies command-line overrides first and then calls
+    /// [`Config::validate`].
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
     /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -625,7 +636,17 @@ impl Config {
         in_range("export.retry_ms", e.retry_ms, 1, 600_000)?;
 
         let p = &self.prometheus;
-        p.listen_addr()?;
+        if let Some(addr) = p.listen_addr()? {
+            crate::listen::listen_addr_allowed(addr, self.network.allow_non_loopback).map_err(
+                |e| {
+                    invalid(
+                        "prometheus.listen",
+                        format!("{:?}", addr.to_string()),
+                        e.to_string(),
+                    )
+                },
+            )?;
+        }
         in_range("prometheus.max_connections", p.max_connections, 1, 1024)?;
         in_range(
             "prometheus.max_request_bytes",
@@ -763,6 +784,22 @@ mod tests {
             .expect("the deployed config");
         assert_eq!(c.rings.max_total_bytes, 1 << 30);
         assert_eq!(c.rings.max_bytes_per_uid, 256 << 20);
+    }
+
+    #[test]
+    fn a_non_loopback_prometheus_listener_needs_the_opt_in() {
+        let e = Config::from_toml("[prometheus]\nlisten = \"0.0.0.0:9464\"\n")
+            .expect_err("every interface without the opt-in");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("prometheus.listen") && msg.contains("allow_non_loopback"),
+            "{msg}"
+        );
+        Config::from_toml("[prometheus]\nlisten = \"127.0.0.1:9464\"\n").expect("loopback");
+        Config::from_toml(
+            "[network]\nallow_non_loopback = true\n[prometheus]\nlisten = \"0.0.0.0:9464\"\n",
+        )
+        .expect("with the opt-in");
     }
 
     #[test]

@@ -301,7 +301,7 @@ fn serve(flags: ServeFlags) -> anyhow::Result<()> {
         allow_non_loopback,
     } = flags;
     let mut cfg = match &config {
-        Some(path) => Config::load(path)?,
+        Some(path) => Config::read(path)?,
         None => Config::default(),
     };
     if user.is_some() {
@@ -322,6 +322,9 @@ fn serve(flags: ServeFlags) -> anyhow::Result<()> {
     if let Some(a) = prometheus_listen {
         cfg.prometheus.listen = Some(a);
     }
+    // Checked once the flags are applied: --allow-non-loopback can permit the file's
+    // listen address.
+    cfg.validate()?;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
