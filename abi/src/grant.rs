@@ -67,6 +67,8 @@ impl GrantStatus {
     pub const RATE_LIMITED: Self = Self(3);
     /// The consumer could not create a ring (out of memory, say); try later.
     pub const UNAVAILABLE: Self = Self(4);
+    /// The consumer's grant policy does not let this peer (its uid, gid or service) ask.
+    pub const DENIED: Self = Self(5);
 
     /// The status's name, or `None` for a value this version does not define.
     pub const fn name(self) -> Option<&'static str> {
@@ -76,6 +78,7 @@ impl GrantStatus {
             Self::OVER_LIMIT => "over_limit",
             Self::RATE_LIMITED => "rate_limited",
             Self::UNAVAILABLE => "unavailable",
+            Self::DENIED => "denied",
             _ => return None,
         })
     }

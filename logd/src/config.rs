@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::access::{AccessConfig, IdSpec};
 use crate::policy::ServiceRule;
 
 /// The whole configuration of one logd.
@@ -16,6 +17,21 @@ use crate::policy::ServiceRule;
 pub struct Config {
     /// Where to listen. Default: `$XDG_RUNTIME_DIR/logd.sock`, else `/run/logd.sock`.
     pub socket: PathBuf,
+    /// Permission bits of the socket file (default `0o666`: any local process may log,
+    /// and who it is comes from the kernel; reading is limited by `[access]`, not by the
+    /// mode). `0o660` with `socket_group` limits logging to one group.
+    pub socket_mode: u32,
+    /// Owner of the socket file (a uid or user name; default: the user logd binds as).
+    pub socket_owner: Option<IdSpec>,
+    /// Group of the socket file (a gid or group name; default: logd's group).
+    pub socket_group: Option<IdSpec>,
+    /// When started as root: the user to switch to once the socket is bound and the
+    /// journal opened (a uid or user name; default: stay as started).
+    pub user: Option<IdSpec>,
+    /// The group to switch to with `user` (default: the user's primary group).
+    pub group: Option<IdSpec>,
+    /// Who reads every sender's records.
+    pub access: AccessConfig,
     /// On-disk journal directory; `None` (default) keeps the journal in memory only.
     pub journal_dir: Option<PathBuf>,
     /// Per-frame and per-connection bounds.
@@ -33,6 +49,12 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             socket: default_socket_path(),
+            socket_mode: 0o666,
+            socket_owner: None,
+            socket_group: None,
+            user: None,
+            group: None,
+            access: AccessConfig::default(),
             journal_dir: None,
             limits: Limits::default(),
             quota: QuotaConfig::default(),
@@ -352,7 +374,33 @@ impl Config {
             });
         }
         crate::policy::Policy::new(&self.services)?;
+        crate::access::Access::new(&self.access)?;
+        self.socket_access()?;
+        self.run_as()?;
         Ok(())
+    }
+
+    /// The socket file's resolved owner, group and mode.
+    pub fn socket_access(&self) -> Result<crate::privilege::SocketAccess, ConfigError> {
+        crate::privilege::SocketAccess::new(
+            self.socket_mode,
+            self.socket_owner.as_ref(),
+            self.socket_group.as_ref(),
+        )
+    }
+
+    /// The resolved `user`/`group` to drop to, if any.
+    pub fn run_as(&self) -> Result<Option<crate::privilege::RunAs>, ConfigError> {
+        if self.user.is_none() && self.group.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "group",
+                expected: "`user` too (group is the group to switch to with user)".into(),
+            });
+        }
+        self.user
+            .as_ref()
+            .map(|u| crate::privilege::RunAs::new(u, self.group.as_ref()))
+            .transpose()
     }
 }
 
@@ -381,11 +429,25 @@ mod tests {
     }
 
     #[test]
+    fn the_deployed_config_has_only_known_keys() {
+        // Names are looked up when validated, on the machine it is deployed to; here only
+        // the keys and their types are checked.
+        let c: Config = toml::from_str(include_str!("../../deploy/logd.toml")).unwrap();
+        assert_eq!(c.services[0].uid, IdSpec::Name("metricsd".into()));
+        assert_eq!(
+            c.access.reader_groups,
+            [IdSpec::Name("telemetry-readers".into())]
+        );
+    }
+
+    #[test]
     fn full_file_parses() {
         let c = Config::parse(
             r#"
 socket = "/tmp/x.sock"
 journal_dir = "/tmp/j"
+socket_mode = 0o660
+socket_group = 0
 [limits]
 max_fields = 8
 [quota]
@@ -393,12 +455,20 @@ key = "service"
 records_per_sec = 10
 [journal]
 fsync = true
+[access]
+readers = [1000, "root"]
+reader_groups = [4]
 [[service]]
 name = "metricsd"
 uid = 998
 "#,
         )
         .unwrap();
+        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(
+            c.access.readers,
+            [IdSpec::Id(1000), IdSpec::Name("root".into())]
+        );
         assert_eq!(c.limits.max_fields, 8);
         assert_eq!(c.quota.key, QuotaKey::Service);
         assert_eq!(c.services.len(), 1);

@@ -103,8 +103,8 @@ pub const MIN_RECORD_LEN: usize = 1 + STR_MIN + STR_MIN + COUNT_LEN;
 pub const MIN_STORED_RECORD_LEN: usize = 8 + 8 + 4 + 4 + 4 + STR_MIN + MIN_RECORD_LEN;
 /// One record's status in an APPEND_OK: status, reason, reserved `u16`, id.
 pub const STATUS_LEN: usize = 1 + 1 + 2 + 8;
-/// The four reject counters of a STATS_OK entry.
-const REJECTS_LEN: usize = 4 * 8;
+/// The five reject counters (invalid_args, over_limit, rate_limited, internal, denied) of a STATS_OK entry.
+const REJECTS_LEN: usize = 5 * 8;
 /// Smallest sender entry in a STATS_OK: an empty service name, pid, uid and connections,
 /// four `u64` counters, then the reject counters.
 pub const MIN_SENDER_LEN: usize = STR_MIN + 3 * 4 + 4 * 8 + REJECTS_LEN;
@@ -683,6 +683,7 @@ fn put_rejects(b: &mut Vec<u8>, r: &RejectCounts) {
     put_u64(b, r.over_limit);
     put_u64(b, r.rate_limited);
     put_u64(b, r.internal);
+    put_u64(b, r.denied);
 }
 
 fn get_rejects(d: &mut Dec<'_>) -> Result<RejectCounts, Malformed> {
@@ -691,6 +692,7 @@ fn get_rejects(d: &mut Dec<'_>) -> Result<RejectCounts, Malformed> {
         over_limit: d.u64("over_limit")?,
         rate_limited: d.u64("rate_limited")?,
         internal: d.u64("internal")?,
+        denied: d.u64("denied")?,
     })
 }
 

@@ -25,14 +25,17 @@
 //! logd stamps every record with its receive time, a record id and the sender's identity
 //! from `SO_PEERCRED` (pid, uid, gid), named by policy (a configured `[[service]]`, else
 //! `uid:<uid>`). A record whose fields claim an identity ([`is_identity_key`]) is refused
-//! as `invalid_args`. Every bound and the wire format are in `logd/README.md`.
+//! as `invalid_args`. A peer reads only the records its own uid sent unless it is root
+//! or the `[access]` section lists it ([`access`]). Every bound and the wire format are in `logd/README.md`.
 
+pub mod access;
 pub mod client;
 pub mod config;
 pub mod disk;
 pub mod frame;
 pub mod journal;
 pub mod policy;
+pub mod privilege;
 pub mod query;
 pub mod quota;
 pub mod record;
@@ -41,6 +44,7 @@ pub mod stats;
 pub mod status;
 pub mod time;
 
+pub use access::{Access, IdSpec};
 pub use client::{BufferedClient, Client, ClientError, ClientOptions};
 pub use config::Config;
 pub use query::{Query, QueryPage};

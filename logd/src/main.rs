@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use logd::IdSpec;
 use logd::config::default_socket_path;
+use logd::privilege::{RunAs, drop_privileges};
 use logd::time::{format_rfc3339, now_ns, parse_time};
 use logd::{Client, Config, Level, Query, Record, RecordStatus, Server, Stats, StoredRecord};
 
@@ -17,7 +19,10 @@ const ABOUT: &str = "The bounded, hardened log sink: per-sender budgets, identit
 const LONG_ABOUT: &str = "\
 logd stores structured log records sent over a Unix socket. Who sent a record is what the
 kernel says (SO_PEERCRED), mapped to a service name by the config's [[service]] entries;
-unknown uids are named uid:<uid>. Every bound has a default (see logd/README.md).
+unknown uids are named uid:<uid>. A user reads only the records its own uid sent (and only
+its own rows of `logd stats`) unless it is root or listed in the config's [access] readers
+or reader_groups; a query naming another service is refused (denied/query_without_acl).
+Every bound has a default (see logd/README.md).
 
 Examples:
   logd serve                                   # default socket, memory-only journal
@@ -75,7 +80,8 @@ Examples:
     /// Print logd's counters: records, rejects per class and per sender, journal sizes.
     #[command(long_about = "\
 Print logd's counters: records stored and evicted, rejects per class (invalid_args,
-over_limit, rate_limited) in total and per sender, the memory and disk journal sizes.
+over_limit, rate_limited, internal, denied) in total and per sender, the memory and disk
+journal sizes. Unless root or an [access] reader, a user sees only its own uid's senders.
 
 Examples:
   logd stats
@@ -94,6 +100,14 @@ struct ServeArgs {
     /// Keep an on-disk journal in DIR (created if missing).
     #[arg(long, value_name = "DIR")]
     journal_dir: Option<PathBuf>,
+    /// When started as root: switch to this user (uid or name) once the socket is bound
+    /// and the journal opened [config: user].
+    #[arg(long, value_name = "USER", value_parser = parse_id)]
+    user: Option<IdSpec>,
+    /// The group to switch to with --user [config: group; default: the user's primary
+    /// group].
+    #[arg(long, value_name = "GROUP", value_parser = parse_id)]
+    group: Option<IdSpec>,
     /// After binding, append a start record through the socket, read it back, and only
     /// then print `logd: ready` (for supervisors; the record stays in the journal).
     #[arg(long)]
@@ -153,6 +167,16 @@ struct StatsArgs {
     json: bool,
 }
 
+fn parse_id(s: &str) -> Result<IdSpec, String> {
+    if s.is_empty() {
+        return Err("expected a number or a name (e.g. 998 or logd)".into());
+    }
+    Ok(match s.parse::<u32>() {
+        Ok(n) => IdSpec::Id(n),
+        Err(_) => IdSpec::Name(s.to_owned()),
+    })
+}
+
 fn parse_level(s: &str) -> Result<Level, String> {
     s.parse::<Level>().map_err(|e| e.to_string())
 }
@@ -197,7 +221,26 @@ fn serve(a: ServeArgs) -> Result<()> {
     if let Some(d) = a.journal_dir {
         config.journal_dir = Some(d);
     }
+    if a.user.is_some() {
+        config.user = a.user;
+    }
+    if a.group.is_some() {
+        config.group = a.group;
+    }
+    let run_as = config.run_as()?;
+    let journal_dir = config.journal_dir.clone();
     let server = Server::bind(config)?;
+    // Before any thread starts: a credential change applies to the calling thread only.
+    if let Some(to) = run_as {
+        if rustix::process::geteuid().is_root() {
+            if let Some(dir) = &journal_dir {
+                hand_over_journal(dir, to)?;
+            }
+        }
+        if drop_privileges(to)? {
+            println!("logd: running as uid {} gid {}", to.uid, to.gid);
+        }
+    }
     let handle = server.shutdown_handle();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -233,6 +276,25 @@ fn serve(a: ServeArgs) -> Result<()> {
     server.run()?;
     if failed.load(Ordering::Acquire) {
         bail!("the ready check failed");
+    }
+    Ok(())
+}
+
+/// Gives the journal directory and its segment files to the user logd switches to, so
+/// it can keep writing and rotating them.
+fn hand_over_journal(dir: &Path, to: RunAs) -> Result<()> {
+    let owner = (
+        Some(rustix::process::Uid::from_raw(to.uid)),
+        Some(rustix::process::Gid::from_raw(to.gid)),
+    );
+    rustix::fs::chown(dir, owner.0, owner.1)
+        .with_context(|| format!("cannot give {} to uid {}", dir.display(), to.uid))?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "seg") {
+            rustix::fs::chown(&path, owner.0, owner.1)
+                .with_context(|| format!("cannot give {} to uid {}", path.display(), to.uid))?;
+        }
     }
     Ok(())
 }
@@ -395,7 +457,7 @@ fn stats_text(s: &Stats) -> String {
     out.push_str(&format!(
         "uptime {:.1}s  connections {}  next id {}\n\
          records: accepted {}  evicted {}  held {} ({} bytes)\n\
-         rejected: invalid_args {}  over_limit {}  rate_limited {}  internal {}\n",
+         rejected: invalid_args {}  over_limit {}  rate_limited {}  internal {}  denied {}\n",
         s.uptime_ms as f64 / 1000.0,
         s.connections,
         s.next_id,
@@ -406,7 +468,8 @@ fn stats_text(s: &Stats) -> String {
         r.invalid_args,
         r.over_limit,
         r.rate_limited,
-        r.internal
+        r.internal,
+        r.denied
     ));
     if s.disk.enabled {
         let d = &s.disk;
@@ -418,12 +481,22 @@ fn stats_text(s: &Stats) -> String {
         out.push_str("disk: off (memory-only journal)\n");
     }
     out.push_str(&format!(
-        "{:<24} {:>8} {:>6} {:>5} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}\n",
-        "SERVICE", "PID", "UID", "CONN", "ACCEPTED", "HELD", "EVICTED", "INVALID", "OVER", "RATE"
+        "{:<24} {:>8} {:>6} {:>5} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}\n",
+        "SERVICE",
+        "PID",
+        "UID",
+        "CONN",
+        "ACCEPTED",
+        "HELD",
+        "EVICTED",
+        "INVALID",
+        "OVER",
+        "RATE",
+        "DENIED"
     ));
     for p in &s.senders {
         out.push_str(&format!(
-            "{:<24} {:>8} {:>6} {:>5} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}\n",
+            "{:<24} {:>8} {:>6} {:>5} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}\n",
             p.service,
             p.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             p.uid,
@@ -433,7 +506,8 @@ fn stats_text(s: &Stats) -> String {
             p.evicted,
             p.rejected.invalid_args,
             p.rejected.over_limit,
-            p.rejected.rate_limited
+            p.rejected.rate_limited,
+            p.rejected.denied
         ));
     }
     out

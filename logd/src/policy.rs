@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
+use crate::access::IdSpec;
 use crate::config::ConfigError;
 use crate::record::Identity;
 
@@ -17,8 +18,9 @@ use crate::record::Identity;
 pub struct ServiceRule {
     /// The service name: 1-64 bytes of `A-Z a-z 0-9 . _ -`.
     pub name: String,
-    /// The uid whose processes are this service.
-    pub uid: u32,
+    /// The uid whose processes are this service: a number, or a user name looked up in
+    /// `/etc/passwd` when the config is validated.
+    pub uid: IdSpec,
 }
 
 /// The uid to service-name map.
@@ -32,6 +34,7 @@ impl Policy {
     pub fn new(rules: &[ServiceRule]) -> Result<Policy, ConfigError> {
         let mut by_uid = HashMap::new();
         for r in rules {
+            let uid = r.uid.uid("service.uid")?;
             let ok = !r.name.is_empty()
                 && r.name.len() <= 64
                 && r.name
@@ -41,15 +44,15 @@ impl Policy {
                 return Err(ConfigError::Invalid {
                     key: "service.name",
                     expected: format!(
-                        "1-64 bytes of A-Z a-z 0-9 . _ - (got {:?} for uid {})",
-                        r.name, r.uid
+                        "1-64 bytes of A-Z a-z 0-9 . _ - (got {:?} for uid {uid})",
+                        r.name
                     ),
                 });
             }
-            if by_uid.insert(r.uid, r.name.clone()).is_some() {
+            if by_uid.insert(uid, r.name.clone()).is_some() {
                 return Err(ConfigError::Invalid {
                     key: "service.uid",
-                    expected: format!("each uid named once (uid {} repeats)", r.uid),
+                    expected: format!("each uid named once (uid {uid} repeats)"),
                 });
             }
         }
@@ -83,7 +86,7 @@ mod tests {
     fn named_and_unnamed_uids() {
         let p = Policy::new(&[ServiceRule {
             name: "metricsd".into(),
-            uid: 998,
+            uid: IdSpec::Id(998),
         }])
         .unwrap();
         assert_eq!(p.service_for(998), "metricsd");
@@ -96,7 +99,7 @@ mod tests {
     fn bad_rules_are_refused() {
         let bad = |name: &str| ServiceRule {
             name: name.into(),
-            uid: 1,
+            uid: IdSpec::Id(1),
         };
         assert!(Policy::new(&[bad("")]).is_err());
         assert!(Policy::new(&[bad("a b")]).is_err());

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 
+use crate::access::Access;
 use crate::config::{Config, ConfigError};
 use crate::disk::{Disk, DiskError};
 use crate::frame::{self, FrameReject, HEADER_LEN, Header, QueryReply, Request};
 use crate::journal::Journal;
 use crate::policy::Policy;
+use crate::privilege::SocketAccess;
 use crate::query::Query;
 use crate::quota::{Budget, SenderKey};
 use crate::record::{Identity, StoredRecord};
@@ -118,6 +120,7 @@ struct State {
 struct Shared {
     config: Config,
     policy: Policy,
+    access: Access,
     started: Instant,
     shutdown: AtomicBool,
     state: Mutex<State>,
@@ -249,7 +252,7 @@ impl Drop for RunningServer {
     }
 }
 
-fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
+fn bind_socket(path: &Path, access: SocketAccess) -> Result<UnixListener, ServerError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             if !meta.file_type().is_socket() {
@@ -277,8 +280,9 @@ fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
         source,
     };
     let listener = UnixListener::bind(path).map_err(bind_err)?;
-    // Any local process may log; who it is comes from the kernel, not the socket mode.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_err)?;
+    // By default any local process may log (mode 0666): who it is comes from the kernel,
+    // and what it may read is decided per query, not by the socket mode.
+    access.apply(path).map_err(bind_err)?;
     listener.set_nonblocking(true).map_err(bind_err)?;
     Ok(listener)
 }
@@ -290,6 +294,8 @@ impl Server {
     pub fn bind(config: Config) -> Result<Server, ServerError> {
         config.validate().map_err(ServerError::Config)?;
         let policy = Policy::new(&config.services).map_err(ServerError::Config)?;
+        let access = Access::new(&config.access).map_err(ServerError::Config)?;
+        let socket_access = config.socket_access().map_err(ServerError::Config)?;
         let j = &config.journal;
         let mut journal = Journal::new(j.max_records, j.max_bytes);
         let mut next_id = 1;
@@ -309,7 +315,7 @@ impl Server {
             }
             None => None,
         };
-        let listener = bind_socket(&config.socket)?;
+        let listener = bind_socket(&config.socket, socket_access)?;
         let state = State {
             journal,
             disk,
@@ -331,6 +337,7 @@ impl Server {
             shared: Arc::new(Shared {
                 config,
                 policy,
+                access,
                 started: Instant::now(),
                 shutdown: AtomicBool::new(false),
                 state: Mutex::new(state),
@@ -426,6 +433,7 @@ impl Server {
             .policy
             .identify(pid, cred.uid.as_raw(), cred.gid.as_raw());
         let key = SenderKey::of(&identity, self.shared.config.quota.key);
+        let reads_all = self.shared.access.reads_all(identity.uid, identity.gid);
         let limits = &self.shared.config.limits;
         {
             let mut st = self.shared.lock();
@@ -458,6 +466,7 @@ impl Server {
                     shared,
                     key: key2,
                     identity,
+                    reads_all,
                     frame_deadline: None,
                 };
                 conn.serve();
@@ -487,6 +496,8 @@ struct Conn {
     shared: Arc<Shared>,
     key: SenderKey,
     identity: Identity,
+    /// Root or listed in `[access]`: reads every sender's records and STATS rows.
+    reads_all: bool,
     frame_deadline: Option<Instant>,
 }
 
@@ -706,7 +717,36 @@ impl Conn {
         statuses
     }
 
+    /// Refuses a query that names another service than the peer's own when the peer
+    /// may read only its own uid's records; counts the refusal.
+    fn denied(&self, q: &Query) -> Option<Vec<u8>> {
+        let other = q
+            .service
+            .as_deref()
+            .filter(|s| !s.is_empty() && *s != self.identity.service)?;
+        if self.reads_all {
+            return None;
+        }
+        self.shared
+            .lock()
+            .count_reject(Some(&self.key), Reject::Denied, 1);
+        let msg = format!(
+            "uid {} may read only its own records (service {:?}), not those of service {:?}; \
+             logd's [access] readers or reader_groups grant reading all",
+            self.identity.uid, self.identity.service, other
+        );
+        Some(frame::encode_error(
+            Reject::Denied,
+            Reason::QueryWithoutAcl,
+            &msg,
+        ))
+    }
+
     fn query(&mut self, q: &Query) -> Vec<u8> {
+        if let Some(refused) = self.denied(q) {
+            return refused;
+        }
+        let own_uid = (!self.reads_all).then_some(self.identity.uid);
         let l = &self.shared.config.limits;
         let limit = match q.limit {
             0 => l.max_query_limit,
@@ -735,7 +775,8 @@ impl Conn {
                     more = true;
                     break;
                 }
-                if q.matches(r) && !reply.push(r) {
+                let readable = own_uid.is_none_or(|uid| r.sender.uid == uid);
+                if readable && q.matches(r) && !reply.push(r) {
                     more = true;
                     break;
                 }
@@ -810,6 +851,7 @@ impl Conn {
         let mut senders: Vec<SenderStats> = st
             .senders
             .iter()
+            .filter(|(_, s)| self.reads_all || s.uid == self.identity.uid)
             .map(|(k, s)| {
                 let (held_records, held_bytes) = st.journal.held(k);
                 SenderStats {

@@ -13,6 +13,8 @@ pub struct RejectCounts {
     pub rate_limited: u64,
     /// `internal` failures (disk journal errors).
     pub internal: u64,
+    /// `denied` queries (`query_without_acl`: records the peer's uid may not read).
+    pub denied: u64,
 }
 
 impl RejectCounts {
@@ -23,6 +25,7 @@ impl RejectCounts {
             Reject::OverLimit => &mut self.over_limit,
             Reject::RateLimited => &mut self.rate_limited,
             Reject::Internal => &mut self.internal,
+            Reject::Denied => &mut self.denied,
         };
         *c = c.saturating_add(n);
     }
@@ -34,6 +37,7 @@ impl RejectCounts {
             Reject::OverLimit => self.over_limit,
             Reject::RateLimited => self.rate_limited,
             Reject::Internal => self.internal,
+            Reject::Denied => self.denied,
         }
     }
 
@@ -43,6 +47,7 @@ impl RejectCounts {
         self.over_limit = self.over_limit.saturating_add(other.over_limit);
         self.rate_limited = self.rate_limited.saturating_add(other.rate_limited);
         self.internal = self.internal.saturating_add(other.internal);
+        self.denied = self.denied.saturating_add(other.denied);
     }
 }
 

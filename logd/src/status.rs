@@ -2,8 +2,9 @@
 
 use core::fmt;
 
-/// Why logd refused something. The three reject classes of the design, plus `Internal`
-/// for a failure that is logd's own (the disk journal could not be written).
+/// Why logd refused something. The three reject classes of the design, `Internal` for a
+/// failure that is logd's own (the disk journal could not be written), and `Denied` for a
+/// query about records the peer may not read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reject {
     /// Wire status 1: the request or record is malformed or claims an identity.
@@ -14,6 +15,9 @@ pub enum Reject {
     RateLimited,
     /// Wire status 4: logd could not store the record (not the client's fault).
     Internal,
+    /// Wire status 5: the peer asked for records its uid may not read (the `[access]`
+    /// policy).
+    Denied,
 }
 
 impl Reject {
@@ -24,6 +28,7 @@ impl Reject {
             Reject::OverLimit => 2,
             Reject::RateLimited => 3,
             Reject::Internal => 4,
+            Reject::Denied => 5,
         }
     }
 
@@ -34,6 +39,7 @@ impl Reject {
             2 => Some(Reject::OverLimit),
             3 => Some(Reject::RateLimited),
             4 => Some(Reject::Internal),
+            5 => Some(Reject::Denied),
             _ => None,
         }
     }
@@ -45,6 +51,7 @@ impl Reject {
             Reject::OverLimit => "over_limit",
             Reject::RateLimited => "rate_limited",
             Reject::Internal => "internal",
+            Reject::Denied => "denied",
         }
     }
 }
@@ -99,6 +106,8 @@ pub enum Reason {
     Storage,
     /// 19: the frame did not arrive completely within `frame_timeout_ms`.
     Timeout,
+    /// 20: a QUERY names a service whose records the peer's uid may not read.
+    QueryWithoutAcl,
     /// Any other byte (from a newer logd).
     Other(u8),
 }
@@ -127,6 +136,7 @@ impl Reason {
             Reason::TooManyConnections => 17,
             Reason::Storage => 18,
             Reason::Timeout => 19,
+            Reason::QueryWithoutAcl => 20,
             Reason::Other(v) => v,
         }
     }
@@ -154,6 +164,7 @@ impl Reason {
             17 => Reason::TooManyConnections,
             18 => Reason::Storage,
             19 => Reason::Timeout,
+            20 => Reason::QueryWithoutAcl,
             v => Reason::Other(v),
         }
     }
@@ -181,6 +192,7 @@ impl Reason {
             Reason::TooManyConnections => "too_many_connections",
             Reason::Storage => "storage",
             Reason::Timeout => "timeout",
+            Reason::QueryWithoutAcl => "query_without_acl",
             Reason::Other(v) => return format!("reason_{v}"),
         };
         s.to_owned()

@@ -32,7 +32,7 @@ fn level() -> impl Strategy<Value = Level> {
 }
 
 fn reject() -> impl Strategy<Value = Reject> {
-    (1u8..=4).prop_map(|v| Reject::from_wire(v).expect("1-4 are classes"))
+    (1u8..=5).prop_map(|v| Reject::from_wire(v).expect("1-5 are classes"))
 }
 
 fn reason() -> impl Strategy<Value = Reason> {
@@ -77,14 +77,15 @@ fn stored() -> impl Strategy<Value = StoredRecord> {
 }
 
 fn rejects() -> impl Strategy<Value = RejectCounts> {
-    any::<(u64, u64, u64, u64)>().prop_map(|(invalid_args, over_limit, rate_limited, internal)| {
-        RejectCounts {
+    any::<(u64, u64, u64, u64, u64)>().prop_map(
+        |(invalid_args, over_limit, rate_limited, internal, denied)| RejectCounts {
             invalid_args,
             over_limit,
             rate_limited,
             internal,
-        }
-    })
+            denied,
+        },
+    )
 }
 
 fn sender() -> impl Strategy<Value = SenderStats> {

@@ -120,7 +120,7 @@ fn policy_names_the_sender_and_the_stamp_is_the_kernels() {
     let mut cfg = config(dir.path());
     cfg.services = vec![ServiceRule {
         name: "tester".into(),
-        uid: my_uid(),
+        uid: logd::IdSpec::Id(my_uid()),
     }];
     let server = start(cfg);
     let mut c = Client::connect(server.path()).unwrap();
@@ -148,7 +148,7 @@ fn a_page_of_the_smallest_records_reads_back() {
     let mut cfg = config(dir.path());
     cfg.services = vec![ServiceRule {
         name: "a".into(),
-        uid: my_uid(),
+        uid: logd::IdSpec::Id(my_uid()),
     }];
     let server = start(cfg);
     let mut c = Client::connect(server.path()).unwrap();

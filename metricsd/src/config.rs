@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use logd::IdSpec;
 use serde::Deserialize;
-use telemetry_abi::{MAX_CAPACITY, MIN_CAPACITY};
+use telemetry_abi::{Geometry, MAX_CAPACITY, MIN_CAPACITY};
 
 /// Most explicit bucket bounds in a histogram layout: with the `+Inf` bucket that makes
 /// 160 buckets, the OpenTelemetry limit for a histogram.
@@ -26,8 +27,25 @@ pub struct Config {
     /// logd's socket. Default: `$LOGD_SOCKET`, else `$XDG_RUNTIME_DIR/logd.sock`,
     /// else `/run/logd.sock`.
     pub logd_socket: PathBuf,
+    /// Permission bits of the control socket file (default `0o666`: by default any local
+    /// uid may ask for rings, bounded per uid and in total; with `[grants]` limited to a
+    /// group, `0o660` and `socket_group` keep the others from connecting at all).
+    pub socket_mode: u32,
+    /// Owner of the control socket file (a uid or user name; default: metricsd's user).
+    pub socket_owner: Option<IdSpec>,
+    /// Group of the control socket file (a gid or group name; default: metricsd's group).
+    pub socket_group: Option<IdSpec>,
+    /// When started as root: the user to switch to once the control socket is bound
+    /// (a uid or user name; default: stay as started).
+    pub user: Option<IdSpec>,
+    /// The group to switch to with `user` (default: the user's primary group).
+    pub group: Option<IdSpec>,
     /// Rings and the grant protocol.
     pub rings: RingsConfig,
+    /// Who may ask for rings.
+    pub grants: GrantsConfig,
+    /// Network listeners (the Prometheus and OTLP endpoints).
+    pub network: NetworkConfig,
     /// The drain loop.
     pub drain: DrainConfig,
     /// Series caps.
@@ -75,6 +93,36 @@ pub struct RingsConfig {
     pub grant_burst: u32,
     /// Most keys registered in one ring (default 4096).
     pub max_keys_per_ring: u32,
+    /// Bytes of shared memory granted as rings at once, all uids together (default
+    /// 1 GiB); a ring past it: `OVER_LIMIT`.
+    pub max_total_bytes: u64,
+    /// Bytes of shared memory granted as rings at once to the processes of one uid
+    /// (default 256 MiB); a ring past it: `OVER_LIMIT`.
+    pub max_bytes_per_uid: u64,
+}
+
+/// `[grants]`: who may ask for rings. With every list empty (the default) any local uid
+/// may, within the `[rings]` bounds; otherwise a peer must match at least one entry of
+/// one list, and every request of any other peer is refused `DENIED` and counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrantsConfig {
+    /// Users (uids or names) whose processes may ask.
+    pub uids: Vec<IdSpec>,
+    /// Groups (gids or names): a peer whose gid (`SO_PEERCRED`) is listed may ask.
+    pub gids: Vec<IdSpec>,
+    /// Services (as the identity policy names the peer) that may ask.
+    pub services: Vec<String>,
+}
+
+/// `[network]`: the rule every network listener follows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Allow a listener on an address other than loopback (default false: a
+    /// non-loopback listen address is refused, naming the key). `--allow-non-loopback`
+    /// sets it too.
+    pub allow_non_loopback: bool,
 }
 
 /// `[drain]`: the drain loop.
@@ -274,6 +322,24 @@ impl fmt::Display for ConfigError {
     }
 }
 
+impl From<logd::config::ConfigError> for ConfigError {
+    fn from(e: logd::config::ConfigError) -> Self {
+        match e {
+            logd::config::ConfigError::Invalid { key, expected } => Self::Invalid {
+                key: key.to_owned(),
+                found: "this value".to_owned(),
+                expected,
+            },
+            other => Self::Parse(other.to_string()),
+        }
+    }
+}
+
+/// Bytes of shared memory one ring of `capacity` records takes (header and records).
+pub fn ring_bytes(capacity: u32) -> u64 {
+    Geometry::new(u64::from(capacity)).map_or(u64::MAX, |g| g.region_len() as u64)
+}
+
 impl std::error::Error for ConfigError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -322,7 +388,14 @@ impl Default for Config {
         Self {
             socket: default_socket_path(),
             logd_socket: default_logd_socket_path(),
+            socket_mode: 0o666,
+            socket_owner: None,
+            socket_group: None,
+            user: None,
+            group: None,
             rings: RingsConfig::default(),
+            grants: GrantsConfig::default(),
+            network: NetworkConfig::default(),
             drain: DrainConfig::default(),
             series: SeriesConfig::default(),
             spans: SpansConfig::default(),
@@ -348,6 +421,8 @@ impl Default for RingsConfig {
             grant_rate_per_sec: 10,
             grant_burst: 64,
             max_keys_per_ring: 4096,
+            max_total_bytes: 1 << 30,
+            max_bytes_per_uid: 256 << 20,
         }
     }
 }
@@ -462,6 +537,17 @@ impl Config {
         Ok(config)
     }
 
+    /// Reads and parses a file (unknown keys refused) without checking ranges, for a
+    /// caller that applies command-line overrides first and then calls
+    /// [`Config::validate`].
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
     /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -495,6 +581,24 @@ impl Config {
         )?;
         in_range("rings.grant_burst", r.grant_burst, 1, 1_000_000)?;
         in_range("rings.max_keys_per_ring", r.max_keys_per_ring, 1, 1 << 20)?;
+        let default_ring = ring_bytes(r.capacity);
+        for (key, v) in [
+            ("rings.max_total_bytes", r.max_total_bytes),
+            ("rings.max_bytes_per_uid", r.max_bytes_per_uid),
+        ] {
+            if v < default_ring {
+                return Err(invalid(
+                    key,
+                    v,
+                    format!(
+                        "at least the bytes of one ring of rings.capacity records ({default_ring})"
+                    ),
+                ));
+            }
+        }
+        self.grant_policy()?;
+        self.socket_access()?;
+        self.run_as()?;
 
         self.retention
             .validate()
@@ -539,7 +643,17 @@ impl Config {
         in_range("export.retry_ms", e.retry_ms, 1, 600_000)?;
 
         let p = &self.prometheus;
-        p.listen_addr()?;
+        if let Some(addr) = p.listen_addr()? {
+            crate::listen::listen_addr_allowed(addr, self.network.allow_non_loopback).map_err(
+                |e| {
+                    invalid(
+                        "prometheus.listen",
+                        format!("{:?}", addr.to_string()),
+                        e.to_string(),
+                    )
+                },
+            )?;
+        }
         in_range("prometheus.max_connections", p.max_connections, 1, 1024)?;
         in_range(
             "prometheus.max_request_bytes",
@@ -609,6 +723,58 @@ impl Config {
         Ok(())
     }
 
+    /// The `[grants]` lists with names resolved.
+    pub fn grant_policy(&self) -> Result<crate::grant::GrantPolicy, ConfigError> {
+        let g = &self.grants;
+        for (i, name) in g.services.iter().enumerate() {
+            if !valid_service_name(name) {
+                return Err(invalid(
+                    &format!("grants.services[{i}]"),
+                    format!("{name:?}"),
+                    "1 to 64 bytes of [A-Za-z0-9_.:-]",
+                ));
+            }
+        }
+        Ok(crate::grant::GrantPolicy {
+            uids: g
+                .uids
+                .iter()
+                .map(|u| u.uid("grants.uids"))
+                .collect::<Result<_, _>>()?,
+            gids: g
+                .gids
+                .iter()
+                .map(|u| u.gid("grants.gids"))
+                .collect::<Result<_, _>>()?,
+            services: g.services.clone(),
+        })
+    }
+
+    /// The control socket file's resolved owner, group and mode.
+    pub fn socket_access(&self) -> Result<logd::privilege::SocketAccess, ConfigError> {
+        Ok(logd::privilege::SocketAccess::new(
+            self.socket_mode,
+            self.socket_owner.as_ref(),
+            self.socket_group.as_ref(),
+        )?)
+    }
+
+    /// The resolved `user`/`group` to drop to, if any.
+    pub fn run_as(&self) -> Result<Option<logd::privilege::RunAs>, ConfigError> {
+        if self.user.is_none() && self.group.is_some() {
+            return Err(invalid(
+                "group",
+                format!("{:?}", self.group),
+                "`user` too (group is the group to switch to with user)",
+            ));
+        }
+        Ok(self
+            .user
+            .as_ref()
+            .map(|u| logd::privilege::RunAs::new(u, self.group.as_ref()))
+            .transpose()?)
+    }
+
     /// The export interval.
     pub fn export_interval(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.export.interval_ms)
@@ -618,6 +784,44 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_deployed_config_validates() {
+        let c = Config::from_toml(include_str!("../../deploy/metricsd.toml"))
+            .expect("the deployed config");
+        assert_eq!(c.rings.max_total_bytes, 1 << 30);
+        assert_eq!(c.rings.max_bytes_per_uid, 256 << 20);
+    }
+
+    #[test]
+    fn a_non_loopback_prometheus_listener_needs_the_opt_in() {
+        let e = Config::from_toml("[prometheus]\nlisten = \"0.0.0.0:9464\"\n")
+            .expect_err("every interface without the opt-in");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("prometheus.listen") && msg.contains("allow_non_loopback"),
+            "{msg}"
+        );
+        Config::from_toml("[prometheus]\nlisten = \"127.0.0.1:9464\"\n").expect("loopback");
+        Config::from_toml(
+            "[network]\nallow_non_loopback = true\n[prometheus]\nlisten = \"0.0.0.0:9464\"\n",
+        )
+        .expect("with the opt-in");
+    }
+
+    #[test]
+    fn byte_bounds_below_one_ring_and_bad_grant_services_are_named() {
+        let e = Config::from_toml("[rings]\nmax_total_bytes = 10\n").expect_err("refused");
+        assert!(e.to_string().contains("rings.max_total_bytes"), "{e}");
+        let e = Config::from_toml("[rings]\nmax_bytes_per_uid = 10\n").expect_err("refused");
+        assert!(e.to_string().contains("rings.max_bytes_per_uid"), "{e}");
+        let e = Config::from_toml("[grants]\nservices = [\"a b\"]\n").expect_err("refused");
+        assert!(e.to_string().contains("grants.services[0]"), "{e}");
+        let e = Config::from_toml("socket_mode = 0o4777\n").expect_err("refused");
+        assert!(e.to_string().contains("socket_mode"), "{e}");
+        let e = Config::from_toml("[grants]\nuids = [\"no-such-user-x\"]\n").expect_err("refused");
+        assert!(e.to_string().contains("grants.uids"), "{e}");
+    }
 
     #[test]
     fn no_file_means_defaults_that_validate() {

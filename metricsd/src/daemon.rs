@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::drain::{self, Command, Drainer};
 use crate::export::{self, ExportQueue};
-use crate::grant::{GrantError, GrantServer};
+use crate::grant::{GrantAccess, GrantError, GrantServer};
 use crate::identity::{Identify, Policy};
 use crate::scrape::{Published, ScrapeServer};
 use crate::sink::{LogdSink, Sink};
@@ -31,6 +31,8 @@ pub enum DaemonError {
     StopSignal(std::io::Error),
     /// The retention directory could not be opened.
     Retention(crate::retention::OpenError),
+    /// Started as root with `user` set, and the switch to that user failed.
+    Privilege(logd::privilege::PrivilegeError),
     /// The drain loop did not answer within the time given.
     Timeout(&'static str),
     /// The drain loop is gone.
@@ -47,6 +49,7 @@ impl fmt::Display for DaemonError {
             Self::Spawn(e) => write!(f, "cannot start a thread: {e}"),
             Self::StopSignal(e) => write!(f, "cannot create the stop eventfd: {e}"),
             Self::Retention(e) => write!(f, "{e}"),
+            Self::Privilege(e) => write!(f, "{e}"),
             Self::Timeout(what) => write!(f, "timed out waiting for {what}"),
             Self::Stopped => f.write_str("the drain loop has stopped"),
             Self::Prometheus(addr, e) => write!(
@@ -64,6 +67,7 @@ impl std::error::Error for DaemonError {
             Self::Grant(e) => Some(e),
             Self::Spawn(e) | Self::StopSignal(e) | Self::Prometheus(_, e) => Some(e),
             Self::Retention(e) => Some(e),
+            Self::Privilege(e) => Some(e),
             _ => None,
         }
     }
@@ -155,14 +159,26 @@ impl Daemon {
             .unwrap_or_else(|| Box::new(LogdSink::new(&config.logd_socket)));
         let (tx, rx) = mpsc::channel();
         let grant_stats = Arc::new(Mutex::new(GrantStats::default()));
+        let access = GrantAccess {
+            rings: config.rings.clone(),
+            policy: config.grant_policy().map_err(DaemonError::Config)?,
+            socket: config.socket_access().map_err(DaemonError::Config)?,
+        };
+        let run_as = config.run_as().map_err(DaemonError::Config)?;
         let server = GrantServer::bind(
             &config.socket,
-            config.rings.clone(),
+            access,
             identify,
             tx.clone(),
             grant_stats.clone(),
         )
         .map_err(DaemonError::Grant)?;
+        // Started as root with `user` set: switch before any thread of this daemon
+        // starts (a credential change applies to the calling thread only, so it is
+        // refused if any other thread already runs).
+        if let Some(to) = run_as {
+            logd::privilege::drop_privileges(to).map_err(DaemonError::Privilege)?;
+        }
 
         let queue = ExportQueue::new(config.export.queue_records);
         let stop = Arc::new(StopSignal::new().map_err(DaemonError::StopSignal)?);

@@ -805,6 +805,15 @@ impl Drainer {
             let kind = if counter { c } else { g };
             h.push((kind, name, labels, value));
         }
+        for (reason, n) in &grant.refused_reasons {
+            h.push((
+                c,
+                "metricsd.grant.refused_reason",
+                vec![("reason", (*reason).into())],
+                (*n).into(),
+            ));
+        }
+        h.push((g, "metricsd.rings.bytes", vec![], grant.ring_bytes.into()));
         h.into_iter()
             .map(|(kind, name, labels, value)| {
                 let pairs: Vec<(&str, &str)> =

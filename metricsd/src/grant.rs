@@ -6,9 +6,12 @@
 //! that connection. Each 32-byte [`GrantRequest`] is answered with one
 //! [`GrantResponse`], carrying the ring's memfd as `SCM_RIGHTS` when granted. Refusals:
 //! `INVALID_ARGS` (wrong size, magic, version, op, nonzero reserved words, or a
-//! capacity that is not a power of two), `OVER_LIMIT` (the service's or the daemon's
-//! ring cap, or too many services), `RATE_LIMITED` (a per-connection token bucket),
-//! `UNAVAILABLE` (the memfd could not be made). End of file means the producer is gone.
+//! capacity that is not a power of two), `DENIED` (the `[grants]` policy does not list
+//! the peer), `OVER_LIMIT` (the service's or the daemon's ring cap, too many services,
+//! or the ring's bytes past `rings.max_total_bytes` or the uid's
+//! `rings.max_bytes_per_uid`), `RATE_LIMITED` (a per-connection token bucket),
+//! `UNAVAILABLE` (the memfd could not be made). Every refusal is counted by status, and
+//! the policy and byte refusals also by reason. End of file means the producer is gone.
 //!
 //! Nothing here blocks on a producer: every socket call is non-blocking, and a peer
 //! whose replies cannot be sent at once is disconnected.
@@ -40,6 +43,7 @@ use crate::drain::{Command, NewRing};
 use crate::identity::{Identify, Peer, bound_service};
 use crate::snapshot::{ConnectionStats, GrantStats};
 use crate::wake::StopSignal;
+use logd::privilege::SocketAccess;
 
 /// Why the control socket could not be set up.
 #[derive(Debug)]
@@ -91,9 +95,40 @@ struct Conn {
     fd: OwnedFd,
     id: u64,
     service: Arc<str>,
+    uid: u32,
+    /// Whether the `[grants]` policy lets this peer ask.
+    allowed: bool,
     rings: u32,
+    /// Bytes of the rings granted on this connection and still held.
+    bytes: u64,
     bucket: Bucket,
 }
+
+/// Who may ask for rings: the `[grants]` lists with names resolved. Empty lists: anyone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrantPolicy {
+    /// Allowed uids.
+    pub uids: Vec<u32>,
+    /// Allowed gids (the peer's gid from `SO_PEERCRED`).
+    pub gids: Vec<u32>,
+    /// Allowed services (as the identity policy names the peer).
+    pub services: Vec<String>,
+}
+
+impl GrantPolicy {
+    /// Whether a peer with these credentials and service may ask for rings.
+    pub fn allows(&self, uid: u32, gid: u32, service: &str) -> bool {
+        (self.uids.is_empty() && self.gids.is_empty() && self.services.is_empty())
+            || self.uids.contains(&uid)
+            || self.gids.contains(&gid)
+            || self.services.iter().any(|s| s == service)
+    }
+}
+
+/// Why a request was refused, for the refusals whose status alone does not say.
+const REFUSED_POLICY: &str = "policy";
+const REFUSED_TOTAL_BYTES: &str = "total_bytes";
+const REFUSED_UID_BYTES: &str = "uid_bytes";
 
 /// The control socket server.
 pub struct GrantServer {
@@ -103,6 +138,7 @@ pub struct GrantServer {
     /// instance may have replaced the file at `path` since.
     created: FileId,
     cfg: RingsConfig,
+    policy: GrantPolicy,
     identify: Box<dyn Identify>,
     tx: Sender<Command>,
     stats: Arc<Mutex<GrantStats>>,
@@ -113,6 +149,11 @@ pub struct GrantServer {
     rings_by_service: HashMap<Arc<str>, u32>,
     rings_total: u32,
     services: HashSet<Arc<str>>,
+    /// Ring bytes held, all uids; at most `cfg.max_total_bytes`.
+    bytes_total: u64,
+    /// Ring bytes held per uid (entries of uids holding none removed); each at most
+    /// `cfg.max_bytes_per_uid`.
+    bytes_by_uid: HashMap<u32, u64>,
 }
 
 fn os<'p>(step: &'static str, path: &'p Path) -> impl FnOnce(Errno) -> GrantError + 'p {
@@ -161,7 +202,7 @@ fn remove_if_ours(path: &Path, created: FileId) -> bool {
 
 /// Binds a SOCK_SEQPACKET listener at `path`, replacing a stale socket file but never
 /// one a live daemon answers on. Returns the listener and the socket file's identity.
-fn bind(path: &Path) -> Result<(OwnedFd, FileId), GrantError> {
+fn bind(path: &Path, access: SocketAccess) -> Result<(OwnedFd, FileId), GrantError> {
     let addr = SocketAddrUnix::new(path).map_err(os("address", path))?;
     if path.exists() {
         let probe = rustix::net::socket_with(
@@ -189,8 +230,13 @@ fn bind(path: &Path) -> Result<(OwnedFd, FileId), GrantError> {
     .map_err(os("socket", path))?;
     rustix::net::bind(&fd, &addr).map_err(os("bind", path))?;
     let created = FileId::lstat(path).map_err(os("stat", path))?;
-    // Any local process may ask; who it is comes from the kernel, not the file mode.
-    rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(0o666)).map_err(os("chmod", path))?;
+    // By default any local process may ask (mode 0666): who it is comes from the kernel,
+    // and the grant policy and byte bounds apply per peer.
+    access.apply(path).map_err(|source| GrantError::Os {
+        step: "set owner and mode of",
+        path: path.to_owned(),
+        source,
+    })?;
     rustix::net::listen(&fd, 128).map_err(os("listen", path))?;
     Ok((fd, created))
 }
@@ -199,12 +245,17 @@ impl GrantServer {
     /// Binds the control socket.
     pub fn bind(
         path: &Path,
-        cfg: RingsConfig,
+        access: GrantAccess,
         identify: Box<dyn Identify>,
         tx: Sender<Command>,
         stats: Arc<Mutex<GrantStats>>,
     ) -> Result<Self, GrantError> {
-        let (listener, created) = bind(path)?;
+        let GrantAccess {
+            rings: cfg,
+            policy,
+            socket,
+        } = access;
+        let (listener, created) = bind(path, socket)?;
         let epoch_base = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs())
@@ -214,6 +265,7 @@ impl GrantServer {
             path: path.to_owned(),
             created,
             cfg,
+            policy,
             identify,
             tx,
             stats,
@@ -224,6 +276,8 @@ impl GrantServer {
             rings_by_service: HashMap::new(),
             rings_total: 0,
             services: HashSet::new(),
+            bytes_total: 0,
+            bytes_by_uid: HashMap::new(),
         })
     }
 
@@ -299,6 +353,7 @@ impl GrantServer {
                 cred.gid.as_raw(),
             );
             let service: Arc<str> = Arc::from(bound_service(&*self.identify, &peer));
+            let allowed = self.policy.allows(peer.uid, peer.gid, &service);
             {
                 let mut st = self.stats();
                 st.accepted += 1;
@@ -318,7 +373,10 @@ impl GrantServer {
                 fd,
                 id,
                 service,
+                uid: peer.uid,
+                allowed,
                 rings: 0,
+                bytes: 0,
                 bucket: Bucket {
                     tokens: f64::from(self.cfg.grant_burst),
                     last: Instant::now(),
@@ -360,10 +418,15 @@ impl GrantServer {
         st.messages += 1;
         if status == GrantStatus::OK {
             st.granted += 1;
+            st.ring_bytes = self.bytes_total;
+            st.ring_bytes_peak = st.ring_bytes_peak.max(self.bytes_total);
         } else {
             *st.refused
                 .entry(status.name().unwrap_or("unknown"))
                 .or_insert(0) += 1;
+            if let Some(reason) = reply.reason {
+                *st.refused_reasons.entry(reason).or_insert(0) += 1;
+            }
         }
         if let Some(c) = st.connections.get_mut(&conn_id) {
             c.messages += 1;
@@ -394,6 +457,9 @@ impl GrantServer {
         if !request.is_well_formed() || request.flags != 0 || request.reserved != 0 {
             return self.refuse(GrantStatus::INVALID_ARGS);
         }
+        if !self.conns[i].allowed {
+            return self.refuse_for(GrantStatus::DENIED, REFUSED_POLICY);
+        }
         let capacity = match request.capacity {
             0 => self.cfg.capacity,
             c if c < MIN_CAPACITY || !c.is_power_of_two() => {
@@ -413,6 +479,15 @@ impl GrantServer {
         let Ok(geometry) = Geometry::new(u64::from(capacity)) else {
             return self.refuse(GrantStatus::INVALID_ARGS);
         };
+        let bytes = geometry.region_len() as u64;
+        let uid = self.conns[i].uid;
+        let uid_bytes = self.bytes_by_uid.get(&uid).copied().unwrap_or(0);
+        if self.bytes_total.saturating_add(bytes) > self.cfg.max_total_bytes {
+            return self.refuse_for(GrantStatus::OVER_LIMIT, REFUSED_TOTAL_BYTES);
+        }
+        if uid_bytes.saturating_add(bytes) > self.cfg.max_bytes_per_uid {
+            return self.refuse_for(GrantStatus::OVER_LIMIT, REFUSED_UID_BYTES);
+        }
         let id = self.next_ring;
         let epoch = self.epoch_base | u64::from(id);
         let region = match MemfdRegion::create(&format!("metricsd-ring-{id}"), geometry, epoch) {
@@ -439,9 +514,21 @@ impl GrantServer {
         *self.rings_by_service.entry(service).or_insert(0) += 1;
         self.rings_total += 1;
         self.conns[i].rings += 1;
+        self.conns[i].bytes += bytes;
+        self.bytes_total += bytes;
+        *self.bytes_by_uid.entry(uid).or_insert(0) += bytes;
         Reply {
             response: GrantResponse::granted(id, capacity, epoch),
             fd: Some(fd),
+            reason: None,
+        }
+    }
+
+    /// Refuses with `status`, counted under `reason` as well.
+    fn refuse_for(&self, status: GrantStatus, reason: &'static str) -> Reply {
+        Reply {
+            reason: Some(reason),
+            ..self.refuse(status)
         }
     }
 
@@ -449,6 +536,7 @@ impl GrantServer {
         Reply {
             response: GrantResponse::refused(status),
             fd: None,
+            reason: None,
         }
     }
 
@@ -478,14 +566,39 @@ impl GrantServer {
             *n = n.saturating_sub(conn.rings);
         }
         self.rings_total = self.rings_total.saturating_sub(conn.rings);
-        self.stats().connections.remove(&conn.id);
+        self.bytes_total = self.bytes_total.saturating_sub(conn.bytes);
+        if let Some(b) = self.bytes_by_uid.get_mut(&conn.uid) {
+            *b = b.saturating_sub(conn.bytes);
+            if *b == 0 {
+                self.bytes_by_uid.remove(&conn.uid);
+            }
+        }
+        {
+            let mut st = self.stats();
+            st.connections.remove(&conn.id);
+            st.ring_bytes = self.bytes_total;
+        }
         let _ = self.tx.send(Command::CloseConnection(conn.id));
     }
+}
+
+/// What the grant server enforces: the ring bounds, who may ask, and the socket file's
+/// owner and mode.
+#[derive(Clone, Debug)]
+pub struct GrantAccess {
+    /// `[rings]`.
+    pub rings: RingsConfig,
+    /// `[grants]`, resolved.
+    pub policy: GrantPolicy,
+    /// The control socket file's owner, group and mode.
+    pub socket: SocketAccess,
 }
 
 struct Reply {
     response: GrantResponse,
     fd: Option<OwnedFd>,
+    /// For a refusal the status alone does not explain: the reason it is counted under.
+    reason: Option<&'static str>,
 }
 
 #[cfg(test)]

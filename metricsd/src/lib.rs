@@ -38,6 +38,7 @@ pub mod histogram;
 pub mod identity;
 pub mod keys;
 pub mod probe;
+pub mod listen;
 pub mod prometheus;
 pub mod redact;
 pub mod retention;

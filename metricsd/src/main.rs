@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use logd::IdSpec;
 use metricsd::{Config, Daemon};
 
 /// How long each step of the grant round trip before `metricsd: ready` may take.
@@ -62,6 +63,18 @@ enum Cmd {
         /// config's prometheus.listen, else no endpoint; overrides the config].
         #[arg(long, value_name = "ADDR")]
         prometheus_listen: Option<String>,
+        /// When started as root: switch to this user (uid or name) once the control
+        /// socket is bound [config: user].
+        #[arg(long, value_name = "USER", value_parser = parse_id)]
+        user: Option<IdSpec>,
+        /// The group to switch to with --user [config: group; default: the user's primary
+        /// group].
+        #[arg(long, value_name = "GROUP", value_parser = parse_id)]
+        group: Option<IdSpec>,
+        /// Let network listeners bind an address other than loopback [config:
+        /// network.allow_non_loopback]; put TLS and authentication in front of them.
+        #[arg(long)]
+        allow_non_loopback: bool,
     },
 
     /// Run the whole pipeline on private sockets and check it end to end through logd.
@@ -208,7 +221,18 @@ fn main() -> anyhow::Result<()> {
             socket,
             logd_socket,
             prometheus_listen,
-        } => serve(config, socket, logd_socket, prometheus_listen),
+            user,
+            group,
+            allow_non_loopback,
+        } => serve(ServeFlags {
+            config,
+            socket,
+            logd_socket,
+            prometheus_listen,
+            user,
+            group,
+            allow_non_loopback,
+        }),
         Cmd::Demo {
             seconds,
             producers,
@@ -378,16 +402,50 @@ fn demo(
     }
 }
 
-fn serve(
+fn parse_id(s: &str) -> Result<IdSpec, String> {
+    if s.is_empty() {
+        return Err("expected a number or a name (e.g. 997 or metricsd)".into());
+    }
+    Ok(match s.parse::<u32>() {
+        Ok(n) => IdSpec::Id(n),
+        Err(_) => IdSpec::Name(s.to_owned()),
+    })
+}
+
+/// `serve`'s flags that override the config.
+struct ServeFlags {
     config: Option<PathBuf>,
     socket: Option<PathBuf>,
     logd_socket: Option<PathBuf>,
     prometheus_listen: Option<String>,
-) -> anyhow::Result<()> {
+    user: Option<IdSpec>,
+    group: Option<IdSpec>,
+    allow_non_loopback: bool,
+}
+
+fn serve(flags: ServeFlags) -> anyhow::Result<()> {
+    let ServeFlags {
+        config,
+        socket,
+        logd_socket,
+        prometheus_listen,
+        user,
+        group,
+        allow_non_loopback,
+    } = flags;
     let mut cfg = match &config {
-        Some(path) => Config::load(path)?,
+        Some(path) => Config::read(path)?,
         None => Config::default(),
     };
+    if user.is_some() {
+        cfg.user = user;
+    }
+    if group.is_some() {
+        cfg.group = group;
+    }
+    if allow_non_loopback {
+        cfg.network.allow_non_loopback = true;
+    }
     if let Some(s) = socket {
         cfg.socket = s;
     }
@@ -397,6 +455,9 @@ fn serve(
     if let Some(a) = prometheus_listen {
         cfg.prometheus.listen = Some(a);
     }
+    // Checked once the flags are applied: --allow-non-loopback can permit the file's
+    // listen address.
+    cfg.validate()?;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -419,7 +480,13 @@ fn serve(
     )
     .context("installing the SIGXFSZ handler")?;
     let logd = cfg.logd_socket.clone();
+    let run_as = cfg.run_as()?;
     let daemon = Daemon::start(cfg)?;
+    if let Some(to) = run_as {
+        if rustix::process::getuid().as_raw() == to.uid {
+            eprintln!("metricsd: running as uid {} gid {}", to.uid, to.gid);
+        }
+    }
     eprintln!(
         "metricsd: serving {} (waiting for logd at {})",
         daemon.socket_path().display(),

@@ -108,6 +108,14 @@ pub struct GrantStats {
     /// Refused requests by status name (`invalid_args`, `over_limit`, `rate_limited`,
     /// `unavailable`).
     pub refused: BTreeMap<&'static str, u64>,
+    /// The refusals the status alone does not explain, by reason: `policy` (`DENIED`:
+    /// not listed in `[grants]`), `total_bytes` and `uid_bytes` (`OVER_LIMIT`: the ring
+    /// would pass `rings.max_total_bytes` or the uid's `rings.max_bytes_per_uid`).
+    pub refused_reasons: BTreeMap<&'static str, u64>,
+    /// Bytes of shared memory held as rings now (header and records of each ring).
+    pub ring_bytes: u64,
+    /// The most `ring_bytes` has been.
+    pub ring_bytes_peak: u64,
     /// Open connections.
     pub connections: BTreeMap<u64, ConnectionStats>,
 }

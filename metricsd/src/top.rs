@@ -331,7 +331,9 @@ impl View {
         if self.rows.is_empty() {
             return writeln!(
                 s,
-                "nothing exported yet: is metricsd running and exporting to this logd?"
+                "nothing exported yet: is metricsd running and exporting to this logd? \
+                 (logd shows a user only its own uid's records: run top as metricsd's user, \
+                 as root, or as a user logd's [access] readers or reader_groups list)"
             );
         }
         let drained = self.health_one("metricsd.records.drained");

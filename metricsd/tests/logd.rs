@@ -146,3 +146,47 @@ fn a_bad_config_is_refused_naming_the_key() {
         "{err}"
     );
 }
+
+#[test]
+fn serve_binds_a_non_loopback_prometheus_listener_only_with_the_opt_in() {
+    watchdog();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg_path = dir.path().join("m.toml");
+    std::fs::write(&cfg_path, "[prometheus]\nlisten = \"0.0.0.0:0\"\n").expect("write");
+    let serve = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_metricsd"));
+        c.args(["serve", "--config"])
+            .arg(&cfg_path)
+            .arg("--socket")
+            .arg(dir.path().join("m.sock"))
+            .arg("--logd-socket")
+            .arg(dir.path().join("l.sock"))
+            .args(extra);
+        c
+    };
+    let out = serve(&[]).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("prometheus.listen")
+            && err.contains("0.0.0.0:0")
+            && err.contains("--allow-non-loopback"),
+        "{err}"
+    );
+    // With the opt-in it serves on every interface (no logd: it never gets ready, so
+    // the endpoint line on stderr is the evidence).
+    let mut child = serve(&["--allow-non-loopback"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("scrape endpoint") {
+        line.clear();
+        assert!(err.read_line(&mut line).expect("read") > 0, "stderr ended");
+    }
+    assert!(line.contains("http://0.0.0.0:"), "{line}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use qemu_harness::markers::SELFTEST_FAIL;
-use qemu_harness::selftest::{self, Options, backpressure, security};
+use qemu_harness::selftest::{self, Options, backpressure, hardening, security};
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +47,16 @@ enum Cmd {
         #[arg(long, value_name = "N")]
         n: usize,
     },
+    /// The hardening step's second-uid child (started by `run` as another uid).
+    #[command(name = "denied-query-child")]
+    DeniedQueryChild {
+        /// logd's socket.
+        #[arg(long, value_name = "PATH")]
+        logd: PathBuf,
+        /// The service to ask for (the selftest's own).
+        #[arg(long, value_name = "NAME")]
+        service: String,
+    },
     /// The backpressure step's child process (started by `run`).
     #[command(name = "backpressure-child")]
     BackpressureChild {
@@ -73,6 +83,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 println!("{SELFTEST_FAIL}: flood child: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::DeniedQueryChild { logd, service } => match hardening::denied_child(&logd, &service) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("{SELFTEST_FAIL}: second-uid child: {e:#}");
                 ExitCode::FAILURE
             }
         },

@@ -2,14 +2,110 @@
 //! frames (raw bytes), records claiming an identity, and a burst past the per-sender
 //! record budget. Each must get the documented status and reason, nothing refused may be
 //! stored, the one good record must carry the kernel's identity, and logd's STATS for
-//! this process must have moved by exactly what the replies said.
+//! this process must have moved by exactly what the replies said. Then a child under a
+//! second uid ([`OTHER_UID`], the selftest re-executed with `denied-query-child`, which
+//! needs root) reads nothing of this process's records and asks for this process's
+//! service by name: refused `denied`/`query_without_acl`, and STATS read back as root
+//! count exactly that one reject, in total and on the child's own row.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use logd::frame::{HEADER_LEN, KIND_APPEND, KIND_STATS, Reply, VERSION};
 use logd::policy::Policy;
 use logd::{Level, Query, Reason, Record, RecordStatus, Reject, SenderStats, Stats};
 
-use super::Ctx;
+use super::{Ctx, report_fields, report_value, run_child};
+
+/// The child's argument.
+pub const DENIED_CHILD_ARG: &str = "denied-query-child";
+/// The uid the child runs as: no passwd entry needed, not root, not the selftest's.
+pub const OTHER_UID: u32 = 61002;
+/// The child's report line prefix.
+const DENIED_REPORT: &str = "denied-query:";
+
+/// The child (running as [`OTHER_UID`]): reads `SCOPE` as any query of its own would,
+/// then names `service` and reports the refusal.
+pub fn denied_child(logd_socket: &Path, service: &str) -> Result<()> {
+    let uid = rustix::process::getuid().as_raw();
+    let mut client = logd::Client::connect(logd_socket).context("connecting to logd")?;
+    let visible = client.query_all(&Query::new().scope(SCOPE), 1000)?.len();
+    match client.query(&Query::new().service(service)) {
+        Err(logd::ClientError::Rejected(e)) => println!(
+            "{DENIED_REPORT} uid={uid} visible={visible} class={} reason={}",
+            e.class,
+            e.reason.name()
+        ),
+        Ok(page) => println!(
+            "{DENIED_REPORT} uid={uid} visible={visible} class=none reason=none records={}",
+            page.records.len()
+        ),
+        Err(e) => return Err(e).context("the query naming another service"),
+    }
+    Ok(())
+}
+
+/// Runs [`denied_child`] as [`OTHER_UID`] and checks what it saw and what STATS counted.
+fn second_uid(ctx: &mut Ctx, service: &str) -> Result<String> {
+    ensure!(
+        rustix::process::geteuid().is_root(),
+        "the second-uid query needs root to start a child as uid {OTHER_UID} (the QEMU \
+         guest runs the selftest as root)"
+    );
+    let before = ctx.logd.client().stats()?.rejected.denied;
+    let exe = std::env::current_exe()?;
+    let mut command = Command::new(&exe);
+    command
+        .arg(DENIED_CHILD_ARG)
+        .arg("--logd")
+        .arg(ctx.logd.path())
+        .arg("--service")
+        .arg(service)
+        .uid(OTHER_UID)
+        .gid(OTHER_UID);
+    let out = run_child(command, Duration::from_secs(60)).context("the second-uid child")?;
+    let report = report_fields(&out, DENIED_REPORT)?;
+    let uid: u32 = report_value(&report, "uid")?;
+    let visible: usize = report_value(&report, "visible")?;
+    let class: String = report_value(&report, "class")?;
+    let reason: String = report_value(&report, "reason")?;
+    ensure!(
+        uid == OTHER_UID,
+        "the child ran as uid {uid}, not {OTHER_UID}"
+    );
+    ensure!(
+        visible == 0,
+        "uid {OTHER_UID} read {visible} of this process's records in scope {SCOPE}"
+    );
+    ensure!(
+        class == "denied" && reason == "query_without_acl",
+        "uid {OTHER_UID} asking for service {service:?} got {class}/{reason}, expected \
+         denied/query_without_acl"
+    );
+    let after = ctx.logd.client().stats()?;
+    let total = after.rejected.denied.wrapping_sub(before);
+    ensure!(
+        total == 1,
+        "STATS total denied moved by {total}; the child saw one refusal"
+    );
+    let row = after
+        .senders
+        .iter()
+        .find(|s| s.uid == OTHER_UID)
+        .with_context(|| format!("STATS lists no sender of uid {OTHER_UID}"))?;
+    ensure!(
+        row.rejected.denied == 1,
+        "STATS row of uid {OTHER_UID} counts {} denied queries, expected 1",
+        row.rejected.denied
+    );
+    Ok(format!(
+        "uid {OTHER_UID} read 0 records of {service}, its query naming it was refused \
+         denied/query_without_acl, STATS denied +1 (its row 1)"
+    ))
+}
 
 /// Scope of the probe records.
 const SCOPE: &str = "selftest.hardening";
@@ -292,11 +388,12 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
             "STATS total {class} moved by {total}, less than this sender's {mine}"
         );
     }
+    let acl = second_uid(ctx, &service)?;
     Ok(format!(
         "frame_too_large 1, malformed 4, oversized records 3, identity claims 3, \
          rate_limited {rate_limited} of {} burst records, the {} accepted read back and \
          nothing refused stored; STATS for pid {pid}: \
-         invalid_args +{}, over_limit +{}, rate_limited +{}, accepted +{}",
+         invalid_args +{}, over_limit +{}, rate_limited +{}, accepted +{}; {acl}",
         frames * per_frame,
         accepted_ids.len(),
         got.invalid_args,
