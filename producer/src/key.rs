@@ -47,18 +47,21 @@ pub struct Discarded {
 
 /// Keys per block: one bitmap word covers 64 keys.
 const BLOCK: usize = 64;
-/// Words one block of 64 keys takes: a registered bit per key, a pending bit per key,
-/// and one pending counter delta per key, in that order ([`REGISTERED`], [`PENDING`],
-/// [`DELTAS`]).
-const WORDS_PER_BLOCK: usize = 2 + BLOCK;
+/// Words one block of 64 keys takes: a registered bit per key, a pending bit per key, a
+/// "the pending delta is a float" bit per key, and one pending delta per key, in that
+/// order ([`REGISTERED`], [`PENDING`], [`FLOAT`], [`DELTAS`]).
+const WORDS_PER_BLOCK: usize = 3 + BLOCK;
 /// A block's registered bitmap, its first word: a key's bit is found with one bounds
 /// check against the storage (the words past the last whole block are zero and never
 /// written, so a key past the capacity finds its bit clear or no word at all).
 const REGISTERED: usize = 0;
 /// A block's pending bitmap.
 const PENDING: usize = 1;
+/// A block's float bitmap: the key's pending delta is the `f64` bits of a gauge's
+/// coalesced float increments, not a counter's `u64` increments.
+const FLOAT: usize = 2;
 /// A block's pending deltas, one word per key.
-const DELTAS: usize = 2;
+const DELTAS: usize = 3;
 
 /// Where key `index`'s block starts in the storage.
 #[inline(always)]
@@ -70,8 +73,9 @@ const fn block_start(index: usize) -> usize {
 /// the caller provides (a static array in a driver, a boxed slice in a service).
 ///
 /// For `n` keys the storage needs [`KeyTable::words_for(n)`](Self::words_for) words
-/// (about 8.3 bytes per key), in blocks of 64 keys: a "registered in this ring" bitmap,
-/// a "has a pending counter delta" bitmap, and the pending deltas themselves.
+/// (about 8.4 bytes per key), in blocks of 64 keys: a "registered in this ring" bitmap,
+/// a "has a pending delta" bitmap, a "the delta is a float gauge increment" bitmap, and
+/// the pending deltas themselves.
 ///
 /// ```
 /// use nexus_metrics::KeyTable;
@@ -110,7 +114,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         self.blocks * BLOCK
     }
 
-    /// Keys holding a pending counter delta.
+    /// Keys holding a pending delta (counter increments or float gauge increments).
     #[inline]
     pub fn pending_keys(&self) -> u32 {
         self.pending_keys
@@ -153,7 +157,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
     }
 
     /// Adds `n` to `key`'s pending delta. Returns false (and changes nothing) if the key
-    /// is out of range or the sum would overflow.
+    /// is out of range, holds a float delta, or the sum would overflow.
     pub(crate) fn add_pending(&mut self, key: u32, n: u64) -> bool {
         if !self.contains(key) {
             return false;
@@ -161,6 +165,9 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         let index = key as usize;
         let start = block_start(index);
         let words = self.storage.as_mut();
+        if words[start + FLOAT] & (1 << (index % BLOCK)) != 0 {
+            return false;
+        }
         let slot = start + DELTAS + index % BLOCK;
         let Some(sum) = words[slot].checked_add(n) else {
             return false;
@@ -178,7 +185,43 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         true
     }
 
-    /// The first key at or after `from` with a pending delta, and the delta.
+    /// Adds `x` to `key`'s pending float gauge increment. Returns false (and changes
+    /// nothing) if the key is out of range, holds a counter delta, or `x` is not finite.
+    pub(crate) fn add_pending_f64(&mut self, key: u32, x: f64) -> bool {
+        if !self.contains(key) || !x.is_finite() {
+            return false;
+        }
+        let index = key as usize;
+        let start = block_start(index);
+        let words = self.storage.as_mut();
+        let bit = 1u64 << (index % BLOCK);
+        let pending = words[start + PENDING] & bit != 0;
+        let float = words[start + FLOAT] & bit != 0;
+        if pending && !float {
+            return false;
+        }
+        let slot = start + DELTAS + index % BLOCK;
+        // A word of zero bits is 0.0, so a fresh slot starts the sum at zero.
+        words[slot] = (f64::from_bits(words[slot]) + x).to_bits();
+        words[start + FLOAT] |= bit;
+        if !pending {
+            words[start + PENDING] |= bit;
+            self.pending_keys += 1;
+        }
+        true
+    }
+
+    /// Whether `key`'s pending delta (if any) is a float gauge increment.
+    pub(crate) fn is_float(&self, key: u32) -> bool {
+        let index = key as usize;
+        self.storage
+            .as_ref()
+            .get(block_start(index) + FLOAT)
+            .is_some_and(|w| w & (1 << (index % BLOCK)) != 0)
+    }
+
+    /// The first key at or after `from` with a pending delta, and the delta (for a
+    /// float gauge increment, its `f64` bits: see [`is_float`](Self::is_float)).
     pub(crate) fn next_pending(&self, from: u32) -> Option<(u32, u64)> {
         if self.pending_keys == 0 {
             return None;
@@ -206,7 +249,9 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         };
         let mut from = 1;
         while let Some((key, delta)) = self.next_pending(from) {
-            discarded.increments = discarded.increments.wrapping_add(delta);
+            if !self.is_float(key) {
+                discarded.increments = discarded.increments.wrapping_add(delta);
+            }
             self.clear_pending(key);
             from = key.saturating_add(1);
         }
@@ -225,6 +270,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         let pending = &mut words[start + PENDING];
         if *pending & bit != 0 {
             *pending &= !bit;
+            words[start + FLOAT] &= !bit;
             words[start + DELTAS + index % BLOCK] = 0;
             self.pending_keys -= 1;
         }
@@ -272,6 +318,35 @@ mod tests {
         );
         assert_eq!(table.pending_keys(), 1, "pending deltas survive a new ring");
         assert_eq!(table.next_pending(0), Some((70, 7)));
+    }
+
+    #[test]
+    fn float_gauge_increments_coalesce_apart_from_counters() {
+        let mut storage = [0u64; KeyTable::<&mut [u64]>::words_for(64)];
+        let mut table = KeyTable::new(&mut storage[..]);
+        assert!(table.add_pending_f64(3, 1.5));
+        assert!(table.add_pending_f64(3, -0.25));
+        assert!(!table.add_pending_f64(3, f64::NAN), "not finite");
+        assert!(
+            !table.add_pending(3, 1),
+            "a float key takes no counter delta"
+        );
+        assert!(table.add_pending(4, 2));
+        assert!(
+            !table.add_pending_f64(4, 1.0),
+            "a counter key takes no float"
+        );
+        assert_eq!(table.pending_keys(), 2);
+        let (key, bits) = table.next_pending(0).expect("pending");
+        assert_eq!((key, f64::from_bits(bits)), (3, 1.25));
+        assert!(table.is_float(3) && !table.is_float(4));
+        let discarded = table.discard_pending();
+        assert_eq!(
+            (discarded.keys, discarded.increments),
+            (2, 2),
+            "floats are not increments"
+        );
+        assert!(!table.is_float(3), "cleared with the delta");
     }
 
     #[test]

@@ -48,6 +48,8 @@ mod key;
 mod recorder;
 mod registry;
 
+#[cfg(all(feature = "metrics", target_os = "linux"))]
+mod facade_metrics;
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod global;
 #[cfg(all(feature = "std", target_os = "linux"))]
@@ -73,12 +75,14 @@ pub use recorder::{AttrValue, Delivery, Dropped, Recorder, RecorderStats, SpanId
 pub use registry::{Descriptor, RegistrationScratch, Registry, StaticRegistry};
 pub use telemetry_abi::{RegisterKind, SpanStatus};
 
+#[cfg(all(feature = "metrics", target_os = "linux"))]
+pub use facade_metrics::MetricsRecorder;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use global::{
     AlreadyInstalled, Config, DEFAULT_MAX_KEYS, MAX_KEYS_LIMIT, MonotonicClock, install, stats,
 };
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub use handles::{Counter, Gauge, Histogram};
+pub use handles::{Counter, Gauge, Histogram, MetricType, describe};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use intern::KeyError;
 #[cfg(all(feature = "std", target_os = "linux"))]

@@ -179,6 +179,72 @@ impl Op for HistogramOp {
     }
 }
 
+/// A float gauge set: key, value.
+#[derive(Clone, Copy)]
+pub(crate) struct GaugeF64Op(pub(crate) u32, pub(crate) f64);
+
+/// A float gauge increment (negative: decrement): key, amount. Coalesced on a full ring.
+#[derive(Clone, Copy)]
+pub(crate) struct GaugeAddOp(pub(crate) u32, pub(crate) f64);
+
+/// A float histogram observation: key, value.
+#[derive(Clone, Copy)]
+pub(crate) struct HistogramF64Op(pub(crate) u32, pub(crate) f64);
+
+/// The registration of a key no sample carries (a metric's metadata): key.
+#[derive(Clone, Copy)]
+pub(crate) struct DeclareOp(pub(crate) u32);
+
+impl Op for GaugeF64Op {
+    #[inline(always)]
+    fn fast(self, recorder: &mut GlobalRecorder) -> bool {
+        recorder.try_fast(self.0, Record::gauge_f64(self.0, self.1))
+    }
+    #[inline(always)]
+    fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
+        recorder
+            .gauge_f64_raw(self.0, self.1)
+            .map(|()| Delivery::Written)
+    }
+}
+
+impl Op for GaugeAddOp {
+    #[inline(always)]
+    fn fast(self, recorder: &mut GlobalRecorder) -> bool {
+        recorder.try_fast(self.0, Record::gauge_f64_add(self.0, self.1))
+    }
+    #[inline(always)]
+    fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
+        recorder.gauge_add_f64_raw(self.0, self.1)
+    }
+}
+
+impl Op for HistogramF64Op {
+    #[inline(always)]
+    fn fast(self, recorder: &mut GlobalRecorder) -> bool {
+        recorder.try_fast(self.0, Record::histogram_f64(self.0, self.1))
+    }
+    #[inline(always)]
+    fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
+        recorder
+            .sample_raw(Record::histogram_f64(self.0, self.1))
+            .map(|()| Delivery::Written)
+    }
+}
+
+impl Op for DeclareOp {
+    fn fast(self, _recorder: &mut GlobalRecorder) -> bool {
+        // Always the slow path: declarations are rare and write no sample.
+        false
+    }
+    fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
+        match Key::new(self.0) {
+            Some(key) => recorder.declare(key).map(|()| Delivery::Written),
+            None => Err(Dropped::UnknownKey),
+        }
+    }
+}
+
 /// Records `op` in the calling thread's ring.
 ///
 /// The fast path runs alone under the borrow and calls nothing, so where it is not
@@ -444,7 +510,10 @@ impl Local {
         if let Slot::Ready(ring) = std::mem::replace(&mut self.slot, Slot::Unclaimed) {
             let (mut writer, mut table, _) = ring.recorder.into_parts();
             if writer.is_closed() {
-                let lost = salvage(&mut writer, |key, n| table.add_pending(key, n));
+                let lost = salvage(&mut writer, |held| match held {
+                    Held::Counter(key, n) => table.add_pending(key, n),
+                    Held::GaugeAdd(key, x) => table.add_pending_f64(key, x),
+                });
                 self.count_salvage_loss(lost);
             } else {
                 self.let_go_retired();
@@ -463,12 +532,16 @@ impl Local {
             return;
         };
         let lost = match (&mut self.slot, &mut self.table) {
-            (Slot::Ready(ring), _) => {
-                salvage(&mut writer, |key, n| ring.recorder.hold_back(key, n))
-            }
-            (_, Some(table)) => salvage(&mut writer, |key, n| table.add_pending(key, n)),
+            (Slot::Ready(ring), _) => salvage(&mut writer, |held| match held {
+                Held::Counter(key, n) => ring.recorder.hold_back(key, n),
+                Held::GaugeAdd(key, x) => ring.recorder.hold_back_f64(key, x),
+            }),
+            (_, Some(table)) => salvage(&mut writer, |held| match held {
+                Held::Counter(key, n) => table.add_pending(key, n),
+                Held::GaugeAdd(key, x) => table.add_pending_f64(key, x),
+            }),
             // No key table at all: nothing can hold the increments.
-            (_, None) => salvage(&mut writer, |_, _| false),
+            (_, None) => salvage(&mut writer, |_| false),
         };
         self.count_salvage_loss(lost);
     }
@@ -519,8 +592,16 @@ impl Local {
                 });
                 self.rings += 1;
                 self.current_span = 0;
+                let mut recorder = Recorder::new(writer, table, GlobalRegistry);
+                // The metrics' metadata described so far, for this ring's consumer (a
+                // new metricsd after a restart knows nothing). Cold: once per ring.
+                for key in global.metadata_keys().into_iter().filter_map(Key::new) {
+                    if recorder.declare(key).is_err() {
+                        self.count(Event::Dropped(DropReason::RingFull), 1);
+                    }
+                }
                 self.slot = Slot::Ready(Ring {
-                    recorder: Recorder::new(writer, table, GlobalRegistry),
+                    recorder,
                     generation: info.generation,
                     serial: self.rings,
                 });
@@ -701,14 +782,28 @@ fn to_span_id(id: u64) -> Option<SpanId> {
     SpanId::new(id)
 }
 
+/// A delta found unread in a closed ring, to be held back for the next one.
+#[derive(Clone, Copy)]
+enum Held {
+    /// A counter increment: key, amount.
+    Counter(u32, u64),
+    /// A float gauge increment: key, amount.
+    GaugeAdd(u32, f64),
+}
+
 /// Visits what `writer` published and its (closed) consumer never read: counter
-/// increments are offered to `hold` (key, amount), registrations skipped (a new ring
+/// and float gauge increments are offered to `hold`, registrations skipped (a new ring
 /// gets its own), everything else lost. Returns the records lost.
-fn salvage(writer: &mut Writer<MemfdRegion>, mut hold: impl FnMut(u32, u64) -> bool) -> u64 {
+fn salvage(writer: &mut Writer<MemfdRegion>, mut hold: impl FnMut(Held) -> bool) -> u64 {
     let mut lost = 0;
     writer.for_each_unconsumed(|record| match record.kind {
         RecordKind::COUNTER => {
-            if !hold(record.key, record.words[0]) {
+            if !hold(Held::Counter(record.key, record.words[0])) {
+                lost += 1;
+            }
+        }
+        RecordKind::GAUGE_F64_ADD => {
+            if !hold(Held::GaugeAdd(record.key, f64::from_bits(record.words[0]))) {
                 lost += 1;
             }
         }
