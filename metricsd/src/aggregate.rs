@@ -53,7 +53,7 @@ impl MetricKind {
 pub type Labels = Arc<[(String, String)]>;
 
 /// The aggregate of one series.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     /// Sum of every increment since the series was created.
     Counter {
@@ -65,6 +65,12 @@ pub enum Value {
         /// The value.
         value: Option<i64>,
     },
+    /// A gauge that was set or moved by a float (ABI 1.1): its value is a float from
+    /// then on (an integer set after that is taken as a float).
+    FloatGauge {
+        /// The value: the last set plus every increment since, in drain order.
+        value: f64,
+    },
     /// Observations since the series was created.
     Histogram {
         /// The bucket layout.
@@ -73,13 +79,15 @@ pub enum Value {
         counts: Box<[u64]>,
         /// Observations.
         count: u64,
-        /// Sum of observations.
+        /// Sum of the integer observations.
         sum: u128,
+        /// Sum of the float observations (ABI 1.1), `None` until one arrives.
+        float_sum: Option<f64>,
     },
 }
 
 /// One series.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Series {
     /// The producer's service (kernel-derived).
     pub service: Arc<str>,
@@ -180,6 +188,23 @@ pub struct StoreStats {
     pub labels_renamed: u64,
 }
 
+/// What a producer said about a metric (ABI 1.1 metadata registrations): kept per
+/// service and metric name, exported with the metric's series records (`unit`,
+/// `description`) and shown in snapshots for the exporters that leave the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricMetadata {
+    /// The producer's service.
+    pub service: Arc<str>,
+    /// The metric's name.
+    pub name: Arc<str>,
+    /// The kind the producer described it as.
+    pub kind: Option<MetricKind>,
+    /// Its unit (`bytes`, `seconds`, ...), if given.
+    pub unit: Option<Arc<str>>,
+    /// Its description, if given.
+    pub description: Option<Arc<str>>,
+}
+
 /// The outcome of resolving a registration to a series.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resolved {
@@ -202,6 +227,8 @@ pub struct Store {
     service_index: HashMap<Arc<str>, u32>,
     dirty: Vec<SeriesId>,
     stats: StoreStats,
+    metadata: HashMap<Arc<str>, HashMap<Arc<str>, Arc<MetricMetadata>>>,
+    metadata_count: u64,
 }
 
 impl Store {
@@ -225,7 +252,71 @@ impl Store {
             service_index: HashMap::new(),
             dirty: Vec::new(),
             stats: StoreStats::default(),
+            metadata: HashMap::new(),
+            metadata_count: 0,
         }
+    }
+
+    /// Keeps the metadata `labels` (`kind`, `unit`, `description`; others ignored) of
+    /// metric `name` in `service`, replacing what an earlier description said. At most
+    /// `series.max_total` metrics carry metadata; past that, a new one is refused.
+    pub fn describe(
+        &mut self,
+        service: u32,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<(), crate::health::Reason> {
+        let Some(state) = self.services.get(service as usize) else {
+            return Err(crate::health::Reason::BadRegistration);
+        };
+        let service_name = state.name.clone();
+        let mut meta = MetricMetadata {
+            service: service_name.clone(),
+            name: Arc::from(name),
+            kind: None,
+            unit: None,
+            description: None,
+        };
+        for (k, v) in labels {
+            match *k {
+                "kind" => {
+                    meta.kind = match *v {
+                        "counter" => Some(MetricKind::Counter),
+                        "gauge" => Some(MetricKind::Gauge),
+                        "histogram" => Some(MetricKind::Histogram),
+                        _ => None,
+                    }
+                }
+                "unit" if !v.is_empty() => meta.unit = Some(Arc::from(*v)),
+                "description" if !v.is_empty() => meta.description = Some(Arc::from(*v)),
+                _ => {}
+            }
+        }
+        let per_service = self.metadata.entry(service_name).or_default();
+        if !per_service.contains_key(name) {
+            if self.metadata_count >= u64::from(self.caps.max_total) {
+                return Err(crate::health::Reason::MetadataCap);
+            }
+            self.metadata_count += 1;
+        }
+        per_service.insert(meta.name.clone(), Arc::new(meta));
+        Ok(())
+    }
+
+    /// The metadata of metric `name` of `service`, if it was described.
+    pub fn metadata(&self, service: &str, name: &str) -> Option<&Arc<MetricMetadata>> {
+        self.metadata.get(service)?.get(name)
+    }
+
+    /// Every metric's metadata.
+    pub fn all_metadata(&self) -> Vec<MetricMetadata> {
+        let mut all: Vec<MetricMetadata> = self
+            .metadata
+            .values()
+            .flat_map(|m| m.values().map(|x| (**x).clone()))
+            .collect();
+        all.sort_by(|a, b| (&a.service, &a.name).cmp(&(&b.service, &b.name)));
+        all
     }
 
     /// The redaction policy.
@@ -352,6 +443,7 @@ impl Store {
                     layout,
                     count: 0,
                     sum: 0,
+                    float_sum: None,
                 }
             }
         };
@@ -410,6 +502,54 @@ impl Store {
         }
     }
 
+    /// Sets gauge `id` to the float `value`.
+    #[inline(always)]
+    pub fn set_f64(&mut self, id: SeriesId, value: f64) {
+        if let Some(s) = self.touch(id) {
+            if matches!(s.value, Value::Gauge { .. } | Value::FloatGauge { .. }) {
+                s.value = Value::FloatGauge { value };
+            }
+        }
+    }
+
+    /// Adds the float `delta` to gauge `id` (an unset gauge counts from zero).
+    #[inline(always)]
+    pub fn add_f64(&mut self, id: SeriesId, delta: f64) {
+        if let Some(s) = self.touch(id) {
+            let current = match s.value {
+                Value::Gauge { value } => value.unwrap_or(0) as f64,
+                Value::FloatGauge { value } => value,
+                _ => return,
+            };
+            s.value = Value::FloatGauge {
+                value: current + delta,
+            };
+        }
+    }
+
+    /// Records the float observation `value` (finite) in histogram `id`.
+    pub fn observe_f64(&mut self, id: SeriesId, value: f64) {
+        if let Some(Series {
+            value:
+                Value::Histogram {
+                    layout,
+                    counts,
+                    count,
+                    float_sum,
+                    ..
+                },
+            ..
+        }) = self.touch(id)
+        {
+            let i = layout.index_f64(value);
+            if let Some(c) = counts.get_mut(i) {
+                *c += 1;
+            }
+            *count += 1;
+            *float_sum = Some(float_sum.unwrap_or(0.0) + value);
+        }
+    }
+
     /// Records observation `value` in histogram `id`.
     #[inline(always)]
     pub fn observe(&mut self, id: SeriesId, value: u64) {
@@ -420,6 +560,7 @@ impl Store {
                     counts,
                     count,
                     sum,
+                    ..
                 },
             ..
         }) = self.touch(id)

@@ -21,7 +21,7 @@ use telemetry_abi::{
 };
 use telemetry_ring::{MemfdRegion, Reader};
 
-use crate::aggregate::{MetricKind, Resolved, Store};
+use crate::aggregate::{MetricKind, Resolved, SeriesId, Store};
 use crate::config::Config;
 use crate::export::ExportQueue;
 use crate::health::{Class, Reason, RejectCounts};
@@ -104,8 +104,10 @@ fn wall_ns() -> u64 {
 fn sample_kind(kind: RecordKind) -> Option<RegisterKind> {
     match kind {
         RecordKind::COUNTER => Some(RegisterKind::COUNTER),
-        RecordKind::GAUGE => Some(RegisterKind::GAUGE),
-        RecordKind::HISTOGRAM => Some(RegisterKind::HISTOGRAM),
+        RecordKind::GAUGE | RecordKind::GAUGE_F64 | RecordKind::GAUGE_F64_ADD => {
+            Some(RegisterKind::GAUGE)
+        }
+        RecordKind::HISTOGRAM | RecordKind::HISTOGRAM_F64 => Some(RegisterKind::HISTOGRAM),
         _ => None,
     }
 }
@@ -181,7 +183,8 @@ impl Ctx<'_> {
         match record.kind {
             RecordKind::COUNTER => self.store.add(id, s.value),
             RecordKind::GAUGE => self.store.set(id, s.value as i64),
-            _ => self.store.observe(id, s.value),
+            RecordKind::HISTOGRAM => self.store.observe(id, s.value),
+            kind => float_sample(self.store, id, kind, f64::from_bits(s.value))?,
         }
         Ok(())
     }
@@ -291,6 +294,25 @@ impl Ctx<'_> {
     }
 }
 
+/// A float sample (ABI 1.1), off the integer samples' inlined path.
+#[inline(never)]
+fn float_sample(
+    store: &mut Store,
+    id: SeriesId,
+    kind: RecordKind,
+    value: f64,
+) -> Result<(), Reason> {
+    if !value.is_finite() {
+        return Err(Reason::NotFinite);
+    }
+    match kind {
+        RecordKind::GAUGE_F64 => store.set_f64(id, value),
+        RecordKind::GAUGE_F64_ADD => store.add_f64(id, value),
+        _ => store.observe_f64(id, value),
+    }
+    Ok(())
+}
+
 fn register(ctx: &mut Ctx<'_>, keys: &mut KeyTable, service: u32, reg: &Registration<'_>) {
     match keys.check(reg) {
         Check::Same => return,
@@ -320,6 +342,10 @@ fn register(ctx: &mut Ctx<'_>, keys: &mut KeyTable, service: u32, reg: &Registra
             sensitive: ctx.redactor.is_sensitive(reg.name),
         },
         RegisterKind::STRING => Target::Str(Arc::from(reg.name)),
+        RegisterKind::METADATA => match ctx.store.describe(service, reg.name, &labels) {
+            Ok(()) => Target::Metadata,
+            Err(reason) => return ctx.reject(reason),
+        },
         // The assembler refuses unknown kinds; nothing else reaches here.
         _ => return ctx.reject(Reason::BadRegistration),
     };
@@ -508,7 +534,8 @@ impl Drainer {
                 crate::aggregate::Value::Counter { total } => total - s.exported_total,
                 _ => 0,
             };
-            records.push(schema::series_record(s, delta, window));
+            let meta = self.store.metadata(&s.service, &s.name);
+            records.push(schema::series_record(s, delta, window, meta.map(|m| &**m)));
             if let crate::aggregate::Value::Counter { total } = s.value {
                 self.store.set_exported_total(id, total);
             }
@@ -654,6 +681,7 @@ impl Drainer {
         rings.extend(self.closed.iter().cloned());
         Snapshot {
             series: Vec::new(),
+            metadata: Vec::new(),
             rings,
             rejects: self.rejects.clone(),
             violations: self.violations,
@@ -669,6 +697,7 @@ impl Drainer {
     pub fn snapshot(&self) -> Snapshot {
         let mut s = self.snapshot_core();
         s.series = self.store.all().to_vec();
+        s.metadata = self.store.all_metadata();
         s.grant = self
             .grant
             .lock()

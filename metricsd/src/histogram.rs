@@ -46,6 +46,26 @@ impl Layout {
         }
     }
 
+    /// The bucket the float `value` lands in. Every bound is an integer, so a bound is
+    /// at least `value` exactly when it is at least `value` rounded up: a float lands
+    /// in the same bucket as its ceiling (anything at or below zero in the first
+    /// bucket whose bound is at least zero, which is the first), exactly as the
+    /// inclusive `le` bounds say. NaN lands in the last bucket; callers refuse it first.
+    pub fn index_f64(&self, value: f64) -> usize {
+        if value.is_nan() {
+            return self.buckets() - 1;
+        }
+        if value <= 0.0 {
+            return self.index(0);
+        }
+        let ceiling = value.ceil();
+        if ceiling >= 18_446_744_073_709_551_616.0 {
+            // Above u64::MAX: past every bound.
+            return self.buckets() - 1;
+        }
+        self.index(ceiling as u64)
+    }
+
     /// The upper bound of bucket `i` as exported text (`+Inf` for the last).
     pub fn bound_text(&self, i: usize) -> String {
         match self {
@@ -113,6 +133,31 @@ mod tests {
         assert_eq!(l.buckets(), 66);
         assert!(l.bounds_text().starts_with("0,1,2,4,8,"));
         assert!(l.bounds_text().ends_with(",9223372036854775808,+Inf"));
+    }
+
+    #[test]
+    fn floats_land_where_their_inclusive_bounds_say() {
+        let l = Layout::Exponential;
+        for (v, i) in [
+            (-5.0, 0),
+            (0.0, 0),
+            (0.25, 1),
+            (1.0, 1),
+            (1.0001, 2),
+            (2.0, 2),
+            (2.5, 3),
+            (4.0, 3),
+            (4.000001, 4),
+            (1e30, 65),
+            (f64::INFINITY, 65),
+        ] {
+            assert_eq!(l.index_f64(v), i, "value {v}");
+        }
+        let e = Layout::Explicit(Arc::from(vec![10, 100]));
+        assert_eq!(
+            [-1.0, 9.5, 10.0, 10.5, 100.0, 100.1].map(|v| e.index_f64(v)),
+            [0, 0, 0, 1, 1, 2]
+        );
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub mod snapshot;
 pub mod spans;
 pub mod top;
 
-pub use aggregate::{MetricKind, Series, Value, series_id};
+pub use aggregate::{MetricKind, MetricMetadata, Series, Value, series_id};
 pub use config::Config;
 pub use daemon::{Daemon, DaemonError, DaemonHandle};
 pub use health::{Class, Reason};

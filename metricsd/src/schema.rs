@@ -14,9 +14,10 @@
 //! | `kind` | `counter`, `gauge`, `histogram` or `span_duration` |
 //! | `label.<key>` | one field per label (the overflow series has `label.otel.metric.overflow = true`) |
 //! | `window_start_ns`, `window_end_ns` | the export window, ns since the Unix epoch (metricsd's clock) |
-//! | `value` | counter: cumulative total since the series was created; gauge: last value |
+//! | `value` | counter: cumulative total since the series was created; gauge: last value (a decimal float once the gauge was set or moved by a float) |
+//! | `unit`, `description` | what the producer described the metric as, when it did |
 //! | `delta` | counter: increase within the window |
-//! | `count`, `sum` | histogram: cumulative observations and their sum |
+//! | `count`, `sum` | histogram: cumulative observations and their sum (a decimal float once a float was observed) |
 //! | `bounds`, `buckets` | histogram: comma-separated inclusive upper bounds (`+Inf` last) and cumulative count per bucket |
 //!
 //! **Spans** (`scope = "spans"`, `message` = the span name): `producer_service`, `span`
@@ -35,7 +36,7 @@ use std::sync::Arc;
 
 use logd::{Level, Record};
 
-use crate::aggregate::{MetricKind, Series, Value, series_id};
+use crate::aggregate::{MetricKind, MetricMetadata, Series, Value, series_id};
 use crate::spans::FinishedSpan;
 
 /// The scope of series records.
@@ -75,23 +76,44 @@ fn base(
         .field("window_end_ns", window.end_ns.to_string())
 }
 
-/// The record of a series; `delta` is the counter's increase in the window.
-pub fn series_record(s: &Series, delta: u128, window: Window) -> Record {
-    let r = base(&s.service, s.kind, &s.name, &s.labels, window);
+/// The record of a series; `delta` is the counter's increase in the window, `meta`
+/// what the producer described the metric as (its `unit` and `description` fields).
+pub fn series_record(
+    s: &Series,
+    delta: u128,
+    window: Window,
+    meta: Option<&MetricMetadata>,
+) -> Record {
+    let mut r = base(&s.service, s.kind, &s.name, &s.labels, window);
+    if let Some(meta) = meta {
+        if let Some(unit) = &meta.unit {
+            r = r.field("unit", &**unit);
+        }
+        if let Some(description) = &meta.description {
+            r = r.field("description", &**description);
+        }
+    }
     match &s.value {
         Value::Counter { total } => r
             .field("value", total.to_string())
             .field("delta", delta.to_string()),
         Value::Gauge { value } => r.field("value", value.unwrap_or(0).to_string()),
+        Value::FloatGauge { value } => r.field("value", value.to_string()),
         Value::Histogram {
             layout,
             counts,
             count,
             sum,
+            float_sum,
         } => {
             let buckets: Vec<String> = counts.iter().map(u64::to_string).collect();
+            let sum = match float_sum {
+                // Integer and float observations in one series: one float sum.
+                Some(f) => (*sum as f64 + f).to_string(),
+                None => sum.to_string(),
+            };
             r.field("count", count.to_string())
-                .field("sum", sum.to_string())
+                .field("sum", sum)
                 .field("bounds", layout.bounds_text())
                 .field("buckets", buckets.join(","))
         }

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use metrics::{
-    Counter as MCounter, CounterFn, Gauge as MGauge, GaugeFn, Histogram as MHistogram,
-    HistogramFn, Key as MKey, KeyName, Metadata, SharedString, Unit,
+    Counter as MCounter, CounterFn, Gauge as MGauge, GaugeFn, Histogram as MHistogram, HistogramFn,
+    Key as MKey, KeyName, Metadata, SharedString, Unit,
 };
 use telemetry_abi::{MAX_LABEL_KEY_LEN, MAX_LABELS, RegisterKind};
 
@@ -304,9 +304,10 @@ impl metrics::Recorder for MetricsRecorder {
         });
         match handle {
             Ok(Some(handle)) => MHistogram::from_arc(handle),
-            _ => MHistogram::from_arc(Arc::new(HistogramHandle(Histogram::from_handle(
-                register(RegisterKind::HISTOGRAM, key),
-            )))),
+            _ => MHistogram::from_arc(Arc::new(HistogramHandle(Histogram::from_handle(register(
+                RegisterKind::HISTOGRAM,
+                key,
+            ))))),
         }
     }
 }
@@ -340,6 +341,10 @@ mod tests {
         let b = cache.get(&B, || 2);
         assert_eq!((*a, *a2, *b, made), (1, 1, 2, 1));
         let dynamic = MKey::from_name(String::from("a"));
-        assert_eq!(*cache.get(&dynamic, || 3), 3, "another string, another entry");
+        assert_eq!(
+            *cache.get(&dynamic, || 3),
+            3,
+            "another string, another entry"
+        );
     }
 }

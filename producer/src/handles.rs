@@ -25,6 +25,10 @@ impl Handle {
     pub(crate) const NOOP: Self = Self { key: 0, noop: None };
 
     /// A no-op whose records count as [`DropReason::Invalid`].
+    #[cfg_attr(
+        not(feature = "metrics"),
+        expect(dead_code, reason = "used by the metrics facade only")
+    )]
     pub(crate) const fn invalid() -> Self {
         Self {
             key: 0,
@@ -181,7 +185,10 @@ macro_rules! handle_type {
                 Self(site.get($kind))
             }
 
-            #[allow(dead_code, reason = "used by the facade features only")]
+            #[cfg_attr(
+                not(feature = "metrics"),
+                expect(dead_code, reason = "used by the metrics facade only")
+            )]
             pub(crate) fn from_handle(handle: Handle) -> Self {
                 Self(handle)
             }
