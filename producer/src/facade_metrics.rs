@@ -18,8 +18,9 @@ use metrics::{
     Counter as MCounter, CounterFn, Gauge as MGauge, GaugeFn, Histogram as MHistogram, HistogramFn,
     Key as MKey, KeyName, Metadata, SharedString, Unit,
 };
-use telemetry_abi::{MAX_LABEL_KEY_LEN, MAX_LABELS, RegisterKind};
+use telemetry_abi::{MAX_LABELS, RegisterKind};
 
+use crate::facade_names::{clean_label_key, clean_name};
 use crate::global::global;
 use crate::handles::{Counter, Gauge, Handle, Histogram, MetricType, describe};
 use crate::local;
@@ -125,37 +126,6 @@ thread_local! {
     static COUNTERS: RefCell<Cache<CounterHandle>> = const { RefCell::new(Cache::new()) };
     static GAUGES: RefCell<Cache<GaugeHandle>> = const { RefCell::new(Cache::new()) };
     static HISTOGRAMS: RefCell<Cache<HistogramHandle>> = const { RefCell::new(Cache::new()) };
-}
-
-/// A name with the bytes the ring refuses in names replaced by `_`.
-fn clean_name(name: &str) -> String {
-    name.chars()
-        .map(|c| match c {
-            '"' | '\\' | '{' | '}' | '=' | ',' => '_',
-            c if c.is_ascii_graphic() || c == ' ' => c,
-            _ => '_',
-        })
-        .collect()
-}
-
-/// A label key in the ring's spelling: `[A-Za-z0-9_.]`, not starting with a digit or
-/// `.` (prefixed with `_` then).
-fn clean_label_key(key: &str) -> String {
-    let mut out: String = key
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if out.starts_with(|c: char| c.is_ascii_digit() || c == '.') || out.is_empty() {
-        out.insert(0, '_');
-    }
-    out.truncate(MAX_LABEL_KEY_LEN);
-    out
 }
 
 /// The handle of `key` as a series of `kind`, interned process-wide (a no-op handle
@@ -315,17 +285,6 @@ impl metrics::Recorder for MetricsRecorder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_and_label_keys_take_the_ring_spelling() {
-        assert_eq!(clean_name("http.requests_total"), "http.requests_total");
-        assert_eq!(clean_name("a{b}=c,\"d\\\n"), "a_b__c__d__");
-        assert_eq!(clean_label_key("http-method"), "http_method");
-        assert_eq!(clean_label_key("9lives"), "_9lives");
-        assert_eq!(clean_label_key(".x"), "_.x");
-        assert_eq!(clean_label_key(""), "_");
-        assert_eq!(clean_label_key(&"k".repeat(40)).len(), MAX_LABEL_KEY_LEN);
-    }
 
     #[test]
     fn the_cache_tells_keys_apart() {

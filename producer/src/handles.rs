@@ -24,10 +24,19 @@ pub(crate) struct Handle {
 impl Handle {
     pub(crate) const NOOP: Self = Self { key: 0, noop: None };
 
+    /// The handle of a key the interner gave out.
+    #[cfg_attr(
+        not(feature = "tracing"),
+        expect(dead_code, reason = "used by the tracing facade only")
+    )]
+    pub(crate) const fn key(key: u32) -> Self {
+        Self { key, noop: None }
+    }
+
     /// A no-op whose records count as [`DropReason::Invalid`].
     #[cfg_attr(
-        not(feature = "metrics"),
-        expect(dead_code, reason = "used by the metrics facade only")
+        not(any(feature = "metrics", feature = "tracing")),
+        expect(dead_code, reason = "used by the facades only")
     )]
     pub(crate) const fn invalid() -> Self {
         Self {
@@ -186,8 +195,8 @@ macro_rules! handle_type {
             }
 
             #[cfg_attr(
-                not(feature = "metrics"),
-                expect(dead_code, reason = "used by the metrics facade only")
+                not(any(feature = "metrics", feature = "tracing")),
+                expect(dead_code, reason = "used by the facades only")
             )]
             pub(crate) fn from_handle(handle: Handle) -> Self {
                 Self(handle)

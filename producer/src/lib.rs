@@ -50,6 +50,10 @@ mod registry;
 
 #[cfg(all(feature = "metrics", target_os = "linux"))]
 mod facade_metrics;
+#[cfg(all(any(feature = "metrics", feature = "tracing"), target_os = "linux"))]
+mod facade_names;
+#[cfg(all(feature = "tracing", target_os = "linux"))]
+mod facade_tracing;
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod global;
 #[cfg(all(feature = "std", target_os = "linux"))]
@@ -77,6 +81,8 @@ pub use telemetry_abi::{RegisterKind, SpanStatus};
 
 #[cfg(all(feature = "metrics", target_os = "linux"))]
 pub use facade_metrics::MetricsRecorder;
+#[cfg(all(feature = "tracing", target_os = "linux"))]
+pub use facade_tracing::TracingLayer;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use global::{
     AlreadyInstalled, Config, DEFAULT_MAX_KEYS, MAX_KEYS_LIMIT, MonotonicClock, install, stats,

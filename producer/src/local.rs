@@ -359,6 +359,35 @@ pub(crate) fn span_end(name: u32, started: Started, status: SpanStatus) {
     with_local(|local| local.span_end(name, started, status, now));
 }
 
+/// A finished span of a tree written whole ([`emit_tree`]): its keys are interned, its
+/// times taken.
+#[cfg(feature = "tracing")]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FinishedSpan {
+    /// The span name's key.
+    pub(crate) name: u32,
+    /// Index of the parent in the tree's list, or `u32::MAX` for the tree's root.
+    pub(crate) parent: u32,
+    pub(crate) start_ns: u64,
+    pub(crate) end_ns: u64,
+    pub(crate) status: SpanStatus,
+    /// Attributes: (attribute key, value).
+    pub(crate) attrs: [(u32, AttrValue); crate::span::MAX_SPAN_ATTRS],
+    pub(crate) attr_count: u8,
+}
+
+/// Writes a finished tree of spans into the calling thread's ring: `root`, then
+/// `rest` (each after its parent), every start first, then the attributes, then every
+/// end (children before parents), so each span's parent is open in the ring when the
+/// span starts. Ids are the ring's own sequence; what does not fit is counted.
+///
+/// This is the one place the tracing layer makes spans: a span model whose start and
+/// end may be written in different rings replaces it.
+#[cfg(feature = "tracing")]
+pub(crate) fn emit_tree(root: &FinishedSpan, rest: &[FinishedSpan]) {
+    with_local(|local| local.emit_tree(root, rest));
+}
+
 /// A span attribute value before interning.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum RawAttr {
@@ -753,6 +782,80 @@ impl Local {
         };
         if let Err(e) = result {
             self.settle(Err(e));
+        }
+    }
+
+    #[cfg(feature = "tracing")]
+    fn emit_tree(&mut self, root: &FinishedSpan, rest: &[FinishedSpan]) {
+        let n = 1 + rest.len();
+        let ring = match self.ring() {
+            Ok(ring) => ring,
+            Err(reason) => return self.count(Event::Dropped(reason), n as u64),
+        };
+        // Ids by position (0: the root, k + 1: `rest[k]`); on the stack for small trees.
+        let mut small = [None; 32];
+        let mut big = Vec::new();
+        let ids: &mut [Option<SpanId>] = if n <= small.len() {
+            &mut small[..n]
+        } else {
+            big.resize(n, None);
+            &mut big
+        };
+        let (mut full, mut unknown) = (0u64, 0u64);
+        let mut fail = |e: Dropped| match e {
+            Dropped::RingFull => full += 1,
+            Dropped::UnknownKey => unknown += 1,
+        };
+        let span_at = |i: usize| if i == 0 { root } else { &rest[i - 1] };
+        for i in 0..n {
+            let span = span_at(i);
+            let parent = match span.parent {
+                u32::MAX => None,
+                p => match ids.get(p as usize + 1).copied().flatten() {
+                    Some(id) => Some(id),
+                    None => {
+                        // The parent was dropped: this span would claim to be a root.
+                        fail(Dropped::RingFull);
+                        continue;
+                    }
+                },
+            };
+            match Key::new(span.name) {
+                Some(name) => match ring.recorder.span_start(name, parent, span.start_ns) {
+                    Ok(id) => ids[i] = Some(id),
+                    Err(e) => fail(e),
+                },
+                None => fail(Dropped::UnknownKey),
+            }
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let (Some(id), span) = (id, span_at(i)) else {
+                continue;
+            };
+            for (attr, value) in &span.attrs[..usize::from(span.attr_count)] {
+                let result = match Key::new(*attr) {
+                    Some(attr) => ring.recorder.span_attr(*id, attr, *value),
+                    None => Err(Dropped::UnknownKey),
+                };
+                if let Err(e) = result {
+                    fail(e);
+                }
+            }
+        }
+        for (i, id) in ids.iter().enumerate().rev() {
+            let span = span_at(i);
+            let (Some(id), Some(name)) = (id, Key::new(span.name)) else {
+                continue;
+            };
+            if let Err(e) = ring.recorder.span_end(name, *id, span.end_ns, span.status) {
+                fail(e);
+            }
+        }
+        if full > 0 {
+            self.count(Event::Dropped(DropReason::RingFull), full);
+        }
+        if unknown > 0 {
+            self.count(Event::Dropped(DropReason::Invalid), unknown);
         }
     }
 
