@@ -205,7 +205,7 @@ impl HistogramFn for HistogramHandle {
 
 fn describe_as(kind: MetricType, key: &KeyName, unit: Option<Unit>, description: &str) {
     let name = clean_name(key.as_str());
-    let unit = unit.map_or("", |u| u.as_canonical_label());
+    let unit = unit.map_or("", |u| u.as_str());
     if describe(kind, &name, unit, description).is_err() {
         local::count_noop(DropReason::Invalid);
     }

@@ -17,7 +17,7 @@
 //! as integers, strings (and anything formatted with `Debug` or `Display`, cut to 96
 //! bytes) as interned strings, at most [`TracingLayer::MAX_STRING_VALUES`] distinct
 //! ones for the process; at most [`MAX_SPAN_ATTRS`] per span. A field named `error`
-//! gives the span the error status. metricsd redacts sensitive attribute keys as it
+//! (recorded as anything but `false` or 0) gives the span the error status. metricsd redacts sensitive attribute keys as it
 //! does for native spans.
 
 use std::cell::RefCell;
@@ -289,7 +289,8 @@ impl Fields<'_> {
     }
 
     fn push(&mut self, field: &Field, value: Result<AttrValue, DropReason>) {
-        if field.name() == "error" {
+        if field.name() == "error" && !matches!(value, Ok(AttrValue::U64(0))) {
+            // Any `error` but `false` (or 0) marks the span failed.
             self.span.status = SpanStatus::ERROR;
         }
         let key = self.key(field);

@@ -366,7 +366,8 @@ pub(crate) fn span_end(name: u32, started: Started, status: SpanStatus) {
 pub(crate) struct FinishedSpan {
     /// The span name's key.
     pub(crate) name: u32,
-    /// Index of the parent in the tree's list, or `u32::MAX` for the tree's root.
+    /// Index of the parent in the tree's list (`rest` of [`emit_tree`]), or `u32::MAX`
+    /// for the tree's root.
     pub(crate) parent: u32,
     pub(crate) start_ns: u64,
     pub(crate) end_ns: u64,
@@ -809,9 +810,10 @@ impl Local {
         let span_at = |i: usize| if i == 0 { root } else { &rest[i - 1] };
         for i in 0..n {
             let span = span_at(i);
-            let parent = match span.parent {
-                u32::MAX => None,
-                p => match ids.get(p as usize + 1).copied().flatten() {
+            // The root has no parent here; in `rest`, `u32::MAX` is the root.
+            let parent = match (i, span.parent) {
+                (0, _) => None,
+                (_, p) => match ids.get(p.wrapping_add(1) as usize).copied().flatten() {
                     Some(id) => Some(id),
                     None => {
                         // The parent was dropped: this span would claim to be a root.
