@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use crate::config::SeriesConfig;
-use crate::histogram::Layout;
+use crate::histogram::{Histogram, NotFinite};
 use crate::redact::{REDACTED, Redactor, is_identity_key};
 
 /// Index of a series in the store.
@@ -71,19 +71,9 @@ pub enum Value {
         /// The value: the last set plus every increment since, in drain order.
         value: f64,
     },
-    /// Observations since the series was created.
-    Histogram {
-        /// The bucket layout.
-        layout: Layout,
-        /// Count per bucket, `+Inf` last.
-        counts: Box<[u64]>,
-        /// Observations.
-        count: u64,
-        /// Sum of the integer observations.
-        sum: u128,
-        /// Sum of the float observations (ABI 1.1), `None` until one arrives.
-        float_sum: Option<f64>,
-    },
+    /// Observations since the series was created: exponential with an automatic
+    /// scale, or over the bounds configured for the name.
+    Histogram(Histogram),
 }
 
 /// One series.
@@ -341,11 +331,10 @@ impl Store {
         i
     }
 
-    /// The layout for histograms (and span durations) named `name`.
-    pub fn layout(&self, name: &str) -> Layout {
-        self.layouts
-            .get(name)
-            .map_or(Layout::Exponential, |b| Layout::Explicit(b.clone()))
+    /// The configured bounds for histograms (and span durations) named `name`; `None`
+    /// means exponential.
+    pub fn layout(&self, name: &str) -> Option<Arc<[u64]>> {
+        self.layouts.get(name).cloned()
     }
 
     /// Resolves a registration of `name` with `labels` (as the producer gave them) in
@@ -437,14 +426,7 @@ impl Store {
             MetricKind::Counter => Value::Counter { total: 0 },
             MetricKind::Gauge => Value::Gauge { value: None },
             MetricKind::Histogram | MetricKind::SpanDuration => {
-                let layout = self.layout(&name);
-                Value::Histogram {
-                    counts: vec![0; layout.buckets()].into_boxed_slice(),
-                    layout,
-                    count: 0,
-                    sum: 0,
-                    float_sum: None,
-                }
+                Value::Histogram(Histogram::new(self.layout(&name)))
             }
         };
         let id = self.series.len() as SeriesId;
@@ -527,51 +509,33 @@ impl Store {
         }
     }
 
-    /// Records the float observation `value` (finite) in histogram `id`.
-    pub fn observe_f64(&mut self, id: SeriesId, value: f64) {
-        if let Some(Series {
-            value:
-                Value::Histogram {
-                    layout,
-                    counts,
-                    count,
-                    float_sum,
-                    ..
-                },
-            ..
-        }) = self.touch(id)
-        {
-            let i = layout.index_f64(value);
-            if let Some(c) = counts.get_mut(i) {
-                *c += 1;
-            }
-            *count += 1;
-            *float_sum = Some(float_sum.unwrap_or(0.0) + value);
-        }
-    }
-
     /// Records observation `value` in histogram `id`.
     #[inline(always)]
     pub fn observe(&mut self, id: SeriesId, value: u64) {
         if let Some(Series {
-            value:
-                Value::Histogram {
-                    layout,
-                    counts,
-                    count,
-                    sum,
-                    ..
-                },
+            value: Value::Histogram(h),
             ..
         }) = self.touch(id)
         {
-            let i = layout.index(value);
-            if let Some(c) = counts.get_mut(i) {
-                *c += 1;
-            }
-            *count += 1;
-            *sum += u128::from(value);
+            h.record(value);
         }
+    }
+
+    /// Records observation `value` in histogram `id`; NaN and infinities are refused
+    /// (the caller counts them) and leave the series untouched.
+    #[inline(always)]
+    pub fn observe_f64(&mut self, id: SeriesId, value: f64) -> Result<(), NotFinite> {
+        if !value.is_finite() {
+            return Err(NotFinite);
+        }
+        if let Some(Series {
+            value: Value::Histogram(h),
+            ..
+        }) = self.touch(id)
+        {
+            h.record_f64(value)?;
+        }
+        Ok(())
     }
 
     /// The series changed since the last call, clearing their changed mark.

@@ -50,6 +50,10 @@ enum Cmd {
         /// /run/logd.sock; overrides the config].
         #[arg(long, value_name = "PATH")]
         logd_socket: Option<PathBuf>,
+        /// Serve Prometheus' `GET /metrics` on ADDR, e.g. 127.0.0.1:9464 [default: the
+        /// config's prometheus.listen, else no endpoint; overrides the config].
+        #[arg(long, value_name = "ADDR")]
+        prometheus_listen: Option<String>,
     },
 
     /// Run the whole pipeline on private sockets and check it end to end through logd.
@@ -153,7 +157,8 @@ fn main() -> anyhow::Result<()> {
             config,
             socket,
             logd_socket,
-        } => serve(config, socket, logd_socket),
+            prometheus_listen,
+        } => serve(config, socket, logd_socket, prometheus_listen),
         Cmd::Demo {
             seconds,
             producers,
@@ -244,6 +249,7 @@ fn serve(
     config: Option<PathBuf>,
     socket: Option<PathBuf>,
     logd_socket: Option<PathBuf>,
+    prometheus_listen: Option<String>,
 ) -> anyhow::Result<()> {
     let mut cfg = match &config {
         Some(path) => Config::load(path)?,
@@ -254,6 +260,9 @@ fn serve(
     }
     if let Some(s) = logd_socket {
         cfg.logd_socket = s;
+    }
+    if let Some(a) = prometheus_listen {
+        cfg.prometheus.listen = Some(a);
     }
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -267,6 +276,9 @@ fn serve(
         daemon.socket_path().display(),
         logd.display()
     );
+    if let Some(addr) = daemon.prometheus_addr() {
+        eprintln!("metricsd: Prometheus scrape endpoint http://{addr}/metrics");
+    }
     let handle = signals.handle();
     let waiter = std::thread::spawn(move || signals.forever().next());
     loop {

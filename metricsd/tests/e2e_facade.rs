@@ -274,8 +274,9 @@ fn facade_service_on_tokio_reads_back_exactly_from_logd() {
         Some("Requests in progress")
     );
 
-    // Histogram buckets: 0, 0.75, 1.5 and 2.25, a quarter each, in the default
-    // layout's buckets with upper bounds 0, 1, 2 and 4.
+    // Histogram buckets: 0, 0.75, 1.5 and 2.25, a quarter each, in the exponential
+    // histogram: 0 in the zero bucket, each other value in the bucket its scale's
+    // mapping gives, with the exact count.
     let id = series_id(
         svc,
         MetricKind::Histogram,
@@ -284,21 +285,46 @@ fn facade_service_on_tokio_reads_back_exactly_from_logd() {
     );
     let rec = series_records(&logd_path, &id);
     let last = rec.last().expect("the histogram was exported");
-    let buckets: Vec<u64> = last
-        .record
-        .get("buckets")
-        .expect("buckets")
-        .split(',')
-        .map(|b| b.parse().expect("a count"))
-        .collect();
     let quarter = REQUESTS / 4;
-    let mut want = vec![0; buckets.len()];
-    want[..4].copy_from_slice(&[quarter; 4]);
-    assert_eq!(buckets, want);
     assert_eq!(num(last, "count"), REQUESTS);
+    assert_eq!(num(last, "zero_count"), quarter);
     assert_eq!(
         last.record.get("sum"),
         Some(&*(quarter as f64 * (0.0 + 0.75 + 1.5 + 2.25)).to_string())
+    );
+    assert_eq!(last.record.get("min"), Some("0"));
+    assert_eq!(last.record.get("max"), Some("2.25"));
+    let scale: i32 = last
+        .record
+        .get("scale")
+        .expect("scale")
+        .parse()
+        .expect("a number");
+    let offset: i32 = last
+        .record
+        .get("positive_offset")
+        .expect("positive_offset")
+        .parse()
+        .expect("a number");
+    let buckets: Vec<u64> = last
+        .record
+        .get("positive_buckets")
+        .expect("positive_buckets")
+        .split(',')
+        .map(|b| b.parse().expect("a count"))
+        .collect();
+    let mut want = vec![0; buckets.len()];
+    for v in [0.75, 1.5, 2.25] {
+        let i = metricsd::histogram::index(v, scale).expect("a positive value");
+        want[usize::try_from(i - offset).expect("inside the buckets")] += quarter;
+    }
+    assert_eq!(buckets, want, "scale {scale}, offset {offset}");
+    assert!(
+        !last
+            .record
+            .fields
+            .iter()
+            .any(|(k, _)| k == "negative_buckets")
     );
 
     // Events, per level and target, inside the span they happened in.

@@ -26,6 +26,7 @@
 pub mod hostile;
 pub mod producer;
 pub mod report;
+pub mod scrape_check;
 pub mod verify;
 
 use std::collections::{BTreeMap, HashMap};
@@ -253,6 +254,14 @@ pub struct Summary {
     pub verified_services: u64,
     /// Series compared exactly.
     pub verified_series: u64,
+    /// The scrape endpoint scraped at the end (`ADDR:PORT`).
+    pub scrape_addr: Option<String>,
+    /// Bytes of that scrape.
+    pub scrape_bytes: usize,
+    /// Series in it.
+    pub scrape_series: usize,
+    /// Of which compared with the producers' reports.
+    pub scrape_compared: u64,
     /// Health series compared for the hostile producer.
     pub verified_health: u64,
     /// The flood's overflow checks: (metric, own series, label sets in overflow,
@@ -424,6 +433,8 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
         ..Config::default()
     };
     config.export.interval_ms = EXPORT_INTERVAL_MS;
+    // The scrape endpoint on a loopback port the kernel picks, scraped once at the end.
+    config.prometheus.listen = Some("127.0.0.1:0".to_owned());
     let names: Arc<Mutex<HashMap<u32, String>>> = Arc::default();
     let lookup = Arc::clone(&names);
     let daemon = Daemon::new(config.clone())
@@ -602,6 +613,19 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
             .min(config.series.max_per_service),
     );
     verify::verify_caps(&mut v, cap);
+    let scrape = match daemon.prometheus_addr() {
+        Some(addr) => scrape_check::verify_scrape(addr, &reports, &mut v),
+        None => Err("metricsd serves no /metrics".to_owned()),
+    };
+    let scrape = scrape.unwrap_or_else(|why| {
+        v.mismatches.push(verify::Mismatch::Scrape {
+            series: "GET /metrics".to_owned(),
+            field: "answer",
+            expected: "200 with delimited protobuf".to_owned(),
+            found: Some(why),
+        });
+        scrape_check::ScrapeCheck::default()
+    });
     let evicted = logd::Client::connect(&logd_socket)
         .and_then(|mut c| c.stats())
         .map_err(|e| DemoError::Verify(verify::VerifyError(e)))?
@@ -618,6 +642,7 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
             producers,
             evicted,
             dir,
+            scrape,
         },
     );
     print_summary(&summary, out).map_err(DemoError::Output)?;
@@ -637,6 +662,7 @@ struct Extras<'a> {
     producers: Vec<ProducerSummary>,
     evicted: u64,
     dir: &'a Path,
+    scrape: scrape_check::ScrapeCheck,
 }
 
 fn summarize(s: &Snapshot, v: &Verification, x: Extras<'_>) -> Summary {
@@ -703,6 +729,10 @@ fn summarize(s: &Snapshot, v: &Verification, x: Extras<'_>) -> Summary {
         verified_records_read: v.records_read,
         verified_services: v.services,
         verified_series: v.series_checked,
+        scrape_addr: x.scrape.addr.map(|a| a.to_string()),
+        scrape_bytes: x.scrape.bytes,
+        scrape_series: x.scrape.series,
+        scrape_compared: x.scrape.compared,
         verified_health: v.health_checked,
         flood: v
             .overflow
@@ -809,11 +839,15 @@ pub fn print_summary(s: &Summary, out: &mut dyn Write) -> std::io::Result<()> {
     }
     writeln!(
         out,
-        "  verification   read {} records back from logd: {} series of {} services and {} health series compared with what the producers recorded: {}",
+        "  verification   read {} records back from logd: {} series of {} services and {} health series compared with what the producers recorded; scraped http://{}/metrics once (protobuf, {} bytes, {} series): {} series compared, every bucket; {}",
         s.verified_records_read,
         s.verified_series,
         s.verified_services,
         s.verified_health,
+        s.scrape_addr.as_deref().unwrap_or("(none)"),
+        s.scrape_bytes,
+        s.scrape_series,
+        s.scrape_compared,
         if s.ok {
             "all exact".to_owned()
         } else {
