@@ -737,6 +737,10 @@ pub fn run(
 ) {
     let mut idle = idle_min;
     let mut next_export = Instant::now() + interval;
+    if let Some(p) = &published {
+        // Scrapes before the first export see the (empty) start.
+        p.publish(Arc::new(d.snapshot()));
+    }
     let mut snapshots: Vec<Sender<Snapshot>> = Vec::new();
     let mut exports: Vec<Sender<()>> = Vec::new();
     let mut stop = false;
