@@ -86,6 +86,7 @@ pub struct Drainer {
     queue: Arc<ExportQueue>,
     last_export_ns: u64,
     last_health: HashMap<String, i128>,
+    scrape_stats: Option<Arc<crate::scrape::ScrapeStats>>,
 }
 
 /// One health series: kind, name, labels, value.
@@ -352,6 +353,7 @@ impl Drainer {
             queue,
             last_export_ns: wall_ns(),
             last_health: HashMap::new(),
+            scrape_stats: None,
         }
     }
 
@@ -659,7 +661,8 @@ impl Drainer {
                 (*n).into(),
             ));
         }
-        h.into_iter()
+        let mut rows: Vec<HealthSeries> = h
+            .into_iter()
             .map(|(kind, name, labels, value)| {
                 let pairs: Vec<(&str, &str)> =
                     labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -670,7 +673,16 @@ impl Drainer {
                     value,
                 }
             })
-            .collect()
+            .collect();
+        if let Some(scrape) = &self.scrape_stats {
+            rows.extend(scrape.health());
+        }
+        rows
+    }
+
+    /// Includes the scrape endpoint's counters in the health series.
+    pub fn set_scrape_stats(&mut self, stats: Arc<crate::scrape::ScrapeStats>) {
+        self.scrape_stats = Some(stats);
     }
 
     fn snapshot_core(&self) -> Snapshot {
