@@ -14,7 +14,7 @@ use crate::drain::{self, Command, Drainer};
 use crate::export::{self, ExportQueue};
 use crate::grant::{GrantError, GrantServer};
 use crate::identity::{Identify, Policy};
-use crate::scrape::{Published, ScrapeServer};
+use crate::scrape::{Published, ScrapeServer, ScrapeStats};
 use crate::sink::{LogdSink, Sink};
 use crate::snapshot::{GrantStats, Snapshot};
 
@@ -158,7 +158,7 @@ impl Daemon {
             Box::new(move || export::run(q, sink, inst, batch, retry)),
         )?);
 
-        let drainer = Drainer::new(&config, queue.clone(), grant_stats);
+        let mut drainer = Drainer::new(&config, queue.clone(), grant_stats);
         let scrape = match config
             .prometheus
             .listen_addr()
@@ -166,8 +166,11 @@ impl Daemon {
         {
             Some(addr) => {
                 let published = Arc::new(Published::new());
-                let server = ScrapeServer::start(addr, &config.prometheus, published.clone())
-                    .map_err(|e| DaemonError::Prometheus(addr, e))?;
+                let stats = Arc::new(ScrapeStats::default());
+                drainer.set_scrape_stats(stats.clone());
+                let server =
+                    ScrapeServer::start(addr, &config.prometheus, published.clone(), stats)
+                        .map_err(|e| DaemonError::Prometheus(addr, e))?;
                 Some((published, server))
             }
             None => None,

@@ -86,6 +86,7 @@ pub struct Drainer {
     queue: Arc<ExportQueue>,
     last_export_ns: u64,
     last_health: HashMap<String, i128>,
+    scrape_stats: Option<Arc<crate::scrape::ScrapeStats>>,
 }
 
 /// One health series: kind, name, labels, value.
@@ -380,6 +381,7 @@ impl Drainer {
             queue,
             last_export_ns: wall_ns(),
             last_health: HashMap::new(),
+            scrape_stats: None,
         }
     }
 
@@ -688,7 +690,8 @@ impl Drainer {
                 (*n).into(),
             ));
         }
-        h.into_iter()
+        let mut rows: Vec<HealthSeries> = h
+            .into_iter()
             .map(|(kind, name, labels, value)| {
                 let pairs: Vec<(&str, &str)> =
                     labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -699,7 +702,16 @@ impl Drainer {
                     value,
                 }
             })
-            .collect()
+            .collect();
+        if let Some(scrape) = &self.scrape_stats {
+            rows.extend(scrape.health());
+        }
+        rows
+    }
+
+    /// Includes the scrape endpoint's counters in the health series.
+    pub fn set_scrape_stats(&mut self, stats: Arc<crate::scrape::ScrapeStats>) {
+        self.scrape_stats = Some(stats);
     }
 
     fn snapshot_core(&self) -> Snapshot {
@@ -768,6 +780,10 @@ pub fn run(
 ) {
     let mut idle = idle_min;
     let mut next_export = Instant::now() + interval;
+    if let Some(p) = &published {
+        // Scrapes before the first export see the (empty) start.
+        p.publish(Arc::new(d.snapshot()));
+    }
     let mut snapshots: Vec<Sender<Snapshot>> = Vec::new();
     let mut exports: Vec<Sender<()>> = Vec::new();
     let mut stop = false;

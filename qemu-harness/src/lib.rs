@@ -35,5 +35,6 @@ pub mod initramfs;
 pub mod ladder;
 pub mod manifest;
 pub mod markers;
+pub mod net;
 pub mod plan;
 pub mod selftest;
