@@ -51,6 +51,7 @@ fn workload() -> (Arc<Snapshot>, PrometheusHandle) {
         max_per_metric: 1_000_000,
         max_per_service: 1_000_000,
         max_overflow: 1_000,
+        ..SeriesConfig::default()
     };
     let mut store = Store::new(
         caps,
@@ -134,7 +135,7 @@ fn workload() -> (Arc<Snapshot>, PrometheusHandle) {
         }
     }
     let snapshot = Snapshot {
-        series: store.all().to_vec(),
+        series: store.all().cloned().collect(),
         ..Snapshot::default()
     };
     (Arc::new(snapshot), recorder.handle())

@@ -45,6 +45,7 @@ pub mod sink;
 pub mod snapshot;
 pub mod spans;
 pub mod top;
+pub mod wake;
 
 pub use aggregate::{MetricKind, MetricMetadata, Series, Value, series_id};
 pub use config::Config;

@@ -80,13 +80,16 @@ fn base(
 
 /// The record of a series; `delta` is the counter's increase in the window, `meta`
 /// what the producer described the metric as (its `unit` and `description` fields).
+/// `start_ns` is when the series was created: its cumulative value counts from there,
+/// and a series that expired and came back has a new one.
 pub fn series_record(
     s: &Series,
     delta: u128,
     window: Window,
     meta: Option<&MetricMetadata>,
 ) -> Record {
-    let mut r = base(&s.service, s.kind, &s.name, &s.labels, window);
+    let mut r = base(&s.service, s.kind, &s.name, &s.labels, window)
+        .field("start_ns", s.created_ns.to_string());
     if let Some(meta) = meta {
         if let Some(unit) = &meta.unit {
             r = r.field("unit", &**unit);
@@ -130,6 +133,12 @@ pub fn series_record(
             }
         }
     }
+}
+
+/// The last record of a series that expired: its final value (`delta` 0, nothing new in
+/// the window) and `expired = "true"`. It is removed from metricsd after this.
+pub fn expired_record(s: &Series, window: Window) -> Record {
+    series_record(s, 0, window, None).field("expired", "true")
 }
 
 /// The histogram a series record carries (the inverse of [`series_record`]), or `None`
