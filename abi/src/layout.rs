@@ -384,6 +384,11 @@ mod tests {
         };
         assert_eq!(h.validate(len), Ok(g), "any minor of the major is accepted");
         let h = Header {
+            abi_minor: 0,
+            ..good
+        };
+        assert_eq!(h.validate(len), Ok(g), "a 1.0 region is read as before");
+        let h = Header {
             record_size: 64,
             ..good
         };
