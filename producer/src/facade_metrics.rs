@@ -5,8 +5,9 @@
 //!
 //! Every `metrics` macro call asks the recorder for a handle. The answer comes from a
 //! per-thread cache of the handles that thread asked for (64 entries, direct-mapped by
-//! the key's hash), checked against the key's hash, name and labels: after a call site's
-//! first call on a thread, no lock, allocation or system call, only a reference count
+//! the key's hash), checked against the key's hash and then its name and labels (by
+//! address for a static key, by content for one built at run time): after a key's first
+//! call on a thread, no lock, allocation or system call of ours, only a reference count
 //! taken and released on an `Arc` that thread alone uses. A miss (a new key, or two keys
 //! sharing an entry) interns the key in the process-wide table (a lock and a hash).
 
@@ -65,11 +66,14 @@ impl MetricsRecorder {
 /// Entries in each per-thread handle cache.
 const CACHE: usize = 64;
 
-/// One cached handle and what identifies its key.
+/// One cached handle and what identifies its key: the key's hash, where its name and
+/// labels were (a static key is the same memory on every call), and a copy of them (a
+/// key built at run time, with labels from variables, is new memory on every call).
 struct Entry<T> {
     hash: u64,
     name: (usize, usize),
     labels: (usize, usize),
+    copy: (Box<str>, Box<[(Box<str>, Box<str>)]>),
     handle: Arc<T>,
 }
 
@@ -78,8 +82,22 @@ impl<T> Entry<T> {
     fn matches(&self, key: &MKey, hash: u64) -> bool {
         let labels = key.labels().as_slice();
         self.hash == hash
-            && self.name == (key.name().as_ptr() as usize, key.name().len())
-            && self.labels == (labels.as_ptr() as usize, labels.len())
+            && ((self.name == (key.name().as_ptr() as usize, key.name().len())
+                && self.labels == (labels.as_ptr() as usize, labels.len()))
+                || self.same_content(key))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn same_content(&self, key: &MKey) -> bool {
+        *self.copy.0 == *key.name()
+            && self.copy.1.len() == key.labels().len()
+            && self
+                .copy
+                .1
+                .iter()
+                .zip(key.labels())
+                .all(|((k, v), l)| **k == *l.key() && **v == *l.value())
     }
 }
 
@@ -116,6 +134,12 @@ impl<T> Cache<T> {
             hash,
             name: (key.name().as_ptr() as usize, key.name().len()),
             labels: (labels.as_ptr() as usize, labels.len()),
+            copy: (
+                key.name().into(),
+                key.labels()
+                    .map(|l| (l.key().into(), l.value().into()))
+                    .collect(),
+            ),
             handle: Arc::clone(&handle),
         });
         handle
@@ -299,11 +323,14 @@ mod tests {
         let a2 = cache.get(&A, || 99);
         let b = cache.get(&B, || 2);
         assert_eq!((*a, *a2, *b, made), (1, 1, 2, 1));
+        // The same key built at run time (new memory on every call): found by content.
         let dynamic = MKey::from_name(String::from("a"));
-        assert_eq!(
-            *cache.get(&dynamic, || 3),
-            3,
-            "another string, another entry"
-        );
+        assert_eq!(*cache.get(&dynamic, || 3), 1);
+        let labelled = || MKey::from_parts(String::from("a"), vec![metrics::Label::new("k", "v")]);
+        assert_eq!(*cache.get(&labelled(), || 4), 4, "another key");
+        assert_eq!(*cache.get(&labelled(), || 5), 4, "found by content");
+        let other = MKey::from_parts(String::from("a"), vec![metrics::Label::new("k", "w")]);
+        assert_ne!(other.get_hash(), labelled().get_hash());
+        assert_eq!(*cache.get(&other, || 6), 6);
     }
 }
