@@ -66,6 +66,9 @@ impl MetricsRecorder {
 /// Entries in each per-thread handle cache.
 const CACHE: usize = 64;
 
+/// A key's labels, copied.
+type OwnedLabels = Box<[(Box<str>, Box<str>)]>;
+
 /// One cached handle and what identifies its key: the key's hash, where its name and
 /// labels were (a static key is the same memory on every call), and a copy of them (a
 /// key built at run time, with labels from variables, is new memory on every call).
@@ -73,7 +76,7 @@ struct Entry<T> {
     hash: u64,
     name: (usize, usize),
     labels: (usize, usize),
-    copy: (Box<str>, Box<[(Box<str>, Box<str>)]>),
+    copy: (Box<str>, OwnedLabels),
     handle: Arc<T>,
 }
 
