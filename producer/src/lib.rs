@@ -36,6 +36,14 @@
 //! - A full ring drops the record and counts it, except counter increments: they
 //!   coalesce per key and are written later, so totals arrive late but never short.
 //!
+//! # The facades
+//!
+//! Code instrumented with the `metrics` crate or `tracing` needs no change: with the
+//! features `metrics` and `tracing`, the executable installs `MetricsRecorder` (a
+//! `metrics::Recorder`) and adds `TracingLayer` (a `tracing_subscriber::Layer`) to its
+//! registry, and every macro of the process records into the calling thread's ring with
+//! the same caps, redaction and drop accounting as the native handles.
+//!
 //! # The `no_std` core
 //!
 //! [`Recorder`] over a [`telemetry_ring::Writer`], a [`KeyTable`] and a [`Registry`]
