@@ -61,10 +61,12 @@ mod service {
     /// Returns the worker threads it ran on, in order.
     pub async fn handle_request(request: u64, phases: Arc<Phases>) -> Vec<std::thread::ThreadId> {
         let route = if request % 2 == 0 { "/a" } else { "/b" };
+        let token = "s3cr3t";
         let span = info_span!(
             "request",
             id = request,
             route,
+            api_token = token,
             error = tracing::field::Empty
         );
         async move {
@@ -370,6 +372,11 @@ fn facade_service_on_tokio_reads_back_exactly_from_logd() {
         assert_eq!(num(r, "duration_ns"), PHASES[3] - PHASES[0], "{r:?}");
         let route = if request % 2 == 0 { "/a" } else { "/b" };
         assert_eq!(r.record.get("attr.route"), Some(route));
+        assert_eq!(
+            r.record.get("attr.api_token"),
+            Some("[redacted]"),
+            "redacted as native attributes are"
+        );
         let status = if request % 5 == 0 { "error" } else { "unset" };
         assert_eq!(r.record.get("status"), Some(status), "{r:?}");
         assert_eq!(r.record.get("trace_id"), r.record.get("span_id"));

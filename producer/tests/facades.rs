@@ -50,7 +50,8 @@ fn metrics_and_tracing_through_the_facades_record_by_record() {
     // tracing: a root with more children than a tree holds.
     let children = TracingLayer::MAX_TREE_SPANS + 44;
     {
-        let root = tracing::info_span!("f.root", job = 7u64);
+        let secret = "s3cr3t";
+        let root = tracing::info_span!("f.root", job = 7u64, route = "/a", api_token = secret);
         let _in_root = root.enter();
         for i in 0..children {
             let child = tracing::info_span!("f.child", i = i as u64);
@@ -90,6 +91,23 @@ fn metrics_and_tracing_through_the_facades_record_by_record() {
             .filter(|r| r.kind == RegisterKind::METADATA)
             .count();
         assert_eq!(registrations, 1, "described twice, sent once");
+    });
+
+    // The root's attributes, the sensitive one too (metricsd redacts it on export).
+    server.find(RegisterKind::SPAN, "f.root", |ring, _| {
+        let attrs: Vec<String> = ring
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                common::Event::Record(r) if r.kind == RecordKind::SPAN_ATTR => {
+                    ring.keys.get(&r.key).map(|reg| reg.name.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        for want in ["job", "route", "api_token"] {
+            assert!(attrs.iter().any(|a| a == want), "{want} in {attrs:?}");
+        }
     });
 
     // Every span started once and ended once; the root's tree holds the first children,
