@@ -327,8 +327,8 @@ where
     #[inline(never)]
     fn gauge_f64_cold(&mut self, key: u32, value: f64) -> Result<(), Dropped> {
         self.sample_cold(Record::gauge_f64(key, value))?;
-        // Written: an increment held back from before the set is superseded by it.
-        if self.table.is_float(key) {
+        // Written: a word held back from before the set is superseded by it.
+        if self.table.is_float(key) || self.table.is_held_gauge(key) {
             self.table.clear_pending(key);
         }
         Ok(())
@@ -507,7 +507,13 @@ where
                     continue;
                 }
             }
-            let record = if self.table.is_float(key) {
+            let record = if self.table.is_held_gauge(key) && self.table.is_float(key) {
+                // A float gauge set while there was no ring, and its increments since.
+                Record::gauge_f64(key, f64::from_bits(delta))
+            } else if self.table.is_held_gauge(key) {
+                // A gauge set while there was no ring: its last value, bit for bit.
+                Record::gauge(key, delta as i64)
+            } else if self.table.is_float(key) {
                 Record::gauge_f64_add(key, f64::from_bits(delta))
             } else {
                 Record::counter(key, delta)

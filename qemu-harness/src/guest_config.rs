@@ -21,9 +21,10 @@ records_burst = 2000
 pub const METRICSD_PATH: &str = "/etc/metricsd.toml";
 
 /// A short export interval (the selftest polls logd for its evidence), a per-metric
-/// series cap small enough for a quick cardinality flood, explicit bucket layouts for
-/// the histogram and span-duration checks, and the scrape endpoint on loopback for the
-/// Prometheus step.
+/// series cap small enough for a quick cardinality flood, a short idle TTL for series
+/// no connected producer has registered (the flood's, once its process exited), explicit
+/// bucket layouts for the histogram and span-duration checks, and the scrape endpoint on
+/// loopback for the Prometheus step.
 pub const METRICSD_TOML: &str = "\
 # The QEMU proof run's metricsd (qemu-harness/src/guest_config.rs).
 [export]
@@ -31,6 +32,7 @@ interval_ms = 100
 
 [series]
 max_per_metric = 8
+idle_ttl_ms = 500
 
 [prometheus]
 listen = \"127.0.0.1:9464\"
