@@ -214,10 +214,6 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         self.hold_gauge_word(key, value.to_bits(), true)
     }
 
-    #[cfg_attr(
-        not(feature = "std"),
-        expect(dead_code, reason = "the std recorder holds gauges while it has no ring")
-    )]
     fn hold_gauge_word(&mut self, key: u32, word: u64, float: bool) -> bool {
         if !self.contains(key) {
             return false;
