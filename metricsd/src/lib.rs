@@ -37,6 +37,7 @@ pub mod health;
 pub mod histogram;
 pub mod identity;
 pub mod keys;
+pub mod probe;
 pub mod prometheus;
 pub mod redact;
 pub mod retention;

@@ -37,4 +37,5 @@ pub mod manifest;
 pub mod markers;
 pub mod net;
 pub mod plan;
+pub mod sealed;
 pub mod selftest;
