@@ -198,7 +198,10 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
     /// nothing) if the key is out of range or holds a counter delta.
     #[cfg_attr(
         not(feature = "std"),
-        expect(dead_code, reason = "the std recorder holds gauges while it has no ring")
+        expect(
+            dead_code,
+            reason = "the std recorder holds gauges while it has no ring"
+        )
     )]
     pub(crate) fn hold_gauge(&mut self, key: u32, value: i64) -> bool {
         self.hold_gauge_word(key, value as u64, false)
@@ -208,7 +211,10 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
     /// both the gauge and the float bit set).
     #[cfg_attr(
         not(feature = "std"),
-        expect(dead_code, reason = "the std recorder holds gauges while it has no ring")
+        expect(
+            dead_code,
+            reason = "the std recorder holds gauges while it has no ring"
+        )
     )]
     pub(crate) fn hold_gauge_f64(&mut self, key: u32, value: f64) -> bool {
         self.hold_gauge_word(key, value.to_bits(), true)
