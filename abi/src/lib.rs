@@ -44,7 +44,7 @@ pub use record::{
     SpanStatus,
 };
 pub use register::{
-    Label, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_NAME_LEN, MAX_REGISTER_DATA_LEN,
-    MAX_REGISTER_RECORDS, REGISTER_DATA_PER_RECORD, Register, RegisterData, RegisterError,
-    RegisterKind, Registration, RegistrationBuf, encode_registration,
+    Label, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_METADATA_VALUE_LEN,
+    MAX_NAME_LEN, MAX_REGISTER_DATA_LEN, MAX_REGISTER_RECORDS, REGISTER_DATA_PER_RECORD, Register,
+    RegisterData, RegisterError, RegisterKind, Registration, RegistrationBuf, encode_registration,
 };

@@ -30,6 +30,16 @@ impl RecordKind {
     pub const GAUGE: Self = Self(0x02);
     /// A histogram observation: [`Sample`], `value` is the observed `u64`.
     pub const HISTOGRAM: Self = Self(0x03);
+    /// A gauge set to a float (ABI 1.1): [`Sample`], `value` holds the new value's
+    /// `f64` bits. Written to a gauge series.
+    pub const GAUGE_F64: Self = Self(0x04);
+    /// A gauge moved by a float amount (ABI 1.1): [`Sample`], `value` holds the
+    /// `f64` bits of the amount added (negative to decrement). Written to a gauge
+    /// series. Like counter increments, these are deltas a producer may coalesce.
+    pub const GAUGE_F64_ADD: Self = Self(0x05);
+    /// A float histogram observation (ABI 1.1): [`Sample`], `value` holds the
+    /// observation's `f64` bits. Written to a histogram series.
+    pub const HISTOGRAM_F64: Self = Self(0x06);
     /// A span opened: [`SpanStart`].
     pub const SPAN_START: Self = Self(0x10);
     /// A span closed: [`SpanEnd`].
@@ -45,6 +55,9 @@ impl RecordKind {
     const KNOWN: u64 = (1 << Self::COUNTER.0)
         | (1 << Self::GAUGE.0)
         | (1 << Self::HISTOGRAM.0)
+        | (1 << Self::GAUGE_F64.0)
+        | (1 << Self::GAUGE_F64_ADD.0)
+        | (1 << Self::HISTOGRAM_F64.0)
         | (1 << Self::SPAN_START.0)
         | (1 << Self::SPAN_END.0)
         | (1 << Self::SPAN_ATTR.0)
@@ -64,6 +77,9 @@ impl RecordKind {
             Self::COUNTER => "counter",
             Self::GAUGE => "gauge",
             Self::HISTOGRAM => "histogram",
+            Self::GAUGE_F64 => "gauge_f64",
+            Self::GAUGE_F64_ADD => "gauge_f64_add",
+            Self::HISTOGRAM_F64 => "histogram_f64",
             Self::SPAN_START => "span_start",
             Self::SPAN_END => "span_end",
             Self::SPAN_ATTR => "span_attr",
@@ -257,6 +273,39 @@ impl Record {
         }
     }
 
+    /// A gauge set to the float `value` on series `key` (ABI 1.1).
+    #[inline(always)]
+    pub const fn gauge_f64(key: u32, value: f64) -> Self {
+        Self {
+            kind: RecordKind::GAUGE_F64,
+            flags: 0,
+            key,
+            words: [value.to_bits(), 0, 0],
+        }
+    }
+
+    /// A gauge moved by the float `delta` on series `key` (ABI 1.1).
+    #[inline(always)]
+    pub const fn gauge_f64_add(key: u32, delta: f64) -> Self {
+        Self {
+            kind: RecordKind::GAUGE_F64_ADD,
+            flags: 0,
+            key,
+            words: [delta.to_bits(), 0, 0],
+        }
+    }
+
+    /// A float observation of `value` on histogram series `key` (ABI 1.1).
+    #[inline(always)]
+    pub const fn histogram_f64(key: u32, value: f64) -> Self {
+        Self {
+            kind: RecordKind::HISTOGRAM_F64,
+            flags: 0,
+            key,
+            words: [value.to_bits(), 0, 0],
+        }
+    }
+
     /// Span `span_id` named `name` opened at `start_ns` under `parent_id` (0: a root).
     #[inline(always)]
     pub const fn span_start(name: u32, span_id: u64, parent_id: u64, start_ns: u64) -> Self {
@@ -329,6 +378,18 @@ mod tests {
 
         let g: Sample = Record::gauge(4, -5).view();
         assert_eq!(g.value as i64, -5);
+
+        for (r, kind) in [
+            (Record::gauge_f64(4, -2.5), 0x04),
+            (Record::gauge_f64_add(4, -2.5), 0x05),
+            (Record::histogram_f64(4, -2.5), 0x06),
+        ] {
+            let b = r.as_bytes();
+            assert_eq!(&b[0..2], &u16::to_le_bytes(kind));
+            assert_eq!(&b[8..16], &(-2.5f64).to_bits().to_le_bytes());
+            assert_eq!(&b[16..32], &[0u8; 16]);
+            assert!(r.kind.is_known());
+        }
 
         let a: SpanAttr = Record::span_attr(6, 10, AttrValueType::I64, 7).view();
         assert_eq!(

@@ -24,6 +24,9 @@ pub const MAX_LABELS: usize = 8;
 pub const MAX_LABEL_KEY_LEN: usize = 32;
 /// Longest label value, in bytes.
 pub const MAX_LABEL_VALUE_LEN: usize = 64;
+/// Longest value of a [`RegisterKind::METADATA`] entry (a unit or a description), in
+/// bytes (ABI 1.1).
+pub const MAX_METADATA_VALUE_LEN: usize = 200;
 /// Longest registration payload, in bytes: a name and every label at its longest.
 pub const MAX_REGISTER_DATA_LEN: usize =
     MAX_NAME_LEN + MAX_LABELS * (2 + MAX_LABEL_KEY_LEN + MAX_LABEL_VALUE_LEN);
@@ -51,6 +54,11 @@ impl RegisterKind {
     pub const ATTR: Self = Self(5);
     /// A string value for span attributes (no labels; label-value spelling).
     pub const STRING: Self = Self(6);
+    /// A metric's metadata (ABI 1.1): the name is the metric's name, the labels are
+    /// `kind` (`counter`, `gauge` or `histogram`), `unit` and `description`, each
+    /// optional but `kind`, values up to [`MAX_METADATA_VALUE_LEN`] bytes. No sample
+    /// ever carries the key: the registration itself is the message.
+    pub const METADATA: Self = Self(7);
 
     /// The kind's name, or `None` for a value this ABI version does not define.
     pub const fn name(self) -> Option<&'static str> {
@@ -61,12 +69,24 @@ impl RegisterKind {
             Self::SPAN => "span",
             Self::ATTR => "attr",
             Self::STRING => "string",
+            Self::METADATA => "metadata",
             _ => return None,
         })
     }
 
     const fn has_labels(self) -> bool {
-        matches!(self, Self::COUNTER | Self::GAUGE | Self::HISTOGRAM)
+        matches!(
+            self,
+            Self::COUNTER | Self::GAUGE | Self::HISTOGRAM | Self::METADATA
+        )
+    }
+
+    /// Longest label value this kind takes.
+    const fn max_value_len(self) -> usize {
+        match self {
+            Self::METADATA => MAX_METADATA_VALUE_LEN,
+            _ => MAX_LABEL_VALUE_LEN,
+        }
     }
 }
 
@@ -140,7 +160,7 @@ impl fmt::Display for RegisterError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Self::ZeroKey => f.write_str("key 0 is reserved; keys start at 1"),
-            Self::UnknownKind(k) => write!(f, "registered kind {k} is unknown, expected 1 to 6"),
+            Self::UnknownKind(k) => write!(f, "registered kind {k} is unknown, expected 1 to 7"),
             Self::NameLength(n) => {
                 write!(f, "name is {n} bytes, expected 1 to {MAX_NAME_LEN}")
             }
@@ -162,8 +182,8 @@ impl fmt::Display for RegisterError {
             ),
             Self::LabelValue => write!(
                 f,
-                "label value must be at most {MAX_LABEL_VALUE_LEN} bytes of UTF-8 \
-                 without control characters"
+                "label value must be at most {MAX_LABEL_VALUE_LEN} bytes (metadata values \
+                 {MAX_METADATA_VALUE_LEN}) of UTF-8 without control characters"
             ),
             Self::DuplicateLabel => f.write_str("two labels share a key"),
             Self::DataLength(n) => write!(
@@ -282,13 +302,17 @@ pub fn encode_registration(
     let mut data_len = name.len();
     for (i, (k, v)) in labels.iter().enumerate() {
         check_label_key(k.as_bytes()).map_err(|()| RegisterError::LabelKey)?;
-        if v.len() > MAX_LABEL_VALUE_LEN || check_value_text(v.as_bytes()).is_err() {
+        if v.len() > what.max_value_len() || check_value_text(v.as_bytes()).is_err() {
             return Err(RegisterError::LabelValue);
         }
         if labels[..i].iter().any(|(other, _)| other == k) {
             return Err(RegisterError::DuplicateLabel);
         }
         data_len += 2 + k.len() + v.len();
+    }
+    if data_len > MAX_REGISTER_DATA_LEN {
+        // Only metadata's longer values can get here.
+        return Err(RegisterError::DataLength(data_len as u32));
     }
     let records = 1 + data_len.div_ceil(REGISTER_DATA_PER_RECORD);
     if out.len() < records {
@@ -536,7 +560,7 @@ fn parse<'a>(head: &Register, data: &'a [u8]) -> Result<Registration<'a>, Regist
         let (value, after) = take_prefixed(after).ok_or(bad_len)?;
         rest = after;
         check_label_key(key).map_err(|()| RegisterError::LabelKey)?;
-        if value.len() > MAX_LABEL_VALUE_LEN {
+        if value.len() > head.what.max_value_len() {
             return Err(RegisterError::LabelValue);
         }
         let value = check_value_text(value).map_err(|()| RegisterError::LabelValue)?;
@@ -614,6 +638,17 @@ mod tests {
         round_trip(2, RegisterKind::SPAN, "GET /users", &[]);
         round_trip(3, RegisterKind::STRING, "naïve value", &[]);
         round_trip(4, RegisterKind::ATTR, "db.rows", &[]);
+        let description = "d".repeat(MAX_METADATA_VALUE_LEN);
+        round_trip(
+            5,
+            RegisterKind::METADATA,
+            "http.requests",
+            &[
+                ("kind", "counter"),
+                ("unit", "bytes"),
+                ("description", &description),
+            ],
+        );
         let long_value = "v".repeat(MAX_LABEL_VALUE_LEN);
         let long_key = "k".repeat(MAX_LABEL_KEY_LEN);
         let keys = ["a", "b", "c", "d", "e", "f", "g"];
@@ -661,6 +696,23 @@ mod tests {
         assert_eq!(
             encode_registration(1, c, "a", &[("k", "1"), ("k", "2")], &mut out),
             Err(RegisterError::DuplicateLabel)
+        );
+        let too_long = "d".repeat(MAX_METADATA_VALUE_LEN + 1);
+        assert_eq!(
+            encode_registration(
+                1,
+                RegisterKind::METADATA,
+                "a",
+                &[("description", &too_long)],
+                &mut out
+            ),
+            Err(RegisterError::LabelValue)
+        );
+        let long = "d".repeat(MAX_LABEL_VALUE_LEN + 1);
+        assert_eq!(
+            encode_registration(1, c, "a", &[("k", &long)], &mut out),
+            Err(RegisterError::LabelValue),
+            "only metadata takes long values"
         );
         assert_eq!(
             encode_registration(1, RegisterKind::SPAN, "a", &[("k", "1")], &mut out),

@@ -87,6 +87,12 @@ pub enum Value {
         /// The value.
         value: Option<i64>,
     },
+    /// A gauge that was set or moved by a float (ABI 1.1): its value is a float from
+    /// then on (an integer set after that is taken as a float).
+    FloatGauge {
+        /// The value: the last set plus every increment since, in drain order.
+        value: f64,
+    },
     /// Observations since the series was created: exponential with an automatic
     /// scale, or over the bounds configured for the name.
     Histogram(Histogram),
@@ -216,6 +222,23 @@ pub struct StoreStats {
     pub services: u64,
 }
 
+/// What a producer said about a metric (ABI 1.1 metadata registrations): kept per
+/// service and metric name, exported with the metric's series records (`unit`,
+/// `description`) and shown in snapshots for the exporters that leave the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricMetadata {
+    /// The producer's service.
+    pub service: Arc<str>,
+    /// The metric's name.
+    pub name: Arc<str>,
+    /// The kind the producer described it as.
+    pub kind: Option<MetricKind>,
+    /// Its unit (`bytes`, `seconds`, ...), if given.
+    pub unit: Option<Arc<str>>,
+    /// Its description, if given.
+    pub description: Option<Arc<str>>,
+}
+
 /// What [`Store::sweep`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Swept {
@@ -262,6 +285,8 @@ pub struct Store {
     expired_keys: HashSet<u64>,
     expired_order: VecDeque<u64>,
     stats: StoreStats,
+    metadata: HashMap<Arc<str>, HashMap<Arc<str>, Arc<MetricMetadata>>>,
+    metadata_count: u64,
 }
 
 /// A hash of a series' identity, to recognise it when it comes back after expiring.
@@ -298,7 +323,71 @@ impl Store {
             expired_keys: HashSet::new(),
             expired_order: VecDeque::new(),
             stats: StoreStats::default(),
+            metadata: HashMap::new(),
+            metadata_count: 0,
         }
+    }
+
+    /// Keeps the metadata `labels` (`kind`, `unit`, `description`; others ignored) of
+    /// metric `name` in `service`, replacing what an earlier description said. At most
+    /// `series.max_total` metrics carry metadata; past that, a new one is refused.
+    pub fn describe(
+        &mut self,
+        service: u32,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<(), crate::health::Reason> {
+        let Some(Some(state)) = self.services.get(service as usize) else {
+            return Err(crate::health::Reason::BadRegistration);
+        };
+        let service_name = state.name.clone();
+        let mut meta = MetricMetadata {
+            service: service_name.clone(),
+            name: Arc::from(name),
+            kind: None,
+            unit: None,
+            description: None,
+        };
+        for (k, v) in labels {
+            match *k {
+                "kind" => {
+                    meta.kind = match *v {
+                        "counter" => Some(MetricKind::Counter),
+                        "gauge" => Some(MetricKind::Gauge),
+                        "histogram" => Some(MetricKind::Histogram),
+                        _ => None,
+                    }
+                }
+                "unit" if !v.is_empty() => meta.unit = Some(Arc::from(*v)),
+                "description" if !v.is_empty() => meta.description = Some(Arc::from(*v)),
+                _ => {}
+            }
+        }
+        let per_service = self.metadata.entry(service_name).or_default();
+        if !per_service.contains_key(name) {
+            if self.metadata_count >= u64::from(self.caps.max_total) {
+                return Err(crate::health::Reason::MetadataCap);
+            }
+            self.metadata_count += 1;
+        }
+        per_service.insert(meta.name.clone(), Arc::new(meta));
+        Ok(())
+    }
+
+    /// The metadata of metric `name` of `service`, if it was described.
+    pub fn metadata(&self, service: &str, name: &str) -> Option<&Arc<MetricMetadata>> {
+        self.metadata.get(service)?.get(name)
+    }
+
+    /// Every metric's metadata.
+    pub fn all_metadata(&self) -> Vec<MetricMetadata> {
+        let mut all: Vec<MetricMetadata> = self
+            .metadata
+            .values()
+            .flat_map(|m| m.values().map(|x| (**x).clone()))
+            .collect();
+        all.sort_by(|a, b| (&a.service, &a.name).cmp(&(&b.service, &b.name)));
+        all
     }
 
     /// The redaction policy.
@@ -580,6 +669,38 @@ impl Store {
             Some(_) => true,
             None => false,
         }
+    }
+
+    /// Sets gauge `id` to the float `value`; `false` when `id` expired.
+    #[inline(always)]
+    pub fn set_f64(&mut self, id: SeriesId, value: f64) -> bool {
+        match self.touch(id) {
+            Some(s) => {
+                if matches!(s.value, Value::Gauge { .. } | Value::FloatGauge { .. }) {
+                    s.value = Value::FloatGauge { value };
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds the float `delta` to gauge `id` (an unset gauge counts from zero); `false`
+    /// when `id` expired.
+    #[inline(always)]
+    pub fn add_f64(&mut self, id: SeriesId, delta: f64) -> bool {
+        let Some(s) = self.touch(id) else {
+            return false;
+        };
+        let current = match s.value {
+            Value::Gauge { value } => value.unwrap_or(0) as f64,
+            Value::FloatGauge { value } => value,
+            _ => return true,
+        };
+        s.value = Value::FloatGauge {
+            value: current + delta,
+        };
+        true
     }
 
     /// Records observation `value` in histogram `id`.

@@ -13,7 +13,7 @@ use crate::drain::{self, Command, Drainer};
 use crate::export::{self, ExportQueue};
 use crate::grant::{GrantAccess, GrantError, GrantServer};
 use crate::identity::{Identify, Policy};
-use crate::scrape::{Published, ScrapeServer};
+use crate::scrape::{Published, ScrapeServer, ScrapeStats};
 use crate::sink::{LogdSink, Sink};
 use crate::snapshot::{GrantStats, Snapshot};
 use crate::wake::StopSignal;
@@ -210,7 +210,8 @@ impl Daemon {
 
         let retention =
             crate::retention::Retention::open(&config.retention).map_err(DaemonError::Retention)?;
-        let drainer = Drainer::new(&config, queue.clone(), grant_stats).with_retention(retention);
+        let mut drainer =
+            Drainer::new(&config, queue.clone(), grant_stats).with_retention(retention);
         let scrape = match config
             .prometheus
             .listen_addr()
@@ -218,8 +219,11 @@ impl Daemon {
         {
             Some(addr) => {
                 let published = Arc::new(Published::new());
-                let server = ScrapeServer::start(addr, &config.prometheus, published.clone())
-                    .map_err(|e| DaemonError::Prometheus(addr, e))?;
+                let stats = Arc::new(ScrapeStats::default());
+                drainer.set_scrape_stats(stats.clone());
+                let server =
+                    ScrapeServer::start(addr, &config.prometheus, published.clone(), stats)
+                        .map_err(|e| DaemonError::Prometheus(addr, e))?;
                 Some((published, server))
             }
             None => None,

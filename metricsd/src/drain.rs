@@ -87,6 +87,7 @@ pub struct Drainer {
     queue: Arc<ExportQueue>,
     last_export_ns: u64,
     last_health: HashMap<String, i128>,
+    scrape_stats: Option<Arc<crate::scrape::ScrapeStats>>,
     /// Rollup history on disk (`[retention]`), fed at each export.
     retention: Option<crate::retention::Retention>,
 }
@@ -108,8 +109,10 @@ pub(crate) fn wall_ns() -> u64 {
 fn sample_kind(kind: RecordKind) -> Option<RegisterKind> {
     match kind {
         RecordKind::COUNTER => Some(RegisterKind::COUNTER),
-        RecordKind::GAUGE => Some(RegisterKind::GAUGE),
-        RecordKind::HISTOGRAM => Some(RegisterKind::HISTOGRAM),
+        RecordKind::GAUGE | RecordKind::GAUGE_F64 | RecordKind::GAUGE_F64_ADD => {
+            Some(RegisterKind::GAUGE)
+        }
+        RecordKind::HISTOGRAM | RecordKind::HISTOGRAM_F64 => Some(RegisterKind::HISTOGRAM),
         _ => None,
     }
 }
@@ -181,6 +184,11 @@ impl Ctx<'_> {
             Target::Refused => return Err(Reason::SeriesCap),
             _ => return Err(Reason::KindMismatch),
         };
+        if let Some(x) = float_value(record.kind, s.value) {
+            if !x.is_finite() {
+                return Err(Reason::NotFinite);
+            }
+        }
         if self.apply(id, record.kind, s.value) {
             Ok(())
         } else {
@@ -194,7 +202,8 @@ impl Ctx<'_> {
         match kind {
             RecordKind::COUNTER => self.store.add(id, value),
             RecordKind::GAUGE => self.store.set(id, value as i64),
-            _ => self.store.observe(id, value),
+            RecordKind::HISTOGRAM => self.store.observe(id, value),
+            kind => apply_float(self.store, id, kind, f64::from_bits(value)),
         }
     }
 
@@ -359,6 +368,29 @@ impl Ctx<'_> {
     }
 }
 
+/// The value of a float sample (ABI 1.1), `None` for the integer kinds.
+#[inline(always)]
+fn float_value(kind: RecordKind, bits: u64) -> Option<f64> {
+    match kind {
+        RecordKind::GAUGE_F64 | RecordKind::GAUGE_F64_ADD | RecordKind::HISTOGRAM_F64 => {
+            Some(f64::from_bits(bits))
+        }
+        _ => None,
+    }
+}
+
+/// Aggregates a float sample (ABI 1.1, finite: checked before) into series `id`, off the
+/// integer samples' inlined path; `false` when `id` expired.
+#[inline(never)]
+fn apply_float(store: &mut Store, id: SeriesId, kind: RecordKind, value: f64) -> bool {
+    match kind {
+        RecordKind::GAUGE_F64 => store.set_f64(id, value),
+        RecordKind::GAUGE_F64_ADD => store.add_f64(id, value),
+        // Finite, so never refused.
+        _ => store.observe_f64(id, value).unwrap_or(true),
+    }
+}
+
 fn register(ctx: &mut Ctx<'_>, keys: &mut KeyTable, service: u32, reg: &Registration<'_>) {
     match keys.check(reg) {
         Check::Same => return,
@@ -388,6 +420,10 @@ fn register(ctx: &mut Ctx<'_>, keys: &mut KeyTable, service: u32, reg: &Registra
             sensitive: ctx.redactor.is_sensitive(reg.name),
         },
         RegisterKind::STRING => Target::Str(Arc::from(reg.name)),
+        RegisterKind::METADATA => match ctx.store.describe(service, reg.name, &labels) {
+            Ok(()) => Target::Metadata,
+            Err(reason) => return ctx.reject(reason),
+        },
         // The assembler refuses unknown kinds; nothing else reaches here.
         _ => return ctx.reject(Reason::BadRegistration),
     };
@@ -420,6 +456,7 @@ impl Drainer {
             queue,
             last_export_ns: wall_ns(),
             last_health: HashMap::new(),
+            scrape_stats: None,
             retention: None,
         }
     }
@@ -605,7 +642,8 @@ impl Drainer {
                 _ => None,
             };
             let delta = total.map_or(0, |t| t - s.exported_total);
-            records.push(schema::series_record(s, delta, window));
+            let meta = self.store.metadata(&s.service, &s.name);
+            records.push(schema::series_record(s, delta, window, meta.map(|m| &**m)));
             if let Some(r) = &mut self.retention {
                 r.observe(s, delta, end);
             }
@@ -814,7 +852,8 @@ impl Drainer {
             ));
         }
         h.push((g, "metricsd.rings.bytes", vec![], grant.ring_bytes.into()));
-        h.into_iter()
+        let mut rows: Vec<HealthSeries> = h
+            .into_iter()
             .map(|(kind, name, labels, value)| {
                 let pairs: Vec<(&str, &str)> =
                     labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -825,7 +864,16 @@ impl Drainer {
                     value,
                 }
             })
-            .collect()
+            .collect();
+        if let Some(scrape) = &self.scrape_stats {
+            rows.extend(scrape.health());
+        }
+        rows
+    }
+
+    /// Includes the scrape endpoint's counters in the health series.
+    pub fn set_scrape_stats(&mut self, stats: Arc<crate::scrape::ScrapeStats>) {
+        self.scrape_stats = Some(stats);
     }
 
     fn snapshot_core(&self) -> Snapshot {
@@ -833,6 +881,7 @@ impl Drainer {
         rings.extend(self.closed.iter().cloned());
         Snapshot {
             series: Vec::new(),
+            metadata: Vec::new(),
             rings,
             rejects: self.rejects.clone(),
             violations: self.violations,
@@ -849,6 +898,7 @@ impl Drainer {
     pub fn snapshot(&self) -> Snapshot {
         let mut s = self.snapshot_core();
         s.series = self.store.all().cloned().collect();
+        s.metadata = self.store.all_metadata();
         s.grant = self
             .grant
             .lock()
@@ -930,6 +980,10 @@ pub fn run(
     let mut backoff = policy.min;
     let mut idle_since: Option<Instant> = None;
     let mut next_export = Instant::now() + policy.interval;
+    if let Some(p) = &published {
+        // Scrapes before the first export see the (empty) start.
+        p.publish(Arc::new(d.snapshot()));
+    }
     let mut snapshots: Vec<Sender<Snapshot>> = Vec::new();
     let mut exports: Vec<Sender<()>> = Vec::new();
     let mut stop = false;

@@ -95,6 +95,11 @@ reasons! {
     LiveSpansFull = ("live_spans_full", OverLimit),
     /// Too many attributes on one span (`spans.max_attrs`).
     AttrsFull = ("attrs_full", OverLimit),
+    /// A float sample that is NaN or infinite (a gauge set or increment, a histogram
+    /// observation).
+    NotFinite = ("not_finite", InvalidArgs),
+    /// A metric's metadata past the metadata cap (one per series allowed in total).
+    MetadataCap = ("metadata_cap", OverLimit),
 }
 
 impl fmt::Display for Reason {

@@ -35,6 +35,8 @@ pub enum Target {
     },
     /// A string value for span attributes.
     Str(Arc<str>),
+    /// A metric's metadata (unit, description), stored with the metric's series.
+    Metadata,
 }
 
 /// One registered key.

@@ -52,7 +52,7 @@ pub mod spans;
 pub mod top;
 pub mod wake;
 
-pub use aggregate::{MetricKind, Series, Value, series_id};
+pub use aggregate::{MetricKind, MetricMetadata, Series, Value, series_id};
 pub use config::Config;
 pub use daemon::{Daemon, DaemonError, DaemonHandle};
 pub use health::{Class, Reason};

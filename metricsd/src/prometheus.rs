@@ -123,11 +123,9 @@ impl Format {
                 "text/plain" if version.as_deref().is_none_or(|v| v == "0.0.4") => Some(Self::Text),
                 _ => None,
             };
-            if let Some(f) = format
-                && q > 0.0
-                && best.is_none_or(|(bq, _)| q > bq)
-            {
-                best = Some((q, f));
+            match format {
+                Some(f) if q > 0.0 && best.is_none_or(|(bq, _)| q > bq) => best = Some((q, f)),
+                _ => {}
             }
         }
         best.map_or(Self::Text, |(_, f)| f)
@@ -220,10 +218,8 @@ pub fn family_name(name: &str, kind: MetricKind) -> String {
     let mut n = sanitize(name).into_owned();
     match kind {
         MetricKind::Counter => {
-            while let Some(stripped) = n.strip_suffix("_total")
-                && !stripped.is_empty()
-            {
-                n.truncate(stripped.len());
+            while n.len() > "_total".len() && n.ends_with("_total") {
+                n.truncate(n.len() - "_total".len());
             }
         }
         MetricKind::Gauge => {
@@ -477,6 +473,7 @@ fn encode_series(
             Some(v) => m.encode_gauge(v),
             None => Ok(()),
         },
+        Value::FloatGauge { value } => m.encode_gauge(value),
         Value::Histogram(h) => {
             classic.clear();
             let mut prev = 0;
@@ -515,6 +512,20 @@ fn encode_series(
             }
         }
     }
+}
+
+/// Prometheus' protobuf messages (`io.prometheus.client`), as `prometheus-client`
+/// generates them from Prometheus' `metrics.proto`.
+pub use prometheus_client::encoding::prometheus_protobuf::prometheus_data_model as proto;
+
+/// Decodes a protobuf exposition (delimited `MetricFamily` messages).
+pub fn decode(mut body: &[u8]) -> Result<Vec<proto::MetricFamily>, prost::DecodeError> {
+    use prost::Message as _;
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        out.push(proto::MetricFamily::decode_length_delimited(&mut body)?);
+    }
+    Ok(out)
 }
 
 /// Renders `snapshot` and the `extra` health series (the endpoint's own) in `format`.

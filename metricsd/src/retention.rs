@@ -407,6 +407,9 @@ impl Retention {
             Value::Counter { .. } => crate::rollup::Sample::Counter(delta),
             Value::Gauge { value: Some(v) } => crate::rollup::Sample::Gauge(*v),
             Value::Gauge { value: None } => return,
+            // The rollups keep integer gauges; a float gauge is exported and scraped but
+            // has no rollup history.
+            Value::FloatGauge { .. } => return,
             Value::Histogram(h) => match h {
                 crate::histogram::Histogram::Exponential(e) => {
                     self.rollups.exponential_sample(&id, e)

@@ -14,7 +14,8 @@
 //! | `kind` | `counter`, `gauge`, `histogram` or `span_duration` |
 //! | `label.<key>` | one field per label (the overflow series has `label.otel.metric.overflow = true`) |
 //! | `window_start_ns`, `window_end_ns` | the export window, ns since the Unix epoch (metricsd's clock) |
-//! | `value` | counter: cumulative total since the series was created; gauge: last value |
+//! | `value` | counter: cumulative total since the series was created; gauge: last value (a decimal float once the gauge was set or moved by a float) |
+//! | `unit`, `description` | what the producer described the metric as, when it did |
 //! | `delta` | counter: increase within the window |
 //! | `count`, `sum`, `min`, `max` | histogram: cumulative observations, their sum (an exact integer while only integers were recorded, else a decimal `f64`), the smallest and largest |
 //! | `scale`, `zero_count`, `positive_offset`, `positive_buckets`, `negative_offset`, `negative_buckets` | exponential histogram (the default): the scale, observations equal to 0, and per side (present when it holds a bucket) the first bucket's index and the comma-separated count per bucket from there (see [`crate::histogram`]) |
@@ -36,7 +37,7 @@ use std::sync::Arc;
 
 use logd::{Level, Record};
 
-use crate::aggregate::{MetricKind, Series, Value, series_id};
+use crate::aggregate::{MetricKind, MetricMetadata, Series, Value, series_id};
 use crate::histogram::Histogram;
 use crate::spans::FinishedSpan;
 
@@ -77,17 +78,32 @@ fn base(
         .field("window_end_ns", window.end_ns.to_string())
 }
 
-/// The record of a series; `delta` is the counter's increase in the window. `start_ns`
-/// is when the series was created: its cumulative value counts from there, and a series
-/// that expired and came back has a new one.
-pub fn series_record(s: &Series, delta: u128, window: Window) -> Record {
-    let r = base(&s.service, s.kind, &s.name, &s.labels, window)
+/// The record of a series; `delta` is the counter's increase in the window, `meta`
+/// what the producer described the metric as (its `unit` and `description` fields).
+/// `start_ns` is when the series was created: its cumulative value counts from there,
+/// and a series that expired and came back has a new one.
+pub fn series_record(
+    s: &Series,
+    delta: u128,
+    window: Window,
+    meta: Option<&MetricMetadata>,
+) -> Record {
+    let mut r = base(&s.service, s.kind, &s.name, &s.labels, window)
         .field("start_ns", s.created_ns.to_string());
+    if let Some(meta) = meta {
+        if let Some(unit) = &meta.unit {
+            r = r.field("unit", &**unit);
+        }
+        if let Some(description) = &meta.description {
+            r = r.field("description", &**description);
+        }
+    }
     match &s.value {
         Value::Counter { total } => r
             .field("value", total.to_string())
             .field("delta", delta.to_string()),
         Value::Gauge { value } => r.field("value", value.unwrap_or(0).to_string()),
+        Value::FloatGauge { value } => r.field("value", value.to_string()),
         Value::Histogram(h) => {
             let mut r = r
                 .field("count", h.count().to_string())
@@ -122,7 +138,7 @@ pub fn series_record(s: &Series, delta: u128, window: Window) -> Record {
 /// The last record of a series that expired: its final value (`delta` 0, nothing new in
 /// the window) and `expired = "true"`. It is removed from metricsd after this.
 pub fn expired_record(s: &Series, window: Window) -> Record {
-    series_record(s, 0, window).field("expired", "true")
+    series_record(s, 0, window, None).field("expired", "true")
 }
 
 /// The histogram a series record carries (the inverse of [`series_record`]), or `None`

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::aggregate::{MetricKind, Series, StoreStats, Value, series_id};
+use crate::aggregate::{MetricKind, MetricMetadata, Series, StoreStats, Value, series_id};
 use crate::export::ExportStats;
 use crate::health::RejectCounts;
 use crate::histogram::Histogram;
@@ -138,6 +138,8 @@ pub struct HealthSeries {
 pub struct Snapshot {
     /// Every series.
     pub series: Vec<Series>,
+    /// Every described metric's unit and description, by service and name.
+    pub metadata: Vec<MetricMetadata>,
     /// Open rings, then recently closed ones.
     pub rings: Vec<RingSnapshot>,
     /// Rejects by reason (and class).
@@ -185,6 +187,21 @@ impl Snapshot {
             Value::Gauge { value } => value,
             _ => None,
         }
+    }
+
+    /// A float gauge's value (a gauge set or moved by a float).
+    pub fn float_gauge(&self, service: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        match self.find(service, MetricKind::Gauge, name, labels)?.value {
+            Value::FloatGauge { value } => Some(value),
+            _ => None,
+        }
+    }
+
+    /// The metadata of metric `name` of `service`, if it was described.
+    pub fn metadata_of(&self, service: &str, name: &str) -> Option<&MetricMetadata> {
+        self.metadata
+            .iter()
+            .find(|m| &*m.service == service && &*m.name == name)
     }
 
     /// A histogram.

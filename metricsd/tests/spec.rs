@@ -291,16 +291,18 @@ fn unknown_record_kinds_are_rejected_one_by_one_and_the_ring_carries_on() {
     let c = Control::connect(daemon.socket_path());
     let mut r = c.ring(1024);
     r.register(1, RegisterKind::COUNTER, "hits", &[]);
-    for kind in [0x00, 0x04, 0x0f, 0x13, 0x1f, 0x22, 0x4242, 0xffff] {
+    // 0x04 to 0x06 are ABI 1.1's float samples; 0x07 to 0x0f stay undefined.
+    for kind in [0x00, 0x07, 0x0f, 0x13, 0x1f, 0x22, 0x4242, 0xffff] {
         r.push(Record {
             kind: RecordKind(kind),
             ..Record::counter(1, 1000)
         });
         r.push(Record::counter(1, 1));
     }
-    // An unknown registered kind: one bad registration.
+    // An unknown registered kind (7 is ABI 1.1's metric metadata): one bad
+    // registration.
     let mut reg = registration(2, RegisterKind::COUNTER, "later", &[]);
-    reg[0].flags = 7;
+    reg[0].flags = 99;
     r.writer.push_all(&reg).expect("room");
     let snap = daemon.settle(WAIT).expect("settle");
     assert_eq!(snap.rejects.get(Reason::UnknownKind), 8);

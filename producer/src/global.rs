@@ -17,7 +17,7 @@ use crate::stats::{Counts, DropReason, Event, Stats};
 pub const DEFAULT_MAX_KEYS: u32 = 4096;
 
 /// The largest [`Config::max_keys`]: every thread that records holds a key table of
-/// about 8.4 bytes per key (34 KiB at the default 4096 keys, 8.4 MiB at this limit).
+/// about 8.5 bytes per key (35 KiB at the default 4096 keys, 8.5 MiB at this limit).
 pub const MAX_KEYS_LIMIT: u32 = 1 << 20;
 
 /// `CLOCK_MONOTONIC` in nanoseconds, read through the vDSO (no system call).
@@ -167,6 +167,9 @@ pub(crate) struct Global {
     pub(crate) retry_min_ns: u64,
     pub(crate) retry_max_ns: u64,
     threads: Mutex<Threads>,
+    /// The metadata keys described so far ([`describe`](crate::handles::describe)): each
+    /// new ring carries their registrations, so metricsd has them after a restart too.
+    pub(crate) metadata: Mutex<Vec<u32>>,
 }
 
 /// The counts of live threads, and the sum of those that exited.
@@ -203,7 +206,16 @@ impl Global {
             retry_min_ns: config.retry_min.as_nanos().min(u128::from(u64::MAX)) as u64,
             retry_max_ns: config.retry_max.as_nanos().min(u128::from(u64::MAX)) as u64,
             threads: Mutex::default(),
+            metadata: Mutex::default(),
         }
+    }
+
+    /// The metadata keys described so far.
+    pub(crate) fn metadata_keys(&self) -> Vec<u32> {
+        self.metadata
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The span clock's reading.

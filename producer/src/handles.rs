@@ -7,7 +7,9 @@ use telemetry_abi::RegisterKind;
 use crate::global::global;
 use crate::intern::KeyError;
 use crate::key::Key;
-use crate::local::{self, CounterOp, GaugeOp, HistogramOp};
+use crate::local::{
+    self, CounterOp, DeclareOp, GaugeAddOp, GaugeF64Op, GaugeOp, HistogramF64Op, HistogramOp,
+};
 use crate::stats::DropReason;
 
 /// A registered key, or a no-op and why.
@@ -21,6 +23,27 @@ pub(crate) struct Handle {
 
 impl Handle {
     pub(crate) const NOOP: Self = Self { key: 0, noop: None };
+
+    /// The handle of a key the interner gave out.
+    #[cfg_attr(
+        not(feature = "tracing"),
+        expect(dead_code, reason = "used by the tracing facade only")
+    )]
+    pub(crate) const fn key(key: u32) -> Self {
+        Self { key, noop: None }
+    }
+
+    /// A no-op whose records count as [`DropReason::Invalid`].
+    #[cfg_attr(
+        not(any(feature = "metrics", feature = "tracing")),
+        expect(dead_code, reason = "used by the facades only")
+    )]
+    pub(crate) const fn invalid() -> Self {
+        Self {
+            key: 0,
+            noop: Some(DropReason::Invalid),
+        }
+    }
 
     pub(crate) fn register(
         kind: RegisterKind,
@@ -170,6 +193,14 @@ macro_rules! handle_type {
             pub fn __site(site: &Site) -> Self {
                 Self(site.get($kind))
             }
+
+            #[cfg_attr(
+                not(any(feature = "metrics", feature = "tracing")),
+                expect(dead_code, reason = "used by the facades only")
+            )]
+            pub(crate) fn from_handle(handle: Handle) -> Self {
+                Self(handle)
+            }
         }
     };
 }
@@ -222,6 +253,28 @@ impl Gauge {
     }
 }
 
+impl Gauge {
+    /// Sets the gauge to the float `value`.
+    #[inline(always)]
+    pub fn set_f64(&self, value: f64) {
+        if self.0.key == 0 {
+            return self.0.dropped();
+        }
+        local::record(GaugeF64Op(self.0.key, value));
+    }
+
+    /// Adds `delta` to the gauge (negative to decrement). Like counter increments,
+    /// these are never lost to a full ring: they wait, summed per key, and are written
+    /// ahead of the thread's next record that finds room.
+    #[inline(always)]
+    pub fn add_f64(&self, delta: f64) {
+        if self.0.key == 0 {
+            return self.0.dropped();
+        }
+        local::record(GaugeAddOp(self.0.key, delta));
+    }
+}
+
 impl Histogram {
     /// Records one observation.
     #[inline(always)]
@@ -231,6 +284,80 @@ impl Histogram {
         }
         local::record(HistogramOp(self.0.key, value));
     }
+
+    /// Records one float observation.
+    #[inline(always)]
+    pub fn record_f64(&self, value: f64) {
+        if self.0.key == 0 {
+            return self.0.dropped();
+        }
+        local::record(HistogramF64Op(self.0.key, value));
+    }
+}
+
+/// What a metric's [`describe`] names it as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MetricType {
+    /// A counter.
+    Counter,
+    /// A gauge.
+    Gauge,
+    /// A histogram.
+    Histogram,
+}
+
+impl MetricType {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Counter => "counter",
+            Self::Gauge => "gauge",
+            Self::Histogram => "histogram",
+        }
+    }
+}
+
+/// Sends metricsd the unit (say `bytes`, `seconds`; empty for none) and description of
+/// the metric `name`, once: the registration is written into the calling thread's ring
+/// now and into every ring claimed after, and metricsd keeps it with the metric's
+/// series and exports it. A description longer than
+/// [`MAX_METADATA_VALUE_LEN`](telemetry_abi::MAX_METADATA_VALUE_LEN) bytes is cut at a
+/// character boundary. Describing a metric again replaces what metricsd shows.
+pub fn describe(
+    kind: MetricType,
+    name: &str,
+    unit: &str,
+    description: &str,
+) -> Result<(), KeyError> {
+    let cut = |s: &str| {
+        let mut end = s.len().min(telemetry_abi::MAX_METADATA_VALUE_LEN);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s[..end].to_owned()
+    };
+    let (unit, description) = (cut(unit), cut(description));
+    let mut labels = vec![("kind", kind.as_str())];
+    if !unit.is_empty() {
+        labels.push(("unit", unit.as_str()));
+    }
+    if !description.is_empty() {
+        labels.push(("description", description.as_str()));
+    }
+    let key = global()
+        .interner
+        .intern(RegisterKind::METADATA, name, &labels)?;
+    {
+        let mut known = global()
+            .metadata
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.contains(&key.get()) {
+            return Ok(());
+        }
+        known.push(key.get());
+    }
+    local::record(DeclareOp(key.get()));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -88,6 +88,18 @@ impl Interner {
         name: &str,
         labels: &[(&str, &str)],
     ) -> Result<Key, KeyError> {
+        self.intern_if(kind, name, labels, || true)
+    }
+
+    /// Like [`intern`](Self::intern), but a key not yet handed out is made only if
+    /// `allow_new` says so (asked under the lock); otherwise `KeyError::Limit`.
+    pub(crate) fn intern_if(
+        &self,
+        kind: RegisterKind,
+        name: &str,
+        labels: &[(&str, &str)],
+        allow_new: impl FnOnce() -> bool,
+    ) -> Result<Key, KeyError> {
         if labels.len() > MAX_LABELS {
             return Err(KeyError::Invalid(RegisterError::LabelCount(labels.len())));
         }
@@ -113,7 +125,7 @@ impl Interner {
         let mut scratch = [Record::default(); MAX_REGISTER_RECORDS];
         let n = encode_registration(next, kind, name, sorted, &mut scratch)
             .map_err(KeyError::Invalid)?;
-        if next > self.max_keys {
+        if next > self.max_keys || !allow_new() {
             return Err(KeyError::Limit {
                 max_keys: self.max_keys,
             });

@@ -48,10 +48,10 @@ pub struct Discarded {
 /// Keys per block: one bitmap word covers 64 keys.
 const BLOCK: usize = 64;
 /// Words one block of 64 keys takes: a registered bit per key, a pending bit per key,
-/// a held-gauge bit per key, and one pending word per key (a counter delta, or a held
-/// gauge's last value), in that order ([`REGISTERED`], [`PENDING`], [`GAUGES`],
-/// [`DELTAS`]).
-const WORDS_PER_BLOCK: usize = 3 + BLOCK;
+/// a held-gauge bit per key, a float-increment bit per key, and one pending word per key
+/// (a counter delta, a held gauge's last value, or a gauge's float increments), in that
+/// order ([`REGISTERED`], [`PENDING`], [`GAUGES`], [`FLOAT`], [`DELTAS`]).
+const WORDS_PER_BLOCK: usize = 4 + BLOCK;
 /// A block's registered bitmap, its first word: a key's bit is found with one bounds
 /// check against the storage (the words past the last whole block are zero and never
 /// written, so a key past the capacity finds its bit clear or no word at all).
@@ -61,8 +61,12 @@ const PENDING: usize = 1;
 /// A block's held-gauge bitmap: a key whose bit is set here and in [`PENDING`] holds a
 /// gauge's last value (an `i64`'s bits) in its pending word, not a counter delta.
 const GAUGES: usize = 2;
+/// A block's float bitmap: a key whose bit is set here and in [`PENDING`] holds `f64`
+/// bits in its pending word: a gauge's coalesced float increments, or (with its
+/// [`GAUGES`] bit set too) a float value held for the gauge.
+const FLOAT: usize = 3;
 /// A block's pending words, one per key.
-const DELTAS: usize = 3;
+const DELTAS: usize = 4;
 
 /// Where key `index`'s block starts in the storage.
 #[inline(always)]
@@ -74,10 +78,11 @@ const fn block_start(index: usize) -> usize {
 /// the caller provides (a static array in a driver, a boxed slice in a service).
 ///
 /// For `n` keys the storage needs [`KeyTable::words_for(n)`](Self::words_for) words
-/// (about 8.4 bytes per key), in blocks of 64 keys: a "registered in this ring" bitmap,
-/// a "has a pending word" bitmap, a "the pending word is a held gauge" bitmap, and the
-/// pending words themselves (counter deltas, or the last value of a gauge set while
-/// there was no ring).
+/// (about 8.5 bytes per key), in blocks of 64 keys: a "registered in this ring" bitmap,
+/// a "has a pending word" bitmap, a "the pending word is a held gauge" bitmap, a "the
+/// pending word is a float gauge increment" bitmap, and the pending words themselves
+/// (counter deltas, the last value of a gauge set while there was no ring, or float
+/// gauge increments held back by a full ring).
 ///
 /// ```
 /// use nexus_metrics::KeyTable;
@@ -169,8 +174,8 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         let words = self.storage.as_mut();
         let slot = start + DELTAS + index % BLOCK;
         let bit = 1u64 << (index % BLOCK);
-        if words[start + GAUGES] & bit != 0 {
-            // The key holds a gauge value: a key has one kind, so this is a misuse.
+        if (words[start + GAUGES] | words[start + FLOAT]) & bit != 0 {
+            // The key holds a gauge's word: a key has one kind, so this is a misuse.
             return false;
         }
         let Some(sum) = words[slot].checked_add(n) else {
@@ -188,10 +193,34 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         true
     }
 
-    /// Holds `value` as gauge `key`'s last value, replacing an older held value.
-    /// Returns false (and changes nothing) if the key is out of range or holds a
-    /// counter delta.
+    /// Holds `value` as gauge `key`'s last value, replacing an older held value or
+    /// held-back float increments (a set supersedes them). Returns false (and changes
+    /// nothing) if the key is out of range or holds a counter delta.
+    #[cfg_attr(
+        not(feature = "std"),
+        expect(
+            dead_code,
+            reason = "the std recorder holds gauges while it has no ring"
+        )
+    )]
     pub(crate) fn hold_gauge(&mut self, key: u32, value: i64) -> bool {
+        self.hold_gauge_word(key, value as u64, false)
+    }
+
+    /// Like [`hold_gauge`](Self::hold_gauge) for a float value (its bits are held, with
+    /// both the gauge and the float bit set).
+    #[cfg_attr(
+        not(feature = "std"),
+        expect(
+            dead_code,
+            reason = "the std recorder holds gauges while it has no ring"
+        )
+    )]
+    pub(crate) fn hold_gauge_f64(&mut self, key: u32, value: f64) -> bool {
+        self.hold_gauge_word(key, value.to_bits(), true)
+    }
+
+    fn hold_gauge_word(&mut self, key: u32, word: u64, float: bool) -> bool {
         if !self.contains(key) {
             return false;
         }
@@ -200,16 +229,65 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         let bit = 1u64 << (index % BLOCK);
         let words = self.storage.as_mut();
         let pending = words[start + PENDING] & bit != 0;
-        if pending && words[start + GAUGES] & bit == 0 {
+        if pending && (words[start + GAUGES] | words[start + FLOAT]) & bit == 0 {
+            // A counter delta.
             return false;
         }
-        words[start + DELTAS + index % BLOCK] = value as u64;
+        words[start + DELTAS + index % BLOCK] = word;
         words[start + GAUGES] |= bit;
+        if float {
+            words[start + FLOAT] |= bit;
+        } else {
+            words[start + FLOAT] &= !bit;
+        }
         if !pending {
             words[start + PENDING] |= bit;
             self.pending_keys += 1;
         }
         true
+    }
+
+    /// Adds `x` to `key`'s pending float gauge word: its held-back increments, or the
+    /// value held for it (an integer value held becomes a float). Returns false (and
+    /// changes nothing) if the key is out of range, holds a counter delta, or `x` is not
+    /// finite.
+    pub(crate) fn add_pending_f64(&mut self, key: u32, x: f64) -> bool {
+        if !self.contains(key) || !x.is_finite() {
+            return false;
+        }
+        let index = key as usize;
+        let start = block_start(index);
+        let words = self.storage.as_mut();
+        let bit = 1u64 << (index % BLOCK);
+        let pending = words[start + PENDING] & bit != 0;
+        let gauge = words[start + GAUGES] & bit != 0;
+        let float = words[start + FLOAT] & bit != 0;
+        if pending && !gauge && !float {
+            return false;
+        }
+        let slot = start + DELTAS + index % BLOCK;
+        let current = if gauge && !float {
+            words[slot] as i64 as f64
+        } else {
+            // A word of zero bits is 0.0, so a fresh slot starts the sum at zero.
+            f64::from_bits(words[slot])
+        };
+        words[slot] = (current + x).to_bits();
+        words[start + FLOAT] |= bit;
+        if !pending {
+            words[start + PENDING] |= bit;
+            self.pending_keys += 1;
+        }
+        true
+    }
+
+    /// Whether `key`'s pending word (if any) is a float gauge increment.
+    pub(crate) fn is_float(&self, key: u32) -> bool {
+        let index = key as usize;
+        self.storage
+            .as_ref()
+            .get(block_start(index) + FLOAT)
+            .is_some_and(|w| w & (1 << (index % BLOCK)) != 0)
     }
 
     /// Whether `key`'s pending word is a held gauge value (not a counter delta).
@@ -251,7 +329,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         };
         let mut from = 1;
         while let Some((key, delta)) = self.next_pending(from) {
-            if !self.is_held_gauge(key) {
+            if !self.is_held_gauge(key) && !self.is_float(key) {
                 discarded.increments = discarded.increments.wrapping_add(delta);
             }
             self.clear_pending(key);
@@ -273,6 +351,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         if *pending & bit != 0 {
             *pending &= !bit;
             words[start + GAUGES] &= !bit;
+            words[start + FLOAT] &= !bit;
             words[start + DELTAS + index % BLOCK] = 0;
             self.pending_keys -= 1;
         }
@@ -320,6 +399,50 @@ mod tests {
         );
         assert_eq!(table.pending_keys(), 1, "pending deltas survive a new ring");
         assert_eq!(table.next_pending(0), Some((70, 7)));
+    }
+
+    #[test]
+    fn float_gauge_increments_coalesce_apart_from_counters_and_held_gauges() {
+        let mut storage = [0u64; KeyTable::<&mut [u64]>::words_for(64)];
+        let mut table = KeyTable::new(&mut storage[..]);
+        assert!(table.add_pending_f64(3, 1.5));
+        assert!(table.add_pending_f64(3, -0.25));
+        assert!(!table.add_pending_f64(3, f64::NAN), "not finite");
+        assert!(
+            !table.add_pending(3, 1),
+            "a float key takes no counter delta"
+        );
+        assert!(table.add_pending(4, 2));
+        assert!(
+            !table.add_pending_f64(4, 1.0),
+            "a counter key takes no float"
+        );
+        assert!(table.hold_gauge(5, 9));
+        assert!(table.add_pending_f64(5, 1.5), "a held value moves");
+        assert!(table.is_held_gauge(5) && table.is_float(5));
+        assert!(table.hold_gauge_f64(6, 2.5));
+        assert!(table.add_pending_f64(6, 0.5));
+        assert_eq!(
+            table.next_pending(6).map(|(k, w)| (k, f64::from_bits(w))),
+            Some((6, 3.0))
+        );
+        assert!(table.hold_gauge(6, 7), "a set supersedes");
+        assert!(!table.is_float(6));
+        assert_eq!(
+            table.next_pending(5).map(|(k, w)| (k, f64::from_bits(w))),
+            Some((5, 10.5))
+        );
+        assert_eq!(table.pending_keys(), 4);
+        let (key, bits) = table.next_pending(0).expect("pending");
+        assert_eq!((key, f64::from_bits(bits)), (3, 1.25));
+        assert!(table.is_float(3) && !table.is_float(4));
+        let discarded = table.discard_pending();
+        assert_eq!(
+            (discarded.keys, discarded.increments),
+            (4, 2),
+            "only counter deltas are increments"
+        );
+        assert!(!table.is_float(3), "cleared with the word");
     }
 
     #[test]

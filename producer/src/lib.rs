@@ -36,6 +36,14 @@
 //! - A full ring drops the record and counts it, except counter increments: they
 //!   coalesce per key and are written later, so totals arrive late but never short.
 //!
+//! # The facades
+//!
+//! Code instrumented with the `metrics` crate or `tracing` needs no change: with the
+//! features `metrics` and `tracing`, the executable installs `MetricsRecorder` (a
+//! `metrics::Recorder`) and adds `TracingLayer` (a `tracing_subscriber::Layer`) to its
+//! registry, and every macro of the process records into the calling thread's ring with
+//! the same caps, redaction and drop accounting as the native handles.
+//!
 //! # The `no_std` core
 //!
 //! [`Recorder`] over a [`telemetry_ring::Writer`], a [`KeyTable`] and a [`Registry`]
@@ -48,6 +56,12 @@ mod key;
 mod recorder;
 mod registry;
 
+#[cfg(all(feature = "metrics", target_os = "linux"))]
+mod facade_metrics;
+#[cfg(all(any(feature = "metrics", feature = "tracing"), target_os = "linux"))]
+mod facade_names;
+#[cfg(all(feature = "tracing", target_os = "linux"))]
+mod facade_tracing;
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod global;
 #[cfg(all(feature = "std", target_os = "linux"))]
@@ -75,12 +89,16 @@ pub use recorder::{AttrValue, Delivery, Dropped, Recorder, RecorderStats, SpanId
 pub use registry::{Descriptor, RegistrationScratch, Registry, StaticRegistry};
 pub use telemetry_abi::{RegisterKind, SpanStatus};
 
+#[cfg(all(feature = "metrics", target_os = "linux"))]
+pub use facade_metrics::MetricsRecorder;
+#[cfg(all(feature = "tracing", target_os = "linux"))]
+pub use facade_tracing::TracingLayer;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use global::{
     AlreadyInstalled, Config, DEFAULT_MAX_KEYS, MAX_KEYS_LIMIT, MonotonicClock, install, stats,
 };
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub use handles::{Counter, Gauge, Histogram};
+pub use handles::{Counter, Gauge, Histogram, MetricType, describe};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use intern::KeyError;
 #[cfg(all(feature = "std", target_os = "linux"))]

@@ -190,6 +190,78 @@ impl Op for HistogramOp {
     }
 }
 
+/// A float gauge set: key, value.
+#[derive(Clone, Copy)]
+pub(crate) struct GaugeF64Op(pub(crate) u32, pub(crate) f64);
+
+/// A float gauge increment (negative: decrement): key, amount. Coalesced on a full ring.
+#[derive(Clone, Copy)]
+pub(crate) struct GaugeAddOp(pub(crate) u32, pub(crate) f64);
+
+/// A float histogram observation: key, value.
+#[derive(Clone, Copy)]
+pub(crate) struct HistogramF64Op(pub(crate) u32, pub(crate) f64);
+
+/// The registration of a key no sample carries (a metric's metadata): key.
+#[derive(Clone, Copy)]
+pub(crate) struct DeclareOp(pub(crate) u32);
+
+impl Op for GaugeF64Op {
+    #[inline(always)]
+    fn fast(self, recorder: &mut GlobalRecorder) -> bool {
+        recorder.try_fast(self.0, Record::gauge_f64(self.0, self.1))
+    }
+    #[inline(always)]
+    fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
+        recorder
+            .gauge_f64_raw(self.0, self.1)
+            .map(|()| Delivery::Written)
+    }
+    fn hold(self, table: &mut KeyTable<Box<[u64]>>) -> bool {
+        self.1.is_finite() && table.hold_gauge_f64(self.0, self.1)
+    }
+}
+
+impl Op for GaugeAddOp {
+    #[inline(always)]
+    fn fast(self, recorder: &mut GlobalRecorder) -> bool {
+        recorder.try_fast(self.0, Record::gauge_f64_add(self.0, self.1))
+    }
+    #[inline(always)]
+    fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
+        recorder.gauge_add_f64_raw(self.0, self.1)
+    }
+    fn hold(self, table: &mut KeyTable<Box<[u64]>>) -> bool {
+        table.add_pending_f64(self.0, self.1)
+    }
+}
+
+impl Op for HistogramF64Op {
+    #[inline(always)]
+    fn fast(self, recorder: &mut GlobalRecorder) -> bool {
+        recorder.try_fast(self.0, Record::histogram_f64(self.0, self.1))
+    }
+    #[inline(always)]
+    fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
+        recorder
+            .sample_raw(Record::histogram_f64(self.0, self.1))
+            .map(|()| Delivery::Written)
+    }
+}
+
+impl Op for DeclareOp {
+    fn fast(self, _recorder: &mut GlobalRecorder) -> bool {
+        // Always the slow path: declarations are rare and write no sample.
+        false
+    }
+    fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
+        match Key::new(self.0) {
+            Some(key) => recorder.declare(key).map(|()| Delivery::Written),
+            None => Err(Dropped::UnknownKey),
+        }
+    }
+}
+
 /// Records `op` in the calling thread's ring.
 ///
 /// The fast path runs alone under the borrow and calls nothing, so where it is not
@@ -302,6 +374,36 @@ pub(crate) fn span_start(name: u32, parent: Option<Started>) -> Started {
 pub(crate) fn span_end(name: u32, started: Started, status: SpanStatus) {
     let now = global().now_ns();
     with_local(|local| local.span_end(name, started, status, now));
+}
+
+/// A finished span of a tree written whole ([`emit_tree`]): its keys are interned, its
+/// times taken.
+#[cfg(feature = "tracing")]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FinishedSpan {
+    /// The span name's key.
+    pub(crate) name: u32,
+    /// Index of the parent in the tree's list (`rest` of [`emit_tree`]), or `u32::MAX`
+    /// for the tree's root.
+    pub(crate) parent: u32,
+    pub(crate) start_ns: u64,
+    pub(crate) end_ns: u64,
+    pub(crate) status: SpanStatus,
+    /// Attributes: (attribute key, value).
+    pub(crate) attrs: [(u32, AttrValue); crate::span::MAX_SPAN_ATTRS],
+    pub(crate) attr_count: u8,
+}
+
+/// Writes a finished tree of spans into the calling thread's ring: `root`, then
+/// `rest` (each after its parent), every start first, then the attributes, then every
+/// end (children before parents), so each span's parent is open in the ring when the
+/// span starts. Ids are the ring's own sequence; what does not fit is counted.
+///
+/// This is the one place the tracing layer makes spans: a span model whose start and
+/// end may be written in different rings replaces it.
+#[cfg(feature = "tracing")]
+pub(crate) fn emit_tree(root: &FinishedSpan, rest: &[FinishedSpan]) {
+    with_local(|local| local.emit_tree(root, rest));
 }
 
 /// A span attribute value before interning.
@@ -460,7 +562,10 @@ impl Local {
         if let Slot::Ready(ring) = std::mem::replace(&mut self.slot, Slot::Unclaimed) {
             let (mut writer, mut table, _) = ring.recorder.into_parts();
             if writer.is_closed() {
-                let lost = salvage(&mut writer, |key, n| table.add_pending(key, n));
+                let lost = salvage(&mut writer, |held| match held {
+                    Held::Counter(key, n) => table.add_pending(key, n),
+                    Held::GaugeAdd(key, x) => table.add_pending_f64(key, x),
+                });
                 self.count_salvage_loss(lost);
             } else {
                 self.let_go_retired();
@@ -479,12 +584,16 @@ impl Local {
             return;
         };
         let lost = match (&mut self.slot, &mut self.table) {
-            (Slot::Ready(ring), _) => {
-                salvage(&mut writer, |key, n| ring.recorder.hold_back(key, n))
-            }
-            (_, Some(table)) => salvage(&mut writer, |key, n| table.add_pending(key, n)),
+            (Slot::Ready(ring), _) => salvage(&mut writer, |held| match held {
+                Held::Counter(key, n) => ring.recorder.hold_back(key, n),
+                Held::GaugeAdd(key, x) => ring.recorder.hold_back_f64(key, x),
+            }),
+            (_, Some(table)) => salvage(&mut writer, |held| match held {
+                Held::Counter(key, n) => table.add_pending(key, n),
+                Held::GaugeAdd(key, x) => table.add_pending_f64(key, x),
+            }),
             // No key table at all: nothing can hold the increments.
-            (_, None) => salvage(&mut writer, |_, _| false),
+            (_, None) => salvage(&mut writer, |_| false),
         };
         self.count_salvage_loss(lost);
     }
@@ -530,8 +639,16 @@ impl Local {
                 let table = self.table.take().unwrap_or_else(new_table);
                 self.rings += 1;
                 self.current_span = 0;
+                let mut recorder = Recorder::new(writer, table, GlobalRegistry);
+                // The metrics' metadata described so far, for this ring's consumer (a
+                // new metricsd after a restart knows nothing). Cold: once per ring.
+                for key in global.metadata_keys().into_iter().filter_map(Key::new) {
+                    if recorder.declare(key).is_err() {
+                        self.count(Event::Dropped(DropReason::RingFull), 1);
+                    }
+                }
                 self.slot = Slot::Ready(Ring {
-                    recorder: Recorder::new(writer, table, GlobalRegistry),
+                    recorder,
                     generation: info.generation,
                     serial: self.rings,
                 });
@@ -686,6 +803,81 @@ impl Local {
         }
     }
 
+    #[cfg(feature = "tracing")]
+    fn emit_tree(&mut self, root: &FinishedSpan, rest: &[FinishedSpan]) {
+        let n = 1 + rest.len();
+        let ring = match self.ring() {
+            Ok(ring) => ring,
+            Err(reason) => return self.count(Event::Dropped(reason), n as u64),
+        };
+        // Ids by position (0: the root, k + 1: `rest[k]`); on the stack for small trees.
+        let mut small = [None; 32];
+        let mut big = Vec::new();
+        let ids: &mut [Option<SpanId>] = if n <= small.len() {
+            &mut small[..n]
+        } else {
+            big.resize(n, None);
+            &mut big
+        };
+        let (mut full, mut unknown) = (0u64, 0u64);
+        let mut fail = |e: Dropped| match e {
+            Dropped::RingFull => full += 1,
+            Dropped::UnknownKey => unknown += 1,
+        };
+        let span_at = |i: usize| if i == 0 { root } else { &rest[i - 1] };
+        for i in 0..n {
+            let span = span_at(i);
+            // The root has no parent here; in `rest`, `u32::MAX` is the root.
+            let parent = match (i, span.parent) {
+                (0, _) => None,
+                (_, p) => match ids.get(p.wrapping_add(1) as usize).copied().flatten() {
+                    Some(id) => Some(id),
+                    None => {
+                        // The parent was dropped: this span would claim to be a root.
+                        fail(Dropped::RingFull);
+                        continue;
+                    }
+                },
+            };
+            match Key::new(span.name) {
+                Some(name) => match ring.recorder.span_start(name, parent, span.start_ns) {
+                    Ok(id) => ids[i] = Some(id),
+                    Err(e) => fail(e),
+                },
+                None => fail(Dropped::UnknownKey),
+            }
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let (Some(id), span) = (id, span_at(i)) else {
+                continue;
+            };
+            for (attr, value) in &span.attrs[..usize::from(span.attr_count)] {
+                let result = match Key::new(*attr) {
+                    Some(attr) => ring.recorder.span_attr(*id, attr, *value),
+                    None => Err(Dropped::UnknownKey),
+                };
+                if let Err(e) = result {
+                    fail(e);
+                }
+            }
+        }
+        for (i, id) in ids.iter().enumerate().rev() {
+            let span = span_at(i);
+            let (Some(id), Some(name)) = (id, Key::new(span.name)) else {
+                continue;
+            };
+            if let Err(e) = ring.recorder.span_end(name, *id, span.end_ns, span.status) {
+                fail(e);
+            }
+        }
+        if full > 0 {
+            self.count(Event::Dropped(DropReason::RingFull), full);
+        }
+        if unknown > 0 {
+            self.count(Event::Dropped(DropReason::Invalid), unknown);
+        }
+    }
+
     /// The key of a `&'static str` attribute key or string value, cached by address.
     fn intern_str(&mut self, kind: RegisterKind, s: &'static str) -> Result<Key, DropReason> {
         let (addr, len) = (s.as_ptr() as usize, s.len());
@@ -733,14 +925,28 @@ fn to_span_id(id: u64) -> Option<SpanId> {
     SpanId::new(id)
 }
 
+/// A delta found unread in a closed ring, to be held back for the next one.
+#[derive(Clone, Copy)]
+enum Held {
+    /// A counter increment: key, amount.
+    Counter(u32, u64),
+    /// A float gauge increment: key, amount.
+    GaugeAdd(u32, f64),
+}
+
 /// Visits what `writer` published and its (closed) consumer never read: counter
-/// increments are offered to `hold` (key, amount), registrations skipped (a new ring
+/// and float gauge increments are offered to `hold`, registrations skipped (a new ring
 /// gets its own), everything else lost. Returns the records lost.
-fn salvage(writer: &mut Writer<MemfdRegion>, mut hold: impl FnMut(u32, u64) -> bool) -> u64 {
+fn salvage(writer: &mut Writer<MemfdRegion>, mut hold: impl FnMut(Held) -> bool) -> u64 {
     let mut lost = 0;
     writer.for_each_unconsumed(|record| match record.kind {
         RecordKind::COUNTER => {
-            if !hold(record.key, record.words[0]) {
+            if !hold(Held::Counter(record.key, record.words[0])) {
+                lost += 1;
+            }
+        }
+        RecordKind::GAUGE_F64_ADD => {
+            if !hold(Held::GaugeAdd(record.key, f64::from_bits(record.words[0]))) {
                 lost += 1;
             }
         }

@@ -164,6 +164,37 @@ where
         self.sample_raw(Record::histogram(key.get(), value))
     }
 
+    /// Sets gauge `key` to the float `value`. A float increment of the key still held
+    /// back (see [`gauge_add_f64`](Self::gauge_add_f64)) happened before this set, so
+    /// the set supersedes it once written.
+    #[inline]
+    pub fn gauge_f64(&mut self, key: Key, value: f64) -> Result<(), Dropped> {
+        self.gauge_f64_raw(key.get(), value)
+    }
+
+    /// Adds the float `delta` to gauge `key` (negative to decrement). On a full ring
+    /// the amount is held back and written later, summed with the key's later
+    /// increments, as counter increments are: late, never lost.
+    #[inline]
+    pub fn gauge_add_f64(&mut self, key: Key, delta: f64) -> Result<Delivery, Dropped> {
+        self.gauge_add_f64_raw(key.get(), delta)
+    }
+
+    /// Records the float `value` in histogram `key`.
+    #[inline]
+    pub fn histogram_f64(&mut self, key: Key, value: f64) -> Result<(), Dropped> {
+        self.sample_raw(Record::histogram_f64(key.get(), value))
+    }
+
+    /// Makes sure `key`'s registration is in the ring, writing nothing else: for keys no
+    /// sample ever carries, such as a metric's metadata.
+    pub fn declare(&mut self, key: Key) -> Result<(), Dropped> {
+        if self.table.is_registered(key.get()) {
+            return Ok(());
+        }
+        self.register_cold(key.get())
+    }
+
     /// Opens span `name` at `start_ns` under `parent` (a span of this ring; `None`
     /// for a root) and returns its id.
     pub fn span_start(
@@ -226,6 +257,10 @@ where
     /// Holds back `n` increments of counter `key` as a pending delta, written ahead of a
     /// later record (as a full ring's increments are). False (and nothing held) if the
     /// key is out of range or the sum would overflow.
+    #[cfg_attr(
+        not(feature = "std"),
+        expect(dead_code, reason = "the std recorder salvages closed rings")
+    )]
     pub(crate) fn hold_back(&mut self, key: u32, n: u64) -> bool {
         self.table.add_pending(key, n)
     }
@@ -276,6 +311,80 @@ where
         self.counter_cold(key, n)
     }
 
+    /// A float gauge set on a raw key.
+    #[inline(always)]
+    pub(crate) fn gauge_f64_raw(&mut self, key: u32, value: f64) -> Result<(), Dropped> {
+        if self.table.pending_keys() == 0 && self.table.is_registered(key) {
+            return match self.writer.push(Record::gauge_f64(key, value)) {
+                Ok(()) => Ok(()),
+                Err(_) => self.full(),
+            };
+        }
+        self.gauge_f64_cold(key, value)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn gauge_f64_cold(&mut self, key: u32, value: f64) -> Result<(), Dropped> {
+        self.sample_cold(Record::gauge_f64(key, value))?;
+        // Written: a word held back from before the set is superseded by it.
+        if self.table.is_float(key) || self.table.is_held_gauge(key) {
+            self.table.clear_pending(key);
+        }
+        Ok(())
+    }
+
+    /// A float gauge increment on a raw key: written, or held back on a full ring.
+    #[inline(always)]
+    pub(crate) fn gauge_add_f64_raw(&mut self, key: u32, delta: f64) -> Result<Delivery, Dropped> {
+        if self.table.pending_keys() == 0
+            && self.table.is_registered(key)
+            && self
+                .writer
+                .try_push(Record::gauge_f64_add(key, delta))
+                .is_ok()
+        {
+            return Ok(Delivery::Written);
+        }
+        self.gauge_add_cold(key, delta)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn gauge_add_cold(&mut self, key: u32, delta: f64) -> Result<Delivery, Dropped> {
+        if !self.table.contains(key) {
+            self.stats.unknown_key += 1;
+            return Err(Dropped::UnknownKey);
+        }
+        self.flush_pending();
+        if self.table.pending_keys() == 0
+            && self.ensure_registered(key)?
+            && self
+                .writer
+                .try_push(Record::gauge_f64_add(key, delta))
+                .is_ok()
+        {
+            return Ok(Delivery::Written);
+        }
+        if self.table.add_pending_f64(key, delta) {
+            self.stats.coalesced += 1;
+            Ok(Delivery::Coalesced)
+        } else {
+            // Not finite, or the key holds a counter's delta: no way to hold it back.
+            self.writer.count_dropped(1);
+            self.full()
+        }
+    }
+
+    /// Holds back the float gauge increment `delta` of `key`, as a full ring's are.
+    #[cfg_attr(
+        not(feature = "std"),
+        expect(dead_code, reason = "the std recorder salvages closed rings")
+    )]
+    pub(crate) fn hold_back_f64(&mut self, key: u32, delta: f64) -> bool {
+        self.table.add_pending_f64(key, delta)
+    }
+
     /// The fast path of every record kind, on the raw `key` (`record.key`): writes
     /// `record` when no pending delta must go first, the key is registered in this ring
     /// and there is room. False changes nothing and counts nothing: the caller goes on
@@ -283,6 +392,10 @@ where
     /// key comes separately so that its check reads it where the caller has it, not
     /// back out of the record under construction.
     #[inline(always)]
+    #[cfg_attr(
+        not(feature = "std"),
+        expect(dead_code, reason = "the std recorder's fast path")
+    )]
     pub(crate) fn try_fast(&mut self, key: u32, record: Record) -> bool {
         debug_assert_eq!(key, record.key);
         self.table.pending_keys() == 0
@@ -394,9 +507,14 @@ where
                     continue;
                 }
             }
-            let record = if self.table.is_held_gauge(key) {
+            let record = if self.table.is_held_gauge(key) && self.table.is_float(key) {
+                // A float gauge set while there was no ring, and its increments since.
+                Record::gauge_f64(key, f64::from_bits(delta))
+            } else if self.table.is_held_gauge(key) {
                 // A gauge set while there was no ring: its last value, bit for bit.
                 Record::gauge(key, delta as i64)
+            } else if self.table.is_float(key) {
+                Record::gauge_f64_add(key, f64::from_bits(delta))
             } else {
                 Record::counter(key, delta)
             };
@@ -460,6 +578,55 @@ mod tests {
             })
             .expect("not quarantined");
         (registered, records)
+    }
+
+    #[test]
+    fn float_gauge_increments_coalesce_on_a_full_ring_and_a_set_supersedes_them() {
+        // 8 slots: the gauge's registration (2) + 6 samples fill it.
+        let (mut rec, mut reader) = setup(8);
+        let depth = key(1);
+        assert_eq!(rec.gauge_add_f64(depth, 1.5), Ok(Delivery::Written));
+        for _ in 0..5 {
+            assert_eq!(rec.gauge_add_f64(depth, 0.5), Ok(Delivery::Written));
+        }
+        assert_eq!(rec.gauge_add_f64(depth, 2.0), Ok(Delivery::Coalesced));
+        assert_eq!(rec.gauge_add_f64(depth, -0.75), Ok(Delivery::Coalesced));
+        assert_eq!(rec.pending_keys(), 1);
+        let (_, records) = drain(&mut reader);
+        assert_eq!(records.len(), 6);
+        // Room again: the held-back sum goes first, then the new record.
+        assert_eq!(rec.histogram_f64(key(2), 0.125), Ok(()));
+        let (registered, records) = drain(&mut reader);
+        assert_eq!(registered, [key(2).get()]);
+        assert_eq!(records[0].kind, RecordKind::GAUGE_F64_ADD);
+        assert_eq!(f64::from_bits(records[0].words[0]), 1.25);
+        assert_eq!(records[1].kind, RecordKind::HISTOGRAM_F64);
+        assert_eq!(f64::from_bits(records[1].words[0]), 0.125);
+        assert_eq!(rec.pending_keys(), 0);
+        assert_eq!(rec.stats().coalesced, 2);
+
+        // A set written while an increment is held back supersedes it.
+        while rec.gauge_add_f64(depth, 1.0) == Ok(Delivery::Written) {}
+        assert_eq!(rec.gauge_add_f64(depth, 9.0), Ok(Delivery::Coalesced));
+        let _ = drain(&mut reader);
+        assert_eq!(rec.gauge_f64(depth, -3.0), Ok(()));
+        let (_, records) = drain(&mut reader);
+        let kinds: Vec<_> = records.iter().map(|r| r.kind).collect();
+        // The increment held back before the set is written ahead of it.
+        assert_eq!(kinds, [RecordKind::GAUGE_F64_ADD, RecordKind::GAUGE_F64]);
+        assert_eq!(f64::from_bits(records[1].words[0]), -3.0);
+        assert_eq!(rec.pending_keys(), 0);
+        assert_eq!(rec.stats().ring_full, 0, "nothing dropped");
+    }
+
+    #[test]
+    fn declare_writes_only_the_registration_once() {
+        let (mut rec, mut reader) = setup(8);
+        rec.declare(key(1)).expect("room");
+        rec.declare(key(1)).expect("already there");
+        let (registered, records) = drain(&mut reader);
+        assert_eq!(registered, [key(1).get()]);
+        assert!(records.is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{Server, sum, watchdog};
-use nexus_metrics::{Config, DropReason, RegisterKind, counter, histogram};
+use nexus_metrics::{Config, DropReason, RegisterKind, counter, gauge, histogram};
 
 #[test]
 fn counters_are_late_never_short_and_exit_losses_are_counted() {
@@ -24,11 +24,19 @@ fn counters_are_late_never_short_and_exit_losses_are_counted() {
     let (drained_tx, drained_rx) = mpsc::channel::<()>();
     let producer = std::thread::spawn(move || {
         let c = counter!("bp.coalesced");
+        let g = gauge!("bp.level");
         let h = histogram!("bp.latency");
         let mut total = 0;
         for i in 0..10_000u64 {
             c.increment(i % 7 + 1);
             total += i % 7 + 1;
+        }
+        // Float gauge increments on the full ring wait like counter increments.
+        for _ in 0..1000 {
+            g.add_f64(0.5);
+        }
+        for _ in 0..200 {
+            g.add_f64(-0.25);
         }
         // Other records on a full ring are dropped and counted.
         for _ in 0..5 {
@@ -45,7 +53,7 @@ fn counters_are_late_never_short_and_exit_losses_are_counted() {
     let (total, pending_before_drain) = filled_rx.recv().expect("producer fills");
     assert!(pending_before_drain, "the ring really was full");
     let stats = nexus_metrics::stats();
-    assert!(stats.coalesced > 9_000, "{stats:?}");
+    assert!(stats.coalesced > 10_000, "{stats:?}");
     assert_eq!(
         stats.dropped(DropReason::RingFull),
         5,
@@ -62,6 +70,19 @@ fn counters_are_late_never_short_and_exit_losses_are_counted() {
         assert_eq!(ring.producer_dropped, 5, "only the histogram samples");
         assert!(ring.registered_before_use(key));
         assert!(ring.unregistered.is_empty());
+    });
+    server.find(RegisterKind::GAUGE, "bp.level", |ring, key| {
+        let records = ring.records_of(key);
+        assert!(!records.is_empty() && records.len() < 64, "coalesced");
+        let level: f64 = records
+            .iter()
+            .map(|r| {
+                assert_eq!(r.kind, telemetry_abi::RecordKind::GAUGE_F64_ADD);
+                f64::from_bits(r.words[0])
+            })
+            .sum();
+        assert_eq!(level, 450.0, "every increment arrived");
+        assert!(ring.registered_before_use(key));
     });
 
     // 2. A thread that exits with its ring still full cannot write what it owes: the
