@@ -24,8 +24,8 @@ const MAX_TOTAL: u64 = 40;
 /// The idle TTL of the churn.
 const TTL_MS: u64 = 200;
 /// The idle TTL of the keep-alive test, and the producer's period (TTL minus a margin).
-const KEEP_TTL_MS: u64 = 1000;
-const KEEP_PERIOD_MS: u64 = 700;
+const KEEP_TTL_MS: u64 = 3000;
+const KEEP_PERIOD_MS: u64 = 1000;
 /// RSS growth allowed over the whole churn: the slot table, hash maps and interned
 /// strings of one generation's series, with room for the allocator keeping freed pages.
 const RSS_GROWTH_BOUND_KB: u64 = 4096;
@@ -235,8 +235,8 @@ fn child_records_one_generation() {
     child::report("done", &[("series", &WORKERS)]);
 }
 
-/// Child: one series, one increment every `KEEP_PERIOD_MS` (the TTL minus a margin),
-/// ten times, then exit.
+/// Child: one series, one increment every `KEEP_PERIOD_MS` (a third of the TTL, a margin
+/// a loaded machine's scheduling does not eat), six times, then exit.
 #[test]
 #[ignore = "a child process of a_series_recorded_within_its_ttl_never_expires"]
 fn child_records_rarely() {
@@ -246,11 +246,11 @@ fn child_records_rarely() {
     nexus_metrics::install(Config::new().socket(&socket).ring_capacity(1024)).expect("install");
     let c = counter!("churn.requests", "gen" => "rare");
     let start = Instant::now();
-    for i in 0..10u64 {
+    for i in 0..6u64 {
         c.increment(1);
         assert!(nexus_metrics::flush_for(Duration::from_secs(10)));
         let next = start + Duration::from_millis((i + 1) * KEEP_PERIOD_MS);
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
-    child::report("done", &[("total", &10)]);
+    child::report("done", &[("total", &6)]);
 }
