@@ -261,6 +261,22 @@ mod tests {
     }
 
     #[test]
+    fn every_status_has_its_spec_name() {
+        let names = [
+            (GrantStatus::OK, "ok"),
+            (GrantStatus::INVALID_ARGS, "invalid_args"),
+            (GrantStatus::OVER_LIMIT, "over_limit"),
+            (GrantStatus::RATE_LIMITED, "rate_limited"),
+            (GrantStatus::UNAVAILABLE, "unavailable"),
+        ];
+        for (i, (status, name)) in names.into_iter().enumerate() {
+            assert_eq!(status.0, i as u16, "abi/README.md numbers them 0 to 4");
+            assert_eq!(status.name(), Some(name));
+        }
+        assert_eq!(GrantStatus(5).name(), None);
+    }
+
+    #[test]
     fn parse_names_each_malformed_field() {
         let good = GrantRequest::ring(0, 5);
         assert_eq!(GrantRequest::parse(good.as_bytes()), Ok(good));
@@ -305,6 +321,33 @@ mod tests {
         }
         for c in [2, 4, 1 << 24, 1 << 31] {
             assert_eq!(bad(GrantRequest::ring(c, 0)), Ok(GrantRequest::ring(c, 0)));
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_the_bad_value_and_the_expected_one() {
+        extern crate alloc;
+        use alloc::string::ToString;
+        let cases = [
+            (GrantRequestError::Size(31), "31 bytes, expected 32"),
+            (
+                GrantRequestError::Magic(1),
+                "0x00000001, expected 0x5247584e",
+            ),
+            (
+                GrantRequestError::Version(2),
+                "version 2 is unknown, expected 1",
+            ),
+            (GrantRequestError::Op(9), "op 9 is unknown"),
+            (GrantRequestError::Reserved, "must be zero"),
+            (
+                GrantRequestError::Capacity(3),
+                "capacity 3 is not a power of two",
+            ),
+        ];
+        for (error, text) in cases {
+            let message = error.to_string();
+            assert!(message.contains(text), "{message:?} lacks {text:?}");
         }
     }
 

@@ -336,6 +336,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn consumer_flags_are_the_specs_bits() {
+        // abi/README.md: bit 0 quarantined, bit 1 closed.
+        assert_eq!(CONSUMER_FLAG_QUARANTINED, 1 << 0);
+        assert_eq!(CONSUMER_FLAG_CLOSED, 1 << 1);
+    }
+
+    #[test]
     fn magic_spells_the_ring_name() {
         assert_eq!(&MAGIC.to_le_bytes(), b"NXTRING1");
     }
