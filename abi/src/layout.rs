@@ -401,6 +401,18 @@ mod tests {
             ..good
         };
         assert_eq!(h.validate(len), Err(HeaderError::HeaderSize { found: 200 }));
+        // Each rule alone: whole lines but fewer than three, and more than three lines
+        // but not whole ones.
+        for found in [256, 400] {
+            let h = Header {
+                header_size: found,
+                ..good
+            };
+            assert_eq!(
+                h.validate(len + 128),
+                Err(HeaderError::HeaderSize { found })
+            );
+        }
         let h = Header {
             capacity: 65,
             ..good
