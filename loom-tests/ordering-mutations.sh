@@ -15,7 +15,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
+# Shared by every run (dependencies are built once); each change's test log is kept
+# here as change-N.log.
 target="$repo/target/loom-mutations"
+mkdir -p "$target"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -87,13 +90,13 @@ for n in "${selected[@]}"; do
     survivors=$((survivors + 1))
     continue
   fi
-  log="$work/log-$n"
-  (cd "$tree" && RUSTFLAGS="--cfg telemetry_loom" nice -n 19 cargo test --locked -q \
+  log="$target/change-$n.log"
+  (cd "$tree" && RUSTFLAGS="--cfg telemetry_loom" nice -n 19 cargo test --locked \
     -p telemetry-loom-tests --release --target-dir "$target" --no-fail-fast -- --test-threads=1) >"$log" 2>&1 || true
-  failed=$(grep -E '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/' |
-    sort -u | paste -sd ',' | sed 's/,/, /g')
-  first=$(grep -m1 -E 'Causality violation[^|]*|panicked at|assertion' "$log" -A1 |
-    grep -v -E '^--$' | tr '\n' ' ' | cut -c1-140 | sed 's/|/\\|/g')
+  failed=$( (grep -E '^test .* \.\.\. FAILED$' "$log" || true) |
+    sed -E 's/^test (.*) \.\.\. FAILED$/\1/' | sort -u | paste -sd ',' | sed 's/,/, /g')
+  first=$( (grep -m1 -E 'Causality violation|panicked at' "$log" -A1 || true) |
+    tr '\n' ' ' | cut -c1-160 | sed 's/|/\\|/g')
   if grep -qE '^error(\[|:)' "$log" && [ -z "$failed" ]; then
     printf '| %s | %s | did not compile | %s |\n' "$n" "$name" "$(grep -m1 -E '^error' "$log")"
     survivors=$((survivors + 1))
