@@ -9,7 +9,10 @@
 # fuzz/regressions/<target>/, fix the bug).
 #
 #   fuzz/campaign.sh                       # every target, stable, no sanitizer
+#   MAX_SECONDS=600 fuzz/campaign.sh metricsd_drain
 #   SANITIZER=address TOOLCHAIN=nightly fuzz/campaign.sh ring_reader
+#
+# BUILD=0 runs the binaries already in target/fuzz without rebuilding them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,13 +24,15 @@ root="$PWD/target/fuzz"
 dir="$root/campaign"
 mkdir -p "$dir"
 
-(cd fuzz && cargo "+$toolchain" fuzz build -s "$sanitizer" --target-dir "$root")
+if [ "${BUILD:-1}" != 0 ]; then
+  (cd fuzz && cargo "+$toolchain" fuzz build -s "$sanitizer" --target-dir "$root")
+fi
 bin="$root/x86_64-unknown-linux-gnu/release"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=($(cd fuzz && cargo fuzz list))
 fi
-echo "commit $(git rev-parse --short HEAD), $(date -u '+%Y-%m-%d %H:%M UTC'), sanitizer $sanitizer, $(rustc "+$toolchain" --version)"
+echo "commit $(git rev-parse --short HEAD) (binaries built $(date -u -r "$root/x86_64-unknown-linux-gnu/release" '+%H:%M UTC')), $(date -u '+%Y-%m-%d %H:%M UTC'), sanitizer $sanitizer, $(rustc "+$toolchain" --version)"
 for t in "${targets[@]}"; do
   mkdir -p "$root/corpus/$t" "$root/artifacts/$t"
   log="$dir/$t.log"
@@ -35,8 +40,10 @@ for t in "${targets[@]}"; do
   nice -n 19 "$bin/$t" -runs="$runs" -max_total_time="$max_seconds" -timeout=10 \
     -print_final_stats=1 -artifact_prefix="$root/artifacts/$t/" \
     "$root/corpus/$t" "fuzz/regressions/$t" >"$log" 2>&1 || status=$?
-  done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1 | tr '\t' ' ')
-  seconds=$(grep -E '^Done [0-9]+ runs in' "$log" | tail -1 | sed -E 's/.* in ([0-9]+) second.*/\1/')
+  # The last status line: coverage (cov) and features (ft) reached.
+  done_line=$(grep -E '^#[0-9]+[[:space:]]' "$log" | tail -1 | tr '\t' ' ')
   units=$(grep -E 'stat::number_of_executed_units' "$log" | awk '{print $2}')
+  rate=$(grep -E 'stat::average_exec_per_sec' "$log" | awk '{print $2}')
+  seconds=$(( ${units:-0} / (${rate:-0} > 0 ? ${rate:-1} : 1) ))
   echo "$t: exit $status, ${units:-?} runs in ${seconds:-?} s, ${done_line:-no final line}"
 done
