@@ -604,6 +604,13 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_the_specs() {
+        // abi/README.md: at most 880 payload bytes, so at most 38 records.
+        assert_eq!(MAX_REGISTER_DATA_LEN, 880);
+        assert_eq!(MAX_REGISTER_RECORDS, 38);
+    }
+
+    #[test]
     fn registrations_round_trip() {
         round_trip(
             1,

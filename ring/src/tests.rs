@@ -298,6 +298,11 @@ fn mapped_region_lays_out_the_abi_and_attaches() {
     let attached = unsafe { MappedRegion::attach(base, len) }.expect("valid header");
     assert_eq!(attached.geometry(), geometry);
     assert_eq!(attached.header_epoch(), 77);
+    let debug = format!("{attached:?}");
+    assert!(
+        debug.starts_with("MappedRegion") && debug.contains("capacity: 8"),
+        "{debug}"
+    );
     let mut r = Reader::new(&attached);
     assert_eq!(drain_values(&mut r, 8), [6]);
     drop(r);
@@ -318,6 +323,22 @@ fn mapped_region_lays_out_the_abi_and_attaches() {
         err,
         MapError::Header(HeaderError::RegionTooSmall { .. })
     ));
+
+    use core::error::Error;
+    let bad_magic = MapError::Header(HeaderError::BadMagic { found: 1 });
+    assert!(
+        bad_magic
+            .to_string()
+            .starts_with("region header refused: bad magic 0x0000000000000001"),
+        "{bad_magic}"
+    );
+    let source = bad_magic.source().map(ToString::to_string);
+    assert_eq!(source, Some(HeaderError::BadMagic { found: 1 }.to_string()));
+    assert_eq!(
+        MapError::Misaligned.to_string(),
+        "region base address is not 8-byte aligned"
+    );
+    assert!(MapError::Misaligned.source().is_none());
 }
 
 #[test]
