@@ -604,6 +604,71 @@ mod tests {
     }
 
     #[test]
+    fn names_follow_their_kinds_spelling() {
+        let mut out = [Record::default(); MAX_REGISTER_RECORDS];
+        let mut encode = |what, name| encode_registration(1, what, name, &[], &mut out);
+        assert_eq!(
+            encode(RegisterKind::COUNTER, " a"),
+            Err(RegisterError::NameByte(b' ')),
+            "a series name may not start with a space"
+        );
+        assert_eq!(encode(RegisterKind::COUNTER, "a b"), Ok(2));
+        // An attribute key is spelled like a label key, which a series name need not be.
+        assert_eq!(
+            encode(RegisterKind::ATTR, "1x"),
+            Err(RegisterError::NameByte(b'1'))
+        );
+        assert_eq!(
+            encode(RegisterKind::ATTR, "a b"),
+            Err(RegisterError::NameByte(b'a'))
+        );
+        assert_eq!(encode(RegisterKind::COUNTER, "1x"), Ok(2));
+        assert_eq!(encode(RegisterKind::ATTR, "db.rows"), Ok(2));
+    }
+
+    #[test]
+    fn errors_say_what_was_wrong_and_what_was_expected() {
+        extern crate alloc;
+        use alloc::string::ToString;
+        let cases = [
+            (RegisterError::ZeroKey, "key 0 is reserved"),
+            (
+                RegisterError::UnknownKind(9),
+                "kind 9 is unknown, expected 1 to 6",
+            ),
+            (
+                RegisterError::NameLength(97),
+                "name is 97 bytes, expected 1 to 96",
+            ),
+            (
+                RegisterError::NameByte(b'='),
+                "name byte 0x3d is not allowed",
+            ),
+            (
+                RegisterError::LabelCount(9),
+                "9 labels given, expected at most 8",
+            ),
+            (RegisterError::LabelKey, "label key must be 1 to 32 bytes"),
+            (
+                RegisterError::LabelValue,
+                "label value must be at most 64 bytes",
+            ),
+            (RegisterError::DuplicateLabel, "two labels share a key"),
+            (
+                RegisterError::DataLength(5),
+                "payload length 5 does not match",
+            ),
+            (RegisterError::Sequence, "out of sequence"),
+            (RegisterError::Interrupted, "interrupted by another record"),
+            (RegisterError::OutputTooSmall(3), "needs 3 records"),
+        ];
+        for (error, text) in cases {
+            let message = error.to_string();
+            assert!(message.contains(text), "{message:?} lacks {text:?}");
+        }
+    }
+
+    #[test]
     fn limits_are_the_specs() {
         // abi/README.md: at most 880 payload bytes, so at most 38 records.
         assert_eq!(MAX_REGISTER_DATA_LEN, 880);
