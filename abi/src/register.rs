@@ -624,6 +624,25 @@ mod tests {
         );
         assert_eq!(encode(RegisterKind::COUNTER, "1x"), Ok(2));
         assert_eq!(encode(RegisterKind::ATTR, "db.rows"), Ok(2));
+        assert_eq!(
+            encode(RegisterKind::ATTR, "a-b"),
+            Err(RegisterError::NameByte(b'a'))
+        );
+        // A string value may hold anything but control characters; the error names
+        // the first ASCII control byte (0xff for a C1 control such as U+0085).
+        assert_eq!(encode(RegisterKind::STRING, "a b=c"), Ok(2));
+        for (name, byte) in [
+            ("a\u{1}b\n", 0x01),
+            ("a b\u{1}", 0x01),
+            ("ab\u{7f}", 0x7f),
+            ("a\u{85}", 0xff),
+        ] {
+            assert_eq!(
+                encode(RegisterKind::STRING, name),
+                Err(RegisterError::NameByte(byte)),
+                "{name:?}"
+            );
+        }
     }
 
     #[test]
