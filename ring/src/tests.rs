@@ -235,10 +235,21 @@ fn a_write_position_behind_the_reader_quarantines() {
 }
 
 #[test]
+fn a_write_position_just_under_half_the_range_ahead_is_out_of_range_not_back() {
+    // Positions compare by wrapping difference: up to 2^63 - 1 ahead is ahead.
+    let (_w, mut r) = pair(8);
+    let write = u64::MAX / 2;
+    r.region().write_pos().store(write, Ordering::Release);
+    let err = r.pending().expect_err("out of range");
+    assert_eq!(err.0, Violation::WriteOutOfRange { read: 0, write });
+}
+
+#[test]
 fn a_shrinking_dropped_counter_is_counted_but_tolerated() {
     let (mut w, mut r) = pair(2);
     w.count_dropped(10);
     assert_eq!(r.pending(), Ok(0));
+    assert_eq!(r.stats().dropped_moved_back, 0, "a rise is not a move down");
     r.region().dropped().store(3, Ordering::Relaxed);
     assert_eq!(r.pending(), Ok(0));
     let s = r.stats();
