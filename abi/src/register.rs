@@ -761,6 +761,12 @@ mod tests {
             encode_registration(1, c, "abc", &[], &mut out[..1]),
             Err(RegisterError::OutputTooSmall(2))
         );
+        let mut exact = [Record::default(); 2];
+        assert_eq!(
+            encode_registration(1, c, "abc", &[], &mut exact),
+            Ok(2),
+            "an output of exactly the records needed is enough"
+        );
         assert!(out.iter().all(|r| *r == Record::default()));
     }
 
