@@ -688,6 +688,61 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_of_exactly_the_limit_is_accepted_and_a_head_past_it_refused() {
+        let keys: [alloc_free::Key; MAX_LABELS] = core::array::from_fn(alloc_free::key);
+        let value = "v".repeat(MAX_LABEL_VALUE_LEN);
+        let mut labels = [("", ""); MAX_LABELS];
+        for (label, key) in labels.iter_mut().zip(&keys) {
+            *label = (key.as_str(), value.as_str());
+        }
+        let name = "n".repeat(MAX_NAME_LEN);
+        round_trip(9, RegisterKind::GAUGE, &name, &labels);
+
+        let head = |name_len: u16, data_len: u32| {
+            let h = Register {
+                kind: RecordKind::REGISTER,
+                what: RegisterKind::COUNTER,
+                key: 1,
+                name_len,
+                label_count: 0,
+                data_len,
+                reserved: [0; 2],
+            };
+            let record = Record::read_from_bytes(h.as_bytes()).expect("32 bytes");
+            RegistrationBuf::new()
+                .feed(&record)
+                .map(|r| r.map(|r| r.key))
+        };
+        assert_eq!(head(1, 880), Ok(None));
+        assert_eq!(head(1, 881), Err(RegisterError::DataLength(881)));
+        assert_eq!(
+            head(0, 5),
+            Err(RegisterError::DataLength(5)),
+            "an empty name"
+        );
+        assert_eq!(
+            head(6, 5),
+            Err(RegisterError::DataLength(5)),
+            "a name past the data"
+        );
+    }
+
+    /// Distinct label keys of the longest length, without an allocator.
+    mod alloc_free {
+        pub struct Key([u8; super::MAX_LABEL_KEY_LEN]);
+        pub fn key(i: usize) -> Key {
+            let mut k = [b'k'; super::MAX_LABEL_KEY_LEN];
+            k[super::MAX_LABEL_KEY_LEN - 1] = b'a' + i as u8;
+            Key(k)
+        }
+        impl Key {
+            pub fn as_str(&self) -> &str {
+                core::str::from_utf8(&self.0).unwrap_or_default()
+            }
+        }
+    }
+
+    #[test]
     fn limits_are_the_specs() {
         // abi/README.md: at most 880 payload bytes, so at most 38 records.
         assert_eq!(MAX_REGISTER_DATA_LEN, 880);

@@ -237,8 +237,8 @@ fn a_write_position_behind_the_reader_quarantines() {
 #[test]
 fn a_write_position_just_under_half_the_range_ahead_is_out_of_range_not_back() {
     // Positions compare by wrapping difference: up to 2^63 - 1 ahead is ahead.
-    let (_w, mut r) = pair(8);
-    assert_eq!(r.capacity(), 8);
+    let (w, mut r) = pair(8);
+    assert_eq!((w.capacity(), r.capacity()), (8, 8));
     let write = u64::MAX / 2;
     r.region().write_pos().store(write, Ordering::Release);
     let err = r.pending().expect_err("out of range");
