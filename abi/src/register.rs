@@ -713,6 +713,20 @@ mod tests {
                 .feed(&record)
                 .map(|r| r.map(|r| r.key))
         };
+        // Nine labels on a series: refused by count, before the payload is read.
+        let long_name = "n".repeat(MAX_NAME_LEN);
+        let mut nine = [Record::default(); MAX_REGISTER_RECORDS];
+        let n = encode_registration(2, RegisterKind::COUNTER, &long_name, &labels, &mut nine)
+            .expect("valid");
+        let mut h: Register = nine[0].view();
+        h.label_count = 9;
+        nine[0] = Record::read_from_bytes(h.as_bytes()).expect("32 bytes");
+        let mut buf = RegistrationBuf::new();
+        let last = nine[..n]
+            .iter()
+            .map(|r| buf.feed(r).map(|o| o.map(|r| r.key)))
+            .last();
+        assert_eq!(last, Some(Err(RegisterError::LabelCount(9))));
         assert_eq!(head(1, 880), Ok(None));
         assert_eq!(head(1, 881), Err(RegisterError::DataLength(881)));
         assert_eq!(

@@ -371,6 +371,13 @@ fn a_closed_ring_tells_the_writer_what_was_never_read() {
         [2, 3, 4],
         "published and unread; the staged record was never published"
     );
+    // A read position more than a capacity behind is a lie: nothing is visited.
+    w.region()
+        .read_pos()
+        .store(5u64.wrapping_sub(9), Ordering::Relaxed);
+    let mut visited = 0;
+    assert_eq!(w.for_each_unconsumed(|_| visited += 1), 0);
+    assert_eq!(visited, 0);
 }
 
 /// A heap region that checks every `prepare_write` hint against the consumer's read
