@@ -727,6 +727,19 @@ mod tests {
             .map(|r| buf.feed(r).map(|o| o.map(|r| r.key)))
             .last();
         assert_eq!(last, Some(Err(RegisterError::LabelCount(9))));
+        // A label on a span name: refused by count too.
+        let mut span = [Record::default(); MAX_REGISTER_RECORDS];
+        let n = encode_registration(3, RegisterKind::COUNTER, "s", &[("k", "v")], &mut span)
+            .expect("valid");
+        let mut h: Register = span[0].view();
+        h.what = RegisterKind::SPAN;
+        span[0] = Record::read_from_bytes(h.as_bytes()).expect("32 bytes");
+        let mut buf = RegistrationBuf::new();
+        let last = span[..n]
+            .iter()
+            .map(|r| buf.feed(r).map(|o| o.map(|r| r.key)))
+            .last();
+        assert_eq!(last, Some(Err(RegisterError::LabelCount(1))));
         assert_eq!(head(1, 880), Ok(None));
         assert_eq!(head(1, 881), Err(RegisterError::DataLength(881)));
         assert_eq!(

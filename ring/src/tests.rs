@@ -469,3 +469,15 @@ fn looks_empty_follows_publication_and_never_judges() {
     assert!(r.drain(64, |_| {}).is_err());
     assert!(r.looks_empty(), "a quarantined ring is never drained again");
 }
+
+#[test]
+fn a_full_ring_left_unread_is_visited_whole() {
+    let (mut w, r) = pair(4);
+    for i in 0..4 {
+        w.push(Record::counter(1, i)).expect("room");
+    }
+    drop(r);
+    let mut unread = Vec::new();
+    assert_eq!(w.for_each_unconsumed(|rec| unread.push(rec.words[0])), 4);
+    assert_eq!(unread, [0, 1, 2, 3]);
+}
