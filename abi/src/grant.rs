@@ -8,10 +8,13 @@
 //! `SCM_RIGHTS` ancillary data when `status` is [`GrantStatus::OK`]. Nothing else is
 //! ever sent: samples travel through the rings only.
 
+use core::fmt;
 use core::mem::size_of;
 
 use static_assertions::const_assert_eq;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::layout::MIN_CAPACITY;
 
 /// `b"NXGR"` read as a little-endian `u32`: the first four bytes of every grant frame.
 pub const GRANT_MAGIC: u32 = u32::from_le_bytes(*b"NXGR");
@@ -123,7 +126,91 @@ impl GrantRequest {
     pub fn is_well_formed(&self) -> bool {
         self.magic == GRANT_MAGIC && self.version == GRANT_VERSION && self.op == GrantOp::RING
     }
+
+    /// Parses one received frame as a consumer does: exactly [`GRANT_FRAME_SIZE`]
+    /// bytes, the magic, version and op this version defines, zero `flags` and
+    /// `reserved`, and a capacity that is zero (the consumer's default) or a power of two
+    /// of at least [`MIN_CAPACITY`]. How much of the capacity is granted is the
+    /// consumer's policy, not part of the frame's validity.
+    ///
+    /// ```
+    /// use telemetry_abi::{GrantRequest, GrantRequestError};
+    /// use zerocopy::IntoBytes;
+    ///
+    /// let request = GrantRequest::ring(1024, 7);
+    /// assert_eq!(GrantRequest::parse(request.as_bytes()), Ok(request));
+    /// assert_eq!(
+    ///     GrantRequest::parse(GrantRequest::ring(3, 7).as_bytes()),
+    ///     Err(GrantRequestError::Capacity(3))
+    /// );
+    /// ```
+    pub fn parse(frame: &[u8]) -> Result<Self, GrantRequestError> {
+        let request =
+            Self::read_from_bytes(frame).map_err(|_| GrantRequestError::Size(frame.len()))?;
+        if request.magic != GRANT_MAGIC {
+            return Err(GrantRequestError::Magic(request.magic));
+        }
+        if request.version != GRANT_VERSION {
+            return Err(GrantRequestError::Version(request.version));
+        }
+        if request.op != GrantOp::RING {
+            return Err(GrantRequestError::Op(request.op.0));
+        }
+        if request.flags != 0 || request.reserved != 0 {
+            return Err(GrantRequestError::Reserved);
+        }
+        let c = request.capacity;
+        if c != 0 && (c < MIN_CAPACITY || !c.is_power_of_two()) {
+            return Err(GrantRequestError::Capacity(c));
+        }
+        Ok(request)
+    }
 }
+
+/// Why a received grant frame is not a valid [`GrantRequest`]; the consumer answers
+/// each with [`GrantStatus::INVALID_ARGS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantRequestError {
+    /// The frame is not [`GRANT_FRAME_SIZE`] bytes long.
+    Size(usize),
+    /// The first four bytes are not [`GRANT_MAGIC`].
+    Magic(u32),
+    /// The protocol version is not [`GRANT_VERSION`].
+    Version(u16),
+    /// The op is not one this version defines.
+    Op(u16),
+    /// `flags` or `reserved` is not zero.
+    Reserved,
+    /// The capacity is neither zero nor a power of two of at least [`MIN_CAPACITY`].
+    Capacity(u32),
+}
+
+impl fmt::Display for GrantRequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Size(n) => write!(f, "grant frame is {n} bytes, expected {GRANT_FRAME_SIZE}"),
+            Self::Magic(m) => write!(
+                f,
+                "grant frame magic is {m:#010x}, expected {GRANT_MAGIC:#010x} (\"NXGR\")"
+            ),
+            Self::Version(v) => {
+                write!(
+                    f,
+                    "grant protocol version {v} is unknown, expected {GRANT_VERSION}"
+                )
+            }
+            Self::Op(op) => write!(f, "grant op {op} is unknown, expected 1 (grant a ring)"),
+            Self::Reserved => f.write_str("grant request flags and reserved words must be zero"),
+            Self::Capacity(c) => write!(
+                f,
+                "capacity {c} is not a power of two of at least {MIN_CAPACITY}, \
+                 expected one or 0 for the consumer's default"
+            ),
+        }
+    }
+}
+
+impl core::error::Error for GrantRequestError {}
 
 impl GrantResponse {
     /// A successful grant.
@@ -174,6 +261,97 @@ mod tests {
             Some("over_limit")
         );
         assert_eq!(GrantStatus(77).name(), None);
+    }
+
+    #[test]
+    fn every_status_has_its_spec_name() {
+        let names = [
+            (GrantStatus::OK, "ok"),
+            (GrantStatus::INVALID_ARGS, "invalid_args"),
+            (GrantStatus::OVER_LIMIT, "over_limit"),
+            (GrantStatus::RATE_LIMITED, "rate_limited"),
+            (GrantStatus::UNAVAILABLE, "unavailable"),
+        ];
+        for (i, (status, name)) in names.into_iter().enumerate() {
+            assert_eq!(status.0, i as u16, "abi/README.md numbers them 0 to 4");
+            assert_eq!(status.name(), Some(name));
+        }
+        assert_eq!(GrantStatus(5).name(), None);
+    }
+
+    #[test]
+    fn parse_names_each_malformed_field() {
+        let good = GrantRequest::ring(0, 5);
+        assert_eq!(GrantRequest::parse(good.as_bytes()), Ok(good));
+        assert_eq!(
+            GrantRequest::parse(&good.as_bytes()[..31]),
+            Err(GrantRequestError::Size(31))
+        );
+        let long = [0u8; 33];
+        assert_eq!(GrantRequest::parse(&long), Err(GrantRequestError::Size(33)));
+        let bad = |r: GrantRequest| GrantRequest::parse(r.as_bytes());
+        assert_eq!(
+            bad(GrantRequest { magic: 1, ..good }),
+            Err(GrantRequestError::Magic(1))
+        );
+        assert_eq!(
+            bad(GrantRequest { version: 2, ..good }),
+            Err(GrantRequestError::Version(2))
+        );
+        assert_eq!(
+            bad(GrantRequest {
+                op: GrantOp(0),
+                ..good
+            }),
+            Err(GrantRequestError::Op(0))
+        );
+        assert_eq!(
+            bad(GrantRequest { flags: 1, ..good }),
+            Err(GrantRequestError::Reserved)
+        );
+        assert_eq!(
+            bad(GrantRequest {
+                reserved: 1 << 63,
+                ..good
+            }),
+            Err(GrantRequestError::Reserved)
+        );
+        for c in [1, 3, 6, 1000, u32::MAX] {
+            assert_eq!(
+                bad(GrantRequest::ring(c, 0)),
+                Err(GrantRequestError::Capacity(c))
+            );
+        }
+        for c in [2, 4, 1 << 24, 1 << 31] {
+            assert_eq!(bad(GrantRequest::ring(c, 0)), Ok(GrantRequest::ring(c, 0)));
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_the_bad_value_and_the_expected_one() {
+        extern crate alloc;
+        use alloc::string::ToString;
+        let cases = [
+            (GrantRequestError::Size(31), "31 bytes, expected 32"),
+            (
+                GrantRequestError::Magic(1),
+                "0x00000001, expected 0x5247584e",
+            ),
+            (
+                GrantRequestError::Version(2),
+                "version 2 is unknown, expected 1",
+            ),
+            (GrantRequestError::Op(9), "op 9 is unknown"),
+            (GrantRequestError::Reserved, "must be zero"),
+            (
+                GrantRequestError::Capacity(3),
+                "capacity 3 is not a power of two",
+            ),
+        ];
+        for (error, text) in cases {
+            let message = error.to_string();
+            assert!(message.contains(text), "{message:?} lacks {text:?}");
+        }
     }
 
     #[test]

@@ -336,6 +336,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn consumer_flags_are_the_specs_bits() {
+        // abi/README.md: bit 0 quarantined, bit 1 closed.
+        assert_eq!(CONSUMER_FLAG_QUARANTINED, 1 << 0);
+        assert_eq!(CONSUMER_FLAG_CLOSED, 1 << 1);
+    }
+
+    #[test]
     fn magic_spells_the_ring_name() {
         assert_eq!(&MAGIC.to_le_bytes(), b"NXTRING1");
     }
@@ -347,6 +354,7 @@ mod tests {
         assert!(Geometry::new(3).is_err());
         assert!(Geometry::new(u64::from(MAX_CAPACITY) * 2).is_err());
         let g = Geometry::new(8).expect("8 is allowed");
+        assert_eq!(g.capacity(), 8);
         assert_eq!(g.mask(), 7);
         assert_eq!(g.record_offset(9), RECORDS_OFFSET + RECORD_SIZE);
         assert_eq!(g.region_len(), RECORDS_OFFSET + 8 * RECORD_SIZE);
@@ -398,6 +406,18 @@ mod tests {
             ..good
         };
         assert_eq!(h.validate(len), Err(HeaderError::HeaderSize { found: 200 }));
+        // Each rule alone: whole lines but fewer than three, and more than three lines
+        // but not whole ones.
+        for found in [256, 400] {
+            let h = Header {
+                header_size: found,
+                ..good
+            };
+            assert_eq!(
+                h.validate(len + 128),
+                Err(HeaderError::HeaderSize { found })
+            );
+        }
         let h = Header {
             capacity: 65,
             ..good
@@ -411,6 +431,37 @@ mod tests {
             })
         );
         assert!(Header::read_from_region(&[0u8; 10]).is_err());
+    }
+
+    #[test]
+    fn errors_name_the_bad_value_and_what_was_expected() {
+        extern crate alloc;
+        use alloc::string::ToString;
+        let cases: [(&dyn fmt::Display, &str); 7] = [
+            (
+                &GeometryError { capacity: 3 },
+                "capacity 3 records is not allowed: expected a power of two from 2 to 16777216",
+            ),
+            (
+                &HeaderError::RegionTooSmall {
+                    needed: 900,
+                    actual: 10,
+                },
+                "region is 10 bytes, its header needs 900",
+            ),
+            (
+                &HeaderError::BadMagic { found: 5 },
+                "bad magic 0x0000000000000005",
+            ),
+            (&HeaderError::MajorMismatch { found: 2 }, "2"),
+            (&HeaderError::RecordSize { found: 64 }, "64"),
+            (&HeaderError::HeaderSize { found: 200 }, "200"),
+            (&HeaderError::Capacity { found: 65 }, "65"),
+        ];
+        for (error, text) in cases {
+            let message = error.to_string();
+            assert!(message.contains(text), "{message:?} lacks {text:?}");
+        }
     }
 
     #[test]

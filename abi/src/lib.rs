@@ -31,7 +31,8 @@ mod record;
 mod register;
 
 pub use grant::{
-    GRANT_FRAME_SIZE, GRANT_MAGIC, GRANT_VERSION, GrantOp, GrantRequest, GrantResponse, GrantStatus,
+    GRANT_FRAME_SIZE, GRANT_MAGIC, GRANT_VERSION, GrantOp, GrantRequest, GrantRequestError,
+    GrantResponse, GrantStatus,
 };
 pub use layout::{
     ABI_MAJOR, ABI_MINOR, CONSUMER_FLAG_CLOSED, CONSUMER_FLAG_QUARANTINED, CONSUMER_FLAGS_OFFSET,

@@ -410,4 +410,17 @@ mod tests {
         assert_eq!(SpanStatus(9).name(), None);
         assert_eq!(Record::default().kind, RecordKind::INVALID);
     }
+
+    #[test]
+    fn span_statuses_have_the_spec_values_and_names() {
+        let statuses = [
+            (SpanStatus::UNSET, 0, "unset"),
+            (SpanStatus::OK, 1, "ok"),
+            (SpanStatus::ERROR, 2, "error"),
+        ];
+        for (status, value, name) in statuses {
+            assert_eq!((status.0, status.name()), (value, Some(name)));
+        }
+        assert_eq!(SpanStatus(3).name(), None);
+    }
 }

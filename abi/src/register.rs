@@ -628,6 +628,179 @@ mod tests {
     }
 
     #[test]
+    fn names_follow_their_kinds_spelling() {
+        let mut out = [Record::default(); MAX_REGISTER_RECORDS];
+        let mut encode = |what, name| encode_registration(1, what, name, &[], &mut out);
+        assert_eq!(
+            encode(RegisterKind::COUNTER, " a"),
+            Err(RegisterError::NameByte(b' ')),
+            "a series name may not start with a space"
+        );
+        assert_eq!(encode(RegisterKind::COUNTER, "a b"), Ok(2));
+        // An attribute key is spelled like a label key, which a series name need not be.
+        assert_eq!(
+            encode(RegisterKind::ATTR, "1x"),
+            Err(RegisterError::NameByte(b'1'))
+        );
+        assert_eq!(
+            encode(RegisterKind::ATTR, "a b"),
+            Err(RegisterError::NameByte(b'a'))
+        );
+        assert_eq!(encode(RegisterKind::COUNTER, "1x"), Ok(2));
+        assert_eq!(encode(RegisterKind::ATTR, "db.rows"), Ok(2));
+        assert_eq!(
+            encode(RegisterKind::ATTR, "a-b"),
+            Err(RegisterError::NameByte(b'a'))
+        );
+        // A string value may hold anything but control characters; the error names
+        // the first ASCII control byte (0xff for a C1 control such as U+0085).
+        assert_eq!(encode(RegisterKind::STRING, "a b=c"), Ok(2));
+        for (name, byte) in [
+            ("a\u{1}b\n", 0x01),
+            ("a b\u{1}", 0x01),
+            ("ab\u{7f}", 0x7f),
+            ("a\u{85}", 0xff),
+        ] {
+            assert_eq!(
+                encode(RegisterKind::STRING, name),
+                Err(RegisterError::NameByte(byte)),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_say_what_was_wrong_and_what_was_expected() {
+        extern crate alloc;
+        use alloc::string::ToString;
+        let cases = [
+            (RegisterError::ZeroKey, "key 0 is reserved"),
+            (
+                RegisterError::UnknownKind(9),
+                "kind 9 is unknown, expected 1 to 6",
+            ),
+            (
+                RegisterError::NameLength(97),
+                "name is 97 bytes, expected 1 to 96",
+            ),
+            (
+                RegisterError::NameByte(b'='),
+                "name byte 0x3d is not allowed",
+            ),
+            (
+                RegisterError::LabelCount(9),
+                "9 labels given, expected at most 8",
+            ),
+            (RegisterError::LabelKey, "label key must be 1 to 32 bytes"),
+            (
+                RegisterError::LabelValue,
+                "label value must be at most 64 bytes",
+            ),
+            (RegisterError::DuplicateLabel, "two labels share a key"),
+            (
+                RegisterError::DataLength(5),
+                "payload length 5 does not match",
+            ),
+            (RegisterError::Sequence, "out of sequence"),
+            (RegisterError::Interrupted, "interrupted by another record"),
+            (RegisterError::OutputTooSmall(3), "needs 3 records"),
+        ];
+        for (error, text) in cases {
+            let message = error.to_string();
+            assert!(message.contains(text), "{message:?} lacks {text:?}");
+        }
+    }
+
+    #[test]
+    fn a_payload_of_exactly_the_limit_is_accepted_and_a_head_past_it_refused() {
+        let keys: [alloc_free::Key; MAX_LABELS] = core::array::from_fn(alloc_free::key);
+        let value = "v".repeat(MAX_LABEL_VALUE_LEN);
+        let mut labels = [("", ""); MAX_LABELS];
+        for (label, key) in labels.iter_mut().zip(&keys) {
+            *label = (key.as_str(), value.as_str());
+        }
+        let name = "n".repeat(MAX_NAME_LEN);
+        round_trip(9, RegisterKind::GAUGE, &name, &labels);
+
+        let head = |name_len: u16, data_len: u32| {
+            let h = Register {
+                kind: RecordKind::REGISTER,
+                what: RegisterKind::COUNTER,
+                key: 1,
+                name_len,
+                label_count: 0,
+                data_len,
+                reserved: [0; 2],
+            };
+            let record = Record::read_from_bytes(h.as_bytes()).expect("32 bytes");
+            RegistrationBuf::new()
+                .feed(&record)
+                .map(|r| r.map(|r| r.key))
+        };
+        // Nine labels on a series: refused by count, before the payload is read.
+        let long_name = "n".repeat(MAX_NAME_LEN);
+        let mut nine = [Record::default(); MAX_REGISTER_RECORDS];
+        let n = encode_registration(2, RegisterKind::COUNTER, &long_name, &labels, &mut nine)
+            .expect("valid");
+        let mut h: Register = nine[0].view();
+        h.label_count = 9;
+        nine[0] = Record::read_from_bytes(h.as_bytes()).expect("32 bytes");
+        let mut buf = RegistrationBuf::new();
+        let last = nine[..n]
+            .iter()
+            .map(|r| buf.feed(r).map(|o| o.map(|r| r.key)))
+            .last();
+        assert_eq!(last, Some(Err(RegisterError::LabelCount(9))));
+        // A label on a span name: refused by count too.
+        let mut span = [Record::default(); MAX_REGISTER_RECORDS];
+        let n = encode_registration(3, RegisterKind::COUNTER, "s", &[("k", "v")], &mut span)
+            .expect("valid");
+        let mut h: Register = span[0].view();
+        h.what = RegisterKind::SPAN;
+        span[0] = Record::read_from_bytes(h.as_bytes()).expect("32 bytes");
+        let mut buf = RegistrationBuf::new();
+        let last = span[..n]
+            .iter()
+            .map(|r| buf.feed(r).map(|o| o.map(|r| r.key)))
+            .last();
+        assert_eq!(last, Some(Err(RegisterError::LabelCount(1))));
+        assert_eq!(head(1, 880), Ok(None));
+        assert_eq!(head(1, 881), Err(RegisterError::DataLength(881)));
+        assert_eq!(
+            head(0, 5),
+            Err(RegisterError::DataLength(5)),
+            "an empty name"
+        );
+        assert_eq!(
+            head(6, 5),
+            Err(RegisterError::DataLength(5)),
+            "a name past the data"
+        );
+    }
+
+    /// Distinct label keys of the longest length, without an allocator.
+    mod alloc_free {
+        pub struct Key([u8; super::MAX_LABEL_KEY_LEN]);
+        pub fn key(i: usize) -> Key {
+            let mut k = [b'k'; super::MAX_LABEL_KEY_LEN];
+            k[super::MAX_LABEL_KEY_LEN - 1] = b'a' + i as u8;
+            Key(k)
+        }
+        impl Key {
+            pub fn as_str(&self) -> &str {
+                core::str::from_utf8(&self.0).unwrap_or_default()
+            }
+        }
+    }
+
+    #[test]
+    fn limits_are_the_specs() {
+        // abi/README.md: at most 880 payload bytes, so at most 38 records.
+        assert_eq!(MAX_REGISTER_DATA_LEN, 880);
+        assert_eq!(MAX_REGISTER_RECORDS, 38);
+    }
+
+    #[test]
     fn registrations_round_trip() {
         round_trip(
             1,
@@ -721,6 +894,12 @@ mod tests {
         assert_eq!(
             encode_registration(1, c, "abc", &[], &mut out[..1]),
             Err(RegisterError::OutputTooSmall(2))
+        );
+        let mut exact = [Record::default(); 2];
+        assert_eq!(
+            encode_registration(1, c, "abc", &[], &mut exact),
+            Ok(2),
+            "an output of exactly the records needed is enough"
         );
         assert!(out.iter().all(|r| *r == Record::default()));
     }

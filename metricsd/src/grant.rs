@@ -32,11 +32,9 @@ use rustix::net::{
     AddressFamily, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix,
     SocketFlags, SocketType,
 };
-use telemetry_abi::{
-    GRANT_FRAME_SIZE, Geometry, GrantRequest, GrantResponse, GrantStatus, MIN_CAPACITY,
-};
+use telemetry_abi::{GRANT_FRAME_SIZE, Geometry, GrantRequest, GrantResponse, GrantStatus};
 use telemetry_ring::MemfdRegion;
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
 use crate::config::RingsConfig;
 use crate::drain::{Command, NewRing};
@@ -450,21 +448,16 @@ impl GrantServer {
         }
         bucket.tokens -= 1.0;
 
-        let request = match GrantRequest::read_from_bytes(bytes) {
+        // A frame longer than the buffer arrives truncated; `len` is its real length.
+        let request = match GrantRequest::parse(bytes) {
             Ok(r) if len == GRANT_FRAME_SIZE => r,
             _ => return self.refuse(GrantStatus::INVALID_ARGS),
         };
-        if !request.is_well_formed() || request.flags != 0 || request.reserved != 0 {
-            return self.refuse(GrantStatus::INVALID_ARGS);
-        }
         if !self.conns[i].allowed {
             return self.refuse_for(GrantStatus::DENIED, REFUSED_POLICY);
         }
         let capacity = match request.capacity {
             0 => self.cfg.capacity,
-            c if c < MIN_CAPACITY || !c.is_power_of_two() => {
-                return self.refuse(GrantStatus::INVALID_ARGS);
-            }
             c => c.min(self.cfg.max_capacity),
         };
         let service = self.conns[i].service.clone();

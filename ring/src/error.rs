@@ -77,3 +77,35 @@ impl core::error::Error for Quarantined {
         Some(&self.0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use core::error::Error;
+
+    use super::*;
+
+    #[test]
+    fn errors_say_what_happened_with_the_positions() {
+        assert_eq!(Full.to_string(), "ring is full");
+        let range = Violation::WriteOutOfRange { read: 4, write: 70 };
+        assert_eq!(
+            range.to_string(),
+            "write position 70 is out of range of read position 4 \
+             (expected 0..=capacity records ahead)"
+        );
+        let back = Violation::WriteMovedBack { before: 9, now: 3 };
+        assert_eq!(back.to_string(), "write position moved back from 9 to 3");
+        assert_eq!(
+            Quarantined(back).to_string(),
+            "ring quarantined: write position moved back from 9 to 3"
+        );
+        let source = Quarantined(range).source().map(ToString::to_string);
+        assert_eq!(
+            source,
+            Some(range.to_string()),
+            "the violation is the source"
+        );
+        assert_eq!(range.reason(), "write_out_of_range");
+        assert_eq!(back.reason(), "write_moved_back");
+    }
+}

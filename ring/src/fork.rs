@@ -48,3 +48,43 @@ pub fn on_fork_child(handler: extern "C" fn()) -> Result<(), i32> {
         errno => Err(errno),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use core::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    static FORKED: AtomicU64 = AtomicU64::new(0);
+
+    extern "C" fn mark() {
+        // ORDERING: Relaxed: read by the same (only) thread of the child.
+        FORKED.store(1, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn the_handler_runs_in_the_child_only() {
+        on_fork_child(mark).expect("registered");
+        // SAFETY: the child only loads an atomic and calls `_exit`, both
+        // async-signal-safe, so the locks other test threads held at the fork do not
+        // matter.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let code = if FORKED.load(Ordering::Relaxed) == 1 {
+                0
+            } else {
+                3
+            };
+            // SAFETY: ends the child at once, without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: `pid` is our child; `status` is a valid place for its status.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(waited, pid);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 0, "the handler ran in the child");
+        assert_eq!(FORKED.load(Ordering::Relaxed), 0, "and not in the parent");
+    }
+}

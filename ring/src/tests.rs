@@ -235,10 +235,22 @@ fn a_write_position_behind_the_reader_quarantines() {
 }
 
 #[test]
+fn a_write_position_just_under_half_the_range_ahead_is_out_of_range_not_back() {
+    // Positions compare by wrapping difference: up to 2^63 - 1 ahead is ahead.
+    let (w, mut r) = pair(8);
+    assert_eq!((w.capacity(), r.capacity()), (8, 8));
+    let write = u64::MAX / 2;
+    r.region().write_pos().store(write, Ordering::Release);
+    let err = r.pending().expect_err("out of range");
+    assert_eq!(err.0, Violation::WriteOutOfRange { read: 0, write });
+}
+
+#[test]
 fn a_shrinking_dropped_counter_is_counted_but_tolerated() {
     let (mut w, mut r) = pair(2);
     w.count_dropped(10);
     assert_eq!(r.pending(), Ok(0));
+    assert_eq!(r.stats().dropped_moved_back, 0, "a rise is not a move down");
     r.region().dropped().store(3, Ordering::Relaxed);
     assert_eq!(r.pending(), Ok(0));
     let s = r.stats();
@@ -298,6 +310,11 @@ fn mapped_region_lays_out_the_abi_and_attaches() {
     let attached = unsafe { MappedRegion::attach(base, len) }.expect("valid header");
     assert_eq!(attached.geometry(), geometry);
     assert_eq!(attached.header_epoch(), 77);
+    let debug = format!("{attached:?}");
+    assert!(
+        debug.starts_with("MappedRegion") && debug.contains("capacity: 8"),
+        "{debug}"
+    );
     let mut r = Reader::new(&attached);
     assert_eq!(drain_values(&mut r, 8), [6]);
     drop(r);
@@ -318,6 +335,22 @@ fn mapped_region_lays_out_the_abi_and_attaches() {
         err,
         MapError::Header(HeaderError::RegionTooSmall { .. })
     ));
+
+    use core::error::Error;
+    let bad_magic = MapError::Header(HeaderError::BadMagic { found: 1 });
+    assert!(
+        bad_magic
+            .to_string()
+            .starts_with("region header refused: bad magic 0x0000000000000001"),
+        "{bad_magic}"
+    );
+    let source = bad_magic.source().map(ToString::to_string);
+    assert_eq!(source, Some(HeaderError::BadMagic { found: 1 }.to_string()));
+    assert_eq!(
+        MapError::Misaligned.to_string(),
+        "region base address is not 8-byte aligned"
+    );
+    assert!(MapError::Misaligned.source().is_none());
 }
 
 #[test]
@@ -338,6 +371,13 @@ fn a_closed_ring_tells_the_writer_what_was_never_read() {
         [2, 3, 4],
         "published and unread; the staged record was never published"
     );
+    // A read position more than a capacity behind is a lie: nothing is visited.
+    w.region()
+        .read_pos()
+        .store(5u64.wrapping_sub(9), Ordering::Relaxed);
+    let mut visited = 0;
+    assert_eq!(w.for_each_unconsumed(|_| visited += 1), 0);
+    assert_eq!(visited, 0);
 }
 
 /// A heap region that checks every `prepare_write` hint against the consumer's read
@@ -428,4 +468,16 @@ fn looks_empty_follows_publication_and_never_judges() {
     assert!(r.quarantined().is_none());
     assert!(r.drain(64, |_| {}).is_err());
     assert!(r.looks_empty(), "a quarantined ring is never drained again");
+}
+
+#[test]
+fn a_full_ring_left_unread_is_visited_whole() {
+    let (mut w, r) = pair(4);
+    for i in 0..4 {
+        w.push(Record::counter(1, i)).expect("room");
+    }
+    drop(r);
+    let mut unread = Vec::new();
+    assert_eq!(w.for_each_unconsumed(|rec| unread.push(rec.words[0])), 4);
+    assert_eq!(unread, [0, 1, 2, 3]);
 }
