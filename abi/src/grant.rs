@@ -271,12 +271,13 @@ mod tests {
             (GrantStatus::OVER_LIMIT, "over_limit"),
             (GrantStatus::RATE_LIMITED, "rate_limited"),
             (GrantStatus::UNAVAILABLE, "unavailable"),
+            (GrantStatus::DENIED, "denied"),
         ];
         for (i, (status, name)) in names.into_iter().enumerate() {
-            assert_eq!(status.0, i as u16, "abi/README.md numbers them 0 to 4");
+            assert_eq!(status.0, i as u16, "abi/README.md numbers them 0 to 5");
             assert_eq!(status.name(), Some(name));
         }
-        assert_eq!(GrantStatus(5).name(), None);
+        assert_eq!(GrantStatus(6).name(), None);
     }
 
     #[test]

@@ -677,7 +677,7 @@ mod tests {
             (RegisterError::ZeroKey, "key 0 is reserved"),
             (
                 RegisterError::UnknownKind(9),
-                "kind 9 is unknown, expected 1 to 6",
+                "kind 9 is unknown, expected 1 to 7",
             ),
             (
                 RegisterError::NameLength(97),
