@@ -517,6 +517,20 @@ fn encode_series(
     }
 }
 
+/// Prometheus' protobuf messages (`io.prometheus.client`), as `prometheus-client`
+/// generates them from Prometheus' `metrics.proto`.
+pub use prometheus_client::encoding::prometheus_protobuf::prometheus_data_model as proto;
+
+/// Decodes a protobuf exposition (delimited `MetricFamily` messages).
+pub fn decode(mut body: &[u8]) -> Result<Vec<proto::MetricFamily>, prost::DecodeError> {
+    use prost::Message as _;
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        out.push(proto::MetricFamily::decode_length_delimited(&mut body)?);
+    }
+    Ok(out)
+}
+
 /// Renders `snapshot` and the `extra` health series (the endpoint's own) in `format`.
 pub fn render(
     snapshot: Arc<Snapshot>,

@@ -22,8 +22,9 @@ pub const METRICSD_PATH: &str = "/etc/metricsd.toml";
 
 /// A short export interval (the selftest polls logd for its evidence), a per-metric
 /// series cap small enough for a quick cardinality flood, a short idle TTL for series
-/// no connected producer has registered (the flood's, once its process exited), and
-/// explicit bucket layouts for the histogram and span-duration checks.
+/// no connected producer has registered (the flood's, once its process exited),
+/// explicit bucket layouts for the histogram and span-duration checks, and the scrape
+/// endpoint on loopback for the Prometheus step.
 pub const METRICSD_TOML: &str = "\
 # The QEMU proof run's metricsd (qemu-harness/src/guest_config.rs).
 [export]
@@ -32,6 +33,9 @@ interval_ms = 100
 [series]
 max_per_metric = 8
 idle_ttl_ms = 500
+
+[prometheus]
+listen = \"127.0.0.1:9464\"
 
 [histograms]
 \"selftest.latency_ns\" = [10, 100, 1000, 10000]
@@ -71,5 +75,9 @@ mod tests {
         assert!(metricsd.series.max_per_metric >= 2);
         assert!(metricsd.histograms.contains_key("selftest.latency_ns"));
         assert!(metricsd.histograms.contains_key("selftest.request"));
+        assert_eq!(
+            metricsd.prometheus.listen_addr().expect("an address"),
+            Some("127.0.0.1:9464".parse().expect("addr"))
+        );
     }
 }

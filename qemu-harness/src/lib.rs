@@ -35,6 +35,7 @@ pub mod initramfs;
 pub mod ladder;
 pub mod manifest;
 pub mod markers;
+pub mod net;
 pub mod plan;
 pub mod sealed;
 pub mod selftest;

@@ -67,6 +67,11 @@ pub const FULL: &[Step] = &[
         60,
     ),
     Step::new(
+        "SELFTEST: prometheus scrape ok",
+        "SELFTEST: prometheus scrape FAIL",
+        60,
+    ),
+    Step::new(
         "SELFTEST: tracing spans ok",
         "SELFTEST: tracing spans FAIL",
         60,
@@ -137,6 +142,6 @@ mod tests {
         let ok: Vec<_> = FULL.iter().map(|s| s.ok).collect();
         assert_eq!(ok[1..3], [LOGD_READY, METRICSD_READY]);
         assert_eq!(ok.last(), Some(&SELFTEST_DONE));
-        assert_eq!(ok.len(), 12);
+        assert_eq!(ok.len(), 13);
     }
 }

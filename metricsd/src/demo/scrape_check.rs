@@ -9,20 +9,17 @@
 //! and the service must have no other series. For [`Check::Overflow`] services each
 //! label set's own series equals its total and the `otel_metric_overflow="true"` series
 //! equals the sum of the rest. Decoding uses the message types `prometheus-client`
-//! generates from Prometheus' own `metrics.proto`.
+//! generates from Prometheus' own `metrics.proto` ([`crate::prometheus::decode`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use prometheus_client::encoding::prometheus_protobuf::prometheus_data_model as pb;
-use prost::Message;
-
 use super::report::{Check, Expect, Report};
 use super::verify::{Mismatch, Verification};
 use crate::aggregate::MetricKind;
 use crate::histogram::Histogram;
-use crate::prometheus::{Format, family_name, label_key};
+use crate::prometheus::{Format, decode, family_name, label_key, proto as pb};
 
 /// Most bytes the demo reads from its scrape.
 const MAX_SCRAPE: usize = 256 << 20;
@@ -198,10 +195,9 @@ pub fn verify_scrape(
         ..ScrapeCheck::default()
     };
     let mut scraped: HashMap<Key, pb::Metric> = HashMap::new();
-    let mut buf = body.as_slice();
-    while !buf.is_empty() {
-        let f = pb::MetricFamily::decode_length_delimited(&mut buf)
-            .map_err(|e| format!("the scrape is not delimited MetricFamily messages: {e}"))?;
+    let families = decode(&body)
+        .map_err(|e| format!("the scrape is not delimited MetricFamily messages: {e}"))?;
+    for f in families {
         check.families += 1;
         for m in f.metric {
             check.series += 1;

@@ -152,6 +152,8 @@ fn run() -> Result<()> {
     let text = std::fs::read_to_string(manifest::GUEST_PATH)
         .with_context(|| format!("reading {}", manifest::GUEST_PATH))?;
     let manifest = Manifest::parse(&text)?;
+    // The scrape step reaches metricsd over 127.0.0.1.
+    qemu_harness::net::loopback_up().context("bringing the loopback interface up")?;
     say(&format!(
         "init: plan `{}`: {} daemon(s), {} selftest(s)",
         manifest.plan,

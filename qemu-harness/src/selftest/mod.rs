@@ -21,6 +21,7 @@ pub mod hardening;
 pub mod hostile;
 pub mod ipc;
 pub mod metrics;
+pub mod prometheus;
 pub mod security;
 pub mod spans;
 
@@ -93,6 +94,10 @@ pub const STEPS: &[Step] = &[
     Step {
         name: "metrics histograms",
         run: metrics::histograms,
+    },
+    Step {
+        name: "prometheus scrape",
+        run: prometheus::run,
     },
     Step {
         name: "tracing spans",
