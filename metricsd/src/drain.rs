@@ -921,6 +921,10 @@ pub fn run(
     let mut backoff = policy.min;
     let mut idle_since: Option<Instant> = None;
     let mut next_export = Instant::now() + policy.interval;
+    if let Some(p) = &published {
+        // Scrapes before the first export see the (empty) start.
+        p.publish(Arc::new(d.snapshot()));
+    }
     let mut snapshots: Vec<Sender<Snapshot>> = Vec::new();
     let mut exports: Vec<Sender<()>> = Vec::new();
     let mut stop = false;

@@ -123,11 +123,9 @@ impl Format {
                 "text/plain" if version.as_deref().is_none_or(|v| v == "0.0.4") => Some(Self::Text),
                 _ => None,
             };
-            if let Some(f) = format
-                && q > 0.0
-                && best.is_none_or(|(bq, _)| q > bq)
-            {
-                best = Some((q, f));
+            match format {
+                Some(f) if q > 0.0 && best.is_none_or(|(bq, _)| q > bq) => best = Some((q, f)),
+                _ => {}
             }
         }
         best.map_or(Self::Text, |(_, f)| f)
@@ -220,10 +218,8 @@ pub fn family_name(name: &str, kind: MetricKind) -> String {
     let mut n = sanitize(name).into_owned();
     match kind {
         MetricKind::Counter => {
-            while let Some(stripped) = n.strip_suffix("_total")
-                && !stripped.is_empty()
-            {
-                n.truncate(stripped.len());
+            while n.len() > "_total".len() && n.ends_with("_total") {
+                n.truncate(n.len() - "_total".len());
             }
         }
         MetricKind::Gauge => {

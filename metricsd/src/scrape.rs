@@ -93,9 +93,11 @@ pub struct ScrapeStats {
 
 impl ScrapeStats {
     fn refuse(&self, reason: &str) {
-        if let Some(i) = REFUSAL_REASONS.iter().position(|r| *r == reason)
-            && let Some(c) = self.refused.get(i)
-        {
+        let slot = REFUSAL_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .and_then(|i| self.refused.get(i));
+        if let Some(c) = slot {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }
