@@ -333,6 +333,25 @@ impl Buckets {
         self.offset + self.counts.len() as i32 - 1
     }
 
+    /// `(index, count)` at a scale `steps` lower, without copying: neighbours merged as
+    /// [`Exponential::downscaled`] would merge them.
+    fn grouped(&self, steps: i32) -> impl Iterator<Item = (i32, u64)> + '_ {
+        let steps = steps.max(0);
+        let mut it = self.iter().peekable();
+        std::iter::from_fn(move || {
+            let (i, mut c) = it.next()?;
+            let group = i >> steps;
+            while let Some(&(j, d)) = it.peek() {
+                if j >> steps != group {
+                    break;
+                }
+                c += d;
+                it.next();
+            }
+            Some((group, c))
+        })
+    }
+
     /// How many steps of downscaling make room for `index` (0 if it fits).
     fn steps_for(&self, index: i32) -> i32 {
         if self.counts.is_empty() {
@@ -680,12 +699,12 @@ impl Exponential {
 
     /// As a Prometheus native histogram.
     pub fn native(&self) -> Native {
-        let h = self.downscaled(NATIVE_MAX_SCHEMA);
+        let steps = (self.scale - NATIVE_MAX_SCHEMA).max(0);
         Native {
-            schema: h.scale.max(NATIVE_MIN_SCHEMA),
-            zero_count: h.zero_count,
-            positive: NativeBuckets::from_buckets(&h.positive),
-            negative: NativeBuckets::from_buckets(&h.negative),
+            schema: (self.scale - steps).max(NATIVE_MIN_SCHEMA),
+            zero_count: self.zero_count,
+            positive: NativeBuckets::from_pairs(self.positive.grouped(steps)),
+            negative: NativeBuckets::from_pairs(self.negative.grouped(steps)),
         }
     }
 
@@ -720,11 +739,11 @@ pub struct NativeBuckets {
 }
 
 impl NativeBuckets {
-    fn from_buckets(b: &Buckets) -> Self {
+    fn from_pairs(pairs: impl Iterator<Item = (i32, u64)>) -> Self {
         let mut out = Self::default();
         let mut prev_count: i64 = 0;
         let mut prev_index: Option<i32> = None;
-        for (i, c) in b.iter().filter(|&(_, c)| c > 0) {
+        for (i, c) in pairs.filter(|&(_, c)| c > 0) {
             let index = i + 1;
             match (prev_index, out.spans.last_mut()) {
                 (Some(p), Some(span)) if index == p + 1 => span.1 += 1,
@@ -985,7 +1004,7 @@ impl Histogram {
                 }
             }
             Self::Exponential(h) => {
-                let h = h.downscaled(0);
+                let (steps, scale) = (h.scale.max(0), h.scale.min(0));
                 let mut acc: u64 = h.negative.counts.iter().sum::<u64>() + h.zero_count;
                 if acc > 0 || h.positive.is_empty() {
                     out.push(Classic {
@@ -993,9 +1012,9 @@ impl Histogram {
                         cumulative: acc,
                     });
                 }
-                for (i, c) in h.positive.iter() {
+                for (i, c) in h.positive.grouped(steps) {
                     acc += c;
-                    let le = upper_bound(i, h.scale);
+                    let le = upper_bound(i, scale);
                     if le.is_finite() {
                         out.push(Classic {
                             le,
@@ -1372,6 +1391,26 @@ mod tests {
             prop_assert_eq!(m.zero_count(), o.zero_count());
             prop_assert_eq!(m.count(), o.count());
             prop_assert!(m.positive.counts().len() <= MAX_BUCKETS);
+        }
+
+        #[test]
+        fn conversions_equal_an_explicit_downscale(
+            values in proptest::collection::vec(1u64..1 << 30, 1..100),
+            narrow in proptest::collection::vec(1000u64..1010, 1..50),
+        ) {
+            for set in [&values, &narrow] {
+                let mut h = Exponential::new();
+                set.iter().for_each(|&v| h.record(v));
+                let d = h.downscaled(NATIVE_MAX_SCHEMA);
+                let n = h.native();
+                prop_assert_eq!(n.schema, d.scale());
+                prop_assert_eq!(n.positive, NativeBuckets::from_pairs(d.positive.iter()));
+                // Classic: cumulative counts at the scale-0 boundaries, checked value by value.
+                for b in Histogram::Exponential(h.clone()).classic() {
+                    let want = set.iter().filter(|&&v| (v as f64) <= b.le).count() as u64;
+                    prop_assert_eq!(b.cumulative, want, "le {}", b.le);
+                }
+            }
         }
 
         #[test]
