@@ -13,7 +13,7 @@ use crate::drain::{self, Command, Drainer};
 use crate::export::{self, ExportQueue};
 use crate::grant::{GrantError, GrantServer};
 use crate::identity::{Identify, Policy};
-use crate::scrape::{Published, ScrapeServer};
+use crate::scrape::{Published, ScrapeServer, ScrapeStats};
 use crate::sink::{LogdSink, Sink};
 use crate::snapshot::{GrantStats, Snapshot};
 use crate::wake::StopSignal;
@@ -194,7 +194,8 @@ impl Daemon {
 
         let retention =
             crate::retention::Retention::open(&config.retention).map_err(DaemonError::Retention)?;
-        let drainer = Drainer::new(&config, queue.clone(), grant_stats).with_retention(retention);
+        let mut drainer =
+            Drainer::new(&config, queue.clone(), grant_stats).with_retention(retention);
         let scrape = match config
             .prometheus
             .listen_addr()
@@ -202,8 +203,11 @@ impl Daemon {
         {
             Some(addr) => {
                 let published = Arc::new(Published::new());
-                let server = ScrapeServer::start(addr, &config.prometheus, published.clone())
-                    .map_err(|e| DaemonError::Prometheus(addr, e))?;
+                let stats = Arc::new(ScrapeStats::default());
+                drainer.set_scrape_stats(stats.clone());
+                let server =
+                    ScrapeServer::start(addr, &config.prometheus, published.clone(), stats)
+                        .map_err(|e| DaemonError::Prometheus(addr, e))?;
                 Some((published, server))
             }
             None => None,

@@ -89,6 +89,7 @@ pub struct Drainer {
     last_health: HashMap<String, i128>,
     /// Rollup history on disk (`[retention]`), fed at each export.
     retention: Option<crate::retention::Retention>,
+    scrape_stats: Option<Arc<crate::scrape::ScrapeStats>>,
 }
 
 /// One health series: kind, name, labels, value.
@@ -421,6 +422,7 @@ impl Drainer {
             last_export_ns: wall_ns(),
             last_health: HashMap::new(),
             retention: None,
+            scrape_stats: None,
         }
     }
 
@@ -805,7 +807,8 @@ impl Drainer {
             let kind = if counter { c } else { g };
             h.push((kind, name, labels, value));
         }
-        h.into_iter()
+        let mut rows: Vec<HealthSeries> = h
+            .into_iter()
             .map(|(kind, name, labels, value)| {
                 let pairs: Vec<(&str, &str)> =
                     labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -816,7 +819,16 @@ impl Drainer {
                     value,
                 }
             })
-            .collect()
+            .collect();
+        if let Some(scrape) = &self.scrape_stats {
+            rows.extend(scrape.health());
+        }
+        rows
+    }
+
+    /// Includes the scrape endpoint's counters in the health series.
+    pub fn set_scrape_stats(&mut self, stats: Arc<crate::scrape::ScrapeStats>) {
+        self.scrape_stats = Some(stats);
     }
 
     fn snapshot_core(&self) -> Snapshot {

@@ -21,8 +21,9 @@
 //!
 //! Answers: `GET /metrics` (a query string is ignored) 200; another path 404; another
 //! method on `/metrics` 405 with `Allow: GET`; a malformed request 400.
-//! Counted (health series `metricsd.scrape.*`): scrapes served, failures (render or
-//! write errors, responses over the bound) and refusals by reason.
+//! Counted (health series `metricsd.scrape.*`, exported to logd and scraped like the
+//! others): scrapes served, failures (render or write errors, responses over the
+//! bound) and refusals by reason.
 //!
 //! The HTTP request head is parsed by `httparse` (hyper's parser). A server crate such
 //! as `tiny_http` was not used: it starts a thread per connection without a limit, reads
@@ -159,16 +160,17 @@ struct Limits {
 }
 
 impl ScrapeServer {
-    /// Binds `addr` and serves `published` until dropped.
+    /// Binds `addr` and serves `published` until dropped, counting into `stats` (which
+    /// the drain loop exports as health series).
     pub fn start(
         addr: SocketAddr,
         config: &PrometheusConfig,
         published: Arc<Published>,
+        stats: Arc<ScrapeStats>,
     ) -> io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(ScrapeStats::default());
         let limits = Limits {
             max_connections: u64::from(config.max_connections),
             max_request: config.max_request_bytes as usize,
@@ -344,7 +346,9 @@ fn serve(mut stream: TcpStream, stats: &ScrapeStats, limits: &Limits, published:
         respond_empty(&stream, 503, "Service Unavailable", &[("Retry-After", "1")]);
         return;
     };
-    let body = match render(snapshot, stats.health(), format) {
+    // The endpoint's own counters are health series of the snapshot (as of the last
+    // export, like every other series).
+    let body = match render(snapshot, Vec::new(), format) {
         Ok(r) if r.body.len() as u64 <= limits.max_response => r.body,
         _ => {
             stats.failures.fetch_add(1, Ordering::Relaxed);
