@@ -90,7 +90,6 @@ pub struct Drainer {
     scrape_stats: Option<Arc<crate::scrape::ScrapeStats>>,
     /// Rollup history on disk (`[retention]`), fed at each export.
     retention: Option<crate::retention::Retention>,
-    scrape_stats: Option<Arc<crate::scrape::ScrapeStats>>,
 }
 
 /// One health series: kind, name, labels, value.
@@ -459,7 +458,6 @@ impl Drainer {
             last_health: HashMap::new(),
             scrape_stats: None,
             retention: None,
-            scrape_stats: None,
         }
     }
 
