@@ -121,9 +121,10 @@ pub struct SpansConfig {
 pub struct ExportConfig {
     /// Milliseconds between exports (default 1000).
     pub interval_ms: u64,
-    /// Completed spans exported per interval (default 256): errors and orphans first,
-    /// then the slowest; the number left out is exported too.
-    pub span_budget: u32,
+    /// Reported spans (completed, orphaned, expired) exported per second at most
+    /// (default 1000000; a token bucket holding one second's worth). What the limit
+    /// drops is counted (`metricsd.spans.dropped{reason="rate_limited"}`).
+    pub spans_per_second: u32,
     /// Records waiting for logd at most (default 100000); past it the oldest are
     /// dropped and counted.
     pub queue_records: u32,
@@ -311,7 +312,7 @@ impl Default for ExportConfig {
     fn default() -> Self {
         Self {
             interval_ms: 1000,
-            span_budget: 256,
+            spans_per_second: 1_000_000,
             queue_records: 100_000,
             batch_records: 512,
             retry_ms: 200,
@@ -433,7 +434,12 @@ impl Config {
 
         let e = &self.export;
         in_range("export.interval_ms", e.interval_ms, 10, 3_600_000)?;
-        in_range("export.span_budget", e.span_budget, 0, 1_000_000)?;
+        in_range(
+            "export.spans_per_second",
+            e.spans_per_second,
+            0,
+            100_000_000,
+        )?;
         in_range("export.queue_records", e.queue_records, 1, 100_000_000)?;
         in_range("export.batch_records", e.batch_records, 1, 4096)?;
         in_range("export.retry_ms", e.retry_ms, 1, 600_000)?;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use telemetry_abi::{
     AttrValueType, Record, RecordKind, RegisterError, RegisterKind, Registration, RegistrationBuf,
-    Sample, SpanAttr, SpanEnd, SpanStart,
+    Sample, SpanAttr, SpanEnd, SpanStart, SpanTrace,
 };
 use telemetry_ring::{MemfdRegion, Reader};
 
@@ -29,7 +29,7 @@ use crate::keys::{Check, KeyTable, Target};
 use crate::redact::{REDACTED, Redactor};
 use crate::schema::{self, Window};
 use crate::snapshot::{DrainStats, GrantStats, RingSnapshot, Snapshot, Violations};
-use crate::spans::{Spans, Start};
+use crate::spans::{FinishedSpan, Scope, Spans, Start};
 
 /// A ring the grant server created, handed to the drain loop before the producer
 /// hears of it.
@@ -68,6 +68,8 @@ struct RingState {
     regbuf: Box<RegistrationBuf>,
     quarantine_counted: bool,
     pending: u64,
+    /// A `span_trace` waiting for its `span_open`: (span id, name key, trace, flags).
+    trace: Option<(u64, u32, u128, u8)>,
 }
 
 /// The state the drain loop owns: rings, aggregates, spans, and counts.
@@ -129,6 +131,8 @@ struct Ctx<'a> {
 
 struct RingCtx<'a> {
     id: u32,
+    connection: u64,
+    trace: &'a mut Option<(u64, u32, u128, u8)>,
     service: &'a Arc<str>,
     service_idx: u32,
     keys: &'a mut KeyTable,
@@ -211,8 +215,32 @@ impl Ctx<'_> {
         }
         let entry = ring.keys.get(record.key);
         match record.kind {
-            RecordKind::SPAN_START => {
+            RecordKind::SPAN_TRACE => {
+                let t: SpanTrace = record.view();
+                if t.flags > 0xff {
+                    return Err(Reason::ReservedNonzero);
+                }
+                let Target::Span { .. } = entry.ok_or(Reason::UnregisteredKey)?.target else {
+                    return Err(Reason::KindMismatch);
+                };
+                if t.span_id == 0 {
+                    return Err(Reason::SpanIdZero);
+                }
+                if t.trace_id() == 0 {
+                    return Err(Reason::SpanTraceZero);
+                }
+                let earlier = ring
+                    .trace
+                    .replace((t.span_id, t.name, t.trace_id(), t.flags as u8));
+                match earlier {
+                    // A trace record whose open never came.
+                    Some(_) => Err(Reason::SpanNoTrace),
+                    None => Ok(()),
+                }
+            }
+            RecordKind::SPAN_START | RecordKind::SPAN_OPEN => {
                 let s: SpanStart = record.view();
+                let trace = ring.trace.take();
                 if s.flags != 0 {
                     return Err(Reason::ReservedNonzero);
                 }
@@ -223,19 +251,35 @@ impl Ctx<'_> {
                 if s.span_id == 0 {
                     return Err(Reason::SpanIdZero);
                 }
+                let (scope, trace) = if kind_is_v1_1(record.kind) {
+                    match trace {
+                        Some((id, name, trace, flags)) if id == s.span_id && name == s.name => {
+                            (Scope::Connection(ring.connection), Some((trace, flags)))
+                        }
+                        _ => return Err(Reason::SpanNoTrace),
+                    }
+                } else {
+                    (Scope::Ring(ring.id), None)
+                };
                 let start = Start {
-                    ring: ring.id,
+                    scope,
                     id: s.span_id,
                     parent: s.parent_id,
+                    trace,
                     name_key: s.name,
                     name: name.clone(),
                     duration: *duration,
                     start_ns: s.start_ns,
                     service: ring.service.clone(),
                 };
-                self.spans.start(start, self.now)
+                if let Some(done) = self.spans.start(start, self.now)? {
+                    if let Some(series) = done.duration_series {
+                        self.store.observe(series, done.duration_ns);
+                    }
+                }
+                Ok(())
             }
-            RecordKind::SPAN_END => {
+            RecordKind::SPAN_END | RecordKind::SPAN_CLOSE => {
                 let e: SpanEnd = record.view();
                 if e.reserved != 0 {
                     return Err(Reason::ReservedNonzero);
@@ -246,15 +290,16 @@ impl Ctx<'_> {
                 if e.span_id == 0 {
                     return Err(Reason::SpanIdZero);
                 }
+                let scope = scope_of(record.kind, ring);
                 let done = self
                     .spans
-                    .end(ring.id, e.span_id, e.name, e.status, e.end_ns)?;
-                if let Some(series) = done.duration_series {
-                    self.store.observe(series, done.duration_ns);
+                    .end(scope, e.span_id, e.name, e.status, e.end_ns, self.now)?;
+                if let Some(series) = done.and_then(|d| d.duration_series.map(|s| (s, d))) {
+                    self.store.observe(series.0, series.1.duration_ns);
                 }
                 Ok(())
             }
-            RecordKind::SPAN_ATTR => {
+            RecordKind::SPAN_ATTR | RecordKind::SPAN_NOTE => {
                 let a: SpanAttr = record.view();
                 if a.reserved != 0 {
                     return Err(Reason::ReservedNonzero);
@@ -283,11 +328,30 @@ impl Ctx<'_> {
                 } else {
                     value
                 };
-                self.spans.attr(ring.id, a.span_id, key.clone(), value)
+                let scope = scope_of(record.kind, ring);
+                self.spans
+                    .attr(scope, a.span_id, key.clone(), value, self.now)
             }
             // The reader withholds unknown kinds; INVALID (0) is the one left.
             _ => Err(Reason::UnknownKind),
         }
+    }
+}
+
+/// Whether a span record kind is one of ABI v1.1's (trace-global ids).
+fn kind_is_v1_1(kind: RecordKind) -> bool {
+    matches!(
+        kind,
+        RecordKind::SPAN_OPEN | RecordKind::SPAN_CLOSE | RecordKind::SPAN_NOTE
+    )
+}
+
+/// Where a span record's id lives: its connection (v1.1) or its ring (v1.0).
+fn scope_of(kind: RecordKind, ring: &RingCtx<'_>) -> Scope {
+    if kind_is_v1_1(kind) {
+        Scope::Connection(ring.connection)
+    } else {
+        Scope::Ring(ring.id)
     }
 }
 
@@ -341,7 +405,7 @@ impl Drainer {
                 config.spans.max_live,
                 Duration::from_millis(config.spans.ttl_ms),
                 config.spans.max_attrs,
-                config.export.span_budget,
+                config.export.spans_per_second,
             ),
             redactor,
             rejects: RejectCounts::default(),
@@ -368,6 +432,7 @@ impl Drainer {
             regbuf: Box::new(RegistrationBuf::new()),
             quarantine_counted: false,
             pending: 0,
+            trace: None,
         });
         self.stats.rings_open = self.rings.len() as u64;
     }
@@ -389,6 +454,8 @@ impl Drainer {
         };
         let RingState {
             id,
+            connection,
+            trace,
             service,
             service_idx,
             reader,
@@ -408,6 +475,8 @@ impl Drainer {
         };
         let mut rctx = RingCtx {
             id: *id,
+            connection: *connection,
+            trace,
             service,
             service_idx: *service_idx,
             keys,
@@ -476,7 +545,7 @@ impl Drainer {
                 left -= n;
             }
             let ring = self.rings.swap_remove(i);
-            self.spans.orphan_ring(ring.id);
+            self.spans.orphan(Scope::Ring(ring.id), now);
             let mut snap = ring_snapshot(&ring);
             snap.closed = true;
             if self.closed.len() >= CLOSED_KEPT {
@@ -486,13 +555,15 @@ impl Drainer {
             self.stats.rings_closed += 1;
             // Dropping the reader raises the ring's CLOSED flag; the memfd is unmapped.
         }
+        self.spans.orphan(Scope::Connection(connection), now);
         self.stats.rings_open = self.rings.len() as u64;
     }
 
     /// Builds this interval's export and queues it.
     pub fn export(&mut self) {
         let now = Instant::now();
-        self.spans.expire(now);
+        let (_, early_dropped) = self.spans.expire(now);
+        self.rejects.add(Reason::SpanUnknown, early_dropped);
         let end = wall_ns().max(self.last_export_ns);
         let window = Window {
             start_ns: self.last_export_ns,
@@ -513,7 +584,7 @@ impl Drainer {
                 self.store.set_exported_total(id, total);
             }
         }
-        let (spans, _skipped) = self.spans.take_interval();
+        let spans: Vec<FinishedSpan> = self.spans.take_ready();
         records.extend(spans.iter().map(schema::span_record));
         self.stats.exports += 1;
         self.health_records(window, &mut records);
@@ -609,12 +680,15 @@ impl Drainer {
         h.push((g, "metricsd.spans.live", vec![], sp.live.into()));
         h.push((c, "metricsd.spans.orphaned", vec![], sp.orphaned.into()));
         h.push((c, "metricsd.spans.expired", vec![], sp.expired.into()));
+        h.push((c, "metricsd.spans.ended", vec![], sp.ended.into()));
+        h.push((c, "metricsd.spans.exported", vec![], sp.exported.into()));
         h.push((
             c,
-            "metricsd.spans.not_exported",
-            vec![],
-            sp.not_exported.into(),
+            "metricsd.spans.dropped",
+            vec![("reason", "rate_limited".into())],
+            sp.rate_limited.into(),
         ));
+        h.push((g, "metricsd.spans.early", vec![], sp.early.into()));
         h.push((
             c,
             "metricsd.export.failures",

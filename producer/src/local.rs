@@ -20,8 +20,16 @@ use crate::key::{Discarded, Key, KeyTable};
 use crate::recorder::{AttrValue, Delivery, Dropped, Recorder, SpanId};
 use crate::source::{ClaimError, forks, generation};
 use crate::stats::{Counts, DropReason, Event};
+use crate::trace::{SpanContext, next_ids};
 
 type GlobalRecorder = Recorder<MemfdRegion, Box<[u64]>, GlobalRegistry>;
+
+/// No span: the thread's innermost open span when it has none.
+const NO_SPAN: SpanContext = SpanContext {
+    trace_id: 0,
+    span_id: 0,
+    flags: 0,
+};
 
 /// Records made without a ring between two looks at the clock for a retry.
 const RETRY_CHECK_EVERY: u32 = 16;
@@ -34,9 +42,6 @@ struct Ring {
     /// The generation the ring belongs to; the ring is stale once it differs from
     /// [`generation()`].
     generation: u64,
-    /// This thread's serial number for the ring (spans must end in the ring they
-    /// started in).
-    serial: u64,
 }
 
 enum Slot {
@@ -61,8 +66,9 @@ pub(crate) struct Local {
     thread: u64,
     /// Rings this thread has claimed.
     rings: u64,
-    /// The innermost open span in the current ring (0: none).
-    current_span: u64,
+    /// The thread's innermost open span (span id 0: none), the implicit parent of the
+    /// next span it opens.
+    current_span: SpanContext,
     /// (address, length, kind, key) of recently interned `&'static str`s.
     strs: [(usize, usize, u16, u32); STR_CACHE],
     /// A released ring its consumer had not closed yet: metricsd hangs up on a producer
@@ -268,26 +274,38 @@ pub(crate) fn flush_for(timeout: std::time::Duration) -> bool {
 /// A started span, as its guard remembers it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Started {
-    pub(crate) id: u64,
-    pub(crate) serial: u64,
-    pub(crate) prev: u64,
+    /// Its trace context (span id 0: never started).
+    pub(crate) ctx: SpanContext,
+    /// The opening thread's innermost span before it, restored when it ends there.
+    pub(crate) prev: SpanContext,
+    /// The ring generation it was opened in: it can end only on a ring of the same.
+    pub(crate) generation: u64,
 }
 
 impl Started {
     pub(crate) const NONE: Self = Self {
-        id: 0,
-        serial: 0,
-        prev: 0,
+        ctx: NO_SPAN,
+        prev: NO_SPAN,
+        generation: 0,
     };
 }
 
-/// Opens span `name` under `parent` (`None`: the thread's innermost open span).
-pub(crate) fn span_start(name: u32, parent: Option<Started>) -> Started {
+/// Where a new span hangs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Parent {
+    /// The thread's innermost open span, or a new trace if none.
+    Current,
+    /// This span (of this process or one a `traceparent` named).
+    Of(SpanContext),
+}
+
+/// Opens span `name` under `parent`.
+pub(crate) fn span_start(name: u32, parent: Parent) -> Started {
     let now = global().now_ns();
     with_local(|local| local.span_start(name, parent, now)).unwrap_or(Started::NONE)
 }
 
-/// Closes a started span.
+/// Closes a started span (on any thread).
 pub(crate) fn span_end(name: u32, started: Started, status: SpanStatus) {
     let now = global().now_ns();
     with_local(|local| local.span_end(name, started, status, now));
@@ -314,7 +332,7 @@ impl Local {
             counts: None,
             thread: 0,
             rings: 0,
-            current_span: 0,
+            current_span: NO_SPAN,
             strs: [(0, 0, 0, 0); STR_CACHE],
             retired: None,
             forks: 0,
@@ -428,7 +446,7 @@ impl Local {
         self.slot = Slot::Unclaimed;
         self.table = None;
         self.retired = None;
-        self.current_span = 0;
+        self.current_span = NO_SPAN;
     }
 
     /// Drops the current ring, keeping the key table (and its pending deltas).
@@ -452,7 +470,7 @@ impl Local {
             }
             self.table = Some(table);
         }
-        self.current_span = 0;
+        self.current_span = NO_SPAN;
     }
 
     /// Accounts for the retired ring once its consumer has closed it: its unread
@@ -518,11 +536,10 @@ impl Local {
                     )
                 });
                 self.rings += 1;
-                self.current_span = 0;
+                self.current_span = NO_SPAN;
                 self.slot = Slot::Ready(Ring {
                     recorder: Recorder::new(writer, table, GlobalRegistry),
                     generation: info.generation,
-                    serial: self.rings,
                 });
                 self.count(Event::RingClaimed, 1);
                 Ok(())
@@ -589,7 +606,7 @@ impl Local {
         }
     }
 
-    fn span_start(&mut self, name: u32, parent: Option<Started>, now: u64) -> Started {
+    fn span_start(&mut self, name: u32, parent: Parent, now: u64) -> Started {
         let current = self.current_span;
         let ring = match self.ring() {
             Ok(ring) => ring,
@@ -599,23 +616,38 @@ impl Local {
             }
         };
         let parent = match parent {
-            None => current,
-            Some(p) if p.serial == ring.serial => p.id,
-            // The parent's ring is gone: this span starts a new tree.
-            Some(_) => 0,
+            Parent::Current => current,
+            Parent::Of(p) => p,
         };
-        let serial = ring.serial;
-        let result = match Key::new(name) {
-            Some(name) => ring.recorder.span_start(name, to_span_id(parent), now),
-            None => Err(Dropped::UnknownKey),
+        let (span_id, root_trace) = next_ids();
+        let ctx = if parent.span_id == 0 {
+            SpanContext {
+                trace_id: root_trace,
+                span_id,
+                flags: 1,
+            }
+        } else {
+            SpanContext {
+                trace_id: parent.trace_id,
+                span_id,
+                flags: parent.flags,
+            }
+        };
+        let generation = ring.generation;
+        let result = match (Key::new(name), SpanId::new(span_id)) {
+            (Some(name), Some(id)) => {
+                ring.recorder
+                    .span_open(name, ctx.trace_id, id, parent.span_id, ctx.flags, now)
+            }
+            _ => Err(Dropped::UnknownKey),
         };
         match result {
-            Ok(id) => {
-                self.current_span = id.get();
+            Ok(()) => {
+                self.current_span = ctx;
                 Started {
-                    id: id.get(),
-                    serial,
+                    ctx,
                     prev: current,
+                    generation,
                 }
             }
             Err(e) => {
@@ -626,22 +658,24 @@ impl Local {
     }
 
     fn span_end(&mut self, name: u32, started: Started, status: SpanStatus, now: u64) {
-        if started.id == 0 {
+        if started.ctx.span_id == 0 {
             // Never started (counted then): nothing to end.
             return;
         }
-        if self.current_span == started.id {
+        if self.current_span.span_id == started.ctx.span_id {
             self.current_span = started.prev;
         }
-        let result = match &mut self.slot {
-            Slot::Ready(ring) if ring.serial == started.serial => {
-                match (Key::new(name), to_span_id(started.id)) {
-                    (Some(name), Some(id)) => ring.recorder.span_end(name, id, now, status),
+        let result = match self.ring() {
+            // Any ring of the connection the span was opened on will do.
+            Ok(ring) if ring.generation == started.generation => {
+                match (Key::new(name), SpanId::new(started.ctx.span_id)) {
+                    (Some(name), Some(id)) => ring.recorder.span_close(name, id, now, status),
                     _ => Err(Dropped::UnknownKey),
                 }
             }
-            // The ring it started in is gone (metricsd restarted or dropped it).
-            _ => return self.count(Event::Dropped(DropReason::NoMetricsd), 1),
+            // The connection it was opened on is gone (metricsd restarted).
+            Ok(_) => return self.count(Event::Dropped(DropReason::NoMetricsd), 1),
+            Err(reason) => return self.count(Event::Dropped(reason), 1),
         };
         if let Err(e) = result {
             self.settle(Err(e));
@@ -649,7 +683,7 @@ impl Local {
     }
 
     fn span_attr(&mut self, started: Started, attr: &'static str, value: RawAttr) {
-        if started.id == 0 {
+        if started.ctx.span_id == 0 {
             return;
         }
         let attr = match self.intern_str(RegisterKind::ATTR, attr) {
@@ -664,10 +698,11 @@ impl Local {
                 Err(reason) => return self.count(Event::Dropped(reason), 1),
             },
         };
-        let result = match (&mut self.slot, to_span_id(started.id)) {
-            (Slot::Ready(ring), Some(id)) if ring.serial == started.serial => {
-                ring.recorder.span_attr(id, attr, value)
+        let result = match (self.ring(), SpanId::new(started.ctx.span_id)) {
+            (Ok(ring), Some(id)) if ring.generation == started.generation => {
+                ring.recorder.span_note(id, attr, value)
             }
+            (Err(reason), _) => return self.count(Event::Dropped(reason), 1),
             _ => return self.count(Event::Dropped(DropReason::NoMetricsd), 1),
         };
         if let Err(e) = result {
@@ -695,10 +730,6 @@ impl Local {
         self.strs[slot] = (addr, len, kind.0, key.get());
         Ok(key)
     }
-}
-
-fn to_span_id(id: u64) -> Option<SpanId> {
-    SpanId::new(id)
 }
 
 /// Visits what `writer` published and its (closed) consumer never read: counter

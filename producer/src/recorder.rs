@@ -206,6 +206,74 @@ where
         self.sample_raw(Record::span_attr(attr.get(), span.get(), value_type, raw))
     }
 
+    /// (ABI v1.1) Opens span `span_id` named `name` in trace `trace_id` at `start_ns`
+    /// under `parent_id` (0: the root of its trace): a `span_trace` and a `span_open`
+    /// record, published together. The ids are the caller's: trace-global, nonzero.
+    pub fn span_open(
+        &mut self,
+        name: Key,
+        trace_id: u128,
+        span_id: SpanId,
+        parent_id: u64,
+        trace_flags: u8,
+        start_ns: u64,
+    ) -> Result<(), Dropped> {
+        let records = [
+            Record::span_trace(name.get(), span_id.get(), trace_id, trace_flags),
+            Record::span_open(name.get(), span_id.get(), parent_id, start_ns),
+        ];
+        if !(self.table.pending_keys() == 0 && self.table.is_registered(name.get())) {
+            self.register_cold(name.get())?;
+        }
+        match self.writer.push_all(&records) {
+            Ok(()) => Ok(()),
+            Err(_) => self.full(),
+        }
+    }
+
+    /// (ABI v1.1) Closes span `span_id` (named `name`, opened by
+    /// [`span_open`](Self::span_open) in any ring of this process) at `end_ns`.
+    pub fn span_close(
+        &mut self,
+        name: Key,
+        span_id: SpanId,
+        end_ns: u64,
+        status: SpanStatus,
+    ) -> Result<(), Dropped> {
+        self.sample_raw(Record::span_close(
+            name.get(),
+            span_id.get(),
+            end_ns,
+            status,
+        ))
+    }
+
+    /// (ABI v1.1) Sets attribute `attr` of span `span_id` (opened by
+    /// [`span_open`](Self::span_open) in any ring of this process) to `value`.
+    pub fn span_note(
+        &mut self,
+        span_id: SpanId,
+        attr: Key,
+        value: AttrValue,
+    ) -> Result<(), Dropped> {
+        let (value_type, raw) = match value {
+            AttrValue::U64(v) => (AttrValueType::U64, v),
+            AttrValue::I64(v) => (AttrValueType::I64, v as u64),
+            AttrValue::Str(k) => {
+                if !self.table.is_registered(k.get()) {
+                    self.register_cold(k.get())?;
+                }
+                (AttrValueType::STRING, u64::from(k.get()))
+            }
+        };
+        self.sample_raw(Record::span_note(
+            attr.get(),
+            span_id.get(),
+            value_type,
+            raw,
+        ))
+    }
+
     /// Writes pending counter deltas while the ring has room. Returns how many keys
     /// still hold one (zero: nothing is owed).
     pub fn flush(&mut self) -> u32 {

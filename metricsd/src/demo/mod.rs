@@ -231,8 +231,10 @@ pub struct Summary {
     pub grant_refused: BTreeMap<String, u64>,
     /// Spans the producers report they ended.
     pub spans_ended: u64,
-    /// Spans left out of exports by the per-interval budget.
-    pub spans_not_exported: u64,
+    /// Spans metricsd handed to its exporters.
+    pub spans_exported: u64,
+    /// Spans the export rate limit dropped.
+    pub spans_rate_limited: u64,
     /// Span records in logd.
     pub spans_in_logd: u64,
     /// Of which with `status = error`.
@@ -692,7 +694,8 @@ fn summarize(s: &Snapshot, v: &Verification, x: Extras<'_>) -> Summary {
             .map(|(k, n)| ((*k).to_owned(), *n))
             .collect(),
         spans_ended: v.spans_ended,
-        spans_not_exported: s.spans.not_exported,
+        spans_exported: s.spans.exported,
+        spans_rate_limited: s.spans.rate_limited,
         spans_in_logd: v.spans_in_logd,
         error_spans_in_logd: v.error_spans_in_logd,
         export_stored: s.export.stored,
@@ -793,8 +796,12 @@ pub fn print_summary(s: &Summary, out: &mut dyn Write) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "  spans          {} ended by the producers = {} span records in logd ({} with status=error) + {} left out by the per-interval budget",
-        s.spans_ended, s.spans_in_logd, s.error_spans_in_logd, s.spans_not_exported
+        "  spans          {} ended by the producers, {} exported by metricsd = {} span records in logd ({} with status=error); {} dropped by the rate limit",
+        s.spans_ended,
+        s.spans_exported,
+        s.spans_in_logd,
+        s.error_spans_in_logd,
+        s.spans_rate_limited
     )?;
     writeln!(
         out,

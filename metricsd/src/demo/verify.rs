@@ -16,7 +16,7 @@
 //!   exactly the violations, quarantined rings, lowered drop counts, malformed grant
 //!   requests and garbage records (each rejected exactly once) it reports.
 //! - Spans ([`verify_spans`]): every span the producers ended is either a span record
-//!   in logd or counted in `metricsd.spans.not_exported` (the per-interval budget).
+//!   in logd or counted in `metricsd.spans.dropped{reason="rate_limited"}`.
 //!
 //! Used by `metricsd demo` and by the QEMU selftest.
 
@@ -562,7 +562,7 @@ pub fn verify_hostile(
 }
 
 /// Checks that every span the producers ended was reported: a span record in logd
-/// (`scope = spans`) or counted in `metricsd.spans.not_exported`. `reports`' span
+/// (`scope = spans`) or counted in `metricsd.spans.dropped{reason="rate_limited"}`. `reports`' span
 /// duration counts say how many ended.
 pub fn verify_spans(
     logd_socket: &Path,
@@ -597,8 +597,8 @@ pub fn verify_spans(
     let id = series_id(
         HEALTH_SERVICE,
         MetricKind::Counter,
-        "metricsd.spans.not_exported",
-        &[] as &[(&str, &str)],
+        "metricsd.spans.dropped",
+        &[("reason", "rate_limited")],
     );
     let not_exported: u64 = health
         .field(&id, "value")
