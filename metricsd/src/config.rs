@@ -36,6 +36,8 @@ pub struct Config {
     pub spans: SpansConfig,
     /// Export to logd.
     pub export: ExportConfig,
+    /// Export to an OpenTelemetry collector over OTLP/HTTP (off unless `endpoint`).
+    pub otlp: OtlpConfig,
     /// Redaction of sensitive label and attribute keys.
     pub redaction: RedactionConfig,
     /// Histogram bucket layouts by metric (or span) name: strictly increasing `u64`
@@ -113,6 +115,52 @@ pub struct SpansConfig {
     pub ttl_ms: u64,
     /// Attributes kept per span (default 8, at most 8); more are refused `over_limit`.
     pub max_attrs: u32,
+}
+
+/// `[otlp]`: OTLP/HTTP protobuf export to an OpenTelemetry collector (see
+/// `metricsd::otlp`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpConfig {
+    /// The collector's base URL, `http://host:port` (`/v1/metrics` and `/v1/traces`
+    /// are appended). Unset: no OTLP export.
+    pub endpoint: Option<String>,
+    /// `service.instance.id` of every resource (default: the host name).
+    pub instance_id: Option<String>,
+    /// Export intervals waiting for the exporter thread at most (default 16); past it
+    /// an interval's points and spans are dropped and counted (`queue_full`).
+    pub queue_batches: u32,
+    /// Points or spans per request at most (default 8192).
+    pub max_batch_points: u32,
+    /// Bytes per request body at most (default 4194304, a collector's default receive
+    /// limit).
+    pub max_request_bytes: u32,
+    /// Timeout of one request, in milliseconds (default 10000).
+    pub timeout_ms: u64,
+    /// First retry delay, in milliseconds (default 200); doubles per retry.
+    pub retry_initial_ms: u64,
+    /// Longest retry delay, in milliseconds (default 5000; a longer `Retry-After` is
+    /// cut to it).
+    pub retry_max_ms: u64,
+    /// A request still failing this long after its first attempt is dropped and
+    /// counted (`gave_up`), in milliseconds (default 60000).
+    pub give_up_ms: u64,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            instance_id: None,
+            queue_batches: 16,
+            max_batch_points: 8192,
+            max_request_bytes: 4 << 20,
+            timeout_ms: 10_000,
+            retry_initial_ms: 200,
+            retry_max_ms: 5000,
+            give_up_ms: 60_000,
+        }
+    }
 }
 
 /// `[export]`: the export to logd.
@@ -254,6 +302,7 @@ impl Default for Config {
             series: SeriesConfig::default(),
             spans: SpansConfig::default(),
             export: ExportConfig::default(),
+            otlp: OtlpConfig::default(),
             redaction: RedactionConfig::default(),
             histograms: BTreeMap::new(),
             services: Vec::new(),
@@ -443,6 +492,35 @@ impl Config {
         in_range("export.queue_records", e.queue_records, 1, 100_000_000)?;
         in_range("export.batch_records", e.batch_records, 1, 4096)?;
         in_range("export.retry_ms", e.retry_ms, 1, 600_000)?;
+
+        let o = &self.otlp;
+        if let Some(url) = &o.endpoint {
+            let rest = url.strip_prefix("http://").unwrap_or("");
+            if rest.is_empty() || rest.starts_with('/') || rest.contains(['?', '#', ' ']) {
+                return Err(invalid(
+                    "otlp.endpoint",
+                    url,
+                    "an http:// URL with a host, e.g. http://127.0.0.1:4318 (https is not supported)",
+                ));
+            }
+        }
+        in_range("otlp.queue_batches", o.queue_batches, 1, 1024)?;
+        in_range("otlp.max_batch_points", o.max_batch_points, 1, 1_000_000)?;
+        in_range(
+            "otlp.max_request_bytes",
+            o.max_request_bytes,
+            1024,
+            64 << 20,
+        )?;
+        in_range("otlp.timeout_ms", o.timeout_ms, 1, 600_000)?;
+        in_range("otlp.retry_initial_ms", o.retry_initial_ms, 1, 600_000)?;
+        in_range(
+            "otlp.retry_max_ms",
+            o.retry_max_ms,
+            o.retry_initial_ms,
+            600_000,
+        )?;
+        in_range("otlp.give_up_ms", o.give_up_ms, 1, 86_400_000)?;
 
         for (i, p) in self.redaction.patterns.iter().enumerate() {
             if p.is_empty() || p.len() > 64 || !p.is_ascii() {

@@ -151,7 +151,25 @@ impl Daemon {
             Box::new(move || export::run(q, sink, inst, batch, retry)),
         )?);
 
-        let drainer = Drainer::new(&config, queue.clone(), grant_stats);
+        let mut drainer = Drainer::new(&config, queue.clone(), grant_stats);
+        let mut otlp_shared = None;
+        if config.otlp.endpoint.is_some() {
+            let (handoff, rx) = crate::otlp::channel(&config.otlp);
+            let shared = handoff.shared().clone();
+            otlp_shared = Some(shared.clone());
+            drainer.set_otlp(handoff);
+            let otlp_config = config.otlp.clone();
+            let start_unix_ns = crate::drain::wall_ns();
+            let s = stop.clone();
+            let stopping: Arc<dyn Fn() -> bool + Send + Sync> =
+                Arc::new(move || s.load(Ordering::Acquire));
+            threads.push(spawn(
+                "metricsd-otlp",
+                Box::new(move || {
+                    crate::otlp::run(rx, shared, otlp_config, start_unix_ns, stopping)
+                }),
+            )?);
+        }
         let (idle_min, idle_max, interval) = (
             Duration::from_micros(u64::from(config.drain.idle_min_us)),
             Duration::from_micros(u64::from(config.drain.idle_max_us)),
@@ -171,6 +189,7 @@ impl Daemon {
             queue,
             socket: config.socket.clone(),
             instance,
+            otlp: otlp_shared,
             grant_thread: Some(grant_thread),
             drain_thread: Some(drain_thread),
             export_threads: threads,
@@ -185,6 +204,7 @@ pub struct DaemonHandle {
     queue: Arc<ExportQueue>,
     socket: PathBuf,
     instance: String,
+    otlp: Option<Arc<crate::otlp::Shared>>,
     grant_thread: Option<JoinHandle<()>>,
     drain_thread: Option<JoinHandle<()>>,
     export_threads: Vec<JoinHandle<()>>,
@@ -270,6 +290,28 @@ impl DaemonHandle {
             std::thread::sleep(Duration::from_millis(2));
         }
         self.snapshot()
+    }
+
+    /// The OTLP exporter's totals, when an endpoint is configured.
+    pub fn otlp_stats(&self) -> Option<crate::otlp::OtlpStats> {
+        self.otlp.as_ref().map(|s| s.stats())
+    }
+
+    /// Like [`flush`](Self::flush), then waits until the OTLP exporter has finished
+    /// every interval handed to it (sent, dropped or given up; see
+    /// [`otlp_stats`](Self::otlp_stats) for which).
+    pub fn flush_otlp(&self, timeout: Duration) -> Result<Snapshot, DaemonError> {
+        let deadline = Instant::now() + timeout;
+        let snap = self.flush(timeout)?;
+        if let Some(shared) = &self.otlp {
+            while shared.pending() > 0 {
+                if Instant::now() >= deadline {
+                    return Err(DaemonError::Timeout("the OTLP exporter to finish"));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(snap)
     }
 
     /// Asks a producer connection to be treated as closed is not possible from here;

@@ -88,6 +88,7 @@ pub struct Drainer {
     queue: Arc<ExportQueue>,
     last_export_ns: u64,
     last_health: HashMap<String, i128>,
+    otlp: Option<crate::otlp::Handoff>,
 }
 
 /// One health series: kind, name, labels, value.
@@ -96,7 +97,8 @@ type HealthRow<'a> = (MetricKind, &'a str, Vec<(&'a str, String)>, i128);
 /// Closed rings kept in snapshots (the most recent).
 const CLOSED_KEPT: usize = 64;
 
-fn wall_ns() -> u64 {
+/// Now, ns since the Unix epoch.
+pub fn wall_ns() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -416,7 +418,14 @@ impl Drainer {
             queue,
             last_export_ns: wall_ns(),
             last_health: HashMap::new(),
+            otlp: None,
         }
+    }
+
+    /// Also hands each interval's changed series and reported spans to the OTLP
+    /// exporter.
+    pub fn set_otlp(&mut self, handoff: crate::otlp::Handoff) {
+        self.otlp = Some(handoff);
     }
 
     /// Starts draining `ring`.
@@ -571,10 +580,14 @@ impl Drainer {
         };
         self.last_export_ns = end;
         let mut records = Vec::new();
+        let mut otlp_series = Vec::new();
         for id in self.store.take_dirty() {
             let Some(s) = self.store.get(id) else {
                 continue;
             };
+            if self.otlp.is_some() {
+                otlp_series.push(s.clone());
+            }
             let delta = match s.value {
                 crate::aggregate::Value::Counter { total } => total - s.exported_total,
                 _ => 0,
@@ -586,6 +599,17 @@ impl Drainer {
         }
         let spans: Vec<FinishedSpan> = self.spans.take_ready();
         records.extend(spans.iter().map(schema::span_record));
+        if let Some(otlp) = &self.otlp {
+            let mono = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+            let mono_ns = i128::from(mono.tv_sec) * 1_000_000_000 + i128::from(mono.tv_nsec);
+            let now_unix = wall_ns();
+            otlp.submit(crate::otlp::Batch {
+                series: otlp_series,
+                spans,
+                time_unix_ns: now_unix,
+                mono_to_unix_ns: i128::from(now_unix) - mono_ns,
+            });
+        }
         self.stats.exports += 1;
         self.health_records(window, &mut records);
         self.queue.push(records);
@@ -697,6 +721,42 @@ impl Drainer {
         ));
         h.push((c, "metricsd.export.dropped", vec![], export.dropped.into()));
         h.push((c, "metricsd.export.refused", vec![], export.refused.into()));
+        if let Some(otlp) = &self.otlp {
+            let o = otlp.shared().stats();
+            for (signal, n) in &o.accepted {
+                let l = vec![("signal", signal.as_str().into())];
+                h.push((c, "metricsd.otlp.accepted", l, (*n).into()));
+            }
+            for (signal, n) in &o.requests_ok {
+                let l = vec![("signal", signal.as_str().into())];
+                h.push((c, "metricsd.otlp.requests", l, (*n).into()));
+            }
+            for (signal, n) in &o.rejected {
+                let l = vec![("signal", signal.as_str().into())];
+                h.push((c, "metricsd.otlp.rejected", l, (*n).into()));
+            }
+            for (signal, n) in &o.retries {
+                let l = vec![("signal", signal.as_str().into())];
+                h.push((c, "metricsd.otlp.retries", l, (*n).into()));
+            }
+            for (reason, n) in &o.failures {
+                let l = vec![("reason", reason.clone())];
+                h.push((c, "metricsd.otlp.failures", l, (*n).into()));
+            }
+            for ((signal, reason), n) in &o.dropped {
+                let l = vec![
+                    ("signal", signal.as_str().into()),
+                    ("reason", reason.clone()),
+                ];
+                h.push((c, "metricsd.otlp.dropped", l, (*n).into()));
+            }
+            h.push((
+                g,
+                "metricsd.otlp.pending",
+                vec![],
+                otlp.shared().pending().into(),
+            ));
+        }
         h.push((c, "metricsd.grant.messages", vec![], grant.messages.into()));
         h.push((c, "metricsd.grant.granted", vec![], grant.granted.into()));
         for (class, n) in &grant.refused {

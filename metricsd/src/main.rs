@@ -20,6 +20,7 @@ use metricsd::{Config, Daemon};
     after_help = "Examples:\n  \
         metricsd demo                                  # the whole pipeline, checked through logd\n  \
         metricsd serve --logd-socket /run/logd.sock    # the daemon\n  \
+        metricsd serve --otlp-endpoint http://127.0.0.1:4318  # and to an OTLP collector\n  \
         metricsd top --logd-socket /run/logd.sock      # what it exported, live"
 )]
 struct Cli {
@@ -50,6 +51,10 @@ enum Cmd {
         /// /run/logd.sock; overrides the config].
         #[arg(long, value_name = "PATH")]
         logd_socket: Option<PathBuf>,
+        /// Also export to an OpenTelemetry collector over OTLP/HTTP protobuf, at this
+        /// base URL (e.g. http://127.0.0.1:4318; overrides `[otlp] endpoint`).
+        #[arg(long, value_name = "URL")]
+        otlp_endpoint: Option<String>,
     },
 
     /// Run the whole pipeline on private sockets and check it end to end through logd.
@@ -153,7 +158,8 @@ fn main() -> anyhow::Result<()> {
             config,
             socket,
             logd_socket,
-        } => serve(config, socket, logd_socket),
+            otlp_endpoint,
+        } => serve(config, socket, logd_socket, otlp_endpoint),
         Cmd::Demo {
             seconds,
             producers,
@@ -244,6 +250,7 @@ fn serve(
     config: Option<PathBuf>,
     socket: Option<PathBuf>,
     logd_socket: Option<PathBuf>,
+    otlp_endpoint: Option<String>,
 ) -> anyhow::Result<()> {
     let mut cfg = match &config {
         Some(path) => Config::load(path)?,
@@ -254,6 +261,9 @@ fn serve(
     }
     if let Some(s) = logd_socket {
         cfg.logd_socket = s;
+    }
+    if let Some(url) = otlp_endpoint {
+        cfg.otlp.endpoint = Some(url);
     }
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
