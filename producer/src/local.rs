@@ -31,6 +31,10 @@ const NO_SPAN: SpanContext = SpanContext {
     flags: 0,
 };
 
+/// Open spans a thread tracks as the implicit parents of its next spans; a span opened
+/// deeper is recorded as usual but does not become the implicit parent.
+const MAX_NESTED: usize = 16;
+
 /// Records made without a ring between two looks at the clock for a retry.
 const RETRY_CHECK_EVERY: u32 = 16;
 
@@ -66,9 +70,10 @@ pub(crate) struct Local {
     thread: u64,
     /// Rings this thread has claimed.
     rings: u64,
-    /// The thread's innermost open span (span id 0: none), the implicit parent of the
-    /// next span it opens.
-    current_span: SpanContext,
+    /// The spans this thread opened and has not ended, outermost first (the first
+    /// `depth`): the innermost is the implicit parent of the next span it opens.
+    open: [SpanContext; MAX_NESTED],
+    depth: usize,
     /// (address, length, kind, key) of recently interned `&'static str`s.
     strs: [(usize, usize, u16, u32); STR_CACHE],
     /// A released ring its consumer had not closed yet: metricsd hangs up on a producer
@@ -276,8 +281,8 @@ pub(crate) fn flush_for(timeout: std::time::Duration) -> bool {
 pub(crate) struct Started {
     /// Its trace context (span id 0: never started).
     pub(crate) ctx: SpanContext,
-    /// The opening thread's innermost span before it, restored when it ends there.
-    pub(crate) prev: SpanContext,
+    /// The thread that opened it (its serial number in the process).
+    pub(crate) thread: u64,
     /// The ring generation it was opened in: it can end only on a ring of the same.
     pub(crate) generation: u64,
 }
@@ -285,7 +290,7 @@ pub(crate) struct Started {
 impl Started {
     pub(crate) const NONE: Self = Self {
         ctx: NO_SPAN,
-        prev: NO_SPAN,
+        thread: 0,
         generation: 0,
     };
 }
@@ -332,7 +337,8 @@ impl Local {
             counts: None,
             thread: 0,
             rings: 0,
-            current_span: NO_SPAN,
+            open: [NO_SPAN; MAX_NESTED],
+            depth: 0,
             strs: [(0, 0, 0, 0); STR_CACHE],
             retired: None,
             forks: 0,
@@ -446,7 +452,7 @@ impl Local {
         self.slot = Slot::Unclaimed;
         self.table = None;
         self.retired = None;
-        self.current_span = NO_SPAN;
+        self.depth = 0;
     }
 
     /// Drops the current ring, keeping the key table (and its pending deltas).
@@ -470,7 +476,7 @@ impl Local {
             }
             self.table = Some(table);
         }
-        self.current_span = NO_SPAN;
+        self.depth = 0;
     }
 
     /// Accounts for the retired ring once its consumer has closed it: its unread
@@ -536,7 +542,7 @@ impl Local {
                     )
                 });
                 self.rings += 1;
-                self.current_span = NO_SPAN;
+                self.depth = 0;
                 self.slot = Slot::Ready(Ring {
                     recorder: Recorder::new(writer, table, GlobalRegistry),
                     generation: info.generation,
@@ -607,7 +613,10 @@ impl Local {
     }
 
     fn span_start(&mut self, name: u32, parent: Parent, now: u64) -> Started {
-        let current = self.current_span;
+        let current = match self.depth {
+            0 => NO_SPAN,
+            d => self.open[d - 1],
+        };
         let ring = match self.ring() {
             Ok(ring) => ring,
             Err(reason) => {
@@ -643,10 +652,13 @@ impl Local {
         };
         match result {
             Ok(()) => {
-                self.current_span = ctx;
+                if self.depth < MAX_NESTED {
+                    self.open[self.depth] = ctx;
+                    self.depth += 1;
+                }
                 Started {
                     ctx,
-                    prev: current,
+                    thread: self.thread,
                     generation,
                 }
             }
@@ -662,8 +674,15 @@ impl Local {
             // Never started (counted then): nothing to end.
             return;
         }
-        if self.current_span.span_id == started.ctx.span_id {
-            self.current_span = started.prev;
+        if started.thread == self.thread {
+            // Ending on the thread that opened it: it and whatever this thread opened
+            // inside it and sent elsewhere (or leaked) stop being implicit parents.
+            if let Some(i) = self.open[..self.depth]
+                .iter()
+                .rposition(|c| c.span_id == started.ctx.span_id)
+            {
+                self.depth = i;
+            }
         }
         let result = match self.ring() {
             // Any ring of the connection the span was opened on will do.
