@@ -297,6 +297,12 @@ impl DaemonHandle {
         self.otlp.as_ref().map(|s| s.stats())
     }
 
+    /// Export intervals handed to the OTLP exporter and not finished yet (at most
+    /// `otlp.queue_batches` waiting plus the one in hand).
+    pub fn otlp_pending(&self) -> Option<u64> {
+        self.otlp.as_ref().map(|s| s.pending())
+    }
+
     /// Like [`flush`](Self::flush), then waits until the OTLP exporter has finished
     /// every interval handed to it (sent, dropped or given up; see
     /// [`otlp_stats`](Self::otlp_stats) for which).

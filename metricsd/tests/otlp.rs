@@ -44,8 +44,13 @@ fn child_records_everything() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    let pause: u64 = std::env::var("OTLP_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut spans = Vec::new();
     for i in 0..n {
+        std::thread::sleep(Duration::from_millis(pause));
         counter!("otlp.requests", "route" => "/a").increment(i + 1);
         counter!("otlp.requests", "route" => "/b").increment(2);
         gauge!("otlp.depth").set(i as i64 - 1);
@@ -140,11 +145,19 @@ struct Expected {
 }
 
 fn run_producer(service: &str, socket: &std::path::Path, n: u64) -> Expected {
+    run_producer_paced(service, socket, n, 0)
+}
+
+/// Like [`run_producer`], pausing `pause_ms` before each round.
+fn run_producer_paced(service: &str, socket: &std::path::Path, n: u64, pause_ms: u64) -> Expected {
     let mut p = Producer::spawn(
         "child_records_everything",
         service,
         socket,
-        &[("OTLP_N", &n.to_string())],
+        &[
+            ("OTLP_N", &n.to_string()),
+            ("OTLP_PAUSE_MS", &pause_ms.to_string()),
+        ],
     );
     let mut spans = Vec::new();
     for _ in 0..3 * n {
@@ -481,7 +494,9 @@ fn otlp_receiver_that_never_answers_bounds_the_queue_and_counts_drops() {
     cfg.export.interval_ms = 20;
     let logd = start_logd(&cfg.logd_socket);
     let daemon = start_metricsd(cfg);
-    let a = run_producer("checkout", daemon.socket_path(), 20);
+    // Rounds 30 ms apart, exports every 20 ms: far more intervals than the exporter,
+    // stuck on each request, can take.
+    let a = run_producer_paced("checkout", daemon.socket_path(), 20, 30);
     wait_closed(&daemon, "checkout", 1 + a.n as usize);
     // Draining is unaffected: every span and every counter increment was aggregated.
     let snap = daemon.flush(WAIT).expect("flush to logd");
@@ -504,6 +519,8 @@ fn otlp_receiver_that_never_answers_bounds_the_queue_and_counts_drops() {
     // The exporter gives up on what it cannot send and drops what does not fit, and
     // counts both; the hand-off never holds more than its bound.
     let stats = wait_for("drops to be counted", || {
+        let pending = daemon.otlp_pending().expect("OTLP is on");
+        assert!(pending <= 3, "the hand-off holds 2 intervals and 1 in hand: {pending}");
         let s = daemon.otlp_stats()?;
         let dropped = |why: &str| {
             s.dropped
