@@ -520,7 +520,10 @@ fn otlp_receiver_that_never_answers_bounds_the_queue_and_counts_drops() {
     // counts both; the hand-off never holds more than its bound.
     let stats = wait_for("drops to be counted", || {
         let pending = daemon.otlp_pending().expect("OTLP is on");
-        assert!(pending <= 3, "the hand-off holds 2 intervals and 1 in hand: {pending}");
+        assert!(
+            pending <= 3,
+            "the hand-off holds 2 intervals and 1 in hand: {pending}"
+        );
         let s = daemon.otlp_stats()?;
         let dropped = |why: &str| {
             s.dropped
