@@ -173,6 +173,11 @@ pub struct ExportConfig {
     /// (default 1000000; a token bucket holding one second's worth). What the limit
     /// drops is counted (`metricsd.spans.dropped{reason="rate_limited"}`).
     pub spans_per_second: u32,
+    /// Of those, span records appended to logd per second at most (default 1000; a
+    /// token bucket holding one second's worth): logd is the bounded local record,
+    /// an OTLP collector gets every exported span. Spans past it are counted
+    /// (`metricsd.spans.not_logged`).
+    pub logd_spans_per_second: u32,
     /// Records waiting for logd at most (default 100000); past it the oldest are
     /// dropped and counted.
     pub queue_records: u32,
@@ -362,6 +367,7 @@ impl Default for ExportConfig {
         Self {
             interval_ms: 1000,
             spans_per_second: 1_000_000,
+            logd_spans_per_second: 1000,
             queue_records: 100_000,
             batch_records: 512,
             retry_ms: 200,
@@ -486,6 +492,12 @@ impl Config {
         in_range(
             "export.spans_per_second",
             e.spans_per_second,
+            0,
+            100_000_000,
+        )?;
+        in_range(
+            "export.logd_spans_per_second",
+            e.logd_spans_per_second,
             0,
             100_000_000,
         )?;

@@ -398,17 +398,19 @@ impl Drainer {
     /// totals from `grant`.
     pub fn new(config: &Config, queue: Arc<ExportQueue>, grant: Arc<Mutex<GrantStats>>) -> Self {
         let redactor = Redactor::new(&config.redaction.patterns);
+        let mut spans = Spans::new(
+            config.spans.max_live,
+            Duration::from_millis(config.spans.ttl_ms),
+            config.spans.max_attrs,
+            config.export.spans_per_second,
+        );
+        spans.set_logd_rate(config.export.logd_spans_per_second);
         Self {
             budget: u64::from(config.drain.budget),
             max_keys: config.rings.max_keys_per_ring,
             rings: Vec::new(),
             store: Store::new(config.series.clone(), redactor.clone(), &config.histograms),
-            spans: Spans::new(
-                config.spans.max_live,
-                Duration::from_millis(config.spans.ttl_ms),
-                config.spans.max_attrs,
-                config.export.spans_per_second,
-            ),
+            spans,
             redactor,
             rejects: RejectCounts::default(),
             violations: Violations::default(),
@@ -597,8 +599,8 @@ impl Drainer {
                 self.store.set_exported_total(id, total);
             }
         }
-        let spans: Vec<FinishedSpan> = self.spans.take_ready();
-        records.extend(spans.iter().map(schema::span_record));
+        let (spans, logged): (Vec<FinishedSpan>, usize) = self.spans.take_ready(now);
+        records.extend(spans[..logged].iter().map(schema::span_record));
         if let Some(otlp) = &self.otlp {
             let mono = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
             let mono_ns = i128::from(mono.tv_sec) * 1_000_000_000 + i128::from(mono.tv_nsec);
@@ -713,6 +715,8 @@ impl Drainer {
             sp.rate_limited.into(),
         ));
         h.push((g, "metricsd.spans.early", vec![], sp.early.into()));
+        h.push((c, "metricsd.spans.logged", vec![], sp.logged.into()));
+        h.push((c, "metricsd.spans.not_logged", vec![], sp.not_logged.into()));
         h.push((
             c,
             "metricsd.export.failures",

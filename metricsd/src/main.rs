@@ -73,6 +73,7 @@ enum Cmd {
     ///   metricsd demo --seconds 3 --producers 2
     ///   metricsd demo --json > summary.json
     ///   metricsd demo --keep-sockets     # then try `metricsd top --logd-socket ...`
+    ///   metricsd demo --otlp-endpoint http://127.0.0.1:4318   # also to a collector
     #[command(verbatim_doc_comment)]
     Demo {
         /// How long the producers run, in seconds (1 to 600).
@@ -95,6 +96,11 @@ enum Cmd {
         /// Print the summary as one JSON object on stdout (progress goes to stderr).
         #[arg(long)]
         json: bool,
+        /// Also export to an OpenTelemetry collector over OTLP/HTTP protobuf at this
+        /// base URL (e.g. http://127.0.0.1:4318); the demo then also checks that the
+        /// collector accepted every exported span.
+        #[arg(long, value_name = "URL")]
+        otlp_endpoint: Option<String>,
     },
 
     /// A live view of what metricsd exported: series, rates, drops, rejects.
@@ -166,7 +172,8 @@ fn main() -> anyhow::Result<()> {
             rate,
             keep_sockets,
             json,
-        } => demo(seconds, producers, rate, keep_sockets, json),
+            otlp_endpoint,
+        } => demo(seconds, producers, rate, keep_sockets, json, otlp_endpoint),
         Cmd::Top {
             logd_socket,
             once,
@@ -208,6 +215,7 @@ fn demo(
     rate: Option<u64>,
     keep_sockets: bool,
     json: bool,
+    otlp_endpoint: Option<String>,
 ) -> anyhow::Result<()> {
     let program = std::env::current_exe().context("finding this program to run producers")?;
     let mut opts = metricsd::demo::Options::new(program);
@@ -219,6 +227,7 @@ fn demo(
         20_000
     });
     opts.keep_sockets = keep_sockets;
+    opts.otlp_endpoint = otlp_endpoint;
     let result = if json {
         metricsd::demo::run(&opts, &mut std::io::stderr())
     } else {

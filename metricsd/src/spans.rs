@@ -135,6 +135,10 @@ pub struct SpanStats {
     pub exported: u64,
     /// Reported spans dropped by the export rate limit.
     pub rate_limited: u64,
+    /// Exported spans appended to logd.
+    pub logged: u64,
+    /// Exported spans past logd's span rate (still exported over OTLP).
+    pub not_logged: u64,
     /// Closes and attributes held now for spans whose open was not drained yet.
     pub early: u64,
 }
@@ -180,6 +184,7 @@ pub struct Spans {
     rate: f64,
     tokens: f64,
     refilled: Instant,
+    logd: Bucket,
     ready: Vec<FinishedSpan>,
     stats: SpanStats,
 }
@@ -239,6 +244,7 @@ impl Spans {
             rate: f64::from(per_second),
             tokens: f64::from(per_second),
             refilled: Instant::now(),
+            logd: Bucket::new(u32::MAX),
             ready: Vec::new(),
             stats: SpanStats::default(),
         }
@@ -462,14 +468,55 @@ impl Spans {
         self.ready.push(span);
     }
 
-    /// The spans reported since the last call, in the order they finished.
-    pub fn take_ready(&mut self) -> Vec<FinishedSpan> {
-        std::mem::take(&mut self.ready)
+    /// Limits the spans [`take_ready`](Self::take_ready) marks for logd to
+    /// `per_second` (bursts of one second's worth).
+    pub fn set_logd_rate(&mut self, per_second: u32) {
+        self.logd = Bucket::new(per_second);
+    }
+
+    /// The spans reported since the last call, in the order they finished, and how
+    /// many of the first of them go to logd (the rest are past logd's span rate).
+    pub fn take_ready(&mut self, now: Instant) -> (Vec<FinishedSpan>, usize) {
+        let ready = std::mem::take(&mut self.ready);
+        let logged = self.logd.take(ready.len() as u64, now);
+        self.stats.logged += logged;
+        self.stats.not_logged += ready.len() as u64 - logged;
+        (ready, logged as usize)
     }
 
     /// Running totals.
     pub fn stats(&self) -> SpanStats {
         self.stats
+    }
+}
+
+/// A token bucket of `rate` a second holding one second's worth.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    refilled: Option<Instant>,
+}
+
+impl Bucket {
+    fn new(per_second: u32) -> Self {
+        Self {
+            rate: f64::from(per_second),
+            tokens: f64::from(per_second),
+            refilled: None,
+        }
+    }
+
+    /// Takes up to `want` tokens; returns how many.
+    fn take(&mut self, want: u64, now: Instant) -> u64 {
+        if let Some(then) = self.refilled {
+            let elapsed = now.saturating_duration_since(then).as_secs_f64();
+            self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        }
+        self.refilled = Some(self.refilled.map_or(now, |t| t.max(now)));
+        let got = (self.tokens.floor().max(0.0) as u64).min(want);
+        self.tokens -= got as f64;
+        got
     }
 }
 
@@ -549,7 +596,7 @@ mod tests {
             s.end(Scope::Ring(2), 1, 1, SpanStatus::OK, 1, now).err(),
             Some(Reason::SpanUnknown)
         );
-        let spans = s.take_ready();
+        let (spans, _) = s.take_ready(now);
         assert_eq!(spans.len(), 3);
         let (child, root, lone) = (&spans[0], &spans[1], &spans[2]);
         assert_eq!(child.parent_id, root.span_id);
@@ -583,7 +630,7 @@ mod tests {
             .expect("and completes");
         assert_eq!(done.duration_ns, 300);
         assert_eq!(s.stats().early, 0);
-        let spans = s.take_ready();
+        let (spans, _) = s.take_ready(now);
         assert_eq!(spans.len(), 1);
         assert_eq!(
             (spans[0].trace_id, spans[0].span_id, spans[0].parent_id),
@@ -614,7 +661,7 @@ mod tests {
         assert_eq!(s.orphan(Scope::Ring(1), now), 1);
         // One token a second: the second report in the same instant is rate limited.
         assert_eq!(s.expire(now + Duration::from_millis(11)), (1, 0));
-        let spans = s.take_ready();
+        let (spans, _) = s.take_ready(now);
         assert_eq!(spans.len(), 1);
         assert_eq!(spans[0].outcome, Outcome::Orphaned);
         assert_eq!(s.stats().rate_limited, 1);
