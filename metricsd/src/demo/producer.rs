@@ -382,7 +382,7 @@ fn serve(
                 let request_ctx = request.context();
                 drop(request);
                 let request_end = last_span_time();
-                if let (Some(rq), Some(q)) = (request_ctx, query_ctx) {
+                if let Some(rq) = request_ctx {
                     span_log.push(SpanEntry {
                         trace_id: rq.trace_id,
                         span_id: rq.span_id,
@@ -392,10 +392,12 @@ fn serve(
                         status: wire,
                         name: 0,
                     });
+                }
+                if let Some(q) = query_ctx {
                     span_log.push(SpanEntry {
                         trace_id: q.trace_id,
                         span_id: q.span_id,
-                        parent_id: rq.span_id,
+                        parent_id: request_ctx.map_or(0, |rq| rq.span_id),
                         start_ns: query_start,
                         end_ns: query_end,
                         status: wire,
