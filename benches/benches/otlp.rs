@@ -6,9 +6,9 @@
 //!
 //! Run: `cargo bench -p telemetry-benches --bench otlp -- --warm-up-time 1 --measurement-time 3`
 //!
-//! - `otlp_metrics`: 1000 points: 400 counters, 300 gauges and 300 histograms (every
-//!   observation 1 to 100 000, in both: metricsd's base-2 layout and the SDK's default
-//!   explicit buckets) over 4 services' routes. Throughput is points per second.
+//! - `otlp_metrics`: 1000 points: 400 counters, 300 gauges and 300 exponential
+//!   histograms (20 observations each, 1 to 100 000; at most 160 buckets from scale 10
+//!   on both sides) over 4 services' routes. Throughput is points per second.
 //! - `otlp_spans`: 1000 finished spans, each with a parent, a status and two
 //!   attributes. Throughput is spans per second.
 //!
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use metricsd::histogram::Layout;
+use metricsd::histogram::{Exponential, Histogram};
 use metricsd::spans::{FinishedSpan, Outcome};
 use metricsd::{MetricKind, Series, Value};
 use opentelemetry::metrics::MeterProvider as _;
@@ -34,7 +34,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
 use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::metrics::{
+    Aggregation, InMemoryMetricExporter, Instrument, PeriodicReader, SdkMeterProvider, Stream,
+};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use prost::Message;
 
@@ -53,7 +55,6 @@ fn observations(i: usize) -> impl Iterator<Item = u64> {
 }
 
 fn our_series() -> Vec<Series> {
-    let layout = Layout::Exponential;
     let mut out = Vec::with_capacity(POINTS);
     for i in 0..POINTS {
         let service = SERVICES[i % SERVICES.len()];
@@ -80,24 +81,16 @@ fn our_series() -> Vec<Series> {
                 },
             )
         } else {
-            let mut counts = vec![0u64; layout.buckets()].into_boxed_slice();
-            let (mut count, mut sum) = (0, 0u128);
+            let mut h = Exponential::new();
             for v in observations(i) {
-                counts[layout.index(v)] += 1;
-                count += 1;
-                sum += u128::from(v);
+                h.record(v);
             }
             Series::new(
                 service,
                 MetricKind::Histogram,
                 "http.latency_ns",
                 &labels,
-                Value::Histogram {
-                    layout: layout.clone(),
-                    counts,
-                    count,
-                    sum,
-                },
+                Value::Histogram(Histogram::Exponential(h)),
             )
         };
         out.push(s);
@@ -112,6 +105,22 @@ fn sdk_metrics() -> Vec<opentelemetry_sdk::metrics::data::ResourceMetrics> {
     for service in SERVICES {
         let provider = SdkMeterProvider::builder()
             .with_reader(PeriodicReader::builder(exporter.clone()).build())
+            // Histograms as exponential histograms of at most 160 buckets starting at
+            // scale 10, as metricsd's.
+            .with_view(|i: &Instrument| {
+                (i.name() == "http.latency_ns")
+                    .then(|| {
+                        Stream::builder()
+                            .with_aggregation(Aggregation::Base2ExponentialHistogram {
+                                max_size: 160,
+                                max_scale: 10,
+                                record_min_max: true,
+                            })
+                            .build()
+                            .ok()
+                    })
+                    .flatten()
+            })
             .with_resource(Resource::builder().with_service_name(service).build())
             .build();
         let meter = provider.meter("metricsd");

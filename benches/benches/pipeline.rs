@@ -55,7 +55,7 @@ use metrics::{Key, KeyName, Metadata, SharedString, Unit};
 use metrics_util::registry::{AtomicStorage, Registry};
 use metricsd::drain::{Drainer, NewRing};
 use metricsd::export::ExportQueue;
-use metricsd::histogram::Layout;
+use metricsd::histogram::Exponential;
 use metricsd::snapshot::GrantStats;
 use metricsd::{Daemon, DaemonHandle, MemorySink, Snapshot, Value};
 use nexus_metrics::{ClaimError, RingInfo, RingSource};
@@ -898,11 +898,8 @@ fn metricsd_round(
 /// What the StatsD-style receiver keeps per series.
 enum Aggregate {
     Counter(u64),
-    Histogram {
-        buckets: Box<[u64]>,
-        count: u64,
-        sum: u128,
-    },
+    /// The same exponential histogram metricsd keeps.
+    Histogram(Box<Exponential>),
 }
 
 /// A StatsD-style receiver: parses `name:value|type|#tags` and aggregates by name,
@@ -947,28 +944,14 @@ impl StatsdAggregator {
         if !self.series.contains_key(self.key.as_str()) {
             let fresh = match kind {
                 "c" => Aggregate::Counter(0),
-                "h" | "ms" | "d" => Aggregate::Histogram {
-                    buckets: vec![0; Layout::Exponential.buckets()].into_boxed_slice(),
-                    count: 0,
-                    sum: 0,
-                },
+                "h" | "ms" | "d" => Aggregate::Histogram(Box::new(Exponential::new())),
                 _ => return None,
             };
             self.series.insert(self.key.as_str().into(), fresh);
         }
         match self.series.get_mut(self.key.as_str())? {
             Aggregate::Counter(total) => *total += value,
-            Aggregate::Histogram {
-                buckets,
-                count,
-                sum,
-            } => {
-                if let Some(b) = buckets.get_mut(Layout::Exponential.index(value)) {
-                    *b += 1;
-                }
-                *count += 1;
-                *sum += u128::from(value);
-            }
+            Aggregate::Histogram(h) => h.record(value),
         }
         Some(())
     }
@@ -978,7 +961,7 @@ impl StatsdAggregator {
             .values()
             .map(|a| match a {
                 Aggregate::Counter(total) => *total,
-                Aggregate::Histogram { count, .. } => *count,
+                Aggregate::Histogram(h) => h.count(),
             })
             .sum()
     }
@@ -1096,8 +1079,8 @@ fn end_to_end(c: &mut Criterion) {
             Value::Counter { total } => {
                 assert_eq!(*total, u128::from(per_series(ours.rounds)), "{}", s.id())
             }
-            Value::Histogram { count, .. } => {
-                assert_eq!(*count, per_series(ours.rounds), "{}", s.id())
+            Value::Histogram(h) => {
+                assert_eq!(h.count(), per_series(ours.rounds), "{}", s.id())
             }
             _ => panic!("unexpected series {}", s.id()),
         }

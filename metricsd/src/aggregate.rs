@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use crate::config::SeriesConfig;
-use crate::histogram::Layout;
+use crate::histogram::{Histogram, NotFinite};
 use crate::redact::{REDACTED, Redactor, is_identity_key};
 
 /// Index of a series in the store.
@@ -53,7 +53,7 @@ impl MetricKind {
 pub type Labels = Arc<[(String, String)]>;
 
 /// The aggregate of one series.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     /// Sum of every increment since the series was created.
     Counter {
@@ -65,21 +65,13 @@ pub enum Value {
         /// The value.
         value: Option<i64>,
     },
-    /// Observations since the series was created.
-    Histogram {
-        /// The bucket layout.
-        layout: Layout,
-        /// Count per bucket, `+Inf` last.
-        counts: Box<[u64]>,
-        /// Observations.
-        count: u64,
-        /// Sum of observations.
-        sum: u128,
-    },
+    /// Observations since the series was created: exponential with an automatic
+    /// scale, or over the bounds configured for the name.
+    Histogram(Histogram),
 }
 
 /// One series.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Series {
     /// The producer's service (kernel-derived).
     pub service: Arc<str>,
@@ -277,11 +269,10 @@ impl Store {
         i
     }
 
-    /// The layout for histograms (and span durations) named `name`.
-    pub fn layout(&self, name: &str) -> Layout {
-        self.layouts
-            .get(name)
-            .map_or(Layout::Exponential, |b| Layout::Explicit(b.clone()))
+    /// The configured bounds for histograms (and span durations) named `name`; `None`
+    /// means exponential.
+    pub fn layout(&self, name: &str) -> Option<Arc<[u64]>> {
+        self.layouts.get(name).cloned()
     }
 
     /// Resolves a registration of `name` with `labels` (as the producer gave them) in
@@ -373,13 +364,7 @@ impl Store {
             MetricKind::Counter => Value::Counter { total: 0 },
             MetricKind::Gauge => Value::Gauge { value: None },
             MetricKind::Histogram | MetricKind::SpanDuration => {
-                let layout = self.layout(&name);
-                Value::Histogram {
-                    counts: vec![0; layout.buckets()].into_boxed_slice(),
-                    layout,
-                    count: 0,
-                    sum: 0,
-                }
+                Value::Histogram(Histogram::new(self.layout(&name)))
             }
         };
         let id = self.series.len() as SeriesId;
@@ -441,23 +426,29 @@ impl Store {
     #[inline(always)]
     pub fn observe(&mut self, id: SeriesId, value: u64) {
         if let Some(Series {
-            value:
-                Value::Histogram {
-                    layout,
-                    counts,
-                    count,
-                    sum,
-                },
+            value: Value::Histogram(h),
             ..
         }) = self.touch(id)
         {
-            let i = layout.index(value);
-            if let Some(c) = counts.get_mut(i) {
-                *c += 1;
-            }
-            *count += 1;
-            *sum += u128::from(value);
+            h.record(value);
         }
+    }
+
+    /// Records observation `value` in histogram `id`; NaN and infinities are refused
+    /// (the caller counts them) and leave the series untouched.
+    #[inline(always)]
+    pub fn observe_f64(&mut self, id: SeriesId, value: f64) -> Result<(), NotFinite> {
+        if !value.is_finite() {
+            return Err(NotFinite);
+        }
+        if let Some(Series {
+            value: Value::Histogram(h),
+            ..
+        }) = self.touch(id)
+        {
+            h.record_f64(value)?;
+        }
+        Ok(())
     }
 
     /// The series changed since the last call, clearing their changed mark.

@@ -40,9 +40,12 @@ pub struct Config {
     pub otlp: OtlpConfig,
     /// Redaction of sensitive label and attribute keys.
     pub redaction: RedactionConfig,
+    /// The Prometheus scrape endpoint (off unless `listen` is set).
+    pub prometheus: PrometheusConfig,
     /// Histogram bucket layouts by metric (or span) name: strictly increasing `u64`
     /// upper bounds (inclusive), at most [`MAX_HISTOGRAM_BOUNDS`]; a `+Inf` bucket is
-    /// always added. Names not listed use the base-2 exponential layout.
+    /// always added. Names not listed use the exponential histogram with an automatic
+    /// scale.
     pub histograms: BTreeMap<String, Vec<u64>>,
     /// Identity rules, first match wins (see [`ServiceRule`]).
     pub services: Vec<ServiceRule>,
@@ -187,6 +190,54 @@ pub struct ExportConfig {
     pub retry_ms: u64,
 }
 
+/// `[prometheus]`: the scrape endpoint, `GET /metrics`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusConfig {
+    /// `ADDR:PORT` to serve `GET /metrics` on, e.g. `127.0.0.1:9464` (default: none, no
+    /// endpoint). `--prometheus-listen` overrides it.
+    pub listen: Option<String>,
+    /// Scrapes served at once (default 4); a connection past it is answered 503 and
+    /// closed.
+    pub max_connections: u32,
+    /// Largest request head accepted, in bytes (default 8192); past it: 431.
+    pub max_request_bytes: u32,
+    /// Largest response, in bytes (default 268435456 = 256 MiB); a larger exposition
+    /// is answered 500 and counted as a failure.
+    pub max_response_bytes: u64,
+    /// Time a client has to send its request, and to take each write of the
+    /// response, in milliseconds (default 10000); a slower or idle one is closed.
+    pub timeout_ms: u64,
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            max_connections: 4,
+            max_request_bytes: 8192,
+            max_response_bytes: 256 << 20,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl PrometheusConfig {
+    /// The address to listen on, if any.
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        match &self.listen {
+            None => Ok(None),
+            Some(text) => text.parse().map(Some).map_err(|_| {
+                invalid(
+                    "prometheus.listen",
+                    format!("{text:?}"),
+                    "an IP address and port, such as \"127.0.0.1:9464\" or \"[::1]:9464\"",
+                )
+            }),
+        }
+    }
+}
+
 /// `[redaction]`: sensitive keys.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -309,6 +360,7 @@ impl Default for Config {
             export: ExportConfig::default(),
             otlp: OtlpConfig::default(),
             redaction: RedactionConfig::default(),
+            prometheus: PrometheusConfig::default(),
             histograms: BTreeMap::new(),
             services: Vec::new(),
         }
@@ -533,6 +585,23 @@ impl Config {
             600_000,
         )?;
         in_range("otlp.give_up_ms", o.give_up_ms, 1, 86_400_000)?;
+
+        let p = &self.prometheus;
+        p.listen_addr()?;
+        in_range("prometheus.max_connections", p.max_connections, 1, 1024)?;
+        in_range(
+            "prometheus.max_request_bytes",
+            p.max_request_bytes,
+            256,
+            1 << 20,
+        )?;
+        in_range(
+            "prometheus.max_response_bytes",
+            p.max_response_bytes,
+            1 << 16,
+            1 << 34,
+        )?;
+        in_range("prometheus.timeout_ms", p.timeout_ms, 10, 600_000)?;
 
         for (i, p) in self.redaction.patterns.iter().enumerate() {
             if p.is_empty() || p.len() > 64 || !p.is_ascii() {

@@ -14,6 +14,7 @@ use crate::drain::{self, Command, Drainer};
 use crate::export::{self, ExportQueue};
 use crate::grant::{GrantError, GrantServer};
 use crate::identity::{Identify, Policy};
+use crate::scrape::{Published, ScrapeServer};
 use crate::sink::{LogdSink, Sink};
 use crate::snapshot::{GrantStats, Snapshot};
 
@@ -30,6 +31,8 @@ pub enum DaemonError {
     Timeout(&'static str),
     /// The drain loop is gone.
     Stopped,
+    /// The scrape endpoint could not listen on its address.
+    Prometheus(std::net::SocketAddr, std::io::Error),
 }
 
 impl fmt::Display for DaemonError {
@@ -40,6 +43,10 @@ impl fmt::Display for DaemonError {
             Self::Spawn(e) => write!(f, "cannot start a thread: {e}"),
             Self::Timeout(what) => write!(f, "timed out waiting for {what}"),
             Self::Stopped => f.write_str("the drain loop has stopped"),
+            Self::Prometheus(addr, e) => write!(
+                f,
+                "cannot serve /metrics on {addr} (prometheus.listen / --prometheus-listen): {e}"
+            ),
         }
     }
 }
@@ -49,7 +56,7 @@ impl std::error::Error for DaemonError {
         match self {
             Self::Config(e) => Some(e),
             Self::Grant(e) => Some(e),
-            Self::Spawn(e) => Some(e),
+            Self::Spawn(e) | Self::Prometheus(_, e) => Some(e),
             _ => None,
         }
     }
@@ -170,6 +177,20 @@ impl Daemon {
                 }),
             )?);
         }
+        let scrape = match config
+            .prometheus
+            .listen_addr()
+            .map_err(DaemonError::Config)?
+        {
+            Some(addr) => {
+                let published = Arc::new(Published::new());
+                let server = ScrapeServer::start(addr, &config.prometheus, published.clone())
+                    .map_err(|e| DaemonError::Prometheus(addr, e))?;
+                Some((published, server))
+            }
+            None => None,
+        };
+        let published = scrape.as_ref().map(|(p, _)| p.clone());
         let (idle_min, idle_max, interval) = (
             Duration::from_micros(u64::from(config.drain.idle_min_us)),
             Duration::from_micros(u64::from(config.drain.idle_max_us)),
@@ -177,7 +198,7 @@ impl Daemon {
         );
         let drain_thread = spawn(
             "metricsd-drain",
-            Box::new(move || drain::run(drainer, rx, idle_min, idle_max, interval)),
+            Box::new(move || drain::run(drainer, rx, idle_min, idle_max, interval, published)),
         )?;
 
         let s = stop.clone();
@@ -193,6 +214,7 @@ impl Daemon {
             grant_thread: Some(grant_thread),
             drain_thread: Some(drain_thread),
             export_threads: threads,
+            scrape: scrape.map(|(_, s)| s),
         })
     }
 }
@@ -208,6 +230,7 @@ pub struct DaemonHandle {
     grant_thread: Option<JoinHandle<()>>,
     drain_thread: Option<JoinHandle<()>>,
     export_threads: Vec<JoinHandle<()>>,
+    scrape: Option<ScrapeServer>,
 }
 
 impl fmt::Debug for DaemonHandle {
@@ -228,6 +251,17 @@ impl DaemonHandle {
     /// The `instance` field of this run's start marker in logd.
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// The address `GET /metrics` is served on, if `[prometheus] listen` is set (with
+    /// the port the kernel chose for port 0).
+    pub fn prometheus_addr(&self) -> Option<std::net::SocketAddr> {
+        self.scrape.as_ref().map(ScrapeServer::local_addr)
+    }
+
+    /// The scrape endpoint's counters, if it runs.
+    pub fn scrape_stats(&self) -> Option<&crate::scrape::ScrapeStats> {
+        self.scrape.as_ref().map(ScrapeServer::stats)
     }
 
     /// Whether the start marker was appended and read back from the sink.
@@ -330,6 +364,7 @@ impl DaemonHandle {
 
     fn stop_all(&mut self) {
         self.stop.store(true, Ordering::Release);
+        self.scrape = None;
         if let Some(t) = self.grant_thread.take() {
             let _ = t.join();
         }

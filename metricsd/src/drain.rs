@@ -28,7 +28,7 @@ use crate::health::{Class, Reason, RejectCounts};
 use crate::keys::{Check, KeyTable, Target};
 use crate::redact::{REDACTED, Redactor};
 use crate::schema::{self, Window};
-use crate::snapshot::{DrainStats, GrantStats, RingSnapshot, Snapshot, Violations};
+use crate::snapshot::{DrainStats, GrantStats, HealthSeries, RingSnapshot, Snapshot, Violations};
 use crate::spans::{FinishedSpan, Scope, Spans, Start};
 
 /// A ring the grant server created, handed to the drain loop before the producer
@@ -92,7 +92,7 @@ pub struct Drainer {
 }
 
 /// One health series: kind, name, labels, value.
-type HealthRow<'a> = (MetricKind, &'a str, Vec<(&'a str, String)>, i128);
+type HealthRow<'a> = (MetricKind, &'static str, Vec<(&'a str, String)>, i128);
 
 /// Closed rings kept in snapshots (the most recent).
 const CLOSED_KEPT: usize = 64;
@@ -618,6 +618,32 @@ impl Drainer {
     }
 
     fn health_records(&mut self, window: Window, out: &mut Vec<logd::Record>) {
+        for row in self.health_rows() {
+            let id = crate::aggregate::series_id(
+                schema::HEALTH_SERVICE,
+                row.kind,
+                row.name,
+                &row.labels,
+            );
+            let last = self.last_health.get(&id).copied();
+            if last == Some(row.value) {
+                continue;
+            }
+            let delta = row.value - last.unwrap_or(0);
+            out.push(schema::health_record(
+                row.kind,
+                row.name,
+                &row.labels,
+                row.value,
+                delta,
+                window,
+            ));
+            self.last_health.insert(id, row.value);
+        }
+    }
+
+    /// metricsd's own health series, as of now.
+    pub fn health_rows(&self) -> Vec<HealthSeries> {
         let snap = self.snapshot_core();
         let export = self.queue.stats();
         let grant = self
@@ -771,20 +797,18 @@ impl Drainer {
                 (*n).into(),
             ));
         }
-        for (kind, name, labels, value) in h {
-            let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let labels = schema::labels(&pairs);
-            let id = crate::aggregate::series_id(schema::HEALTH_SERVICE, kind, name, &labels);
-            let last = self.last_health.get(&id).copied();
-            if last == Some(value) {
-                continue;
-            }
-            let delta = value - last.unwrap_or(0);
-            out.push(schema::health_record(
-                kind, name, &labels, value, delta, window,
-            ));
-            self.last_health.insert(id, value);
-        }
+        h.into_iter()
+            .map(|(kind, name, labels, value)| {
+                let pairs: Vec<(&str, &str)> =
+                    labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                HealthSeries {
+                    kind,
+                    name,
+                    labels: schema::labels(&pairs),
+                    value,
+                }
+            })
+            .collect()
     }
 
     fn snapshot_core(&self) -> Snapshot {
@@ -800,6 +824,7 @@ impl Drainer {
             drain: self.stats,
             grant: GrantStats::default(),
             export: Default::default(),
+            health: Vec::new(),
         }
     }
 
@@ -813,6 +838,7 @@ impl Drainer {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         s.export = self.queue.stats();
+        s.health = self.health_rows();
         s
     }
 
@@ -845,6 +871,7 @@ pub fn run(
     idle_min: Duration,
     idle_max: Duration,
     interval: Duration,
+    published: Option<Arc<crate::scrape::Published>>,
 ) {
     let mut idle = idle_min;
     let mut next_export = Instant::now() + interval;
@@ -880,6 +907,10 @@ pub fn run(
         let now = Instant::now();
         if now >= next_export || !exports.is_empty() || stop {
             d.export();
+            if let Some(p) = &published {
+                // Once per export, never per scrape: scrapes render from this copy.
+                p.publish(Arc::new(d.snapshot()));
+            }
             next_export = now + interval;
             for tx in exports.drain(..) {
                 let _ = tx.send(());

@@ -55,6 +55,10 @@ enum Cmd {
         /// base URL (e.g. http://127.0.0.1:4318; overrides `[otlp] endpoint`).
         #[arg(long, value_name = "URL")]
         otlp_endpoint: Option<String>,
+        /// Serve Prometheus' `GET /metrics` on ADDR, e.g. 127.0.0.1:9464 [default: the
+        /// config's prometheus.listen, else no endpoint; overrides the config].
+        #[arg(long, value_name = "ADDR")]
+        prometheus_listen: Option<String>,
     },
 
     /// Run the whole pipeline on private sockets and check it end to end through logd.
@@ -165,7 +169,14 @@ fn main() -> anyhow::Result<()> {
             socket,
             logd_socket,
             otlp_endpoint,
-        } => serve(config, socket, logd_socket, otlp_endpoint),
+            prometheus_listen,
+        } => serve(
+            config,
+            socket,
+            logd_socket,
+            otlp_endpoint,
+            prometheus_listen,
+        ),
         Cmd::Demo {
             seconds,
             producers,
@@ -260,6 +271,7 @@ fn serve(
     socket: Option<PathBuf>,
     logd_socket: Option<PathBuf>,
     otlp_endpoint: Option<String>,
+    prometheus_listen: Option<String>,
 ) -> anyhow::Result<()> {
     let mut cfg = match &config {
         Some(path) => Config::load(path)?,
@@ -274,6 +286,9 @@ fn serve(
     if let Some(url) = otlp_endpoint {
         cfg.otlp.endpoint = Some(url);
     }
+    if let Some(a) = prometheus_listen {
+        cfg.prometheus.listen = Some(a);
+    }
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -286,6 +301,9 @@ fn serve(
         daemon.socket_path().display(),
         logd.display()
     );
+    if let Some(addr) = daemon.prometheus_addr() {
+        eprintln!("metricsd: Prometheus scrape endpoint http://{addr}/metrics");
+    }
     let handle = signals.handle();
     let waiter = std::thread::spawn(move || signals.forever().next());
     loop {

@@ -13,8 +13,10 @@
 //!   (`otlp.instance_id`, by default the host name: metricsd aggregates every process
 //!   of a service on its machine, so the machine is the instance);
 //! - counters as monotonic cumulative `Sum`s (integers, saturating at `i64::MAX`),
-//!   gauges as `Gauge`s, histograms and span durations as cumulative `Histogram`s with
-//!   their exact bucket bounds, count and sum; the start time of every cumulative point
+//!   gauges as `Gauge`s, histograms and span durations as cumulative
+//!   `ExponentialHistogram`s mapped exactly (scale, zero count, positive and negative
+//!   offsets and bucket counts, count, sum, min, max; a name with a configured layout as
+//!   a `Histogram` with its explicit bounds); the start time of every cumulative point
 //!   is metricsd's start;
 //! - spans with their trace id, span id, parent span id, W3C flags, start and end
 //!   (the producer's `CLOCK_MONOTONIC` moved to the Unix epoch with metricsd's own
@@ -45,8 +47,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{
-    AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
-    ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
+    AggregationTemporality, ExponentialHistogram, ExponentialHistogramDataPoint, Gauge, Histogram,
+    HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+    exponential_histogram_data_point, metric, number_data_point,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{
@@ -57,6 +60,7 @@ use telemetry_abi::SpanStatus;
 
 use crate::aggregate::{MetricKind, Series, Value};
 use crate::config::OtlpConfig;
+use crate::histogram::Histogram as Hist;
 use crate::spans::{FinishedSpan, Outcome};
 
 /// The instrumentation scope every metric and span is exported under.
@@ -294,32 +298,7 @@ fn metric(name: &str, kind: MetricKind, group: &[&Series], start: u64, time: u64
                 })
                 .collect(),
         }),
-        MetricKind::Histogram | MetricKind::SpanDuration => metric::Data::Histogram(Histogram {
-            data_points: group
-                .iter()
-                .filter_map(|s| match &s.value {
-                    Value::Histogram {
-                        layout,
-                        counts,
-                        count,
-                        sum,
-                    } => Some(HistogramDataPoint {
-                        attributes: attributes(s),
-                        start_time_unix_nano: start,
-                        time_unix_nano: time,
-                        count: *count,
-                        sum: Some(*sum as f64),
-                        bucket_counts: counts.to_vec(),
-                        explicit_bounds: (0..counts.len().saturating_sub(1))
-                            .filter_map(|i| layout.bound_text(i).parse::<f64>().ok())
-                            .collect(),
-                        ..Default::default()
-                    }),
-                    _ => None,
-                })
-                .collect(),
-            aggregation_temporality: AggregationTemporality::Cumulative as i32,
-        }),
+        MetricKind::Histogram | MetricKind::SpanDuration => histogram_data(group, start, time),
     };
     Metric {
         name: name.to_owned(),
@@ -331,6 +310,67 @@ fn metric(name: &str, kind: MetricKind, group: &[&Series], start: u64, time: u64
         data: Some(data),
         ..Default::default()
     }
+}
+
+/// Histogram points: `ExponentialHistogram` for the exponential series (scale, zero
+/// count, positive and negative offsets and counts, count, sum, min, max, exactly as
+/// metricsd holds them), `Histogram` with explicit bounds for a name given a layout in
+/// the config (every series of a name has the same kind of layout).
+fn histogram_data(group: &[&Series], start: u64, time: u64) -> metric::Data {
+    let explicit = group
+        .iter()
+        .any(|s| matches!(s.value, Value::Histogram(Hist::Explicit(_))));
+    if explicit {
+        return metric::Data::Histogram(Histogram {
+            data_points: group
+                .iter()
+                .filter_map(|s| match &s.value {
+                    Value::Histogram(all @ Hist::Explicit(h)) => Some(HistogramDataPoint {
+                        attributes: attributes(s),
+                        start_time_unix_nano: start,
+                        time_unix_nano: time,
+                        count: all.count(),
+                        sum: Some(all.sum()),
+                        bucket_counts: h.counts().to_vec(),
+                        explicit_bounds: h.bounds().iter().map(|&b| b as f64).collect(),
+                        min: all.min(),
+                        max: all.max(),
+                        ..Default::default()
+                    }),
+                    _ => None,
+                })
+                .collect(),
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+        });
+    }
+    let buckets = |b: &crate::histogram::Buckets| exponential_histogram_data_point::Buckets {
+        offset: b.offset(),
+        bucket_counts: b.counts().to_vec(),
+    };
+    metric::Data::ExponentialHistogram(ExponentialHistogram {
+        data_points: group
+            .iter()
+            .filter_map(|s| match &s.value {
+                Value::Histogram(Hist::Exponential(h)) => Some(ExponentialHistogramDataPoint {
+                    attributes: attributes(s),
+                    start_time_unix_nano: start,
+                    time_unix_nano: time,
+                    count: h.count(),
+                    sum: Some(h.sum()),
+                    scale: h.scale(),
+                    zero_count: h.zero_count(),
+                    positive: Some(buckets(h.positive())),
+                    negative: Some(buckets(h.negative())),
+                    min: h.min(),
+                    max: h.max(),
+                    zero_threshold: 0.0,
+                    ..Default::default()
+                }),
+                _ => None,
+            })
+            .collect(),
+        aggregation_temporality: AggregationTemporality::Cumulative as i32,
+    })
 }
 
 /// The OTLP span of a reported span.

@@ -16,8 +16,9 @@
 //! | `window_start_ns`, `window_end_ns` | the export window, ns since the Unix epoch (metricsd's clock) |
 //! | `value` | counter: cumulative total since the series was created; gauge: last value |
 //! | `delta` | counter: increase within the window |
-//! | `count`, `sum` | histogram: cumulative observations and their sum |
-//! | `bounds`, `buckets` | histogram: comma-separated inclusive upper bounds (`+Inf` last) and cumulative count per bucket |
+//! | `count`, `sum`, `min`, `max` | histogram: cumulative observations, their sum (an exact integer while only integers were recorded, else a decimal `f64`), the smallest and largest |
+//! | `scale`, `zero_count`, `positive_offset`, `positive_buckets`, `negative_offset`, `negative_buckets` | exponential histogram (the default): the scale, observations equal to 0, and per side (present when it holds a bucket) the first bucket's index and the comma-separated count per bucket from there (see [`crate::histogram`]) |
+//! | `bounds`, `buckets` | histogram with a configured layout: comma-separated inclusive upper bounds (`+Inf` last) and the count per bucket |
 //!
 //! **Spans** (`scope = "spans"`, `message` = the span name): `producer_service`, `span`
 //! (the name), `trace_id` (32 hex digits), `span_id` (16 hex digits), `parent_id` (16
@@ -37,6 +38,7 @@ use std::sync::Arc;
 use logd::{Level, Record};
 
 use crate::aggregate::{MetricKind, Series, Value, series_id};
+use crate::histogram::Histogram;
 use crate::spans::{FinishedSpan, span_hex, trace_hex};
 
 /// The scope of series records.
@@ -84,19 +86,82 @@ pub fn series_record(s: &Series, delta: u128, window: Window) -> Record {
             .field("value", total.to_string())
             .field("delta", delta.to_string()),
         Value::Gauge { value } => r.field("value", value.unwrap_or(0).to_string()),
-        Value::Histogram {
-            layout,
-            counts,
-            count,
-            sum,
-        } => {
-            let buckets: Vec<String> = counts.iter().map(u64::to_string).collect();
-            r.field("count", count.to_string())
-                .field("sum", sum.to_string())
-                .field("bounds", layout.bounds_text())
-                .field("buckets", buckets.join(","))
+        Value::Histogram(h) => {
+            let mut r = r
+                .field("count", h.count().to_string())
+                .field("sum", h.sum_text());
+            if let (Some(min), Some(max)) = (h.min(), h.max()) {
+                r = r
+                    .field("min", min.to_string())
+                    .field("max", max.to_string());
+            }
+            match h {
+                Histogram::Explicit(e) => r
+                    .field("bounds", e.bounds_text())
+                    .field("buckets", csv(e.counts())),
+                Histogram::Exponential(e) => {
+                    r = r
+                        .field("scale", e.scale().to_string())
+                        .field("zero_count", e.zero_count().to_string());
+                    for (side, b) in [("positive", e.positive()), ("negative", e.negative())] {
+                        if !b.is_empty() {
+                            r = r
+                                .field(format!("{side}_offset"), b.offset().to_string())
+                                .field(format!("{side}_buckets"), csv(b.counts()));
+                        }
+                    }
+                    r
+                }
+            }
         }
     }
+}
+
+/// The histogram a series record carries (the inverse of [`series_record`]), or `None`
+/// if the record has no well-formed histogram fields. The sum is read as `f64`.
+pub fn histogram_of(r: &Record) -> Option<Histogram> {
+    fn list<T: std::str::FromStr>(text: &str) -> Option<Vec<T>> {
+        if text.is_empty() {
+            return Some(Vec::new());
+        }
+        text.split(',').map(|x| x.parse().ok()).collect()
+    }
+    let sum: f64 = r.get("sum")?.parse().ok()?;
+    let min_max = match (r.get("min"), r.get("max")) {
+        (Some(a), Some(b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+        _ => None,
+    };
+    if let Some(scale) = r.get("scale") {
+        let side = |name: &str| -> Option<(i32, Vec<u64>)> {
+            match r.get(&format!("{name}_offset")) {
+                Some(o) => Some((o.parse().ok()?, list(r.get(&format!("{name}_buckets"))?)?)),
+                None => Some((0, Vec::new())),
+            }
+        };
+        let h = crate::histogram::Exponential::from_parts(
+            scale.parse().ok()?,
+            r.get("zero_count")?.parse().ok()?,
+            side("positive")?,
+            side("negative")?,
+            sum,
+            min_max,
+        )?;
+        return Some(Histogram::Exponential(h));
+    }
+    let bounds = r.get("bounds")?;
+    let bounds = bounds.strip_suffix("+Inf")?.trim_end_matches(',');
+    let h = crate::histogram::Explicit::from_parts(
+        list(bounds)?,
+        list(r.get("buckets")?)?,
+        sum,
+        min_max,
+    )?;
+    Some(Histogram::Explicit(h))
+}
+
+fn csv(counts: &[u64]) -> String {
+    let parts: Vec<String> = counts.iter().map(u64::to_string).collect();
+    parts.join(",")
 }
 
 /// A health series of metricsd itself (counters: `delta` too).

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use crate::aggregate::{MetricKind, Series, StoreStats, Value, series_id};
 use crate::export::ExportStats;
 use crate::health::RejectCounts;
+use crate::histogram::Histogram;
 use crate::spans::SpanStats;
 
 /// One ring as the drain loop sees it.
@@ -106,6 +107,19 @@ pub struct GrantStats {
     pub connections: BTreeMap<u64, ConnectionStats>,
 }
 
+/// One of metricsd's own health series (the table in `metricsd/README.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSeries {
+    /// Counter or gauge.
+    pub kind: MetricKind,
+    /// The name, e.g. `metricsd.records.drained`.
+    pub name: &'static str,
+    /// Labels, sorted by key.
+    pub labels: std::sync::Arc<[(String, String)]>,
+    /// The value.
+    pub value: i128,
+}
+
 /// The whole view.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
@@ -127,6 +141,8 @@ pub struct Snapshot {
     pub grant: GrantStats,
     /// Export totals.
     pub export: ExportStats,
+    /// metricsd's health series (as exported).
+    pub health: Vec<HealthSeries>,
 }
 
 impl Snapshot {
@@ -158,18 +174,18 @@ impl Snapshot {
         }
     }
 
-    /// A histogram's bucket counts.
+    /// A histogram.
     pub fn histogram(
         &self,
         service: &str,
         name: &str,
         labels: &[(&str, &str)],
-    ) -> Option<Vec<u64>> {
+    ) -> Option<&Histogram> {
         match &self
             .find(service, MetricKind::Histogram, name, labels)?
             .value
         {
-            Value::Histogram { counts, .. } => Some(counts.to_vec()),
+            Value::Histogram(h) => Some(h),
             _ => None,
         }
     }

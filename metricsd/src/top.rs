@@ -90,8 +90,9 @@ pub struct Row {
     pub value: i128,
     /// Per second over the newest window (counters, histograms).
     pub rate: f64,
-    /// The histogram's sum (for its mean).
-    pub sum: u128,
+    /// The histogram's p50, p90 and p99 (bucket upper bounds, see
+    /// [`crate::histogram::Histogram::quantile`]).
+    pub quantiles: Option<[f64; 3]>,
     window_end_ns: u64,
     id: u64,
 }
@@ -195,7 +196,8 @@ impl View {
             label_pairs,
             value,
             rate,
-            sum: num(r, "sum"),
+            quantiles: crate::schema::histogram_of(&r.record)
+                .and_then(|h| Some([h.quantile(0.5)?, h.quantile(0.9)?, h.quantile(0.99)?])),
             window_end_ns: end,
             id: r.id,
         };
@@ -411,9 +413,16 @@ impl View {
         )?;
         for r in rows.iter().take(limit) {
             let value = match r.kind.as_str() {
-                "histogram" | "span_duration" if r.value > 0 => {
-                    format!("{} (avg {})", r.value, human(r.sum as f64 / r.value as f64))
-                }
+                "histogram" | "span_duration" => match r.quantiles {
+                    Some([p50, p90, p99]) => format!(
+                        "{} p50 {} p90 {} p99 {}",
+                        r.value,
+                        human(p50),
+                        human(p90),
+                        human(p99)
+                    ),
+                    None => r.value.to_string(),
+                },
                 _ => r.value.to_string(),
             };
             writeln!(
@@ -553,7 +562,14 @@ mod tests {
             5,
             h,
             "histogram",
-            &[("count", "10"), ("sum", "100")],
+            &[
+                ("count", "10"),
+                ("sum", "100"),
+                ("min", "1"),
+                ("max", "30"),
+                ("bounds", "5,10,+Inf"),
+                ("buckets", "1,8,1"),
+            ],
             (s, 2 * s),
         ));
         let row = |id: &str| v.rows.get(id).expect("row");
@@ -570,5 +586,8 @@ mod tests {
         let b_line = text.lines().position(|l| l.contains(r#"{route="/b"}"#));
         assert!(a_line < b_line, "busiest first:\n{text}");
         assert!(text.contains("web 3"), "{text}");
+        // Ranks 5, 9 and 10 of 10: le 10, le 10, +Inf (clamped to the max, 30).
+        assert_eq!(row(h).quantiles, Some([10.0, 10.0, 30.0]));
+        assert!(text.contains("10 p50 10 p90 10 p99 30"), "{text}");
     }
 }

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{Control, WAIT, config, start, watchdog};
+use metricsd::histogram::Histogram;
 use metricsd::{MetricKind, Value};
 use telemetry_abi::{Record, RegisterKind};
 
@@ -83,16 +84,34 @@ fn histogram_buckets_and_gauges_are_exact() {
     r.push(Record::gauge(3, 5));
     r.push(Record::gauge(3, -42));
     let snap = daemon.flush(WAIT).expect("flush");
-    assert_eq!(snap.histogram("web", "lat", &[]), Some(vec![2, 2, 2, 2]));
-    let size = snap.histogram("web", "size", &[]).expect("size");
-    assert_eq!(size.len(), 66);
-    let mut want = vec![0u64; 66];
-    // 0 -> bucket 0 (le 0), 1 -> 1 (le 1), 2 -> 2 (le 2), 3 and 4 -> 3 (le 4),
-    // 5 -> 4 (le 8), 2^63 -> 64 (le 2^63), 2^63 + 1 -> 65 (+Inf).
-    for i in [0, 1, 2, 3, 3, 4, 64, 65] {
-        want[i] += 1;
+    match snap.histogram("web", "lat", &[]) {
+        Some(Histogram::Explicit(h)) => assert_eq!(h.counts(), [2, 2, 2, 2]),
+        other => panic!("lat has a configured layout: {other:?}"),
     }
-    assert_eq!(size, want);
+    let Some(Histogram::Exponential(size)) = snap.histogram("web", "size", &[]) else {
+        panic!("size is exponential");
+    };
+    // 1 to 2^63 + 1 spans 64 powers of two: scale 1 (2 buckets per power, 128 in all)
+    // fits 160 buckets, scale 2 would not. At scale 1 bucket i is (2^(i/2), 2^((i+1)/2)]:
+    // 1 -> -1, 2 -> 1, 3 and 4 -> 3 (2.83 < v <= 4), 5 -> 4, 2^63 -> 125, 2^63 + 1 -> 126.
+    assert_eq!(size.scale(), 1);
+    assert_eq!(size.zero_count(), 1);
+    let nonzero: Vec<(i32, u64)> = size.positive().iter().filter(|b| b.1 > 0).collect();
+    assert_eq!(
+        nonzero,
+        [(-1, 1), (1, 1), (3, 2), (4, 1), (125, 1), (126, 1)]
+    );
+    let rec = sink.find("series", "web/histogram/size{}");
+    let rec = rec.last().expect("exported");
+    assert_eq!(rec.get("scale"), Some("1"));
+    assert_eq!(rec.get("zero_count"), Some("1"));
+    assert_eq!(rec.get("positive_offset"), Some("-1"));
+    let mut dense = vec![0u64; 128];
+    for (i, c) in nonzero {
+        dense[(i + 1) as usize] = c;
+    }
+    let dense: Vec<String> = dense.iter().map(u64::to_string).collect();
+    assert_eq!(rec.get("positive_buckets"), Some(dense.join(",").as_str()));
     assert_eq!(snap.gauge("web", "temp", &[]), Some(-42));
     let rec = sink.find("series", "web/histogram/lat{}");
     let rec = rec.last().expect("exported");
@@ -234,7 +253,7 @@ fn sensitive_labels_and_attributes_are_redacted_and_identity_labels_renamed() {
         .find("auth", MetricKind::SpanDuration, "login", &[])
         .expect("duration series");
     match &d.value {
-        Value::Histogram { count, sum, .. } => assert_eq!((*count, *sum), (1, 500)),
+        Value::Histogram(h) => assert_eq!((h.count(), h.integer_sum()), (1, Some(500))),
         other => panic!("not a histogram: {other:?}"),
     }
     daemon.shutdown();
@@ -288,7 +307,7 @@ fn span_rate_limit_exports_up_to_the_limit_and_counts_the_rest_by_reason() {
         .find("api", MetricKind::SpanDuration, "op", &[])
         .expect("duration series");
     match &d.value {
-        Value::Histogram { count, sum, .. } => assert_eq!((*count, *sum), (5, 111)),
+        Value::Histogram(h) => assert_eq!((h.count(), h.integer_sum()), (5, Some(111))),
         other => panic!("not a histogram: {other:?}"),
     }
     daemon.shutdown();

@@ -95,12 +95,17 @@ fn base2_values() -> Vec<u64> {
     v
 }
 
-/// The default layout, as metricsd/README.md defines it: upper bounds 0, 1, 2, 4, ...,
-/// 2^63 (then +Inf).
-fn base2_bounds() -> Vec<u64> {
-    std::iter::once(0)
-        .chain((0..64).map(|k| 1u64 << k))
-        .collect()
+/// The bucket of `v > 0` at scale 1, where bucket `i` is `(2^(i/2), 2^((i+1)/2)]`:
+/// the largest `i` with `2^i < v^2`, in exact integer arithmetic (independent of
+/// metricsd's mapping).
+fn scale1_index(v: u64) -> i32 {
+    let sq = u128::from(v) * u128::from(v);
+    let bits = 128 - sq.leading_zeros() as i32;
+    if sq.is_power_of_two() {
+        bits - 2
+    } else {
+        bits - 1
+    }
 }
 
 /// Expected count per bucket (`+Inf` last) of `values` under inclusive upper `bounds`.
@@ -144,9 +149,7 @@ fn histogram_buckets_are_exact_on_and_around_every_bound() {
     assert_eq!(snap.rejects.total(), 0, "{:?}", snap.rejects);
 
     let b_values = [10, 10, 10_001];
-    let base2 = base2_bounds();
-    assert_eq!(base2.len() + 1, 66, "the README's 66 buckets");
-    let cases: [Case<'_>; 3] = [
+    let cases: [Case<'_>; 2] = [
         (
             "e2e.latency_ns",
             vec![("route", "/a")],
@@ -159,13 +162,13 @@ fn histogram_buckets_are_exact_on_and_around_every_bound() {
             &LAYOUT,
             b_values.to_vec(),
         ),
-        ("e2e.payload_bytes", vec![], &base2, base2_values()),
     ];
     for (name, labels, bounds, values) in cases {
         let want = expected_buckets(bounds, &values);
-        let got = snap
-            .histogram("hist", name, &labels)
-            .unwrap_or_else(|| panic!("no series {name} {labels:?}"));
+        let got = match snap.histogram("hist", name, &labels) {
+            Some(metricsd::histogram::Histogram::Explicit(h)) => h.counts().to_vec(),
+            other => panic!("{name} {labels:?}: not a configured layout: {other:?}"),
+        };
         assert_eq!(got.len(), want.len(), "{name} {labels:?}: bucket count");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let le = bounds.get(i).map_or("+Inf".to_owned(), u64::to_string);
@@ -193,22 +196,66 @@ fn histogram_buckets_are_exact_on_and_around_every_bound() {
         let sum: u128 = values.iter().map(|&v| u128::from(v)).sum();
         assert_eq!(last.get("sum"), Some(sum.to_string().as_str()), "{id}");
     }
-    // A few placements spelled out, independent of the helper above.
-    let a = snap
-        .histogram("hist", "e2e.latency_ns", &[("route", "/a")])
-        .expect("series");
+
+    // The exponential default: 1 to u64::MAX spans 64 powers of two, so the histogram
+    // settles at scale 1 (128 buckets; scale 2 would need 256 > 160).
+    let values = base2_values();
+    let Some(metricsd::histogram::Histogram::Exponential(p)) =
+        snap.histogram("hist", "e2e.payload_bytes", &[])
+    else {
+        panic!("e2e.payload_bytes is exponential");
+    };
+    assert_eq!(p.scale(), 1);
+    assert_eq!(p.zero_count(), 1);
+    let mut want = BTreeMap::new();
+    for &v in values.iter().filter(|&&v| v > 0) {
+        *want.entry(scale1_index(v)).or_insert(0u64) += 1;
+    }
+    let got: BTreeMap<i32, u64> = p.positive().iter().filter(|b| b.1 > 0).collect();
+    assert_eq!(got, want, "every bucket of e2e.payload_bytes");
+    let id = series_id(
+        "hist",
+        MetricKind::Histogram,
+        "e2e.payload_bytes",
+        &[] as &[(&str, &str)],
+    );
+    let records = series_records(&logd_path, &id);
+    let last = &records.last().expect("exported").record;
+    let first = *want.keys().next().expect("buckets");
+    let last_index = *want.keys().last().expect("buckets");
+    let dense: Vec<u64> = (first..=last_index)
+        .map(|i| want.get(&i).copied().unwrap_or(0))
+        .collect();
+    assert_eq!(last.get("scale"), Some("1"));
+    assert_eq!(last.get("zero_count"), Some("1"));
+    assert_eq!(
+        last.get("positive_offset"),
+        Some(first.to_string().as_str())
+    );
+    assert_eq!(last.get("positive_buckets"), Some(join(&dense).as_str()));
+    assert_eq!(last.get("count"), Some(values.len().to_string().as_str()));
+    let sum: u128 = values.iter().map(|&v| u128::from(v)).sum();
+    assert_eq!(last.get("sum"), Some(sum.to_string().as_str()));
+
+    // A few placements spelled out, independent of the helpers above.
+    let Some(metricsd::histogram::Histogram::Explicit(a)) =
+        snap.histogram("hist", "e2e.latency_ns", &[("route", "/a")])
+    else {
+        panic!("series");
+    };
     // le 10: 0, 1, 9, 10; le 100: 11, 99, 100; le 1000: 101, 999, 1000;
     // le 10000: 1001, 9999, 10000; +Inf: 10001, u64::MAX.
-    assert_eq!(a, [4, 3, 3, 3, 2]);
-    let p = snap
-        .histogram("hist", "e2e.payload_bytes", &[])
-        .expect("series");
-    // 0 -> le 0; 1 -> le 1; 2 -> le 2; 3 (twice) and 4 -> le 4; 2^62 + 1, 2^63 - 1 and
-    // 2^63 -> le 2^63; 2^63 + 1 and u64::MAX -> +Inf.
-    assert_eq!((p[0], p[1], p[2]), (1, 1, 1));
-    assert_eq!(p[3], 3, "3, 3 and 4");
-    assert_eq!(p[64], 3, "2^62 + 1, 2^63 - 1 and 2^63");
-    assert_eq!(p[65], 2, "2^63 + 1 and u64::MAX");
+    assert_eq!(a.counts(), [4, 3, 3, 3, 2]);
+    // At scale 1: 2 is the upper bound of bucket 1 (sqrt 2, 2]; 3 and 4 share bucket 3
+    // (2.83, 4]; 2^63 closes bucket 125, 2^63 + 1 opens 126, u64::MAX is in 127.
+    let at = |i: i32| got.get(&i).copied().unwrap_or(0);
+    assert_eq!(at(1), 1, "2");
+    assert_eq!(at(3), 3, "3, 3 and 4");
+    assert_eq!(
+        (at(125), at(126), at(127)),
+        (2, 1, 1),
+        "2^63 - 1, 2^63 | 2^63 + 1 | u64::MAX"
+    );
 
     daemon.shutdown();
     logd.shutdown().expect("logd stops");
@@ -409,9 +456,9 @@ fn span_times_ids_parents_and_statuses_are_exact_with_an_injected_clock() {
             .find("spans", MetricKind::SpanDuration, name, &[])
             .unwrap_or_else(|| panic!("duration series of {name}"));
         match &s.value {
-            Value::Histogram {
-                count: c, sum: s, ..
-            } => assert_eq!((*c, *s), (count, sum), "{name}"),
+            Value::Histogram(h) => {
+                assert_eq!((h.count(), h.integer_sum()), (count, Some(sum)), "{name}")
+            }
             other => panic!("{name}: not a histogram: {other:?}"),
         }
         let id = series_id(

@@ -217,7 +217,7 @@ fn check_points(last: &BTreeMap<(String, String, String), Json>, service: &str, 
     check_buckets(h, &OBSERVATIONS, n);
     // Durations of every span: the histogram per span name.
     let d = get("otlp.db", "{}");
-    assert_eq!(str_of(&d["kind"]), "histogram");
+    assert_eq!(str_of(&d["kind"]), "exponential_histogram");
     assert_eq!(d["count"], n);
 }
 
@@ -258,20 +258,21 @@ fn check_buckets(h: &Json, observations: &[u64], times: u64) {
         "exponential_histogram" => {
             let scale = h["scale"].as_i64().expect("scale");
             let offset = h["offset"].as_i64().expect("offset");
-            let base = 2f64.powf(2f64.powi(-scale as i32));
             let zeros = observations.iter().filter(|&&v| v == 0).count() as u64 * times;
             assert_eq!(h["zero_count"], zeros, "zero count");
+            let mut want: BTreeMap<i64, u64> = BTreeMap::new();
+            for &v in observations.iter().filter(|&&v| v > 0) {
+                *want.entry(exponential_index(v, scale)).or_default() += times;
+            }
             for (i, got) in counts.iter().enumerate() {
                 let index = offset + i as i64;
-                let lo = base.powf(index as f64);
-                let hi = base.powf((index + 1) as f64);
-                let want = observations
-                    .iter()
-                    .filter(|&&v| v > 0 && (v as f64) > lo && (v as f64) <= hi)
-                    .count() as u64
-                    * times;
-                assert_eq!(*got, want, "bucket {index} ({lo}, {hi}] at scale {scale}");
+                let expected = want.remove(&index).unwrap_or(0);
+                assert_eq!(*got, expected, "bucket {index} at scale {scale}");
             }
+            assert!(
+                want.is_empty(),
+                "observations outside the buckets sent: {want:?}"
+            );
             let min = observations.iter().min().copied().unwrap_or(0);
             let max = observations.iter().max().copied().unwrap_or(0);
             assert_eq!(h["min"].as_f64(), Some(min as f64));
@@ -279,6 +280,25 @@ fn check_buckets(h: &Json, observations: &[u64], times: u64) {
         }
         other => panic!("not a histogram: {other}"),
     }
+}
+
+/// The OpenTelemetry exponential bucket of `v > 0` at `scale` (bucket `i` holds
+/// `base^i < v <= base^(i+1)`, `base = 2^(2^-scale)`), computed independently of
+/// metricsd: exactly for powers of two (which sit on a boundary), from `log2` otherwise
+/// (no other integer is on a boundary at a positive scale, and none at all at a scale
+/// of 0 or below).
+fn exponential_index(v: u64, scale: i64) -> i64 {
+    if v.is_power_of_two() {
+        let k = i64::from(v.trailing_zeros());
+        let boundary = if scale >= 0 {
+            k << scale
+        } else {
+            let d = 1i64 << -scale;
+            (k + d - 1) / d
+        };
+        return boundary - 1;
+    }
+    ((v as f64).log2() * 2f64.powi(scale as i32)).floor() as i64
 }
 
 /// Every span the producers reported arrived exactly once, exactly.

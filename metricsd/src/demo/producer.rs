@@ -12,6 +12,7 @@ use std::fmt;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::histogram::Exponential;
 use nexus_metrics::{Counter, DropReason, Gauge, Histogram, Status, span};
 
 use super::Rng;
@@ -344,7 +345,7 @@ fn serve(
     let mut rng = Rng::new(u64::from(worker) << 32 ^ u64::from(std::process::id()));
     let mut request_counts = vec![[0u64; STATUSES.len()]; routes.len()];
     let mut byte_totals = vec![0u64; routes.len()];
-    let mut latencies = vec![(0u64, 0u64); routes.len()];
+    let mut latencies = vec![(0u64, 0u64, Exponential::new()); routes.len()];
     let mut depth: i64 = 0;
     let mut last_depth = None;
     let mut handled = 0u64;
@@ -414,6 +415,7 @@ fn serve(
             latency[r].record(took);
             latencies[r].0 += 1;
             latencies[r].1 += took;
+            latencies[r].2.record(took);
             depth = (depth + rng.below(5) as i64 - 2).clamp(0, 64);
             depth_gauge.set(depth);
             last_depth = Some(depth);
@@ -447,12 +449,16 @@ fn serve(
                 },
             );
         }
-        let (count, sum) = latencies[r];
+        let (count, sum, buckets) = std::mem::take(&mut latencies[r]);
         if count > 0 {
             tally.add(
                 "http.latency_ns",
                 &[("route", route)],
-                Expect::Histogram { count, sum },
+                Expect::Histogram {
+                    count,
+                    sum,
+                    buckets: Box::new(buckets),
+                },
             );
         }
     }

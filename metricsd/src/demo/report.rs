@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::MetricKind;
+use crate::histogram::Exponential;
 
 /// How strictly a report's series are compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,7 +27,7 @@ pub enum Check {
 }
 
 /// The aggregate one series must have.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Expect {
     /// A counter: the sum of every increment.
@@ -39,12 +40,15 @@ pub enum Expect {
         /// The value.
         last: i64,
     },
-    /// A histogram: observations and their sum.
+    /// A histogram: observations, their sum, and every bucket (the producer's own
+    /// exponential histogram of the same values).
     Histogram {
         /// Observations.
         count: u64,
         /// Their sum.
         sum: u64,
+        /// The buckets.
+        buckets: Box<Exponential>,
     },
     /// A span name's duration histogram: spans ended under that name.
     SpanDuration {
@@ -69,9 +73,21 @@ impl Expect {
     pub fn merge(&mut self, other: Self) {
         match (self, other) {
             (Self::Counter { total }, Self::Counter { total: t }) => *total += t,
-            (Self::Histogram { count, sum }, Self::Histogram { count: c, sum: s }) => {
+            (
+                Self::Histogram {
+                    count,
+                    sum,
+                    buckets,
+                },
+                Self::Histogram {
+                    count: c,
+                    sum: s,
+                    buckets: b,
+                },
+            ) => {
                 *count += c;
                 *sum += s;
+                buckets.merge(&b);
             }
             (Self::SpanDuration { count }, Self::SpanDuration { count: c }) => *count += c,
             (me, other) => *me = other,
@@ -80,7 +96,7 @@ impl Expect {
 }
 
 /// One series a producer recorded.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SeriesReport {
     /// The metric or span name.
     pub name: String,
@@ -91,7 +107,7 @@ pub struct SeriesReport {
 }
 
 /// What the hostile producer did, so the demo can check each effect.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostileReport {
     /// Rings it was granted.
     pub rings: u32,
@@ -117,7 +133,7 @@ pub struct HostileReport {
 }
 
 /// A demo producer's report (one JSON line on its stdout).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// The role it played (`--role`).
     pub role: String,
@@ -184,19 +200,22 @@ impl Tally {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         labels.sort();
-        self.series
-            .entry((expect.kind(), name.to_owned(), labels))
-            .and_modify(|e| e.merge(expect))
-            .or_insert(expect);
+        self.merge_in((expect.kind(), name.to_owned(), labels), expect);
+    }
+
+    fn merge_in(&mut self, key: (MetricKind, String, Vec<(String, String)>), expect: Expect) {
+        match self.series.entry(key) {
+            std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().merge(expect),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(expect);
+            }
+        }
     }
 
     /// Merges another tally (another thread's).
     pub fn absorb(&mut self, other: Tally) {
         for (key, expect) in other.series {
-            self.series
-                .entry(key)
-                .and_modify(|e| e.merge(expect))
-                .or_insert(expect);
+            self.merge_in(key, expect);
         }
     }
 
@@ -221,15 +240,25 @@ mod tests {
     fn tallies_merge_per_series_and_round_trip_as_json() {
         let mut a = Tally::default();
         a.add("c", &[("b", "2"), ("a", "1")], Expect::Counter { total: 3 });
-        a.add("h", &[], Expect::Histogram { count: 1, sum: 10 });
+        let hist = |values: &[u64]| {
+            let mut h = Exponential::new();
+            values.iter().for_each(|&v| h.record(v));
+            Expect::Histogram {
+                count: values.len() as u64,
+                sum: values.iter().sum(),
+                buckets: Box::new(h),
+            }
+        };
+        a.add("h", &[], hist(&[10]));
         let mut b = Tally::default();
         b.add("c", &[("a", "1"), ("b", "2")], Expect::Counter { total: 4 });
-        b.add("h", &[], Expect::Histogram { count: 2, sum: 5 });
+        b.add("h", &[], hist(&[2, 3]));
         b.add("g", &[], Expect::Gauge { last: -7 });
         a.absorb(b);
         let series = a.into_series();
         assert_eq!(series.len(), 3);
         assert_eq!(series[0].expect, Expect::Counter { total: 7 });
+        assert_eq!(series[2].expect, hist(&[10, 2, 3]), "histograms merge");
         assert_eq!(
             series[0].labels,
             [("a".into(), "1".into()), ("b".into(), "2".into())]

@@ -6,8 +6,8 @@
 //! its final value (series values are cumulative). Then:
 //!
 //! - [`Check::Exact`] services: every reported series exists with exactly the reported
-//!   aggregate (counter `value`, gauge `value`, histogram `count` and `sum`, span
-//!   duration `count`), and the service has no series it did not report.
+//!   aggregate (counter `value`, gauge `value`, histogram `count`, `sum`, scale, zero
+//!   bucket and every bucket count, span duration `count`), and the service has no series it did not report.
 //! - [`Check::Overflow`] services: a label set with a series of its own has exactly its
 //!   total; the rest must be in the metric's overflow series, whose value must equal
 //!   their sum exactly (and there must be some: the flood must have overflowed).
@@ -280,8 +280,13 @@ fn id_of(service: &str, s: &SeriesReport) -> String {
     series_id(service, s.expect.kind(), &s.name, &s.labels)
 }
 
+fn csv(counts: &[u64]) -> String {
+    let parts: Vec<String> = counts.iter().map(u64::to_string).collect();
+    parts.join(",")
+}
+
 /// Compares one series' last record with what was recorded.
-fn compare(exported: &Exported, series: &str, expect: Expect, out: &mut Vec<Mismatch>) {
+fn compare(exported: &Exported, series: &str, expect: &Expect, out: &mut Vec<Mismatch>) {
     if exported.get(series).is_none() {
         out.push(Mismatch::Missing {
             series: series.to_owned(),
@@ -291,8 +296,24 @@ fn compare(exported: &Exported, series: &str, expect: Expect, out: &mut Vec<Mism
     let fields: Vec<(&'static str, String)> = match expect {
         Expect::Counter { total } => vec![("value", total.to_string())],
         Expect::Gauge { last } => vec![("value", last.to_string())],
-        Expect::Histogram { count, sum } => {
-            vec![("count", count.to_string()), ("sum", sum.to_string())]
+        Expect::Histogram {
+            count,
+            sum,
+            buckets,
+        } => {
+            // Every bucket: the producer's own histogram of the same values, so the
+            // scale, the zero bucket and each bucket count must match exactly.
+            let mut f = vec![
+                ("count", count.to_string()),
+                ("sum", sum.to_string()),
+                ("scale", buckets.scale().to_string()),
+                ("zero_count", buckets.zero_count().to_string()),
+            ];
+            if !buckets.positive().is_empty() {
+                f.push(("positive_offset", buckets.positive().offset().to_string()));
+                f.push(("positive_buckets", csv(buckets.positive().counts())));
+            }
+            f
         }
         Expect::SpanDuration { count } => vec![("count", count.to_string())],
     };
@@ -367,7 +388,7 @@ fn exact(service: &str, report: &Report, exported: &Exported, v: &mut Verificati
     let mut reported = std::collections::HashSet::new();
     for s in &report.series {
         let id = id_of(service, s);
-        compare(exported, &id, s.expect, &mut v.mismatches);
+        compare(exported, &id, &s.expect, &mut v.mismatches);
         v.series_checked += 1;
         reported.insert(id);
     }
@@ -399,7 +420,7 @@ fn overflow(service: &str, report: &Report, exported: &Exported, v: &mut Verific
         check.total += total;
         let id = id_of(service, s);
         if exported.get(&id).is_some() {
-            compare(exported, &id, s.expect, &mut v.mismatches);
+            compare(exported, &id, &s.expect, &mut v.mismatches);
             v.series_checked += 1;
             check.own_series += 1;
         } else {
@@ -418,7 +439,7 @@ fn overflow(service: &str, report: &Report, exported: &Exported, v: &mut Verific
             compare(
                 exported,
                 &id,
-                Expect::Counter {
+                &Expect::Counter {
                     total: check.overflow_total,
                 },
                 &mut v.mismatches,
@@ -527,7 +548,7 @@ pub fn verify_hostile(
             })
             .collect();
         let id = series_id(service, imp.expect.kind(), &imp.name, &labels);
-        compare(&own, &id, imp.expect, &mut v.mismatches);
+        compare(&own, &id, &imp.expect, &mut v.mismatches);
         v.series_checked += 1;
     }
     let health = Exported::query(&mut client, HEALTH_SERVICE, sender_pid)?;

@@ -115,7 +115,10 @@ pub fn histogram_count_sum(
         .find(service, MetricKind::Histogram, name, labels)
         .unwrap_or_else(|| panic!("no histogram {service} {name} {labels:?}"));
     match &series.value {
-        Value::Histogram { count, sum, .. } => (*count, *sum),
+        Value::Histogram(h) => (
+            h.count(),
+            h.integer_sum().expect("integer observations only"),
+        ),
         other => panic!("not a histogram: {other:?}"),
     }
 }

@@ -2,12 +2,37 @@
 //! here independently of metricsd's (a bound is an inclusive upper bound, Prometheus
 //! `le`), and the text forms metricsd exports them in.
 
-/// The upper bounds of metricsd's default layout, without `+Inf`: 0, 1, 2, 4, ..., 2^63.
+/// The bucket of `v > 0` in an exponential histogram at scale 1, where bucket `i` is
+/// `(2^(i/2), 2^((i+1)/2)]`: the largest `i` with `2^i < v^2`, in exact integers.
 #[must_use]
-pub fn exponential_bounds() -> Vec<u64> {
-    let mut bounds = vec![0];
-    bounds.extend((0..64).map(|k| 1u64 << k));
-    bounds
+pub fn scale1_index(v: u64) -> i32 {
+    let sq = u128::from(v) * u128::from(v);
+    let bits = 128 - sq.leading_zeros() as i32;
+    if sq.is_power_of_two() {
+        bits - 2
+    } else {
+        bits - 1
+    }
+}
+
+/// `values` in an exponential histogram at scale 1: the zero count, the first nonzero
+/// bucket's index and the count of every bucket from there to the last nonzero one.
+#[must_use]
+pub fn scale1_buckets(values: &[u64]) -> (u64, i32, Vec<u64>) {
+    let zeros = values.iter().filter(|&&v| v == 0).count() as u64;
+    let indices: Vec<i32> = values
+        .iter()
+        .filter(|&&v| v > 0)
+        .map(|&v| scale1_index(v))
+        .collect();
+    let (Some(&lo), Some(&hi)) = (indices.iter().min(), indices.iter().max()) else {
+        return (zeros, 0, Vec::new());
+    };
+    let mut counts = vec![0u64; (hi - lo + 1) as usize];
+    for i in indices {
+        counts[(i - lo) as usize] += 1;
+    }
+    (zeros, lo, counts)
 }
 
 /// The count per bucket (`+Inf` last) of `values` under the inclusive upper `bounds`:
@@ -86,13 +111,15 @@ mod tests {
     }
 
     #[test]
-    fn exponential_layout_has_66_buckets() {
-        let bounds = exponential_bounds();
-        assert_eq!(bounds.len() + 1, 66);
-        let counts = bucket_counts(&bounds, &[0, 1, 2, 3, 4, 5, 1 << 63, (1 << 63) + 1]);
-        assert_eq!(counts[..5], [1, 1, 1, 2, 1]);
-        assert_eq!(counts[64], 1);
-        assert_eq!(counts[65], 1);
+    fn scale1_buckets_are_half_powers_of_two() {
+        // (1, 1.41]: -1 holds 1; (1.41, 2]: 1 holds 2; (2.83, 4]: 3 holds 3 and 4;
+        // (4, 5.66]: 4 holds 5; 2^63 closes 125; 2^63 + 1 opens 126.
+        assert_eq!(
+            [1, 2, 3, 4, 5, 1 << 63, (1 << 63) + 1, u64::MAX].map(scale1_index),
+            [-1, 1, 3, 3, 4, 125, 126, 127]
+        );
+        let (zeros, offset, counts) = scale1_buckets(&[0, 1, 2, 3, 4]);
+        assert_eq!((zeros, offset, counts), (1, -1, vec![1, 0, 1, 0, 2]));
     }
 
     #[test]

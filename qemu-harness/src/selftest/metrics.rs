@@ -258,29 +258,53 @@ pub(crate) fn histograms(ctx: &mut Ctx) -> Result<String> {
         .cloned()
         .with_context(|| format!("metricsd's config has no layout for {name}"))?;
     let values = expect::boundary_values(&bounds);
-    // The exponential default layout: powers of two, their neighbours, the extremes.
+    // The exponential default: powers of two, their neighbours, the extremes. 1 to
+    // u64::MAX spans 64 powers of two: the histogram settles at scale 1 (128 buckets;
+    // scale 2 would need 256 of at most 160).
     let exp_name = "selftest.sizes";
-    let exp_bounds = expect::exponential_bounds();
     let mut exp_values = vec![0, 1, 2, 3, 4, 5, 7, 8, 9, u64::MAX];
     exp_values.extend([32, 63].iter().flat_map(|&k| {
         let p = 1u64 << k;
         [p - 1, p, p + 1]
     }));
 
-    for (name, bounds, values) in [
-        (name, &bounds, &values),
-        (exp_name, &exp_bounds, &exp_values),
-    ] {
-        let h = Histogram::new(name, &[("case", "boundaries")]);
-        for &v in values.iter() {
+    {
+        let h = Histogram::new(exp_name, &[("case", "boundaries")]);
+        for &v in &exp_values {
             h.record(v);
         }
-        let counts = expect::bucket_counts(bounds, values);
+        let (zeros, offset, counts) = expect::scale1_buckets(&exp_values);
+        wants.push(
+            Want::new(
+                ctx,
+                MetricKind::Histogram,
+                exp_name,
+                &[("case", "boundaries")],
+            )
+            .field("count", exp_values.len())
+            .field("sum", expect::sum(&exp_values))
+            .field("scale", 1)
+            .field("zero_count", zeros)
+            .field("positive_offset", offset)
+            .field("positive_buckets", expect::csv(&counts)),
+        );
+        summary.push(format!(
+            "{exp_name}: {} values in {} exponential buckets at scale 1",
+            exp_values.len(),
+            counts.len()
+        ));
+    }
+    {
+        let h = Histogram::new(name, &[("case", "boundaries")]);
+        for &v in &values {
+            h.record(v);
+        }
+        let counts = expect::bucket_counts(&bounds, &values);
         wants.push(
             Want::new(ctx, MetricKind::Histogram, name, &[("case", "boundaries")])
                 .field("count", values.len())
-                .field("sum", expect::sum(values))
-                .field("bounds", expect::bounds_text(bounds))
+                .field("sum", expect::sum(&values))
+                .field("bounds", expect::bounds_text(&bounds))
                 .field("buckets", expect::csv(&counts)),
         );
         summary.push(format!(
