@@ -512,6 +512,7 @@ fn otlp_receiver_that_never_answers_bounds_the_queue_and_counts_drops() {
     cfg.otlp.retry_initial_ms = 50;
     cfg.otlp.give_up_ms = 400;
     cfg.export.interval_ms = 20;
+    cfg.prometheus.listen = Some("127.0.0.1:0".into());
     let logd = start_logd(&cfg.logd_socket);
     let daemon = start_metricsd(cfg);
     // Rounds 30 ms apart, exports every 20 ms: far more intervals than the exporter,
@@ -535,6 +536,25 @@ fn otlp_receiver_that_never_answers_bounds_the_queue_and_counts_drops() {
         Some(metricsd::Value::Counter {
             total: u128::from(a.n * (a.n + 1) / 2)
         })
+    );
+    // The Prometheus endpoint serves the same exact totals meanwhile.
+    let addr = daemon.prometheus_addr().expect("scrape endpoint");
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    conn.set_read_timeout(Some(WAIT)).expect("timeout");
+    std::io::Write::write_all(
+        &mut conn,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .expect("send the scrape");
+    let mut page = String::new();
+    conn.read_to_string(&mut page).expect("read the scrape");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page:.200}");
+    let want = format!("{}", a.n * (a.n + 1) / 2);
+    assert!(
+        page.lines().any(|l| l.starts_with("otlp_requests_total{")
+            && l.contains(r#"route="/a""#)
+            && l.ends_with(&format!(" {want}"))),
+        "otlp_requests_total{{route=\"/a\"}} {want} in {page}"
     );
     // The exporter gives up on what it cannot send and drops what does not fit, and
     // counts both; the hand-off never holds more than its bound.
