@@ -130,7 +130,7 @@ pub struct OtlpConfig {
     pub endpoint: Option<String>,
     /// `service.instance.id` of every resource (default: the host name).
     pub instance_id: Option<String>,
-    /// Export intervals waiting for the exporter thread at most (default 16); past it
+    /// Export intervals waiting for the exporter thread at most (default 4); past it
     /// an interval's points and spans are dropped and counted (`queue_full`).
     pub queue_batches: u32,
     /// Points or spans per request at most (default 8192).
@@ -155,7 +155,7 @@ impl Default for OtlpConfig {
         Self {
             endpoint: None,
             instance_id: None,
-            queue_batches: 16,
+            queue_batches: 4,
             max_batch_points: 8192,
             max_request_bytes: 4 << 20,
             timeout_ms: 10_000,
@@ -173,7 +173,7 @@ pub struct ExportConfig {
     /// Milliseconds between exports (default 1000).
     pub interval_ms: u64,
     /// Reported spans (completed, orphaned, expired) exported per second at most
-    /// (default 1000000; a token bucket holding one second's worth). What the limit
+    /// (default 200000; a token bucket holding one second's worth). What the limit
     /// drops is counted (`metricsd.spans.dropped{reason="rate_limited"}`).
     pub spans_per_second: u32,
     /// Of those, span records appended to logd per second at most (default 1000; a
@@ -418,7 +418,7 @@ impl Default for ExportConfig {
     fn default() -> Self {
         Self {
             interval_ms: 1000,
-            spans_per_second: 1_000_000,
+            spans_per_second: 200_000,
             logd_spans_per_second: 1000,
             queue_records: 100_000,
             batch_records: 512,

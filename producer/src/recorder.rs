@@ -476,7 +476,7 @@ mod tests {
     use std::sync::Arc;
     use std::vec::Vec;
 
-    use telemetry_abi::{RecordKind, RegistrationBuf, SpanAttr, SpanEnd, SpanStart};
+    use telemetry_abi::{RecordKind, RegistrationBuf, SpanAttr, SpanEnd, SpanStart, SpanTrace};
     use telemetry_ring::{HeapRegion, Reader};
 
     use super::*;
@@ -641,5 +641,52 @@ mod tests {
         );
         let e: SpanEnd = records[4].view();
         assert_eq!((e.span_id, e.end_ns, e.status), (2, 190, SpanStatus::ERROR));
+    }
+
+    #[test]
+    fn v1_1_spans_write_trace_and_open_together_and_close_with_their_ids() {
+        let (mut rec, mut reader) = setup(64);
+        let trace = 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736u128;
+        let id = SpanId::new(0xb7ad_6b71_6920_3331).expect("nonzero");
+        rec.span_open(key(3), trace, id, 0x00f0_67aa_0ba9_02b7, 1, 100)
+            .expect("room");
+        rec.span_note(id, key(4), AttrValue::I64(-2)).expect("room");
+        rec.span_close(key(3), id, 250, SpanStatus::OK)
+            .expect("room");
+        let (registered, records) = drain(&mut reader);
+        assert_eq!(registered, [key(3).get(), key(4).get()]);
+        let kinds: Vec<RecordKind> = records.iter().map(|r| r.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                RecordKind::SPAN_TRACE,
+                RecordKind::SPAN_OPEN,
+                RecordKind::SPAN_NOTE,
+                RecordKind::SPAN_CLOSE
+            ]
+        );
+        let t: SpanTrace = records[0].view();
+        assert_eq!((t.trace_id(), t.span_id, t.flags), (trace, id.get(), 1));
+        let o: SpanStart = records[1].view();
+        assert_eq!(
+            (o.span_id, o.parent_id, o.start_ns),
+            (id.get(), 0x00f0_67aa_0ba9_02b7, 100)
+        );
+        let n: SpanAttr = records[2].view();
+        assert_eq!((n.span_id, n.value as i64), (id.get(), -2));
+        let c: SpanEnd = records[3].view();
+        assert_eq!(
+            (c.span_id, c.end_ns, c.status),
+            (id.get(), 250, SpanStatus::OK)
+        );
+        // A full ring takes neither record of an open: nothing half-written.
+        let (mut rec, mut reader) = setup(4);
+        rec.span_open(key(3), trace, id, 0, 1, 1).expect("room");
+        assert_eq!(
+            rec.span_open(key(3), trace, id, 0, 1, 2),
+            Err(Dropped::RingFull)
+        );
+        let (_, records) = drain(&mut reader);
+        assert_eq!(records.len(), 2, "the first open only");
     }
 }

@@ -10,7 +10,7 @@ use metricsd::MetricKind;
 use nexus_metrics::{ManualClock, Status, span};
 
 use super::Ctx;
-use super::evidence::{WAIT, field, wait_for};
+use super::evidence::{WAIT, wait_for};
 use super::expect;
 
 /// The selftest's span clock, installed with the recorder: spans carry exactly the
