@@ -8,7 +8,8 @@
 //!
 //! - `otlp_metrics`: 1000 points: 400 counters, 300 gauges and 300 exponential
 //!   histograms (20 observations each, 1 to 100 000; at most 160 buckets from scale 10
-//!   on both sides) over 4 services' routes. Throughput is points per second.
+//!   on both sides), each with its own `route`, `status` and `worker` labels, over 4
+//!   services. Throughput is points per second.
 //! - `otlp_spans`: 1000 finished spans, each with a parent, a status and two
 //!   attributes. Throughput is spans per second.
 //!
@@ -58,8 +59,12 @@ fn our_series() -> Vec<Series> {
     let mut out = Vec::with_capacity(POINTS);
     for i in 0..POINTS {
         let service = SERVICES[i % SERVICES.len()];
-        let r = route(i);
-        let labels = [("route", r.as_str()), ("status", "200")];
+        let (r, w) = (route(i), i.to_string());
+        let labels = [
+            ("route", r.as_str()),
+            ("status", "200"),
+            ("worker", w.as_str()),
+        ];
         let s = if i < 400 {
             Series::new(
                 service,
@@ -131,6 +136,7 @@ fn sdk_metrics() -> Vec<opentelemetry_sdk::metrics::data::ResourceMetrics> {
             let attrs = [
                 KeyValue::new("route", route(i)),
                 KeyValue::new("status", "200"),
+                KeyValue::new("worker", i.to_string()),
             ];
             if i < 400 {
                 counter.add(1000 + i as u64, &attrs);
@@ -143,9 +149,11 @@ fn sdk_metrics() -> Vec<opentelemetry_sdk::metrics::data::ResourceMetrics> {
             }
         }
         provider.force_flush().expect("collect");
-        all.extend(exporter.get_finished_metrics().expect("collected"));
-        exporter.reset();
+        // The latest collection: this service's cumulative points, once.
+        let latest = exporter.get_finished_metrics().expect("collected").pop();
+        all.extend(latest);
         provider.shutdown().expect("shutdown");
+        exporter.reset();
     }
     all
 }
