@@ -1,5 +1,5 @@
-//! The pipeline benchmarks (issue 4), every contender of a comparison in one group, in
-//! the same run:
+//! The pipeline benchmarks, every contender of a comparison in one group, in the same
+//! run:
 //!
 //! - `producer_cost`: nanoseconds per call on the producer's thread with a warm handle:
 //!   `nexus-metrics`' `counter!`, `Counter`, `histogram!`, `Histogram`, four handles
@@ -23,6 +23,8 @@
 //! - `metricsd_drain`: records per second one metricsd core validates and aggregates:
 //!   `Drainer::pass` over four rings another core filled (counters, histograms, a mix,
 //!   spans).
+//! - `metricsd_idle_pass`: one `Drainer::pass` over 1000 empty rings, what each of an
+//!   idle metricsd's wake-ups costs.
 //!
 //! Run with `cargo bench -p telemetry-benches --bench pipeline`; the results are in
 //! `benches/README.md`. After each group, a plain full run (no arguments) also prints an
@@ -1343,6 +1345,45 @@ fn metricsd_drain(c: &mut Criterion) {
     );
 }
 
+/// Rings in the idle-pass bench: what `scale_1000_rings` grants.
+const IDLE_RINGS: usize = 1000;
+
+/// One `Drainer::pass` over 1000 granted rings that are all empty: the cost of each of
+/// an idle metricsd's wake-ups (one load of each ring's write position, compared with
+/// the reader's own read position).
+fn metricsd_idle_pass(c: &mut Criterion) {
+    pin(CONSUMER_CPU);
+    let config = metricsd::Config::default();
+    let mut drainer = Drainer::new(
+        &config,
+        ExportQueue::new(config.export.queue_records),
+        Arc::new(Mutex::new(GrantStats::default())),
+    );
+    // The writers stay alive: a ring whose writer is gone is still drained.
+    let mut writers = Vec::with_capacity(IDLE_RINGS);
+    for id in 0..IDLE_RINGS {
+        let (region, writer) = memfd_pair(1024).expect("a memfd ring");
+        drainer.add_ring(NewRing {
+            id: id as u32 + 1,
+            connection: 1 + id as u64 / 10,
+            service: Arc::from("idle"),
+            region,
+        });
+        writers.push(writer);
+    }
+    let mut group = c.benchmark_group("metricsd_idle_pass");
+    group
+        .throughput(Throughput::Elements(IDLE_RINGS as u64))
+        .sample_size(50)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    group.bench_function("1000 empty rings", |b| {
+        b.iter(|| assert_eq!(black_box(drainer.pass()), 0))
+    });
+    group.finish();
+    drop(writers);
+}
+
 // --- Harness ---------------------------------------------------------------------------
 
 /// Rounds of the interleaved passes.
@@ -1371,7 +1412,13 @@ fn want_interleaved(group: &str) -> bool {
     }
 }
 
-criterion_group!(benches, producer_cost, end_to_end, metricsd_drain);
+criterion_group!(
+    benches,
+    producer_cost,
+    end_to_end,
+    metricsd_drain,
+    metricsd_idle_pass
+);
 
 fn main() -> ExitCode {
     if let Some(kind) = std::env::var_os(CHILD_ENV) {

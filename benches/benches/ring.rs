@@ -1,4 +1,4 @@
-//! The ring benchmarks (issue 2, item 6), every contender in the same run:
+//! The ring benchmarks, every contender in the same run:
 //!
 //! - `ring_producer`: producer cost per record with a consumer draining on the other
 //!   core: our `Writer` (single push, `stage` x 64 + `flush`, `push_all` of 64) against

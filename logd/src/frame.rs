@@ -85,6 +85,31 @@ impl core::fmt::Display for Malformed {
 impl core::error::Error for Malformed {}
 
 // ---------------------------------------------------------------------------------------
+// The smallest encoding of each repeated item. A decoder checks a count against what is
+// left with these (`Dec::count`), so they must never exceed what the encoder can write:
+// each is the sum of its fixed fields with every string empty and every list empty, and
+// the unit tests pin each against the encoder's own output.
+
+/// A `str` with no bytes: its `u32` length alone.
+const STR_MIN: usize = 4;
+/// `u32` item count of a list.
+const COUNT_LEN: usize = 4;
+/// Smallest field (key, value) in a record or a query: two empty strings.
+pub const MIN_FIELD_LEN: usize = STR_MIN + STR_MIN;
+/// Smallest record in an APPEND: a level byte, empty scope and message, no fields.
+pub const MIN_RECORD_LEN: usize = 1 + STR_MIN + STR_MIN + COUNT_LEN;
+/// Smallest stored record in a QUERY_OK: id, receive time, pid, uid, gid, an empty
+/// service name, then the smallest record.
+pub const MIN_STORED_RECORD_LEN: usize = 8 + 8 + 4 + 4 + 4 + STR_MIN + MIN_RECORD_LEN;
+/// One record's status in an APPEND_OK: status, reason, reserved `u16`, id.
+pub const STATUS_LEN: usize = 1 + 1 + 2 + 8;
+/// The four reject counters of a STATS_OK entry.
+const REJECTS_LEN: usize = 4 * 8;
+/// Smallest sender entry in a STATS_OK: an empty service name, pid, uid and connections,
+/// four `u64` counters, then the reject counters.
+pub const MIN_SENDER_LEN: usize = STR_MIN + 3 * 4 + 4 * 8 + REJECTS_LEN;
+
+// ---------------------------------------------------------------------------------------
 // Primitive encoding.
 
 fn begin(kind: u8) -> Vec<u8> {
@@ -227,7 +252,7 @@ impl<'a> Dec<'a> {
 }
 
 fn fields(d: &mut Dec<'_>, what: &str) -> Result<Vec<(String, String)>, Malformed> {
-    let n = d.count(what, 8)?;
+    let n = d.count(what, MIN_FIELD_LEN)?;
     let mut v = Vec::with_capacity(n.min(64));
     for _ in 0..n {
         let k = d.string("field key")?;
@@ -251,14 +276,12 @@ pub fn put_record(b: &mut Vec<u8>, r: &Record) {
 
 /// The encoded length of a record in an APPEND.
 pub fn record_len(r: &Record) -> usize {
-    1 + 4
+    MIN_RECORD_LEN
         + r.scope.len()
-        + 4
         + r.message.len()
-        + 4
         + r.fields
             .iter()
-            .map(|(k, v)| 8 + k.len() + v.len())
+            .map(|(k, v)| MIN_FIELD_LEN + k.len() + v.len())
             .sum::<usize>()
 }
 
@@ -276,7 +299,7 @@ pub fn put_stored(b: &mut Vec<u8>, r: &StoredRecord) {
 
 /// The encoded length of a stored record.
 pub fn stored_record_len(r: &StoredRecord) -> usize {
-    8 + 8 + 12 + 4 + r.sender.service.len() + record_len(&r.record)
+    (MIN_STORED_RECORD_LEN - MIN_RECORD_LEN) + r.sender.service.len() + record_len(&r.record)
 }
 
 /// Reads one stored record.
@@ -374,7 +397,7 @@ fn get_raw_record<'a>(d: &mut Dec<'a>) -> Result<RawRecord<'a>, Malformed> {
     let level = d.u8("level")?;
     let scope = d.bytes("scope")?;
     let message = d.bytes("message")?;
-    let n = d.count("nfields", 8)?;
+    let n = d.count("nfields", MIN_FIELD_LEN)?;
     let mut fields = Vec::with_capacity(n.min(64));
     for _ in 0..n {
         let k = d.bytes("field key")?;
@@ -484,9 +507,8 @@ pub fn decode_request<'a>(
     let mut d = Dec::new(body);
     match h.kind {
         KIND_APPEND => {
-            // 13 bytes: the smallest record (level + three empty lengths).
             let n = d
-                .count("record count", 13)
+                .count("record count", MIN_RECORD_LEN)
                 .map_err(FrameReject::malformed)?;
             if n > usize::try_from(limits.max_records_per_frame).unwrap_or(usize::MAX) {
                 return Err(FrameReject {
@@ -722,7 +744,7 @@ fn decode_stats(d: &mut Dec<'_>) -> Result<Stats, Malformed> {
         corrupt_skipped: d.u64("disk.corrupt_skipped")?,
         errors: d.u64("disk.errors")?,
     };
-    let n = d.count("nsenders", 4 + 12 + 32 + 32)?;
+    let n = d.count("nsenders", MIN_SENDER_LEN)?;
     let mut senders = Vec::with_capacity(n);
     for _ in 0..n {
         let service = d.string("sender.service")?;
@@ -789,7 +811,7 @@ pub fn decode_reply(h: &Header, body: &[u8]) -> Result<Reply, Malformed> {
     let mut d = Dec::new(body);
     let reply = match h.kind {
         KIND_APPEND_OK => {
-            let n = d.count("status count", 12)?;
+            let n = d.count("status count", STATUS_LEN)?;
             let mut statuses = Vec::with_capacity(n);
             for _ in 0..n {
                 let st = d.u8("status")?;
@@ -807,7 +829,7 @@ pub fn decode_reply(h: &Header, body: &[u8]) -> Result<Reply, Malformed> {
         KIND_QUERY_OK => {
             let next_cursor = d.u64("next_cursor")?;
             let more = d.u8("more")? != 0;
-            let n = d.count("record count", 50)?;
+            let n = d.count("record count", MIN_STORED_RECORD_LEN)?;
             let mut records = Vec::with_capacity(n);
             for _ in 0..n {
                 records.push(get_stored(&mut d)?);
@@ -1009,6 +1031,85 @@ mod tests {
                 message: "too big".into()
             })
         );
+    }
+
+    /// The smallest stored record: an empty service name and an empty record.
+    fn smallest_stored() -> StoredRecord {
+        StoredRecord {
+            id: 1,
+            received_ns: 2,
+            sender: Identity {
+                service: String::new(),
+                pid: 3,
+                uid: 4,
+                gid: 5,
+            },
+            record: Record::new(Level::Trace, "", ""),
+        }
+    }
+
+    #[test]
+    fn each_count_minimum_is_the_encoders_smallest_item() {
+        let rec = Record::new(Level::Info, "", "");
+        let mut b = Vec::new();
+        put_record(&mut b, &rec);
+        assert_eq!(b.len(), MIN_RECORD_LEN);
+        assert_eq!(record_len(&rec), MIN_RECORD_LEN);
+
+        let mut b = Vec::new();
+        put_fields(&mut b, &[(String::new(), String::new())]);
+        assert_eq!(b.len(), COUNT_LEN + MIN_FIELD_LEN);
+
+        let stored = smallest_stored();
+        let mut b = Vec::new();
+        put_stored(&mut b, &stored);
+        assert_eq!(b.len(), MIN_STORED_RECORD_LEN);
+        assert_eq!(stored_record_len(&stored), MIN_STORED_RECORD_LEN);
+
+        let f = encode_append_reply(&[RecordStatus::Accepted(1)]);
+        assert_eq!(f.len(), HEADER_LEN + COUNT_LEN + STATUS_LEN);
+
+        let empty = encode_stats_reply(&Stats::default());
+        let one = encode_stats_reply(&Stats {
+            senders: vec![SenderStats::default()],
+            ..Stats::default()
+        });
+        assert_eq!(one.len() - empty.len(), MIN_SENDER_LEN);
+    }
+
+    #[test]
+    fn a_page_of_smallest_records_round_trips() {
+        for service in ["", "a", "abcd"] {
+            let mut rec = smallest_stored();
+            rec.sender.service = service.into();
+            let mut qr = QueryReply::new(1 << 16);
+            for _ in 0..7 {
+                assert!(qr.push(&rec));
+            }
+            let f = qr.finish(9, false);
+            let (h, body) = split(&f);
+            assert_eq!(
+                decode_reply(&h, body).unwrap(),
+                Reply::Query(QueryPage {
+                    records: vec![rec.clone(); 7],
+                    next_cursor: 9,
+                    more: false
+                }),
+                "service {service:?}"
+            );
+        }
+        // One byte short of the smallest record is still refused before any allocation.
+        let mut qr = QueryReply::new(1 << 16);
+        assert!(qr.push(&smallest_stored()));
+        let f = qr.finish(1, false);
+        let (h, body) = split(&f);
+        let cut = &body[..body.len() - 1];
+        let h = Header {
+            body_len: h.body_len - 1,
+            ..h
+        };
+        let e = decode_reply(&h, cut).unwrap_err();
+        assert!(e.0.contains("record count = 1"), "{e}");
     }
 
     #[test]

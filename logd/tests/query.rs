@@ -137,3 +137,38 @@ fn policy_names_the_sender_and_the_stamp_is_the_kernels() {
     let s = c.stats().unwrap();
     assert_eq!(s.senders[0].service, "tester");
 }
+
+#[test]
+fn a_page_of_the_smallest_records_reads_back() {
+    // A one-byte service name and records with an empty scope and message are the
+    // smallest stored records logd writes (46 bytes); every client path must read a page
+    // of them.
+    let _w = watchdog(30, "query_short_records");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.services = vec![ServiceRule {
+        name: "a".into(),
+        uid: my_uid(),
+    }];
+    let server = start(cfg);
+    let mut c = Client::connect(server.path()).unwrap();
+    let empty = vec![Record::new(Level::Info, "", ""); 5];
+    let ids = c.append(&empty).unwrap().ids();
+    assert_eq!(ids.len(), 5);
+
+    let page = c.query(&Query::new().service("a")).unwrap();
+    assert_eq!(page.records.len(), 5);
+    for (r, id) in page.records.iter().zip(&ids) {
+        assert_eq!(r.id, *id);
+        assert_eq!(r.sender.service, "a");
+        assert_eq!(r.record, Record::new(Level::Info, "", ""));
+        assert_eq!(logd::frame::stored_record_len(r), 46);
+    }
+    let all: Vec<u64> = c
+        .query_all(&Query::new().service("a").limit(2), 100)
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(all, ids);
+}

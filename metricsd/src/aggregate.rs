@@ -8,18 +8,40 @@
 //! overflow series, whose only label is `otel.metric.overflow=true`, so totals stay
 //! correct and the overflow is visible. Overflow series have their own cap
 //! (`series.max_overflow`); past it the registration is refused and its samples are
-//! counted (`series_cap`), not summed. Series live as long as metricsd.
+//! counted (`series_cap`), not summed.
+//!
+//! Series expire. A series that received no sample for `series.idle_ttl_ms` (or, while
+//! a live ring still has it registered, `series.idle_ttl_bound_ms`) is exported one
+//! last time with its final value, then removed: its slot, its cap counts and its index
+//! entries are freed. A [`SeriesId`] carries the slot's generation, so a ring whose key
+//! was bound to an expired series finds out on its next sample and registers the series
+//! again (a new series, from zero, with a new start time). Expiry is incremental: each
+//! export looks at a bounded number of slots (`series.expiry_scan`), never the whole
+//! store, and never on the per-record path.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use crate::config::SeriesConfig;
 use crate::histogram::{Histogram, NotFinite};
 use crate::redact::{REDACTED, Redactor, is_identity_key};
 
-/// Index of a series in the store.
-pub type SeriesId = u32;
+/// A series in the store: its slot and the slot's generation, which changes when the
+/// series expires, so a stale id never reaches the series that reuses the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SeriesId {
+    index: u32,
+    generation: u32,
+}
+
+impl SeriesId {
+    /// The slot index (stable while the series lives; reused after it expires).
+    pub const fn index(self) -> u32 {
+        self.index
+    }
+}
 
 /// The label every overflow series carries.
 pub const OVERFLOW_LABEL: (&str, &str) = ("otel.metric.overflow", "true");
@@ -87,8 +109,16 @@ pub struct Series {
     pub value: Value,
     /// Samples aggregated.
     pub samples: u64,
+    /// When the series was created, ns since the Unix epoch: the start time of its
+    /// cumulative value (a series that expires and comes back gets a new one).
+    pub created_ns: u64,
+    /// The end of the last export window in which it changed (its creation time until
+    /// then), ns since the Unix epoch.
+    pub last_active_ns: u64,
     /// Counter total when last exported (for the window delta).
     pub(crate) exported_total: u128,
+    /// Key-table entries of live rings bound to it.
+    pub(crate) bindings: u32,
     dirty: bool,
 }
 
@@ -115,7 +145,10 @@ impl Series {
             overflow: false,
             value,
             samples: 0,
+            created_ns: 0,
+            last_active_ns: 0,
             exported_total: 0,
+            bindings: 0,
             dirty: false,
         }
     }
@@ -178,6 +211,8 @@ struct ServiceState {
     name: Arc<str>,
     series: u32,
     per_metric: HashMap<Arc<str>, u32>,
+    /// Rings of this service being drained.
+    rings: u32,
 }
 
 /// Running totals of the store.
@@ -197,7 +232,31 @@ pub struct StoreStats {
     pub labels_redacted: u64,
     /// Identity-claiming label keys renamed `exported_<key>`.
     pub labels_renamed: u64,
+    /// Series (overflow series included) removed after their idle TTL.
+    pub expired: u64,
+    /// Of those, overflow series.
+    pub expired_overflow: u64,
+    /// Series created again after they had expired (among the most recent
+    /// `EXPIRED_REMEMBERED` expiries).
+    pub recreated: u64,
+    /// Services whose last ring closed and last series expired: their caps and tables
+    /// were freed.
+    pub services_released: u64,
+    /// Services known now.
+    pub services: u64,
 }
+
+/// What [`Store::sweep`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Slots looked at.
+    pub scanned: u32,
+    /// Series expired.
+    pub expired: u32,
+}
+
+/// How many expired series identities are remembered to count re-creations.
+pub const EXPIRED_REMEMBERED: usize = 65_536;
 
 /// The outcome of resolving a registration to a series.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,19 +267,38 @@ pub enum Resolved {
     Refused,
 }
 
+#[derive(Debug)]
+struct Slot {
+    generation: u32,
+    series: Option<Series>,
+}
+
 /// Every series, under caps.
 #[derive(Debug)]
 pub struct Store {
     caps: SeriesConfig,
     redactor: Redactor,
     layouts: BTreeMap<String, Arc<[u64]>>,
-    series: Vec<Series>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
     index: HashMap<SeriesKey, SeriesId>,
     overflow_index: HashMap<(u32, MetricKind, Arc<str>), SeriesId>,
-    services: Vec<ServiceState>,
+    services: Vec<Option<ServiceState>>,
+    free_services: Vec<u32>,
     service_index: HashMap<Arc<str>, u32>,
     dirty: Vec<SeriesId>,
+    sweep_cursor: usize,
+    generation_floor: u32,
+    expired_keys: HashSet<u64>,
+    expired_order: VecDeque<u64>,
     stats: StoreStats,
+}
+
+/// A hash of a series' identity, to recognise it when it comes back after expiring.
+fn identity_hash(service: &str, kind: MetricKind, name: &str, labels: &[(String, String)]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (service, kind, name, labels).hash(&mut h);
+    h.finish()
 }
 
 impl Store {
@@ -237,12 +315,18 @@ impl Store {
                 .iter()
                 .map(|(k, v)| (k.clone(), Arc::from(v.as_slice())))
                 .collect(),
-            series: Vec::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
             index: HashMap::new(),
             overflow_index: HashMap::new(),
             services: Vec::new(),
+            free_services: Vec::new(),
             service_index: HashMap::new(),
             dirty: Vec::new(),
+            sweep_cursor: 0,
+            generation_floor: 0,
+            expired_keys: HashSet::new(),
+            expired_order: VecDeque::new(),
             stats: StoreStats::default(),
         }
     }
@@ -253,20 +337,48 @@ impl Store {
     }
 
     /// The index of service `name`, interning it (the grant server bounds how many
-    /// services there are).
+    /// services there are at once; a service with no ring and no series is forgotten by
+    /// [`sweep`](Self::sweep)).
     pub fn service(&mut self, name: &str) -> u32 {
         if let Some(&i) = self.service_index.get(name) {
             return i;
         }
         let name: Arc<str> = Arc::from(name);
-        let i = self.services.len() as u32;
-        self.services.push(ServiceState {
+        let state = ServiceState {
             name: name.clone(),
             series: 0,
             per_metric: HashMap::new(),
-        });
+            rings: 0,
+        };
+        let i = match self.free_services.pop() {
+            Some(i) => {
+                if let Some(slot) = self.services.get_mut(i as usize) {
+                    *slot = Some(state);
+                }
+                i
+            }
+            None => {
+                self.services.push(Some(state));
+                (self.services.len() - 1) as u32
+            }
+        };
         self.service_index.insert(name, i);
+        self.stats.services = self.service_index.len() as u64;
         i
+    }
+
+    /// A ring of service `service` is being drained (until [`ring_closed`](Self::ring_closed)).
+    pub fn ring_opened(&mut self, service: u32) {
+        if let Some(Some(st)) = self.services.get_mut(service as usize) {
+            st.rings += 1;
+        }
+    }
+
+    /// A ring of service `service` closed.
+    pub fn ring_closed(&mut self, service: u32) {
+        if let Some(Some(st)) = self.services.get_mut(service as usize) {
+            st.rings = st.rings.saturating_sub(1);
+        }
     }
 
     /// The configured bounds for histograms (and span durations) named `name`; `None`
@@ -277,7 +389,8 @@ impl Store {
 
     /// Resolves a registration of `name` with `labels` (as the producer gave them) in
     /// `service` to a series, creating it if the caps allow, else binding it to the
-    /// metric's overflow series.
+    /// metric's overflow series. The caller holds a binding to the result until it
+    /// calls [`unbind`](Self::unbind).
     pub fn resolve(
         &mut self,
         service: u32,
@@ -285,7 +398,30 @@ impl Store {
         name: &str,
         labels: &[(&str, &str)],
     ) -> Resolved {
-        let Some(state) = self.services.get(service as usize) else {
+        let resolved = self.resolve_unbound(service, kind, name, labels);
+        if let Resolved::Series(id) = resolved {
+            if let Some(s) = self.get_mut(id) {
+                s.bindings += 1;
+            }
+        }
+        resolved
+    }
+
+    /// Gives back a binding [`resolve`](Self::resolve) handed out (a stale id is ignored).
+    pub fn unbind(&mut self, id: SeriesId) {
+        if let Some(s) = self.get_mut(id) {
+            s.bindings = s.bindings.saturating_sub(1);
+        }
+    }
+
+    fn resolve_unbound(
+        &mut self,
+        service: u32,
+        kind: MetricKind,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Resolved {
+        let Some(Some(state)) = self.services.get(service as usize) else {
             return Resolved::Refused;
         };
         let service_name = state.name.clone();
@@ -323,10 +459,11 @@ impl Store {
             && state.series < self.caps.max_per_service
             && per_metric < self.caps.max_per_metric;
         if fits {
+            self.note_recreated(&service_name, kind, &name, &key.labels);
             let id = self.push(service_name, kind, name.clone(), key.labels.clone(), false);
             self.index.insert(key, id);
             self.stats.series += 1;
-            if let Some(state) = self.services.get_mut(service as usize) {
+            if let Some(Some(state)) = self.services.get_mut(service as usize) {
                 state.series += 1;
                 *state.per_metric.entry(name).or_insert(0) += 1;
             }
@@ -345,11 +482,30 @@ impl Store {
             OVERFLOW_LABEL.0.to_owned(),
             OVERFLOW_LABEL.1.to_owned(),
         )]);
+        self.note_recreated(&service_name, kind, &name, &labels);
         let id = self.push(service_name, kind, name, labels, true);
         self.overflow_index.insert(okey, id);
         self.stats.overflow_series += 1;
         self.stats.overflowed_registrations += 1;
         Resolved::Series(id)
+    }
+
+    fn note_recreated(
+        &mut self,
+        service: &str,
+        kind: MetricKind,
+        name: &str,
+        labels: &[(String, String)],
+    ) {
+        if self.expired_keys.is_empty() {
+            return;
+        }
+        if self
+            .expired_keys
+            .remove(&identity_hash(service, kind, name, labels))
+        {
+            self.stats.recreated += 1;
+        }
     }
 
     fn push(
@@ -367,8 +523,8 @@ impl Store {
                 Value::Histogram(Histogram::new(self.layout(&name)))
             }
         };
-        let id = self.series.len() as SeriesId;
-        self.series.push(Series {
+        let now = crate::drain::wall_ns();
+        let series = Series {
             service,
             kind,
             name,
@@ -376,17 +532,43 @@ impl Store {
             overflow,
             value,
             samples: 0,
+            created_ns: now,
+            last_active_ns: now,
             exported_total: 0,
+            bindings: 0,
             dirty: false,
-        });
-        id
+        };
+        match self.free.pop() {
+            Some(index) => {
+                let slot = &mut self.slots[index as usize];
+                slot.series = Some(series);
+                SeriesId {
+                    index,
+                    generation: slot.generation,
+                }
+            }
+            None => {
+                let index = self.slots.len() as u32;
+                let generation = self.generation_floor;
+                self.slots.push(Slot {
+                    generation,
+                    series: Some(series),
+                });
+                SeriesId { index, generation }
+            }
+        }
     }
 
     // `touch`, `add`, `set` and `observe` are always inlined into the drain loop's
-    // per-record path (see `Ctx::sample` in `drain.rs`).
+    // per-record path (see `Ctx::sample` in `drain.rs`). Each returns `false` when `id`
+    // is stale (its series expired): the caller registers the series again.
     #[inline(always)]
     fn touch(&mut self, id: SeriesId) -> Option<&mut Series> {
-        let s = self.series.get_mut(id as usize)?;
+        let slot = self.slots.get_mut(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        let s = slot.series.as_mut()?;
         s.samples += 1;
         if s.overflow {
             self.stats.overflow_samples += 1;
@@ -400,88 +582,260 @@ impl Store {
 
     /// Adds `delta` to counter `id`.
     #[inline(always)]
-    pub fn add(&mut self, id: SeriesId, delta: u64) {
-        if let Some(Series {
-            value: Value::Counter { total },
-            ..
-        }) = self.touch(id)
-        {
-            *total += u128::from(delta);
+    pub fn add(&mut self, id: SeriesId, delta: u64) -> bool {
+        match self.touch(id) {
+            Some(Series {
+                value: Value::Counter { total },
+                ..
+            }) => {
+                *total += u128::from(delta);
+                true
+            }
+            Some(_) => true,
+            None => false,
         }
     }
 
     /// Sets gauge `id` to `value`.
     #[inline(always)]
-    pub fn set(&mut self, id: SeriesId, value: i64) {
-        if let Some(Series {
-            value: Value::Gauge { value: v },
-            ..
-        }) = self.touch(id)
-        {
-            *v = Some(value);
+    pub fn set(&mut self, id: SeriesId, value: i64) -> bool {
+        match self.touch(id) {
+            Some(Series {
+                value: Value::Gauge { value: v },
+                ..
+            }) => {
+                *v = Some(value);
+                true
+            }
+            Some(_) => true,
+            None => false,
         }
     }
 
     /// Records observation `value` in histogram `id`.
     #[inline(always)]
-    pub fn observe(&mut self, id: SeriesId, value: u64) {
-        if let Some(Series {
-            value: Value::Histogram(h),
-            ..
-        }) = self.touch(id)
-        {
-            h.record(value);
+    pub fn observe(&mut self, id: SeriesId, value: u64) -> bool {
+        match self.touch(id) {
+            Some(Series {
+                value: Value::Histogram(h),
+                ..
+            }) => {
+                h.record(value);
+                true
+            }
+            Some(_) => true,
+            None => false,
         }
     }
 
     /// Records observation `value` in histogram `id`; NaN and infinities are refused
-    /// (the caller counts them) and leave the series untouched.
+    /// (the caller counts them) and leave the series untouched. `Ok(false)` when `id`
+    /// is stale (its series expired): the caller registers the series again.
     #[inline(always)]
-    pub fn observe_f64(&mut self, id: SeriesId, value: f64) -> Result<(), NotFinite> {
+    pub fn observe_f64(&mut self, id: SeriesId, value: f64) -> Result<bool, NotFinite> {
         if !value.is_finite() {
             return Err(NotFinite);
         }
-        if let Some(Series {
-            value: Value::Histogram(h),
-            ..
-        }) = self.touch(id)
-        {
-            h.record_f64(value)?;
+        match self.touch(id) {
+            Some(Series {
+                value: Value::Histogram(h),
+                ..
+            }) => {
+                h.record_f64(value)?;
+                Ok(true)
+            }
+            Some(_) => Ok(true),
+            None => Ok(false),
         }
-        Ok(())
     }
 
     /// The series changed since the last call, clearing their changed mark.
     pub fn take_dirty(&mut self) -> Vec<SeriesId> {
         let ids = std::mem::take(&mut self.dirty);
         for &id in &ids {
-            if let Some(s) = self.series.get_mut(id as usize) {
+            if let Some(s) = self.get_mut(id) {
                 s.dirty = false;
             }
         }
         ids
     }
 
-    /// Series `id`.
+    /// Series `id`, unless it expired.
     pub fn get(&self, id: SeriesId) -> Option<&Series> {
-        self.series.get(id as usize)
+        let slot = self.slots.get(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.series.as_ref()
     }
 
-    /// Records the counter total last exported (for the next window's delta).
-    pub(crate) fn set_exported_total(&mut self, id: SeriesId, total: u128) {
-        if let Some(s) = self.series.get_mut(id as usize) {
-            s.exported_total = total;
+    fn get_mut(&mut self, id: SeriesId) -> Option<&mut Series> {
+        let slot = self.slots.get_mut(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.series.as_mut()
+    }
+
+    /// Records what was exported of series `id` in the window ending at `end_ns`: the
+    /// counter total (for the next window's delta) and that it was active then.
+    pub(crate) fn exported(&mut self, id: SeriesId, total: Option<u128>, end_ns: u64) {
+        if let Some(s) = self.get_mut(id) {
+            if let Some(t) = total {
+                s.exported_total = t;
+            }
+            s.last_active_ns = end_ns;
         }
     }
 
-    /// Every series.
-    pub fn all(&self) -> &[Series] {
-        &self.series
+    /// Every live series, in slot order.
+    pub fn all(&self) -> impl Iterator<Item = &Series> {
+        self.slots.iter().filter_map(|s| s.series.as_ref())
+    }
+
+    /// Live series (overflow series included).
+    pub fn len(&self) -> usize {
+        (self.stats.series + self.stats.overflow_series) as usize
+    }
+
+    /// Whether no series is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Running totals.
     pub fn stats(&self) -> StoreStats {
         self.stats
+    }
+
+    /// Looks at up to `series.expiry_scan` slots from where the last sweep stopped and
+    /// expires each series idle for its TTL at `now_ns`: `on_expire` sees it one last
+    /// time (to export its final value), then it is removed and its caps released. A
+    /// series marked changed since the last export is never idle. Then forgets
+    /// services with no ring and no series.
+    pub fn sweep(&mut self, now_ns: u64, mut on_expire: impl FnMut(&Series)) -> Swept {
+        let mut swept = Swept::default();
+        let n = self.slots.len();
+        let budget = (self.caps.expiry_scan as usize).min(n);
+        let idle = self.caps.idle_ttl_ms.saturating_mul(1_000_000);
+        let bound = self.caps.idle_ttl_bound_ms.saturating_mul(1_000_000);
+        for _ in 0..budget {
+            if self.sweep_cursor >= n {
+                self.sweep_cursor = 0;
+            }
+            let index = self.sweep_cursor;
+            self.sweep_cursor += 1;
+            swept.scanned += 1;
+            let Some(s) = self.slots[index].series.as_ref() else {
+                continue;
+            };
+            let ttl = if s.bindings > 0 { bound } else { idle };
+            if s.dirty || now_ns.saturating_sub(s.last_active_ns) < ttl {
+                continue;
+            }
+            on_expire(s);
+            self.remove(index);
+            swept.expired += 1;
+        }
+        // Give memory back when the store has shrunk well below its peak.
+        if swept.expired > 0 && self.free.len() > 1024 && self.free.len() * 2 > self.slots.len() {
+            self.compact_tail();
+        }
+        self.release_services();
+        swept
+    }
+
+    fn remove(&mut self, index: usize) {
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
+        let Some(s) = slot.series.take() else {
+            return;
+        };
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(index as u32);
+        let service = self.service_index.get(&s.service).copied();
+        if s.overflow {
+            if let Some(svc) = service {
+                self.overflow_index.remove(&(svc, s.kind, s.name.clone()));
+            }
+            self.stats.overflow_series = self.stats.overflow_series.saturating_sub(1);
+            self.stats.expired_overflow += 1;
+        } else {
+            if let Some(svc) = service {
+                self.index.remove(&SeriesKey {
+                    service: svc,
+                    kind: s.kind,
+                    name: s.name.clone(),
+                    labels: s.labels.clone(),
+                });
+                if let Some(Some(st)) = self.services.get_mut(svc as usize) {
+                    st.series = st.series.saturating_sub(1);
+                    if let Some(m) = st.per_metric.get_mut(&s.name) {
+                        *m = m.saturating_sub(1);
+                        if *m == 0 {
+                            st.per_metric.remove(&s.name);
+                        }
+                    }
+                }
+            }
+            self.stats.series = self.stats.series.saturating_sub(1);
+        }
+        self.stats.expired += 1;
+        let h = identity_hash(&s.service, s.kind, &s.name, &s.labels);
+        if self.expired_keys.insert(h) {
+            self.expired_order.push_back(h);
+            while self.expired_order.len() > EXPIRED_REMEMBERED {
+                if let Some(old) = self.expired_order.pop_front() {
+                    self.expired_keys.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Drops free slots at the end of the slot table. An id of a dropped slot is out of
+    /// range, hence stale; a slot made again at that index starts at a generation above
+    /// every generation a dropped slot had, so no old id can name it.
+    fn compact_tail(&mut self) {
+        while let Some(last) = self.slots.last() {
+            if last.series.is_some() {
+                break;
+            }
+            self.generation_floor = self.generation_floor.max(last.generation);
+            self.slots.pop();
+        }
+        let len = self.slots.len() as u32;
+        self.free.retain(|&i| i < len);
+        self.slots.shrink_to_fit();
+        self.index.shrink_to_fit();
+        self.overflow_index.shrink_to_fit();
+        self.dirty.shrink_to_fit();
+    }
+
+    fn release_services(&mut self) {
+        let gone: Vec<u32> = self
+            .services
+            .iter()
+            .enumerate()
+            .filter_map(|(i, st)| match st {
+                Some(st) if st.rings == 0 && st.series == 0 => Some(i as u32),
+                _ => None,
+            })
+            .collect();
+        for i in gone {
+            let overflow_left = self.overflow_index.keys().any(|k| k.0 == i);
+            if overflow_left {
+                continue;
+            }
+            if let Some(slot) = self.services.get_mut(i as usize) {
+                if let Some(st) = slot.take() {
+                    self.service_index.remove(&st.name);
+                    self.free_services.push(i);
+                    self.stats.services_released += 1;
+                }
+            }
+        }
+        self.stats.services = self.service_index.len() as u64;
     }
 }
 
@@ -497,6 +851,7 @@ mod tests {
                 max_per_metric: per_metric,
                 max_per_service: per_service,
                 max_overflow: overflow,
+                ..SeriesConfig::default()
             },
             Redactor::new(&RedactionConfig::default().patterns),
             &BTreeMap::new(),
@@ -562,7 +917,6 @@ mod tests {
         );
         let total: u128 = s
             .all()
-            .iter()
             .map(|x| match x.value {
                 Value::Counter { total } => total,
                 _ => 0,
@@ -596,5 +950,166 @@ mod tests {
             s.get(id).map(|x| x.value.clone()),
             Some(Value::Gauge { value: Some(-7) })
         );
+    }
+
+    fn ttl_store(total: u32, scan: u32) -> Store {
+        Store::new(
+            SeriesConfig {
+                max_total: total,
+                max_per_metric: total,
+                max_per_service: total,
+                max_overflow: 10,
+                idle_ttl_ms: 10,
+                idle_ttl_bound_ms: 1000,
+                expiry_scan: scan,
+            },
+            Redactor::new(&RedactionConfig::default().patterns),
+            &BTreeMap::new(),
+        )
+    }
+
+    fn series(s: &mut Store, svc: u32, name: &str, label: &str) -> SeriesId {
+        match s.resolve(svc, MetricKind::Counter, name, &[("l", label)]) {
+            Resolved::Series(id) => id,
+            Resolved::Refused => panic!("refused"),
+        }
+    }
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn an_idle_series_expires_with_its_final_value_and_frees_its_cap() {
+        let mut s = ttl_store(2, 100);
+        let svc = s.service("web");
+        s.ring_opened(svc);
+        let a = series(&mut s, svc, "req", "a");
+        s.unbind(a);
+        assert!(s.add(a, 5));
+        let t0 = s.get(a).expect("live").created_ns;
+        s.take_dirty();
+        s.exported(a, Some(5), t0);
+        // Not yet idle for the TTL.
+        let mut finals = Vec::new();
+        s.sweep(t0 + 9 * MS, |x| finals.push(x.value.clone()));
+        assert!(finals.is_empty());
+        s.sweep(t0 + 10 * MS, |x| finals.push(x.value.clone()));
+        assert_eq!(finals, vec![Value::Counter { total: 5 }]);
+        assert!(s.get(a).is_none());
+        assert!(!s.add(a, 1), "a stale id aggregates nothing");
+        assert_eq!((s.stats().series, s.stats().expired), (0, 1));
+        // Its cap slot is free again: two new series fit a cap of 2, none overflows.
+        let b = series(&mut s, svc, "req", "b");
+        let c = series(&mut s, svc, "req", "c");
+        assert!(!s.get(b).expect("b").overflow && !s.get(c).expect("c").overflow);
+        assert_ne!(a, b);
+        assert_eq!(a.index(), b.index(), "the slot is reused");
+    }
+
+    #[test]
+    fn a_bound_series_keeps_the_longer_ttl_and_a_changed_one_never_expires() {
+        let mut s = ttl_store(10, 100);
+        let svc = s.service("web");
+        let bound = series(&mut s, svc, "req", "bound");
+        let busy = series(&mut s, svc, "req", "busy");
+        s.unbind(busy);
+        let t0 = s.get(bound).expect("live").created_ns;
+        assert!(s.add(busy, 1)); // changed since the last export: dirty
+        let mut gone = Vec::new();
+        s.sweep(t0 + 500 * MS, |x| gone.push(x.labels[0].1.clone()));
+        assert!(gone.is_empty(), "{gone:?}");
+        s.take_dirty();
+        s.exported(busy, Some(1), t0 + 500 * MS);
+        s.sweep(t0 + 505 * MS, |x| gone.push(x.labels[0].1.clone()));
+        assert!(gone.is_empty(), "{gone:?}");
+        s.sweep(t0 + 1000 * MS, |x| gone.push(x.labels[0].1.clone()));
+        gone.sort();
+        assert_eq!(gone, ["bound", "busy"]);
+    }
+
+    #[test]
+    fn a_series_that_comes_back_starts_again_and_is_counted() {
+        let mut s = ttl_store(10, 100);
+        let svc = s.service("web");
+        s.ring_opened(svc);
+        let a = series(&mut s, svc, "req", "a");
+        s.unbind(a);
+        s.add(a, 7);
+        let t0 = s.get(a).expect("live").created_ns;
+        s.take_dirty();
+        s.exported(a, Some(7), t0);
+        s.sweep(t0 + 20 * MS, |_| {});
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let again = series(&mut s, svc, "req", "a");
+        let back = s.get(again).expect("live");
+        assert_eq!(back.value, Value::Counter { total: 0 });
+        assert!(back.created_ns > t0);
+        assert_eq!(s.stats().recreated, 1);
+    }
+
+    #[test]
+    fn the_sweep_is_bounded_and_walks_the_whole_store_in_turns() {
+        let mut s = ttl_store(100, 16);
+        let svc = s.service("web");
+        let ids: Vec<SeriesId> = (0..40)
+            .map(|i| series(&mut s, svc, "req", &i.to_string()))
+            .collect();
+        for id in &ids {
+            s.unbind(*id);
+        }
+        let t = crate::drain::wall_ns() + 100 * MS;
+        let mut expired = 0;
+        for _ in 0..3 {
+            let w = s.sweep(t, |_| expired += 1);
+            assert!(w.scanned <= 16);
+        }
+        assert_eq!(expired, 40);
+        assert_eq!(s.stats().series, 0);
+    }
+
+    #[test]
+    fn overflow_series_expire_and_services_are_released() {
+        let mut s = ttl_store(1, 100);
+        let svc = s.service("gone");
+        s.ring_opened(svc);
+        let own = series(&mut s, svc, "req", "a");
+        let over = series(&mut s, svc, "req", "b");
+        assert!(s.get(over).expect("live").overflow);
+        for id in [own, over] {
+            s.unbind(id);
+        }
+        let t = s.get(own).expect("live").created_ns + 100 * MS;
+        s.sweep(t, |_| {});
+        assert_eq!(s.stats().expired_overflow, 1);
+        assert_eq!(s.stats().services, 1, "a ring is still open");
+        s.ring_closed(svc);
+        s.sweep(t, |_| {});
+        assert_eq!((s.stats().services, s.stats().services_released), (0, 1));
+        // The name comes back as a new service with its own caps.
+        let svc2 = s.service("gone");
+        let fresh = series(&mut s, svc2, "req", "c");
+        assert!(!s.get(fresh).expect("live").overflow);
+    }
+
+    #[test]
+    fn a_stale_id_never_names_a_slot_made_again_after_compaction() {
+        let mut s = ttl_store(5000, 5000);
+        let svc = s.service("web");
+        s.ring_opened(svc);
+        let ids: Vec<SeriesId> = (0..3000)
+            .map(|i| series(&mut s, svc, "req", &i.to_string()))
+            .collect();
+        for id in &ids {
+            s.unbind(*id);
+        }
+        let t = crate::drain::wall_ns() + 100 * MS;
+        s.sweep(t, |_| {});
+        assert!(s.is_empty(), "{:?}", s.stats());
+        let fresh: Vec<SeriesId> = (0..3000)
+            .map(|i| series(&mut s, svc, "req", &format!("n{i}")))
+            .collect();
+        for old in &ids {
+            assert!(s.get(*old).is_none());
+            assert!(!fresh.contains(old));
+        }
     }
 }

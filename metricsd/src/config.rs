@@ -89,6 +89,14 @@ pub struct DrainConfig {
     pub idle_min_us: u32,
     /// Longest such sleep, in microseconds (default 1000).
     pub idle_max_us: u32,
+    /// After this long with every ring empty, in milliseconds (default 1000), the drain
+    /// loop sleeps `deep_idle_ms` between passes instead.
+    pub deep_idle_after_ms: u32,
+    /// The sleep between passes once idle that long, in milliseconds (default 100, and
+    /// never past the next export): an idle metricsd wakes about ten times a second, and
+    /// a record written after a long silence is drained within this bound. A new ring,
+    /// a snapshot or a shutdown still wakes it at once.
+    pub deep_idle_ms: u32,
 }
 
 /// `[series]`: hard cardinality caps.
@@ -104,6 +112,19 @@ pub struct SeriesConfig {
     /// Overflow series (one per service and metric) in all (default 1000). Past it a
     /// new series is refused `over_limit` and its samples are counted, not summed.
     pub max_overflow: u32,
+    /// A series no live ring has registered expires after this long without a sample,
+    /// in milliseconds (default 300000, five minutes: Prometheus's own staleness
+    /// window, so a scraper polling every minute still sees the final value several
+    /// times before the series goes).
+    pub idle_ttl_ms: u64,
+    /// A series that a connected producer still has registered expires after this long
+    /// without a sample, in milliseconds (default 3600000, one hour): long enough that
+    /// a rarely recorded series of a live process stays, short enough that label values
+    /// a long-running process stopped using give their cap slots back.
+    pub idle_ttl_bound_ms: u64,
+    /// Series slots looked at for expiry per export (default 4096): the sweep is
+    /// incremental, so a store of N series is swept every N / 4096 exports.
+    pub expiry_scan: u32,
 }
 
 /// `[spans]`: live-span bounds.
@@ -389,6 +410,8 @@ impl Default for DrainConfig {
             budget: 4096,
             idle_min_us: 100,
             idle_max_us: 1000,
+            deep_idle_after_ms: 1000,
+            deep_idle_ms: 100,
         }
     }
 }
@@ -400,6 +423,9 @@ impl Default for SeriesConfig {
             max_per_metric: 1000,
             max_per_service: 2000,
             max_overflow: 1000,
+            idle_ttl_ms: 300_000,
+            idle_ttl_bound_ms: 3_600_000,
+            expiry_scan: 4096,
         }
     }
 }
@@ -527,12 +553,27 @@ impl Config {
         in_range("drain.budget", d.budget, 1, MAX_CAPACITY)?;
         in_range("drain.idle_min_us", d.idle_min_us, 1, 1_000_000)?;
         in_range("drain.idle_max_us", d.idle_max_us, d.idle_min_us, 1_000_000)?;
+        in_range(
+            "drain.deep_idle_after_ms",
+            d.deep_idle_after_ms,
+            1,
+            3_600_000,
+        )?;
+        in_range("drain.deep_idle_ms", d.deep_idle_ms, 1, 10_000)?;
 
         let s = &self.series;
         in_range("series.max_total", s.max_total, 1, 10_000_000)?;
         in_range("series.max_per_metric", s.max_per_metric, 1, 10_000_000)?;
         in_range("series.max_per_service", s.max_per_service, 1, 10_000_000)?;
         in_range("series.max_overflow", s.max_overflow, 1, 10_000_000)?;
+        in_range("series.idle_ttl_ms", s.idle_ttl_ms, 1, 365 * 86_400_000)?;
+        in_range(
+            "series.idle_ttl_bound_ms",
+            s.idle_ttl_bound_ms,
+            1,
+            365 * 86_400_000,
+        )?;
+        in_range("series.expiry_scan", s.expiry_scan, 1, 10_000_000)?;
 
         let sp = &self.spans;
         in_range("spans.max_live", sp.max_live, 1, 10_000_000)?;

@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -17,6 +16,7 @@ use crate::identity::{Identify, Policy};
 use crate::scrape::{Published, ScrapeServer};
 use crate::sink::{LogdSink, Sink};
 use crate::snapshot::{GrantStats, Snapshot};
+use crate::wake::StopSignal;
 
 /// Why the daemon could not start, or stopped answering.
 #[derive(Debug)]
@@ -27,6 +27,8 @@ pub enum DaemonError {
     Grant(GrantError),
     /// A thread could not be started.
     Spawn(std::io::Error),
+    /// The eventfd that wakes the grant thread at shutdown could not be made.
+    StopSignal(std::io::Error),
     /// The drain loop did not answer within the time given.
     Timeout(&'static str),
     /// The drain loop is gone.
@@ -41,6 +43,7 @@ impl fmt::Display for DaemonError {
             Self::Config(e) => write!(f, "{e}"),
             Self::Grant(e) => write!(f, "{e}"),
             Self::Spawn(e) => write!(f, "cannot start a thread: {e}"),
+            Self::StopSignal(e) => write!(f, "cannot create the stop eventfd: {e}"),
             Self::Timeout(what) => write!(f, "timed out waiting for {what}"),
             Self::Stopped => f.write_str("the drain loop has stopped"),
             Self::Prometheus(addr, e) => write!(
@@ -56,9 +59,36 @@ impl std::error::Error for DaemonError {
         match self {
             Self::Config(e) => Some(e),
             Self::Grant(e) => Some(e),
-            Self::Spawn(e) | Self::Prometheus(_, e) => Some(e),
+            Self::Spawn(e) | Self::StopSignal(e) | Self::Prometheus(_, e) => Some(e),
             _ => None,
         }
+    }
+}
+
+/// File descriptors a daemon of `config` may hold at once: one memfd per ring, one
+/// socket per control connection, and a margin for the listener, the eventfd, logd's
+/// connection, the binary's own files and the standard streams.
+pub fn fds_needed(config: &Config) -> u64 {
+    u64::from(config.rings.max_total) + u64::from(config.rings.max_connections) + 64
+}
+
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to what `config`
+/// can need, within the hard limit: many systems start services with a soft limit of
+/// 1024, below the default caps (1024 rings and 256 connections). Returns the soft
+/// limit now in force; below [`fds_needed`] when the hard limit does not allow more.
+pub fn raise_open_file_limit(config: &Config) -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let need = fds_needed(config);
+    let mut limit = getrlimit(Resource::Nofile);
+    let current = limit.current.unwrap_or(u64::MAX);
+    if current >= need {
+        return current;
+    }
+    let want = limit.maximum.map_or(need, |max| need.min(max));
+    limit.current = Some(want);
+    match setrlimit(Resource::Nofile, limit) {
+        Ok(()) => want,
+        Err(_) => current,
     }
 }
 
@@ -131,7 +161,7 @@ impl Daemon {
         .map_err(DaemonError::Grant)?;
 
         let queue = ExportQueue::new(config.export.queue_records);
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(StopSignal::new().map_err(DaemonError::StopSignal)?);
         let instance = format!(
             "{}-{}",
             std::process::id(),
@@ -168,8 +198,7 @@ impl Daemon {
             let otlp_config = config.otlp.clone();
             let start_unix_ns = crate::drain::wall_ns();
             let s = stop.clone();
-            let stopping: Arc<dyn Fn() -> bool + Send + Sync> =
-                Arc::new(move || s.load(Ordering::Acquire));
+            let stopping: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || s.is_raised());
             threads.push(spawn(
                 "metricsd-otlp",
                 Box::new(move || {
@@ -191,14 +220,10 @@ impl Daemon {
             None => None,
         };
         let published = scrape.as_ref().map(|(p, _)| p.clone());
-        let (idle_min, idle_max, interval) = (
-            Duration::from_micros(u64::from(config.drain.idle_min_us)),
-            Duration::from_micros(u64::from(config.drain.idle_max_us)),
-            config.export_interval(),
-        );
+        let idle = drain::IdlePolicy::from_config(&config);
         let drain_thread = spawn(
             "metricsd-drain",
-            Box::new(move || drain::run(drainer, rx, idle_min, idle_max, interval, published)),
+            Box::new(move || drain::run(drainer, rx, idle, published)),
         )?;
 
         let s = stop.clone();
@@ -222,7 +247,7 @@ impl Daemon {
 /// A running daemon. Dropping it shuts it down.
 pub struct DaemonHandle {
     tx: Sender<Command>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     queue: Arc<ExportQueue>,
     socket: PathBuf,
     instance: String,
@@ -363,7 +388,7 @@ impl DaemonHandle {
     }
 
     fn stop_all(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.raise();
         self.scrape = None;
         if let Some(t) = self.grant_thread.take() {
             let _ = t.join();
@@ -382,5 +407,25 @@ impl DaemonHandle {
 impl Drop for DaemonHandle {
     fn drop(&mut self) {
         self.stop_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_file_limit_covers_every_ring_and_connection() {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let config = Config::default();
+        assert_eq!(fds_needed(&config), 1024 + 256 + 64);
+        // Start from a soft limit below the need, as many service managers do.
+        let mut low = getrlimit(Resource::Nofile);
+        let hard = low.maximum.unwrap_or(u64::MAX);
+        low.current = Some(256.min(hard));
+        setrlimit(Resource::Nofile, low).expect("lowering the soft limit is allowed");
+        let limit = raise_open_file_limit(&config);
+        assert_eq!(limit, fds_needed(&config).min(hard));
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(limit));
     }
 }

@@ -7,7 +7,8 @@
 //! that must be zero, span ids and statuses. Each reject is counted with its reason.
 //! Registrations are assembled per ring. Nothing here blocks on a producer: a pass that
 //! found every ring empty sleeps (`drain.idle_min_us`, doubling up to
-//! `drain.idle_max_us`) on the command channel, so a new ring or a snapshot request
+//! `drain.idle_max_us`, and `drain.deep_idle_ms` once every ring has been empty for
+//! `drain.deep_idle_after_ms`) on the command channel, so a new ring or a snapshot request
 //! wakes it at once.
 
 use std::collections::{HashMap, VecDeque};
@@ -21,7 +22,7 @@ use telemetry_abi::{
 };
 use telemetry_ring::{MemfdRegion, Reader};
 
-use crate::aggregate::{MetricKind, Resolved, Store};
+use crate::aggregate::{MetricKind, Resolved, SeriesId, Store};
 use crate::config::Config;
 use crate::export::ExportQueue;
 use crate::health::{Class, Reason, RejectCounts};
@@ -97,8 +98,8 @@ type HealthRow<'a> = (MetricKind, &'static str, Vec<(&'a str, String)>, i128);
 /// Closed rings kept in snapshots (the most recent).
 const CLOSED_KEPT: usize = 64;
 
-/// Now, ns since the Unix epoch.
-pub fn wall_ns() -> u64 {
+/// Now, in ns since the Unix epoch.
+pub(crate) fn wall_ns() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -152,7 +153,7 @@ impl Ctx<'_> {
     fn record(&mut self, ring: &mut RingCtx<'_>, record: Record) {
         if let Some(want) = sample_kind(record.kind) {
             if !ring.regbuf.is_pending() {
-                if let Err(reason) = self.sample(ring.keys, want, record) {
+                if let Err(reason) = self.sample(ring, want, record) {
                     self.reject(reason);
                 }
                 return;
@@ -167,7 +168,7 @@ impl Ctx<'_> {
     #[inline(always)]
     fn sample(
         &mut self,
-        keys: &KeyTable,
+        ring: &mut RingCtx<'_>,
         want: RegisterKind,
         record: Record,
     ) -> Result<(), Reason> {
@@ -175,7 +176,7 @@ impl Ctx<'_> {
         if s.flags != 0 || s.reserved != [0, 0] {
             return Err(Reason::ReservedNonzero);
         }
-        let entry = keys.get(record.key).ok_or(Reason::UnregisteredKey)?;
+        let entry = ring.keys.get(record.key).ok_or(Reason::UnregisteredKey)?;
         if entry.what != want {
             return Err(Reason::KindMismatch);
         }
@@ -184,12 +185,82 @@ impl Ctx<'_> {
             Target::Refused => return Err(Reason::SeriesCap),
             _ => return Err(Reason::KindMismatch),
         };
-        match record.kind {
-            RecordKind::COUNTER => self.store.add(id, s.value),
-            RecordKind::GAUGE => self.store.set(id, s.value as i64),
-            _ => self.store.observe(id, s.value),
+        if self.apply(id, record.kind, s.value) {
+            Ok(())
+        } else {
+            self.rebind(ring, record.key, record.kind, s.value)
         }
-        Ok(())
+    }
+
+    /// Aggregates one sample into series `id`; `false` when `id` expired.
+    #[inline(always)]
+    fn apply(&mut self, id: SeriesId, kind: RecordKind, value: u64) -> bool {
+        match kind {
+            RecordKind::COUNTER => self.store.add(id, value),
+            RecordKind::GAUGE => self.store.set(id, value as i64),
+            _ => self.store.observe(id, value),
+        }
+    }
+
+    /// A sample on a key whose series expired: the key's registration is resolved again
+    /// (a new series, or the overflow series if the caps are reached now) and the sample
+    /// aggregated there.
+    #[cold]
+    #[inline(never)]
+    fn rebind(
+        &mut self,
+        ring: &mut RingCtx<'_>,
+        key: u32,
+        kind: RecordKind,
+        value: u64,
+    ) -> Result<(), Reason> {
+        let Some(entry) = ring.keys.get_mut(key) else {
+            return Err(Reason::UnregisteredKey);
+        };
+        let metric = match entry.what {
+            RegisterKind::COUNTER => MetricKind::Counter,
+            RegisterKind::GAUGE => MetricKind::Gauge,
+            _ => MetricKind::Histogram,
+        };
+        let labels = entry.labels();
+        let resolved = self
+            .store
+            .resolve(ring.service_idx, metric, entry.name(), &labels);
+        match resolved {
+            Resolved::Series(id) => {
+                entry.target = Target::Series(id);
+                // A series just resolved is live: this cannot fail.
+                self.apply(id, kind, value);
+                Ok(())
+            }
+            Resolved::Refused => {
+                entry.target = Target::Refused;
+                Err(Reason::SeriesCap)
+            }
+        }
+    }
+
+    /// A span ended whose name's duration series expired while it was open: the name's
+    /// entry is bound to the series found or made again, and the duration observed there.
+    #[cold]
+    #[inline(never)]
+    fn rebind_duration(&mut self, ring: &mut RingCtx<'_>, name_key: u32, duration_ns: u64) {
+        let Some(entry) = ring.keys.get_mut(name_key) else {
+            return;
+        };
+        let Target::Span { name, duration } = &mut entry.target else {
+            return;
+        };
+        match self
+            .store
+            .resolve(ring.service_idx, MetricKind::SpanDuration, name, &[])
+        {
+            Resolved::Series(id) => {
+                *duration = Some(id);
+                self.store.observe(id, duration_ns);
+            }
+            Resolved::Refused => *duration = None,
+        }
     }
 
     #[inline(never)]
@@ -213,7 +284,7 @@ impl Ctx<'_> {
 
     fn validated(&mut self, ring: &mut RingCtx<'_>, record: Record) -> Result<(), Reason> {
         if let Some(want) = sample_kind(record.kind) {
-            return self.sample(ring.keys, want, record);
+            return self.sample(ring, want, record);
         }
         let entry = ring.keys.get(record.key);
         match record.kind {
@@ -275,8 +346,11 @@ impl Ctx<'_> {
                     service: ring.service.clone(),
                 };
                 if let Some(done) = self.spans.start(start, self.now)? {
+                    // A close that arrived first (another thread's ring) completed it.
                     if let Some(series) = done.duration_series {
-                        self.store.observe(series, done.duration_ns);
+                        if !self.store.observe(series, done.duration_ns) {
+                            self.rebind_duration(ring, s.name, done.duration_ns);
+                        }
                     }
                 }
                 Ok(())
@@ -296,8 +370,12 @@ impl Ctx<'_> {
                 let done = self
                     .spans
                     .end(scope, e.span_id, e.name, e.status, e.end_ns, self.now)?;
-                if let Some(series) = done.and_then(|d| d.duration_series.map(|s| (s, d))) {
-                    self.store.observe(series.0, series.1.duration_ns);
+                if let Some(done) = done {
+                    if let Some(series) = done.duration_series {
+                        if !self.store.observe(series, done.duration_ns) {
+                            self.rebind_duration(ring, e.name, done.duration_ns);
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -433,6 +511,7 @@ impl Drainer {
     /// Starts draining `ring`.
     pub fn add_ring(&mut self, ring: NewRing) {
         let service_idx = self.store.service(&ring.service);
+        self.store.ring_opened(service_idx);
         self.rings.push(RingState {
             id: ring.id,
             connection: ring.connection,
@@ -524,7 +603,14 @@ impl Drainer {
         let mut consumed = 0;
         let mut lag = 0;
         for i in 0..self.rings.len() {
-            if self.rings[i].reader.quarantined().is_some() {
+            let ring = &mut self.rings[i];
+            if ring.reader.quarantined().is_some() {
+                continue;
+            }
+            // Most rings of a large idle fleet are empty: one load decides, without
+            // setting up a drain (an idle pass over 1000 rings stays in microseconds).
+            if ring.reader.looks_empty() {
+                ring.pending = 0;
                 continue;
             }
             consumed += self.drain_ring(i, self.budget, now);
@@ -532,6 +618,8 @@ impl Drainer {
         }
         self.stats.passes += 1;
         self.stats.lag = lag;
+        let took = u64::try_from(now.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.stats.pass_ns_max = self.stats.pass_ns_max.max(took);
         consumed
     }
 
@@ -557,6 +645,10 @@ impl Drainer {
             }
             let ring = self.rings.swap_remove(i);
             self.spans.orphan(Scope::Ring(ring.id), now);
+            for series in ring.keys.entries().filter_map(|e| e.series()) {
+                self.store.unbind(series);
+            }
+            self.store.ring_closed(ring.service_idx);
             let mut snap = ring_snapshot(&ring);
             snap.closed = true;
             if self.closed.len() >= CLOSED_KEPT {
@@ -590,15 +682,18 @@ impl Drainer {
             if self.otlp.is_some() {
                 otlp_series.push(s.clone());
             }
-            let delta = match s.value {
-                crate::aggregate::Value::Counter { total } => total - s.exported_total,
-                _ => 0,
+            let total = match s.value {
+                crate::aggregate::Value::Counter { total } => Some(total),
+                _ => None,
             };
+            let delta = total.map_or(0, |t| t - s.exported_total);
             records.push(schema::series_record(s, delta, window));
-            if let crate::aggregate::Value::Counter { total } = s.value {
-                self.store.set_exported_total(id, total);
-            }
+            self.store.exported(id, total, end);
         }
+        let swept = self.store.sweep(end, |s| {
+            records.push(schema::expired_record(s, window));
+        });
+        self.stats.expiry_scanned += u64::from(swept.scanned);
         let (spans, logged): (Vec<FinishedSpan>, usize) = self.spans.take_ready(now);
         records.extend(spans[..logged].iter().map(schema::span_record));
         if let Some(otlp) = &self.otlp {
@@ -614,6 +709,7 @@ impl Drainer {
         }
         self.stats.exports += 1;
         self.health_records(window, &mut records);
+        self.stats.pass_ns_max = 0;
         self.queue.push(records);
     }
 
@@ -661,6 +757,12 @@ impl Drainer {
             snap.drain.records.into(),
         ));
         h.push((g, "metricsd.drain.lag", vec![], snap.drain.lag.into()));
+        h.push((
+            g,
+            "metricsd.drain.longest_pass",
+            vec![],
+            (snap.drain.pass_ns_max / 1000).into(),
+        ));
         h.push((
             g,
             "metricsd.rings.open",
@@ -727,6 +829,27 @@ impl Drainer {
             "metricsd.labels.redacted",
             vec![],
             st.labels_redacted.into(),
+        ));
+        h.push((
+            g,
+            "metricsd.series.overflow",
+            vec![],
+            st.overflow_series.into(),
+        ));
+        h.push((c, "metricsd.series.expired", vec![], st.expired.into()));
+        h.push((
+            c,
+            "metricsd.series.expired_overflow",
+            vec![],
+            st.expired_overflow.into(),
+        ));
+        h.push((c, "metricsd.series.recreated", vec![], st.recreated.into()));
+        h.push((g, "metricsd.services", vec![], st.services.into()));
+        h.push((
+            c,
+            "metricsd.services.released",
+            vec![],
+            st.services_released.into(),
         ));
         let sp = self.spans.stats();
         h.push((g, "metricsd.spans.live", vec![], sp.live.into()));
@@ -831,7 +954,7 @@ impl Drainer {
     /// The full snapshot.
     pub fn snapshot(&self) -> Snapshot {
         let mut s = self.snapshot_core();
-        s.series = self.store.all().to_vec();
+        s.series = self.store.all().cloned().collect();
         s.grant = self
             .grant
             .lock()
@@ -864,17 +987,55 @@ fn ring_snapshot(r: &RingState) -> RingSnapshot {
     }
 }
 
+/// How the drain loop sleeps when every ring is empty (`[drain]` in the config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdlePolicy {
+    /// First sleep after an empty pass; doubled after each further empty pass.
+    pub min: Duration,
+    /// Longest sleep while recently busy.
+    pub max: Duration,
+    /// After this long with nothing drained, sleep `deep` instead.
+    pub deep_after: Duration,
+    /// The sleep once idle for `deep_after`.
+    pub deep: Duration,
+    /// Time between exports (no sleep runs past the next export).
+    pub interval: Duration,
+}
+
+impl IdlePolicy {
+    /// The policy `config` sets.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let d = &config.drain;
+        Self {
+            min: Duration::from_micros(u64::from(d.idle_min_us)),
+            max: Duration::from_micros(u64::from(d.idle_max_us)),
+            deep_after: Duration::from_millis(u64::from(d.deep_idle_after_ms)),
+            deep: Duration::from_millis(u64::from(d.deep_idle_ms)),
+            interval: config.export_interval(),
+        }
+    }
+
+    /// The sleep after an empty pass, given the current short backoff and how long
+    /// every ring has been empty.
+    fn sleep(&self, backoff: Duration, idle_for: Duration) -> Duration {
+        if idle_for >= self.deep_after {
+            self.deep.max(backoff)
+        } else {
+            backoff
+        }
+    }
+}
+
 /// Runs the drain loop until [`Command::Shutdown`] or every sender is gone.
 pub fn run(
     mut d: Drainer,
     rx: Receiver<Command>,
-    idle_min: Duration,
-    idle_max: Duration,
-    interval: Duration,
+    policy: IdlePolicy,
     published: Option<Arc<crate::scrape::Published>>,
 ) {
-    let mut idle = idle_min;
-    let mut next_export = Instant::now() + interval;
+    let mut backoff = policy.min;
+    let mut idle_since: Option<Instant> = None;
+    let mut next_export = Instant::now() + policy.interval;
     let mut snapshots: Vec<Sender<Snapshot>> = Vec::new();
     let mut exports: Vec<Sender<()>> = Vec::new();
     let mut stop = false;
@@ -893,9 +1054,13 @@ pub fn run(
         false
     };
     loop {
+        let mut commands = false;
         loop {
             match rx.try_recv() {
-                Ok(cmd) => stop |= handle(&mut d, cmd, &mut snapshots, &mut exports),
+                Ok(cmd) => {
+                    commands = true;
+                    stop |= handle(&mut d, cmd, &mut snapshots, &mut exports);
+                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     stop = true;
@@ -911,7 +1076,7 @@ pub fn run(
                 // Once per export, never per scrape: scrapes render from this copy.
                 p.publish(Arc::new(d.snapshot()));
             }
-            next_export = now + interval;
+            next_export = now + policy.interval;
             for tx in exports.drain(..) {
                 let _ = tx.send(());
             }
@@ -925,16 +1090,52 @@ pub fn run(
         if stop {
             return;
         }
-        if consumed == 0 {
-            let wait = idle.min(next_export.saturating_duration_since(Instant::now()));
+        if consumed == 0 && !commands {
+            let since = *idle_since.get_or_insert(now);
+            let sleep = policy.sleep(backoff, now.saturating_duration_since(since));
+            let wait = sleep.min(next_export.saturating_duration_since(Instant::now()));
             match rx.recv_timeout(wait) {
-                Ok(cmd) => stop |= handle(&mut d, cmd, &mut snapshots, &mut exports),
-                Err(RecvTimeoutError::Timeout) => {}
+                Ok(cmd) => {
+                    // A new ring or a request: be responsive again.
+                    idle_since = None;
+                    backoff = policy.min;
+                    stop |= handle(&mut d, cmd, &mut snapshots, &mut exports);
+                }
+                Err(RecvTimeoutError::Timeout) => backoff = (backoff * 2).min(policy.max),
                 Err(RecvTimeoutError::Disconnected) => stop = true,
             }
-            idle = (idle * 2).min(idle_max);
         } else {
-            idle = idle_min;
+            idle_since = None;
+            backoff = policy.min;
         }
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::IdlePolicy;
+    use std::time::Duration;
+
+    #[test]
+    fn the_sleep_deepens_only_after_the_idle_threshold() {
+        let p = IdlePolicy {
+            min: Duration::from_micros(100),
+            max: Duration::from_micros(1000),
+            deep_after: Duration::from_secs(1),
+            deep: Duration::from_millis(100),
+            interval: Duration::from_secs(1),
+        };
+        let b = Duration::from_micros(400);
+        assert_eq!(p.sleep(b, Duration::from_millis(999)), b);
+        assert_eq!(
+            p.sleep(b, Duration::from_secs(1)),
+            Duration::from_millis(100)
+        );
+        // A configured deep sleep shorter than the backoff never shortens it.
+        let shallow = IdlePolicy {
+            deep: Duration::from_micros(50),
+            ..p
+        };
+        assert_eq!(shallow.sleep(b, Duration::from_secs(5)), b);
     }
 }

@@ -19,12 +19,11 @@ use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 use rustix::net::{
     AddressFamily, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix,
@@ -40,6 +39,7 @@ use crate::config::RingsConfig;
 use crate::drain::{Command, NewRing};
 use crate::identity::{Identify, Peer, bound_service};
 use crate::snapshot::{ConnectionStats, GrantStats};
+use crate::wake::StopSignal;
 
 /// Why the control socket could not be set up.
 #[derive(Debug)]
@@ -231,28 +231,30 @@ impl GrantServer {
         self.stats.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Serves until `stop` is set, then closes every connection (their rings are
+    /// Serves until `stop` is raised, then closes every connection (their rings are
     /// drained a last time) and removes the socket file if it is still the one this
-    /// server bound (a newer instance may own the path by then).
-    pub fn run(mut self, stop: &AtomicBool) {
-        let tick = Timespec {
-            tv_sec: 0,
-            tv_nsec: 20_000_000,
-        };
-        while !stop.load(Ordering::Acquire) {
+    /// server bound (a newer instance may own the path by then). Between events the
+    /// thread sleeps in `poll` with no timeout: an idle metricsd's grant thread does not
+    /// wake until a producer connects, sends or leaves, or `stop` is raised.
+    pub fn run(mut self, stop: &StopSignal) {
+        while !stop.is_raised() {
             let (listener_ready, ready) = {
-                let mut fds = Vec::with_capacity(1 + self.conns.len());
+                let mut fds = Vec::with_capacity(2 + self.conns.len());
                 fds.push(PollFd::new(&self.listener, PollFlags::IN));
+                fds.push(PollFd::from_borrowed_fd(stop.fd(), PollFlags::IN));
                 for c in &self.conns {
                     fds.push(PollFd::new(&c.fd, PollFlags::IN));
                 }
-                if rustix::event::poll(&mut fds, Some(&tick)).is_err() {
+                if rustix::event::poll(&mut fds, None).is_err() {
                     continue;
                 }
                 let listener_ready = !fds[0].revents().is_empty();
-                let ready: Vec<bool> = fds[1..].iter().map(|f| !f.revents().is_empty()).collect();
+                let ready: Vec<bool> = fds[2..].iter().map(|f| !f.revents().is_empty()).collect();
                 (listener_ready, ready)
             };
+            if stop.is_raised() {
+                break;
+            }
             let mut gone = Vec::new();
             for (i, r) in ready.iter().enumerate() {
                 if *r && !self.serve(i) {
@@ -341,6 +343,7 @@ impl GrantServer {
                 Err(_) => return false,
             };
             let response = self.handle(i, &buf[..n.min(buf.len())], n);
+            self.count(i, &response);
             if !self.reply(i, response) {
                 return false;
             }
@@ -348,15 +351,30 @@ impl GrantServer {
         true
     }
 
-    fn handle(&mut self, i: usize, bytes: &[u8], len: usize) -> Reply {
+    /// Counts a message and its answer under one lock, so no snapshot sees a message
+    /// whose outcome is not counted yet.
+    fn count(&self, i: usize, reply: &Reply) {
         let conn_id = self.conns[i].id;
-        {
-            let mut st = self.stats();
-            st.messages += 1;
-            if let Some(c) = st.connections.get_mut(&conn_id) {
-                c.messages += 1;
+        let status = reply.response.status;
+        let mut st = self.stats();
+        st.messages += 1;
+        if status == GrantStatus::OK {
+            st.granted += 1;
+        } else {
+            *st.refused
+                .entry(status.name().unwrap_or("unknown"))
+                .or_insert(0) += 1;
+        }
+        if let Some(c) = st.connections.get_mut(&conn_id) {
+            c.messages += 1;
+            if status == GrantStatus::OK {
+                c.rings += 1;
             }
         }
+    }
+
+    fn handle(&mut self, i: usize, bytes: &[u8], len: usize) -> Reply {
+        let conn_id = self.conns[i].id;
         let rate = f64::from(self.cfg.grant_rate_per_sec);
         let burst = f64::from(self.cfg.grant_burst);
         let bucket = &mut self.conns[i].bucket;
@@ -420,13 +438,6 @@ impl GrantServer {
         *self.rings_by_service.entry(service).or_insert(0) += 1;
         self.rings_total += 1;
         self.conns[i].rings += 1;
-        {
-            let mut st = self.stats();
-            st.granted += 1;
-            if let Some(c) = st.connections.get_mut(&conn_id) {
-                c.rings += 1;
-            }
-        }
         Reply {
             response: GrantResponse::granted(id, capacity, epoch),
             fd: Some(fd),
@@ -434,11 +445,6 @@ impl GrantServer {
     }
 
     fn refuse(&self, status: GrantStatus) -> Reply {
-        *self
-            .stats()
-            .refused
-            .entry(status.name().unwrap_or("unknown"))
-            .or_insert(0) += 1;
         Reply {
             response: GrantResponse::refused(status),
             fd: None,

@@ -49,6 +49,32 @@ pub struct Entry {
     pub target: Target,
 }
 
+impl Entry {
+    /// The registered name.
+    pub fn name(&self) -> &str {
+        self.content.first().map_or("", |n| n)
+    }
+
+    /// The registered labels, as the producer gave them.
+    pub fn labels(&self) -> Vec<(&str, &str)> {
+        self.content
+            .get(1..)
+            .unwrap_or_default()
+            .chunks_exact(2)
+            .map(|kv| (&*kv[0], &*kv[1]))
+            .collect()
+    }
+
+    /// The series this entry holds a binding to, if any.
+    pub fn series(&self) -> Option<SeriesId> {
+        match self.target {
+            Target::Series(id) => Some(id),
+            Target::Span { duration, .. } => duration,
+            _ => None,
+        }
+    }
+}
+
 /// The outcome of [`KeyTable::check`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Check {
@@ -134,6 +160,22 @@ impl KeyTable {
         }
     }
 
+    /// The entry of `key`, to rebind it.
+    pub fn get_mut(&mut self, key: u32) -> Option<&mut Entry> {
+        let slot = match self.direct.get(key as usize) {
+            Some(&slot) => slot,
+            None if (key as usize) < self.max => 0,
+            None => self.sparse.get(&key).copied().unwrap_or(0),
+        };
+        slot.checked_sub(1)
+            .and_then(|i| self.entries.get_mut(i as usize))
+    }
+
+    /// Every entry, in registration order.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter()
+    }
+
     /// Binds `reg.key` (which [`check`](Self::check) found `New`) to `target`.
     pub fn insert(&mut self, reg: &Registration<'_>, target: Target) {
         if self.entries.len() >= self.max || self.get(reg.key).is_some() {
@@ -176,10 +218,11 @@ mod tests {
 
     #[test]
     fn keys_bind_once_and_conflicts_are_seen() {
+        let (seven, eight) = test_ids();
         let mut t = KeyTable::new(2);
         with_reg(1, "a", &[("x", "1")], |r| {
             assert_eq!(t.check(r), Check::New);
-            t.insert(r, Target::Series(7));
+            t.insert(r, Target::Series(seven));
         });
         with_reg(1, "a", &[("x", "1")], |r| {
             assert_eq!(t.check(r), Check::Same)
@@ -189,16 +232,40 @@ mod tests {
         });
         with_reg(1_000_000, "b", &[], |r| {
             assert_eq!(t.check(r), Check::New);
-            t.insert(r, Target::Series(8));
+            t.insert(r, Target::Series(eight));
         });
         with_reg(3, "c", &[], |r| assert_eq!(t.check(r), Check::Full));
-        assert_eq!(t.get(1).map(|e| e.target.clone()), Some(Target::Series(7)));
+        assert_eq!(
+            t.get(1).map(|e| e.target.clone()),
+            Some(Target::Series(seven))
+        );
         assert_eq!(
             t.get(1_000_000).map(|e| e.target.clone()),
-            Some(Target::Series(8))
+            Some(Target::Series(eight))
         );
         assert!(t.get(2).is_none());
         assert!(t.get(u32::MAX).is_none());
         assert_eq!(t.len(), 2);
+        let e = t.get(1).expect("registered");
+        assert_eq!((e.name(), e.labels()), ("a", vec![("x", "1")]));
+        assert_eq!(e.series(), Some(seven));
+    }
+
+    /// Two distinct series ids from a real store.
+    fn test_ids() -> (SeriesId, SeriesId) {
+        use crate::aggregate::{MetricKind, Resolved, Store};
+        use crate::config::{RedactionConfig, SeriesConfig};
+        use crate::redact::Redactor;
+        let mut s = Store::new(
+            SeriesConfig::default(),
+            Redactor::new(&RedactionConfig::default().patterns),
+            &std::collections::BTreeMap::new(),
+        );
+        let svc = s.service("t");
+        let mut id = |n: &str| match s.resolve(svc, MetricKind::Counter, n, &[]) {
+            Resolved::Series(id) => id,
+            Resolved::Refused => panic!("fits"),
+        };
+        (id("seven"), id("eight"))
     }
 }

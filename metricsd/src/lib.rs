@@ -47,6 +47,7 @@ pub mod sink;
 pub mod snapshot;
 pub mod spans;
 pub mod top;
+pub mod wake;
 
 pub use aggregate::{MetricKind, Series, Value, series_id};
 pub use config::Config;

@@ -294,6 +294,15 @@ fn serve(
         signal_hook::consts::SIGINT,
     ])
     .context("installing SIGTERM/SIGINT handlers")?;
+    let open_files = metricsd::daemon::raise_open_file_limit(&cfg);
+    let needed = metricsd::daemon::fds_needed(&cfg);
+    if open_files < needed {
+        eprintln!(
+            "metricsd: warning: at most {open_files} open files (RLIMIT_NOFILE hard limit); \
+             rings.max_total + rings.max_connections can need {needed}: grants past the \
+             limit will be refused as unavailable"
+        );
+    }
     let logd = cfg.logd_socket.clone();
     let daemon = Daemon::start(cfg)?;
     eprintln!(

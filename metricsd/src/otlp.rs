@@ -17,7 +17,7 @@
 //!   `ExponentialHistogram`s mapped exactly (scale, zero count, positive and negative
 //!   offsets and bucket counts, count, sum, min, max; a name with a configured layout as
 //!   a `Histogram` with its explicit bounds); the start time of every cumulative point
-//!   is metricsd's start;
+//!   is its series' creation (a series that expired and came back starts again);
 //! - spans with their trace id, span id, parent span id, W3C flags, start and end
 //!   (the producer's `CLOCK_MONOTONIC` moved to the Unix epoch with metricsd's own
 //!   clock offset), status (`ok`, `error`, `unset`; orphaned and expired spans are
@@ -263,6 +263,16 @@ pub fn metrics_request(
     ExportMetricsServiceRequest { resource_metrics }
 }
 
+/// The start of a series' cumulative value: its creation (a series that expired and
+/// came back starts again), else `fallback` (metricsd's start).
+fn start_of(s: &Series, fallback: u64) -> u64 {
+    if s.created_ns > 0 {
+        s.created_ns
+    } else {
+        fallback
+    }
+}
+
 fn attributes(s: &Series) -> Vec<KeyValue> {
     s.labels.iter().map(|(k, v)| kv(k, v)).collect()
 }
@@ -270,7 +280,7 @@ fn attributes(s: &Series) -> Vec<KeyValue> {
 fn metric(name: &str, kind: MetricKind, group: &[&Series], start: u64, time: u64) -> Metric {
     let number = |s: &Series, v: i64| NumberDataPoint {
         attributes: attributes(s),
-        start_time_unix_nano: start,
+        start_time_unix_nano: start_of(s, start),
         time_unix_nano: time,
         value: Some(number_data_point::Value::AsInt(v)),
         ..Default::default()
@@ -327,7 +337,7 @@ fn histogram_data(group: &[&Series], start: u64, time: u64) -> metric::Data {
                 .filter_map(|s| match &s.value {
                     Value::Histogram(all @ Hist::Explicit(h)) => Some(HistogramDataPoint {
                         attributes: attributes(s),
-                        start_time_unix_nano: start,
+                        start_time_unix_nano: start_of(s, start),
                         time_unix_nano: time,
                         count: all.count(),
                         sum: Some(all.sum()),
@@ -353,7 +363,7 @@ fn histogram_data(group: &[&Series], start: u64, time: u64) -> metric::Data {
             .filter_map(|s| match &s.value {
                 Value::Histogram(Hist::Exponential(h)) => Some(ExponentialHistogramDataPoint {
                     attributes: attributes(s),
-                    start_time_unix_nano: start,
+                    start_time_unix_nano: start_of(s, start),
                     time_unix_nano: time,
                     count: h.count(),
                     sum: Some(h.sum()),

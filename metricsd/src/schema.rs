@@ -78,9 +78,12 @@ fn base(
         .field("window_end_ns", window.end_ns.to_string())
 }
 
-/// The record of a series; `delta` is the counter's increase in the window.
+/// The record of a series; `delta` is the counter's increase in the window. `start_ns`
+/// is when the series was created: its cumulative value counts from there, and a series
+/// that expired and came back has a new one.
 pub fn series_record(s: &Series, delta: u128, window: Window) -> Record {
-    let r = base(&s.service, s.kind, &s.name, &s.labels, window);
+    let r = base(&s.service, s.kind, &s.name, &s.labels, window)
+        .field("start_ns", s.created_ns.to_string());
     match &s.value {
         Value::Counter { total } => r
             .field("value", total.to_string())
@@ -115,6 +118,12 @@ pub fn series_record(s: &Series, delta: u128, window: Window) -> Record {
             }
         }
     }
+}
+
+/// The last record of a series that expired: its final value (`delta` 0, nothing new in
+/// the window) and `expired = "true"`. It is removed from metricsd after this.
+pub fn expired_record(s: &Series, window: Window) -> Record {
+    series_record(s, 0, window).field("expired", "true")
 }
 
 /// The histogram a series record carries (the inverse of [`series_record`]), or `None`

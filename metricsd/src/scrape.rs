@@ -367,8 +367,9 @@ fn serve(mut stream: TcpStream, stats: &ScrapeStats, limits: &Limits, published:
 }
 
 /// A minimal client: `GET path` on `addr` with `accept`, returning the status, the
-/// `Content-Type` and the body. For the demo, the tests and the QEMU selftest; reads at
-/// most `max_bytes` and gives up after `timeout`.
+/// `Content-Type` and the body. HTTP/1.0, so the server answers without chunked
+/// encoding and closes. For the demo, the tests and the QEMU selftest; reads at most
+/// `max_bytes` and gives up after `timeout` (per read).
 pub fn get(
     addr: SocketAddr,
     path: &str,
@@ -379,7 +380,7 @@ pub fn get(
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n");
     if let Some(a) = accept {
         req.push_str(&format!("Accept: {a}\r\n"));
     }

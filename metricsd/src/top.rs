@@ -346,11 +346,19 @@ impl View {
         )?;
         writeln!(
             s,
-            "series      {} (+ overflow: {} registrations, {} samples), labels redacted {}",
+            "series      {} live (+ overflow: {} registrations, {} samples), labels redacted {}",
             self.health_value("metricsd.series"),
             self.health_value("metricsd.overflow.registrations"),
             self.health_value("metricsd.overflow.samples"),
             self.health_value("metricsd.labels.redacted"),
+        )?;
+        writeln!(
+            s,
+            "expiry      {} series expired ({} overflow), {} came back, {} services released",
+            self.health_value("metricsd.series.expired"),
+            self.health_value("metricsd.series.expired_overflow"),
+            self.health_value("metricsd.series.recreated"),
+            self.health_value("metricsd.services.released"),
         )?;
         writeln!(s, "rejects     {}", self.rejects())?;
         writeln!(

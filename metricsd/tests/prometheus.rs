@@ -306,3 +306,40 @@ fn a_scrape_past_max_connections_is_answered_503() {
     assert_eq!(daemon.scrape_stats().expect("stats").refused("busy"), 1);
     daemon.shutdown();
 }
+
+#[test]
+fn an_expired_counter_comes_back_as_a_reset() {
+    watchdog();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.prometheus.listen = Some("127.0.0.1:0".into());
+    cfg.series.idle_ttl_ms = 100;
+    cfg.series.idle_ttl_bound_ms = 100;
+    let (daemon, _sink) = start(cfg, &["web"]);
+    let addr = daemon.prometheus_addr().expect("endpoint");
+    let control = Control::connect(daemon.socket_path());
+    let mut r = control.ring(1024);
+    r.register(1, RegisterKind::COUNTER, "jobs.done", &[]);
+    r.push(Record::counter(1, 40));
+    daemon.flush(WAIT).expect("flush");
+    let series = r#"jobs_done_total{service="web"}"#;
+    assert_eq!(line(&text(addr, None), series), format!("{series} 40"));
+
+    // Idle past its TTL: exported one last time, then gone from the scrape.
+    let deadline = std::time::Instant::now() + WAIT;
+    while daemon.snapshot().expect("snapshot").store.expired == 0 {
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    daemon.flush(WAIT).expect("flush");
+    let t = text(addr, None);
+    assert!(!t.contains(series), "{t}");
+
+    // The same key records again: a new series from zero, which a Prometheus reads as
+    // a counter reset (40, then 2): rate() and increase() handle it.
+    r.push(Record::counter(1, 2));
+    daemon.flush(WAIT).expect("flush");
+    assert_eq!(line(&text(addr, None), series), format!("{series} 2"));
+    let snap = daemon.snapshot().expect("snapshot");
+    assert_eq!(snap.store.recreated, 1);
+}

@@ -29,7 +29,7 @@ One run does, in order:
      lines. The VM must then power off by itself.
 
 Ladders (--ladder):
-  full       the proof run of issue 5: logd: ready, metricsd: ready, eight SELFTEST
+  full       the full proof ladder: logd: ready, metricsd: ready, eight SELFTEST
              markers (each printed only after its evidence was read back from logd and
              matched exactly), SELFTEST: done
   init-only  a developer ladder: init mounts, a fixture echo daemon started and awaited
@@ -48,7 +48,7 @@ Examples:
 #[derive(Debug, Parser)]
 #[command(name = "qemu-harness", about = ABOUT, long_about = LONG_ABOUT)]
 struct Cli {
-    /// Which ladder to check: `full` (issue 5) or `init-only` (the developer ladder).
+    /// Which ladder to check: `full` (the full proof ladder) or `init-only` (the developer ladder).
     #[arg(long, default_value = "full", value_name = "NAME")]
     ladder: String,
 

@@ -36,7 +36,7 @@ pub const SELFTEST_FAIL: &str = "SELFTEST: FAIL";
 /// Time for the kernel to boot and the init to mount (about 2 s when the machine is idle).
 const BOOT_SECS: u64 = 90;
 
-/// The full proof-run ladder of issue 5 (preceded by the init's own mount step).
+/// The full proof ladder (preceded by the init's own mount step).
 pub const FULL: &[Step] = &[
     Step::new(INIT_MOUNTS_OK, INIT_MOUNTS_FAIL, BOOT_SECS),
     Step::new(LOGD_READY, "logd: FAIL", 30),

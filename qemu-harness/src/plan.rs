@@ -88,7 +88,7 @@ pub struct Plan {
     pub ladder: &'static [Step],
 }
 
-/// The full proof run of issue 5: logd, metricsd and the selftest producer.
+/// The full proof ladder: logd, metricsd and the selftest producer.
 ///
 /// logd prints `logd: ready` after appending a start record through its own socket and
 /// reading it back (`--ready-check`); metricsd prints `metricsd: ready` after its first

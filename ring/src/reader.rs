@@ -128,6 +128,20 @@ impl<R: Region> Reader<R> {
         Ok(drained)
     }
 
+    /// Whether the producer has published nothing beyond our read position, by one
+    /// load of the write position and no other effect: a cheap look before a drain, for a
+    /// consumer that visits many rings. A hostile write position is not judged here; the
+    /// next [`drain`](Self::drain) judges it.
+    #[inline]
+    pub fn looks_empty(&self) -> bool {
+        if self.quarantine.is_some() {
+            return true;
+        }
+        // ORDERING: Relaxed is enough for a hint: nothing is read on its strength; a
+        // drain that follows loads the position again with Acquire.
+        self.region.write_pos().load(Ordering::Relaxed) == self.read
+    }
+
     /// Records published and not yet read, after checking the write position.
     pub fn pending(&mut self) -> Result<u64, Quarantined> {
         self.available()

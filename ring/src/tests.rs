@@ -343,3 +343,21 @@ fn the_write_hint_never_names_a_slot_the_consumer_has_not_released() {
     assert!(next > 64 * 10, "many laps: {next}");
     assert!(region.hints.get() > 0, "the writer did hint");
 }
+
+#[test]
+fn looks_empty_follows_publication_and_never_judges() {
+    let (mut w, mut r) = pair(8);
+    assert!(r.looks_empty());
+    w.stage(Record::counter(1, 1)).expect("room");
+    assert!(r.looks_empty(), "staged records are not published");
+    w.flush();
+    assert!(!r.looks_empty());
+    assert_eq!(drain_values(&mut r, 64), [1]);
+    assert!(r.looks_empty());
+    // A write position far ahead is not empty, and is judged only by the next drain.
+    r.region().write_pos().store(1 << 40, Ordering::Release);
+    assert!(!r.looks_empty());
+    assert!(r.quarantined().is_none());
+    assert!(r.drain(64, |_| {}).is_err());
+    assert!(r.looks_empty(), "a quarantined ring is never drained again");
+}

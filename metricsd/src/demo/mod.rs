@@ -26,6 +26,7 @@
 pub mod hostile;
 pub mod producer;
 pub mod report;
+pub mod scrape_check;
 pub mod verify;
 
 use std::collections::{BTreeMap, HashMap};
@@ -285,6 +286,14 @@ pub struct Summary {
     pub verified_services: u64,
     /// Series compared exactly.
     pub verified_series: u64,
+    /// The scrape endpoint scraped at the end (`ADDR:PORT`).
+    pub scrape_addr: Option<String>,
+    /// Bytes of that scrape.
+    pub scrape_bytes: usize,
+    /// Series in it.
+    pub scrape_series: usize,
+    /// Of which compared with the producers' reports.
+    pub scrape_compared: u64,
     /// Health series compared for the hostile producer.
     pub verified_health: u64,
     /// The flood's overflow checks: (metric, own series, label sets in overflow,
@@ -468,6 +477,8 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
     };
     config.export.interval_ms = EXPORT_INTERVAL_MS;
     config.otlp.endpoint = opts.otlp_endpoint.clone();
+    // The scrape endpoint on a loopback port the kernel picks, scraped once at the end.
+    config.prometheus.listen = Some("127.0.0.1:0".to_owned());
     let names: Arc<Mutex<HashMap<u32, String>>> = Arc::default();
     let lookup = Arc::clone(&names);
     let daemon = Daemon::new(config.clone())
@@ -689,6 +700,19 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
         }
         _ => None,
     };
+    let scrape = match daemon.prometheus_addr() {
+        Some(addr) => scrape_check::verify_scrape(addr, &reports, &mut v),
+        None => Err("metricsd serves no /metrics".to_owned()),
+    };
+    let scrape = scrape.unwrap_or_else(|why| {
+        v.mismatches.push(verify::Mismatch::Scrape {
+            series: "GET /metrics".to_owned(),
+            field: "answer",
+            expected: "200 with delimited protobuf".to_owned(),
+            found: Some(why),
+        });
+        scrape_check::ScrapeCheck::default()
+    });
     let evicted = logd::Client::connect(&logd_socket)
         .and_then(|mut c| c.stats())
         .map_err(|e| DemoError::Verify(verify::VerifyError(e)))?
@@ -706,6 +730,7 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
             producers,
             evicted,
             dir,
+            scrape,
         },
     );
     print_summary(&summary, out).map_err(DemoError::Output)?;
@@ -726,6 +751,7 @@ struct Extras<'a> {
     producers: Vec<ProducerSummary>,
     evicted: u64,
     dir: &'a Path,
+    scrape: scrape_check::ScrapeCheck,
 }
 
 fn summarize(s: &Snapshot, v: &Verification, x: Extras<'_>) -> Summary {
@@ -796,6 +822,10 @@ fn summarize(s: &Snapshot, v: &Verification, x: Extras<'_>) -> Summary {
         verified_records_read: v.records_read,
         verified_services: v.services,
         verified_series: v.series_checked,
+        scrape_addr: x.scrape.addr.map(|a| a.to_string()),
+        scrape_bytes: x.scrape.bytes,
+        scrape_series: x.scrape.series,
+        scrape_compared: x.scrape.compared,
         verified_health: v.health_checked,
         flood: v
             .overflow
@@ -914,11 +944,15 @@ pub fn print_summary(s: &Summary, out: &mut dyn Write) -> std::io::Result<()> {
     }
     writeln!(
         out,
-        "  verification   read {} records back from logd: {} series of {} services and {} health series compared with what the producers recorded: {}",
+        "  verification   read {} records back from logd: {} series of {} services and {} health series compared with what the producers recorded; scraped http://{}/metrics once (protobuf, {} bytes, {} series): {} series compared, every bucket; {}",
         s.verified_records_read,
         s.verified_series,
         s.verified_services,
         s.verified_health,
+        s.scrape_addr.as_deref().unwrap_or("(none)"),
+        s.scrape_bytes,
+        s.scrape_series,
+        s.scrape_compared,
         if s.ok {
             "all exact".to_owned()
         } else {

@@ -93,6 +93,17 @@ pub enum Mismatch {
         /// Drops by reason.
         dropped: String,
     },
+    /// A series of the scrape of `GET /metrics` differs from what was recorded.
+    Scrape {
+        /// The series, as scraped (family and labels).
+        series: String,
+        /// What was compared.
+        field: &'static str,
+        /// What the producer recorded.
+        expected: String,
+        /// What the scrape held (`None`: absent).
+        found: Option<String>,
+    },
     /// A health series of metricsd does not count what the hostile producer did.
     Health {
         /// The series id.
@@ -117,6 +128,16 @@ impl fmt::Display for Mismatch {
             } => write!(
                 f,
                 "{series}: {field} is {} in logd, the producer recorded {expected}",
+                found.as_deref().unwrap_or("absent")
+            ),
+            Self::Scrape {
+                series,
+                field,
+                expected,
+                found,
+            } => write!(
+                f,
+                "{series}: {field} is {} in the scrape, the producer recorded {expected}",
                 found.as_deref().unwrap_or("absent")
             ),
             Self::Unexpected { series } => {

@@ -206,7 +206,7 @@ pub fn run(options: &Options) -> Result<bool> {
     }
     if plan.name != plan::FULL.name {
         println!(
-            "   note: `{}` is a developer ladder; the proof run of issue 5 is `--ladder full`",
+            "   note: `{}` is a developer ladder; the full proof ladder is `--ladder full`",
             plan.name
         );
     }
