@@ -273,6 +273,15 @@ impl Disk {
         Ok(())
     }
 
+    /// The segment files, oldest first, and the largest entry a segment may hold (what
+    /// [`read_range`] needs, taken under the server's lock and read without it).
+    pub fn snapshot(&self) -> (Vec<PathBuf>, u64) {
+        (
+            self.segments.iter().map(|s| s.path.clone()).collect(),
+            self.max_entry,
+        )
+    }
+
     /// Syncs the active segment (clean shutdown).
     pub fn sync(&mut self) -> Result<(), DiskError> {
         if let Some(f) = &self.active {
@@ -280,6 +289,40 @@ impl Disk {
         }
         Ok(())
     }
+}
+
+/// The records with `after < id <= upto` that `keep` accepts, read from the segment
+/// files `paths`, at most `max` of them (the smallest ids), in id order. A segment that
+/// cannot be read (retired meanwhile) is skipped; damaged entries are skipped as in
+/// recovery. Memory: at most `max` records.
+pub fn read_range(
+    paths: &[PathBuf],
+    max_entry: u64,
+    after: u64,
+    upto: u64,
+    max: usize,
+    mut keep: impl FnMut(&StoredRecord) -> bool,
+) -> BTreeMap<u64, StoredRecord> {
+    let mut out = BTreeMap::new();
+    for path in paths {
+        let Ok(data) = fs::read(path) else {
+            continue;
+        };
+        let mut rec = Recovered::default();
+        scan(&data, max_entry, &mut rec);
+        for (id, r) in rec.records.range(after.saturating_add(1)..=upto) {
+            if out.len() >= max && out.last_key_value().is_some_and(|(last, _)| last < id) {
+                break;
+            }
+            if keep(r) {
+                out.insert(*id, r.clone());
+                if out.len() > max {
+                    out.pop_last();
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Reads entries from a segment's bytes into `rec`; returns the offset after the last

@@ -31,6 +31,9 @@ pub struct Journal {
     records: BTreeMap<u64, Entry>,
     holders: HashMap<SenderKey, Holding>,
     bytes: u64,
+    /// The largest id ever evicted (0: none): below it, the memory journal may have
+    /// gaps that only the disk journal fills.
+    max_evicted: u64,
 }
 
 /// A record that was evicted to make room: whose it was.
@@ -45,6 +48,7 @@ impl Journal {
             records: BTreeMap::new(),
             holders: HashMap::new(),
             bytes: 0,
+            max_evicted: 0,
         }
     }
 
@@ -68,6 +72,11 @@ impl Journal {
         self.holders
             .get(key)
             .map_or((0, 0), |h| (h.ids.len() as u64, h.bytes))
+    }
+
+    /// The largest id ever evicted from memory (0: none).
+    pub fn max_evicted(&self) -> u64 {
+        self.max_evicted
     }
 
     /// Whether a record id is held.
@@ -150,6 +159,7 @@ impl Journal {
             return false;
         };
         let empty = h.ids.is_empty();
+        self.max_evicted = self.max_evicted.max(id);
         if let Some(e) = self.records.remove(&id) {
             h.bytes = h.bytes.saturating_sub(e.cost);
             self.bytes = self.bytes.saturating_sub(e.cost);

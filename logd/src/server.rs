@@ -717,6 +717,15 @@ impl Conn {
         let until = Instant::now() + wait;
         let mut cursor = q.cursor;
         let mut guard = self.shared.lock();
+        // Records evicted from memory are still on disk: below the largest evicted id,
+        // serve pages from the disk journal (and memory) first.
+        if cursor < guard.journal.max_evicted() {
+            if let Some((paths, max_entry)) = guard.disk.as_ref().map(Disk::snapshot) {
+                let upto = guard.journal.max_evicted();
+                drop(guard);
+                return self.query_disk(q, &paths, max_entry, upto, limit, max_reply);
+            }
+        }
         loop {
             let mut reply = QueryReply::new(max_reply);
             let mut more = false;
@@ -744,6 +753,56 @@ impl Conn {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// One page of records with `q.cursor < id <= upto` from the disk journal and
+    /// memory (a record retired from disk while this reads is still found in memory if
+    /// memory holds it), read without holding the server's lock. An empty range moves
+    /// the cursor to `upto`, where memory takes over.
+    fn query_disk(
+        &self,
+        q: &Query,
+        paths: &[std::path::PathBuf],
+        max_entry: u64,
+        upto: u64,
+        limit: u32,
+        max_reply: usize,
+    ) -> Vec<u8> {
+        let limit = limit as usize;
+        let mut found =
+            crate::disk::read_range(paths, max_entry, q.cursor, upto, limit, |r| q.matches(r));
+        {
+            let guard = self.shared.lock();
+            for r in guard.journal.after(q.cursor) {
+                if r.id > upto
+                    || (found.len() >= limit
+                        && found.last_key_value().is_some_and(|(l, _)| *l < r.id))
+                {
+                    break;
+                }
+                if q.matches(r) {
+                    found.entry(r.id).or_insert_with(|| r.clone());
+                    if found.len() > limit {
+                        found.pop_last();
+                    }
+                }
+            }
+        }
+        let mut reply = QueryReply::new(max_reply);
+        let mut cursor = q.cursor;
+        let mut full = false;
+        for r in found.values() {
+            if !reply.push(r) {
+                full = true;
+                break;
+            }
+            cursor = r.id;
+        }
+        if !full && found.len() < limit {
+            // Nothing more on disk below `upto`: the next page continues in memory.
+            cursor = upto;
+        }
+        reply.finish(cursor, true)
     }
 
     fn stats(&self) -> Stats {

@@ -49,6 +49,8 @@ pub struct Config {
     pub histograms: BTreeMap<String, Vec<u64>>,
     /// Identity rules, first match wins (see [`ServiceRule`]).
     pub services: Vec<ServiceRule>,
+    /// Rollup history on disk (off without `retention.dir`).
+    pub retention: crate::retention::RetentionConfig,
 }
 
 /// `[rings]`: ring geometry and the grant protocol's limits.
@@ -384,6 +386,7 @@ impl Default for Config {
             prometheus: PrometheusConfig::default(),
             histograms: BTreeMap::new(),
             services: Vec::new(),
+            retention: crate::retention::RetentionConfig::default(),
         }
     }
 }
@@ -548,6 +551,10 @@ impl Config {
         )?;
         in_range("rings.grant_burst", r.grant_burst, 1, 1_000_000)?;
         in_range("rings.max_keys_per_ring", r.max_keys_per_ring, 1, 1 << 20)?;
+
+        self.retention
+            .validate()
+            .map_err(|(key, found, expected)| invalid(key, found, expected))?;
 
         let d = &self.drain;
         in_range("drain.budget", d.budget, 1, MAX_CAPACITY)?;

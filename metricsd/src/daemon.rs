@@ -29,6 +29,8 @@ pub enum DaemonError {
     Spawn(std::io::Error),
     /// The eventfd that wakes the grant thread at shutdown could not be made.
     StopSignal(std::io::Error),
+    /// The retention directory could not be opened.
+    Retention(crate::retention::OpenError),
     /// The drain loop did not answer within the time given.
     Timeout(&'static str),
     /// The drain loop is gone.
@@ -44,6 +46,7 @@ impl fmt::Display for DaemonError {
             Self::Grant(e) => write!(f, "{e}"),
             Self::Spawn(e) => write!(f, "cannot start a thread: {e}"),
             Self::StopSignal(e) => write!(f, "cannot create the stop eventfd: {e}"),
+            Self::Retention(e) => write!(f, "{e}"),
             Self::Timeout(what) => write!(f, "timed out waiting for {what}"),
             Self::Stopped => f.write_str("the drain loop has stopped"),
             Self::Prometheus(addr, e) => write!(
@@ -60,6 +63,7 @@ impl std::error::Error for DaemonError {
             Self::Config(e) => Some(e),
             Self::Grant(e) => Some(e),
             Self::Spawn(e) | Self::StopSignal(e) | Self::Prometheus(_, e) => Some(e),
+            Self::Retention(e) => Some(e),
             _ => None,
         }
     }
@@ -188,7 +192,10 @@ impl Daemon {
             Box::new(move || export::run(q, sink, inst, batch, retry)),
         )?);
 
-        let mut drainer = Drainer::new(&config, queue.clone(), grant_stats);
+        let retention =
+            crate::retention::Retention::open(&config.retention).map_err(DaemonError::Retention)?;
+        let mut drainer =
+            Drainer::new(&config, queue.clone(), grant_stats).with_retention(retention);
         let mut otlp_shared = None;
         if config.otlp.endpoint.is_some() {
             let (handoff, rx) = crate::otlp::channel(&config.otlp);

@@ -90,6 +90,8 @@ pub struct Drainer {
     last_export_ns: u64,
     last_health: HashMap<String, i128>,
     otlp: Option<crate::otlp::Handoff>,
+    /// Rollup history on disk (`[retention]`), fed at each export.
+    retention: Option<crate::retention::Retention>,
 }
 
 /// One health series: kind, name, labels, value.
@@ -499,6 +501,20 @@ impl Drainer {
             last_export_ns: wall_ns(),
             last_health: HashMap::new(),
             otlp: None,
+            retention: None,
+        }
+    }
+
+    /// Keeps rollup history in `retention`, fed at each export.
+    pub fn with_retention(mut self, retention: Option<crate::retention::Retention>) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Seals the rollup segments being written (a clean stop).
+    pub fn close_retention(&mut self) {
+        if let Some(r) = self.retention.take() {
+            r.close();
         }
     }
 
@@ -688,11 +704,21 @@ impl Drainer {
             };
             let delta = total.map_or(0, |t| t - s.exported_total);
             records.push(schema::series_record(s, delta, window));
+            if let Some(r) = &mut self.retention {
+                r.observe(s, delta, end);
+            }
             self.store.exported(id, total, end);
         }
+        let retention = &mut self.retention;
         let swept = self.store.sweep(end, |s| {
             records.push(schema::expired_record(s, window));
+            if let Some(r) = retention {
+                r.forget(&s.id());
+            }
         });
+        if let Some(r) = &mut self.retention {
+            r.tick(end);
+        }
         self.stats.expiry_scanned += u64::from(swept.scanned);
         let (spans, logged): (Vec<FinishedSpan>, usize) = self.spans.take_ready(now);
         records.extend(spans[..logged].iter().map(schema::span_record));
@@ -920,6 +946,15 @@ impl Drainer {
                 (*n).into(),
             ));
         }
+        let retention_rows = self
+            .retention
+            .as_ref()
+            .map(crate::retention::Retention::health)
+            .unwrap_or_default();
+        for (counter, name, labels, value) in retention_rows {
+            let kind = if counter { c } else { g };
+            h.push((kind, name, labels, value));
+        }
         h.into_iter()
             .map(|(kind, name, labels, value)| {
                 let pairs: Vec<(&str, &str)> =
@@ -1088,6 +1123,7 @@ pub fn run(
             }
         }
         if stop {
+            d.close_retention();
             return;
         }
         if consumed == 0 && !commands {

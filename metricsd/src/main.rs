@@ -21,7 +21,8 @@ use metricsd::{Config, Daemon};
         metricsd demo                                  # the whole pipeline, checked through logd\n  \
         metricsd serve --logd-socket /run/logd.sock    # the daemon\n  \
         metricsd serve --otlp-endpoint http://127.0.0.1:4318  # and to an OTLP collector\n  \
-        metricsd top --logd-socket /run/logd.sock      # what it exported, live"
+        metricsd top --logd-socket /run/logd.sock      # what it exported, live\n  \
+        metricsd query --dir DIR --select NAME --since 6h --step 1m   # rollup history"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -146,6 +147,48 @@ enum Cmd {
         interval_ms: u64,
     },
 
+    /// Range query over the rollup history metricsd keeps on disk (`[retention]`).
+    ///
+    /// Reads the segment files in the retention directory directly (read-only, no
+    /// socket, so it answers while metricsd is stopped or after a crash), at the
+    /// coarsest resolution (10s, 1m, 1h) whose step divides --step, and merges each
+    /// step's windows: counters as the sum of their deltas, gauges as last/min/max/mean,
+    /// histograms bucket by bucket. Windows still open in a running daemon (the newest
+    /// 10 s, minute and hour) are not on disk yet: with --logd-socket they are rebuilt
+    /// from the daemon's export records in logd (the same inputs, so the same windows).
+    ///
+    /// Examples:
+    ///   metricsd query --dir /var/lib/metricsd --select 'http.requests{route="/a"}' --since 6h --step 1m
+    ///   metricsd query --config /etc/metricsd.toml --series 'web/counter/http.requests{route="/a"}' --json
+    #[command(verbatim_doc_comment)]
+    Query {
+        /// The config file whose `retention.dir` to read.
+        #[arg(long, value_name = "FILE", conflicts_with = "dir")]
+        config: Option<PathBuf>,
+        /// The retention directory (instead of --config).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// One series by its id: `<service>/<kind>/<name>{k="v",...}`.
+        #[arg(long, value_name = "ID", conflicts_with = "select")]
+        series: Option<String>,
+        /// Every series of a metric name whose labels include the given ones:
+        /// `name` or `name{k="v",...}`.
+        #[arg(long, value_name = "SELECTOR")]
+        select: Option<String>,
+        /// How far back: a number and s, m, h or d.
+        #[arg(long, value_name = "DURATION", default_value = "1h")]
+        since: String,
+        /// The step: a multiple of 10s.
+        #[arg(long, value_name = "DURATION", default_value = "1m")]
+        step: String,
+        /// One JSON object per series on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Also read the windows not on disk yet from metricsd's exports in this logd.
+        #[arg(long, value_name = "PATH")]
+        logd_socket: Option<PathBuf>,
+    },
+
     /// A demo producer process (started by `metricsd demo`, not by hand).
     #[command(name = "demo-producer", hide = true)]
     DemoProducer {
@@ -206,6 +249,24 @@ fn main() -> anyhow::Result<()> {
             metricsd::top::run(&opts, &mut std::io::stdout().lock())?;
             Ok(())
         }
+        Cmd::Query {
+            config,
+            dir,
+            series,
+            select,
+            since,
+            step,
+            json,
+            logd_socket,
+        } => query(
+            config,
+            dir,
+            series,
+            select,
+            (&since, &step),
+            json,
+            logd_socket,
+        ),
         Cmd::DemoProducer {
             role,
             seconds,
@@ -219,6 +280,71 @@ fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+fn query(
+    config: Option<PathBuf>,
+    dir: Option<PathBuf>,
+    series: Option<String>,
+    select: Option<String>,
+    (since, step): (&str, &str),
+    json: bool,
+    logd_socket: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use metricsd::retention::{self, Query, Selector};
+    let dir = match (dir, config) {
+        (Some(d), _) => d,
+        (None, Some(path)) => Config::load(&path)?.retention.dir.ok_or_else(|| {
+            anyhow::anyhow!("{}: no retention.dir: nothing is kept", path.display())
+        })?,
+        (None, None) => anyhow::bail!("expected --dir DIR or --config FILE (with retention.dir)"),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "--dir {}: expected an existing retention directory",
+            dir.display()
+        );
+    }
+    let selector = match (series, select) {
+        (Some(id), None) => Selector::Series(id),
+        (None, Some(sel)) => Selector::parse(&sel)?,
+        _ => anyhow::bail!("expected --series ID or --select 'name{{k=\"v\"}}'"),
+    };
+    let q = Query {
+        selector,
+        since_ns: retention::parse_duration(since).context("--since")?,
+        step_ns: retention::parse_duration(step).context("--step")?,
+    };
+    let res = q.resolution()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let mut points = retention::read_points(&dir, res, |s| q.selector.matches(s));
+    if let Some(path) = logd_socket {
+        let mut lq = logd::Query::new()
+            .scope(metricsd::schema::SCOPE_METRICS)
+            .since_ns(now.saturating_sub(q.since_ns.saturating_add(2 * res.step_ns())));
+        lq = match &q.selector {
+            Selector::Series(id) => lq.field("series", id.as_str()),
+            Selector::Labels { name, .. } => lq.field("metric", name.as_str()),
+        };
+        let mut client = logd::Client::connect(&path)
+            .with_context(|| format!("--logd-socket {}", path.display()))?;
+        // Bounded: logd holds a bounded journal; this caps what one query takes of it.
+        let records = client
+            .query_all(&lq, QUERY_MAX_RECORDS)
+            .with_context(|| format!("querying logd at {}", path.display()))?;
+        let recent =
+            retention::windows_from_exports(&records, &points, res, |s| q.selector.matches(s));
+        points.extend(recent);
+    }
+    let answer = q.assemble(points, now);
+    let mut out = std::io::stdout().lock();
+    retention::render(&answer, q.step_ns, json, &mut out)?;
+    Ok(())
+}
+
+/// Export records one `metricsd query --logd-socket` reads from logd at most.
+const QUERY_MAX_RECORDS: usize = 1_000_000;
 
 fn demo(
     seconds: u64,
@@ -303,6 +429,13 @@ fn serve(
              limit will be refused as unavailable"
         );
     }
+    // A file size limit (RLIMIT_FSIZE) reached while writing rollup segments must be an
+    // EFBIG write error, counted and logged, not the default SIGXFSZ kill.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .context("installing the SIGXFSZ handler")?;
     let logd = cfg.logd_socket.clone();
     let daemon = Daemon::start(cfg)?;
     eprintln!(

@@ -17,7 +17,7 @@ use crate::stats::{Counts, DropReason, Event, Stats};
 pub const DEFAULT_MAX_KEYS: u32 = 4096;
 
 /// The largest [`Config::max_keys`]: every thread that records holds a key table of
-/// about 8.3 bytes per key (34 KiB at the default 4096 keys, 8.3 MiB at this limit).
+/// about 8.4 bytes per key (34 KiB at the default 4096 keys, 8.4 MiB at this limit).
 pub const MAX_KEYS_LIMIT: u32 = 1 << 20;
 
 /// `CLOCK_MONOTONIC` in nanoseconds, read through the vDSO (no system call).

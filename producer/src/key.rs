@@ -48,17 +48,21 @@ pub struct Discarded {
 /// Keys per block: one bitmap word covers 64 keys.
 const BLOCK: usize = 64;
 /// Words one block of 64 keys takes: a registered bit per key, a pending bit per key,
-/// and one pending counter delta per key, in that order ([`REGISTERED`], [`PENDING`],
+/// a held-gauge bit per key, and one pending word per key (a counter delta, or a held
+/// gauge's last value), in that order ([`REGISTERED`], [`PENDING`], [`GAUGES`],
 /// [`DELTAS`]).
-const WORDS_PER_BLOCK: usize = 2 + BLOCK;
+const WORDS_PER_BLOCK: usize = 3 + BLOCK;
 /// A block's registered bitmap, its first word: a key's bit is found with one bounds
 /// check against the storage (the words past the last whole block are zero and never
 /// written, so a key past the capacity finds its bit clear or no word at all).
 const REGISTERED: usize = 0;
 /// A block's pending bitmap.
 const PENDING: usize = 1;
-/// A block's pending deltas, one word per key.
-const DELTAS: usize = 2;
+/// A block's held-gauge bitmap: a key whose bit is set here and in [`PENDING`] holds a
+/// gauge's last value (an `i64`'s bits) in its pending word, not a counter delta.
+const GAUGES: usize = 2;
+/// A block's pending words, one per key.
+const DELTAS: usize = 3;
 
 /// Where key `index`'s block starts in the storage.
 #[inline(always)]
@@ -70,8 +74,10 @@ const fn block_start(index: usize) -> usize {
 /// the caller provides (a static array in a driver, a boxed slice in a service).
 ///
 /// For `n` keys the storage needs [`KeyTable::words_for(n)`](Self::words_for) words
-/// (about 8.3 bytes per key), in blocks of 64 keys: a "registered in this ring" bitmap,
-/// a "has a pending counter delta" bitmap, and the pending deltas themselves.
+/// (about 8.4 bytes per key), in blocks of 64 keys: a "registered in this ring" bitmap,
+/// a "has a pending word" bitmap, a "the pending word is a held gauge" bitmap, and the
+/// pending words themselves (counter deltas, or the last value of a gauge set while
+/// there was no ring).
 ///
 /// ```
 /// use nexus_metrics::KeyTable;
@@ -162,6 +168,11 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         let start = block_start(index);
         let words = self.storage.as_mut();
         let slot = start + DELTAS + index % BLOCK;
+        let bit = 1u64 << (index % BLOCK);
+        if words[start + GAUGES] & bit != 0 {
+            // The key holds a gauge value: a key has one kind, so this is a misuse.
+            return false;
+        }
         let Some(sum) = words[slot].checked_add(n) else {
             return false;
         };
@@ -169,7 +180,6 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
             return true;
         }
         words[slot] = sum;
-        let bit = 1u64 << (index % BLOCK);
         let pending = &mut words[start + PENDING];
         if *pending & bit == 0 {
             *pending |= bit;
@@ -178,7 +188,41 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         true
     }
 
-    /// The first key at or after `from` with a pending delta, and the delta.
+    /// Holds `value` as gauge `key`'s last value, replacing an older held value.
+    /// Returns false (and changes nothing) if the key is out of range or holds a
+    /// counter delta.
+    pub(crate) fn hold_gauge(&mut self, key: u32, value: i64) -> bool {
+        if !self.contains(key) {
+            return false;
+        }
+        let index = key as usize;
+        let start = block_start(index);
+        let bit = 1u64 << (index % BLOCK);
+        let words = self.storage.as_mut();
+        let pending = words[start + PENDING] & bit != 0;
+        if pending && words[start + GAUGES] & bit == 0 {
+            return false;
+        }
+        words[start + DELTAS + index % BLOCK] = value as u64;
+        words[start + GAUGES] |= bit;
+        if !pending {
+            words[start + PENDING] |= bit;
+            self.pending_keys += 1;
+        }
+        true
+    }
+
+    /// Whether `key`'s pending word is a held gauge value (not a counter delta).
+    pub(crate) fn is_held_gauge(&self, key: u32) -> bool {
+        if !self.contains(key) {
+            return false;
+        }
+        let index = key as usize;
+        self.storage.as_ref()[block_start(index) + GAUGES] & (1 << (index % BLOCK)) != 0
+    }
+
+    /// The first key at or after `from` with a pending word, and the word (a counter
+    /// delta, or a held gauge's value: see [`is_held_gauge`](Self::is_held_gauge)).
     pub(crate) fn next_pending(&self, from: u32) -> Option<(u32, u64)> {
         if self.pending_keys == 0 {
             return None;
@@ -198,7 +242,8 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         None
     }
 
-    /// Clears every pending delta.
+    /// Clears every pending word (counter deltas and held gauges alike; only counter
+    /// deltas add to the increments given up).
     pub(crate) fn discard_pending(&mut self) -> Discarded {
         let mut discarded = Discarded {
             keys: self.pending_keys,
@@ -206,14 +251,16 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         };
         let mut from = 1;
         while let Some((key, delta)) = self.next_pending(from) {
-            discarded.increments = discarded.increments.wrapping_add(delta);
+            if !self.is_held_gauge(key) {
+                discarded.increments = discarded.increments.wrapping_add(delta);
+            }
             self.clear_pending(key);
             from = key.saturating_add(1);
         }
         discarded
     }
 
-    /// Clears `key`'s pending delta.
+    /// Clears `key`'s pending word.
     pub(crate) fn clear_pending(&mut self, key: u32) {
         if !self.contains(key) {
             return;
@@ -225,6 +272,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> KeyTable<S> {
         let pending = &mut words[start + PENDING];
         if *pending & bit != 0 {
             *pending &= !bit;
+            words[start + GAUGES] &= !bit;
             words[start + DELTAS + index % BLOCK] = 0;
             self.pending_keys -= 1;
         }
@@ -272,6 +320,41 @@ mod tests {
         );
         assert_eq!(table.pending_keys(), 1, "pending deltas survive a new ring");
         assert_eq!(table.next_pending(0), Some((70, 7)));
+    }
+
+    #[test]
+    fn held_gauges_keep_the_last_value_apart_from_counter_deltas() {
+        let mut storage = [0u64; KeyTable::<&mut [u64]>::words_for(128)];
+        let mut table = KeyTable::new(&mut storage[..]);
+        assert!(table.hold_gauge(3, -5));
+        assert!(
+            table.hold_gauge(3, 42),
+            "a newer value replaces the held one"
+        );
+        assert!(table.add_pending(4, 7));
+        assert!(!table.add_pending(3, 1), "a held gauge takes no delta");
+        assert!(
+            !table.hold_gauge(4, 1),
+            "a counter delta takes no gauge value"
+        );
+        assert!(!table.hold_gauge(128, 1), "past the capacity");
+        assert_eq!(table.pending_keys(), 2);
+        assert!(table.is_held_gauge(3) && !table.is_held_gauge(4));
+        assert_eq!(table.next_pending(0), Some((3, 42)));
+        let neg = table.hold_gauge(3, -9);
+        assert!(neg);
+        assert_eq!(
+            table.next_pending(0).map(|(k, w)| (k, w as i64)),
+            Some((3, -9))
+        );
+        let discarded = table.discard_pending();
+        assert_eq!(
+            (discarded.keys, discarded.increments),
+            (2, 7),
+            "a gauge value is not an increment"
+        );
+        assert!(!table.is_held_gauge(3), "cleared with its pending bit");
+        assert!(table.add_pending(3, 1), "the key is free again");
     }
 
     #[test]

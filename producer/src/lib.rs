@@ -53,6 +53,8 @@ mod global;
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod handles;
 #[cfg(all(feature = "std", target_os = "linux"))]
+mod hold;
+#[cfg(all(feature = "std", target_os = "linux"))]
 mod intern;
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod local;

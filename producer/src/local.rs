@@ -139,6 +139,11 @@ pub(crate) trait Op: Copy {
     /// caller takes the slow path, which applies the op in full.
     fn fast(self, recorder: &mut GlobalRecorder) -> bool;
     fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped>;
+    /// Holds the record's state in the key table while the thread has no ring (see
+    /// [`crate::hold`]); false: the kind is not held, or the table refused it.
+    fn hold(self, _table: &mut KeyTable<Box<[u64]>>) -> bool {
+        false
+    }
 }
 
 /// A counter increment: key, amount.
@@ -162,6 +167,9 @@ impl Op for CounterOp {
     fn apply(self, recorder: &mut GlobalRecorder) -> Result<Delivery, Dropped> {
         recorder.counter_raw(self.0, self.1)
     }
+    fn hold(self, table: &mut KeyTable<Box<[u64]>>) -> bool {
+        table.add_pending(self.0, self.1)
+    }
 }
 
 impl Op for GaugeOp {
@@ -174,6 +182,9 @@ impl Op for GaugeOp {
         recorder
             .sample_raw(Record::gauge(self.0, self.1))
             .map(|()| Delivery::Written)
+    }
+    fn hold(self, table: &mut KeyTable<Box<[u64]>>) -> bool {
+        table.hold_gauge(self.0, self.1)
     }
 }
 
@@ -369,7 +380,12 @@ impl Local {
     fn record_cold(&mut self, op: impl Op) {
         let result = match self.ring() {
             Ok(ring) => op.apply(&mut ring.recorder),
-            Err(reason) => return self.count(Event::Dropped(reason), 1),
+            Err(reason) => {
+                if crate::hold::hold(self, op, reason) {
+                    return self.count(Event::Held, 1);
+                }
+                return self.count(Event::Dropped(reason), 1);
+            }
         };
         self.settle(result);
     }
@@ -535,12 +551,7 @@ impl Local {
         }
         match global.source.claim(self.thread) {
             Ok((writer, info)) => {
-                let table = self.table.take().unwrap_or_else(|| {
-                    let keys = global.interner.max_keys() as usize + 1;
-                    KeyTable::new(
-                        vec![0; KeyTable::<Box<[u64]>>::words_for(keys)].into_boxed_slice(),
-                    )
-                });
+                let table = self.table.take().unwrap_or_else(new_table);
                 self.rings += 1;
                 self.depth = 0;
                 self.slot = Slot::Ready(Ring {
@@ -748,6 +759,27 @@ impl Local {
             })?;
         self.strs[slot] = (addr, len, kind.0, key.get());
         Ok(key)
+    }
+}
+
+/// A key table for every key the process may register (the cold path's one
+/// allocation per thread).
+fn new_table() -> KeyTable<Box<[u64]>> {
+    let keys = global().interner.max_keys() as usize + 1;
+    KeyTable::new(vec![0; KeyTable::<Box<[u64]>>::words_for(keys)].into_boxed_slice())
+}
+
+impl Local {
+    /// The key table kept while the thread has no ring, made on first use; `None`
+    /// once the thread's exit accounting ran or while a ring holds the table.
+    pub(crate) fn ringless_table(&mut self) -> Option<&mut KeyTable<Box<[u64]>>> {
+        if self.exited || matches!(self.slot, Slot::Ready(_)) {
+            return None;
+        }
+        if self.table.is_none() {
+            arm_exit();
+        }
+        Some(self.table.get_or_insert_with(new_table))
     }
 }
 

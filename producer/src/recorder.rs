@@ -462,7 +462,13 @@ where
                     continue;
                 }
             }
-            if self.writer.try_push(Record::counter(key, delta)).is_err() {
+            let record = if self.table.is_held_gauge(key) {
+                // A gauge set while there was no ring: its last value, bit for bit.
+                Record::gauge(key, delta as i64)
+            } else {
+                Record::counter(key, delta)
+            };
+            if self.writer.try_push(record).is_err() {
                 return;
             }
             self.table.clear_pending(key);

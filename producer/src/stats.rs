@@ -101,6 +101,12 @@ pub struct Stats {
     /// twice within one drain (then it may still read them). Not counted as dropped,
     /// and counter increments among them are not resent, which could count them twice.
     pub unconfirmed: u64,
+    /// Counter increments and gauge sets made while their thread had no ring (no
+    /// metricsd reachable, or it refused rings) and held per key in the thread's key
+    /// table, to be delivered when a ring is claimed again. Not a loss; what a thread
+    /// still holds when it exits is counted in [`DropReason::NoMetricsd`] (one record
+    /// per key) and [`lost_increments`](Self::lost_increments).
+    pub held: u64,
     /// Keys registered in the process (series, span names, attribute keys, strings).
     pub keys: u32,
 }
@@ -126,14 +132,16 @@ pub(crate) enum Event {
     RingClaimed,
     ClaimFailed,
     Unconfirmed,
+    Held,
 }
 
-const EVENTS: usize = DropReason::ALL.len() + 5;
+const EVENTS: usize = DropReason::ALL.len() + 6;
 
 impl Event {
     const fn index(self) -> usize {
         match self {
             Self::Dropped(r) => r.index(),
+            Self::Held => EVENTS - 6,
             Self::Coalesced => EVENTS - 5,
             Self::Unconfirmed => EVENTS - 4,
             Self::LostIncrements => EVENTS - 3,
@@ -178,6 +186,7 @@ impl Counts {
         stats.rings_claimed += get(Event::RingClaimed);
         stats.claim_failures += get(Event::ClaimFailed);
         stats.unconfirmed += get(Event::Unconfirmed);
+        stats.held += get(Event::Held);
     }
 }
 

@@ -1,12 +1,13 @@
 //! metricsd at its ring cap answers OVER_LIMIT: the thread works without a ring,
-//! drops and counts, never blocks, and keeps the one connection.
+//! holds counter increments, drops and counts other records, never blocks, and keeps
+//! the one connection.
 
 mod common;
 
 use std::time::Duration;
 
 use common::{Server, watchdog};
-use nexus_metrics::{Config, DropReason, counter};
+use nexus_metrics::{Config, DropReason, counter, histogram};
 use telemetry_abi::GrantStatus;
 
 #[test]
@@ -25,6 +26,7 @@ fn over_limit_drops_are_counted_and_the_connection_is_kept() {
     std::thread::spawn(|| {
         for _ in 0..1_000 {
             counter!("over.requests").increment(1);
+            histogram!("over.latency_ns").record(5);
             std::thread::sleep(Duration::from_micros(20));
         }
     })
@@ -33,6 +35,10 @@ fn over_limit_drops_are_counted_and_the_connection_is_kept() {
 
     let stats = nexus_metrics::stats();
     assert_eq!(stats.dropped(DropReason::OverLimit), 1_000, "{stats:?}");
+    assert_eq!(stats.held, 1_000, "increments held: {stats:?}");
+    // The thread exited without ever getting a ring: the held key is given up.
+    assert_eq!(stats.lost_increments, 1_000, "{stats:?}");
+    assert_eq!(stats.dropped(DropReason::NoMetricsd), 1, "{stats:?}");
     assert_eq!(stats.rings_claimed, 0);
     assert!(stats.claim_failures >= 2, "retried: {stats:?}");
     assert_eq!(server.messages() as u64, stats.claim_failures);

@@ -21,8 +21,9 @@ records_burst = 2000
 pub const METRICSD_PATH: &str = "/etc/metricsd.toml";
 
 /// A short export interval (the selftest polls logd for its evidence), a per-metric
-/// series cap small enough for a quick cardinality flood, and explicit bucket layouts
-/// for the histogram and span-duration checks.
+/// series cap small enough for a quick cardinality flood, a short idle TTL for series
+/// no connected producer has registered (the flood's, once its process exited), and
+/// explicit bucket layouts for the histogram and span-duration checks.
 pub const METRICSD_TOML: &str = "\
 # The QEMU proof run's metricsd (qemu-harness/src/guest_config.rs).
 [export]
@@ -30,6 +31,7 @@ interval_ms = 100
 
 [series]
 max_per_metric = 8
+idle_ttl_ms = 500
 
 [histograms]
 \"selftest.latency_ns\" = [10, 100, 1000, 10000]

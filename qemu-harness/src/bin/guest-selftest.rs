@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use qemu_harness::markers::SELFTEST_FAIL;
-use qemu_harness::selftest::{self, Options, backpressure};
+use qemu_harness::selftest::{self, Options, backpressure, security};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +37,16 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         metricsd_config: Option<PathBuf>,
     },
+    /// The security step's flood producer (started by `run`).
+    #[command(name = "flood-child")]
+    FloodChild {
+        /// metricsd's control socket.
+        #[arg(long, value_name = "PATH")]
+        metricsd: PathBuf,
+        /// Label sets to flood.
+        #[arg(long, value_name = "N")]
+        n: usize,
+    },
     /// The backpressure step's child process (started by `run`).
     #[command(name = "backpressure-child")]
     BackpressureChild {
@@ -59,6 +69,13 @@ fn main() -> ExitCode {
             logd_config,
             metricsd_config,
         }),
+        Cmd::FloodChild { metricsd, n } => match security::flood_child(&metricsd, n) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("{SELFTEST_FAIL}: flood child: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::BackpressureChild { metricsd } => match backpressure::child(&metricsd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,9 +1,14 @@
 //! `SELFTEST: metrics security rejects`: a hostile producer's ring quarantined (its
 //! valid samples before the violation counted, nothing after), its invalid records
-//! counted by reason, and a cardinality flood capped into the metric's overflow series
-//! with the total exact. All read back from metricsd's series and health series in logd.
+//! counted by reason, and a cardinality flood from a child process (the selftest
+//! re-executed with `flood-child`) capped into the metric's overflow series with the
+//! total exact. Once the flood's producer has exited, its series (the overflow series
+//! too) expire after metricsd's short idle TTL in the guest, each exported one last time
+//! with its exact final value, and the metric's cap is free again: a new label set gets
+//! a series of its own. All read back from metricsd's series and health series in logd.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,6 +21,35 @@ use super::{Ctx, hostile, report_fields, report_value, run_child};
 
 /// The flooded counter.
 const FLOOD: &str = "selftest.flood";
+/// The flood child's argument.
+pub const FLOOD_ARG: &str = "flood-child";
+/// The flood child's report line's prefix.
+const FLOOD_REPORT: &str = "flood:";
+
+/// The flood child: `n` label sets of [`FLOOD`], in order, label set `i` incremented by
+/// `i + 1`, from one thread (so metricsd sees the registrations in this order); then
+/// every increment written, and exit (its rings close, its series lose their last
+/// binding).
+pub fn flood_child(metricsd: &Path, n: usize) -> Result<()> {
+    nexus_metrics::install(nexus_metrics::Config::new().socket(metricsd))
+        .context("installing the recorder")?;
+    for i in 0..n {
+        Counter::new(FLOOD, &[("user", &flood_label(i))]).increment(i as u64 + 1);
+    }
+    let flushed = nexus_metrics::flush_for(Duration::from_secs(30));
+    let s = nexus_metrics::stats();
+    println!(
+        "{FLOOD_REPORT} flushed={} dropped={} lost={}",
+        u8::from(flushed),
+        s.dropped_total(),
+        s.lost_increments
+    );
+    Ok(())
+}
+
+fn flood_label(i: usize) -> String {
+    format!("u{i:03}")
+}
 /// The overflow series' only label (OpenTelemetry's convention).
 const OVERFLOW_LABEL: (&str, &str) = ("otel.metric.overflow", "true");
 
@@ -27,6 +61,7 @@ struct Health {
     quarantined: i128,
     overflow_registrations: i128,
     overflow_samples: i128,
+    expired: i128,
 }
 
 impl Health {
@@ -55,6 +90,7 @@ impl Health {
                 .logd
                 .health_counter("metricsd.overflow.registrations", &[])?,
             overflow_samples: ctx.logd.health_counter("metricsd.overflow.samples", &[])?,
+            expired: ctx.logd.health_counter("metricsd.series.expired", &[])?,
         })
     }
 }
@@ -83,17 +119,28 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
     );
 
     // The flood: three times the per-metric series cap of one counter, one increment
-    // of i + 1 per label value.
+    // of i + 1 per label value, from a child process of the same service.
     let cap = ctx.metricsd_config.series.max_per_metric as usize;
     let n = 3 * cap + 2;
-    let label = |i: usize| format!("u{i:03}");
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .arg(FLOOD_ARG)
+        .arg("--metricsd")
+        .arg(&ctx.metricsd_socket)
+        .arg("--n")
+        .arg(n.to_string());
+    let out = run_child(command, Duration::from_secs(60)).context("the flood producer")?;
+    let report = report_fields(&out, FLOOD_REPORT)?;
+    for (key, want) in [("flushed", 1u64), ("dropped", 0), ("lost", 0)] {
+        let got: u64 = report_value(&report, key)?;
+        anyhow::ensure!(got == want, "flood producer: {key}={got}, expected {want}");
+    }
     let mut own = BTreeMap::new();
     let mut overflow_total = 0u128;
     for i in 0..n {
-        let user = label(i);
+        let user = flood_label(i);
         let delta = i as u64 + 1;
-        Counter::new(FLOOD, &[("user", &user)]).increment(delta);
-        // Registrations reach metricsd in the order this thread made them: the first
+        // Registrations reach metricsd in the order the child made them: the first
         // `cap` label sets get series of their own, the rest the overflow series.
         let id = metricsd::series_id(&ctx.service, MetricKind::Counter, FLOOD, &[("user", &user)]);
         if i < cap {
@@ -178,9 +225,65 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
             Err(diffs.join("; "))
         })
     })?;
+
+    // The flood's producer has exited: each of its series (and the overflow series)
+    // expires, exported one last time with its exact final value, marked expired.
+    let expiring = want.len() as i128;
+    wait_for(WAIT, || {
+        let mut diffs = Vec::new();
+        let mut finals: BTreeMap<String, u128> = BTreeMap::new();
+        for r in ctx.logd.metric_records(&service, FLOOD)? {
+            if r.record.get("expired") == Some("true") {
+                let value = field(&r, "value")?
+                    .parse()
+                    .with_context(|| format!("record #{} value", r.id))?;
+                finals.insert(field(&r, "series")?.to_owned(), value);
+            }
+        }
+        if finals != want {
+            diffs.push(format!(
+                "expired {FLOOD} series: got {finals:?}, expected {want:?}"
+            ));
+        }
+        let moved = Health::read(ctx)?.expired - before.expired;
+        if moved < expiring {
+            diffs.push(format!(
+                "metricsd.series.expired moved by {moved}, expected at least {expiring}"
+            ));
+        }
+        Ok(if diffs.is_empty() {
+            Ok(())
+        } else {
+            Err(diffs.join("; "))
+        })
+    })?;
+    // The cap is free again: a new label set gets a series of its own.
+    let fresh = flood_label(n);
+    Counter::new(FLOOD, &[("user", &fresh)]).increment(7);
+    let fresh_id = metricsd::series_id(
+        &ctx.service,
+        MetricKind::Counter,
+        FLOOD,
+        &[("user", &fresh)],
+    );
+    wait_for(WAIT, || {
+        let got = ctx
+            .logd
+            .series_last(&fresh_id)?
+            .map(|r| field(&r, "value").map(str::to_owned))
+            .transpose()?;
+        Ok(if got.as_deref() == Some("7") {
+            Ok(())
+        } else {
+            Err(format!(
+                "{fresh_id} = {got:?}, expected 7 in a series of its own"
+            ))
+        })
+    })?;
     Ok(format!(
         "hostile ring (service {hostile_service}) quarantined after {valid_total} valid, \
-         {garbage_total} invalid records counted by reason; {n} label sets of {FLOOD}: \
-         {cap} series + overflow {overflow_total} (total exact)"
+         {garbage_total} invalid records counted by reason; {n} label sets of {FLOOD} from \
+         a child: {cap} series + overflow {overflow_total} (total exact); after it exited \
+         all {expiring} expired with exact final values and the cap took a new series"
     ))
 }
