@@ -355,12 +355,40 @@ impl DataWriter<'_> {
 /// Assembles registrations from records copied out of a ring, without allocating.
 ///
 /// Feed it every [`RecordKind::REGISTER`] and [`RecordKind::REGISTER_DATA`] record in
-/// ring order; call [`RegistrationBuf::interrupt`] when any other record arrives.
+/// ring order; call [`RegistrationBuf::interrupt`] first whenever any other record
+/// arrives, a new [`RecordKind::REGISTER`] included (feeding a head abandons a pending
+/// registration without reporting it).
+///
+/// A refused registration costs exactly one error, whatever its length and whatever
+/// refused it: after the error, the assembler passes over the rest of that
+/// registration's data records (its key, increasing sequence numbers below the count its
+/// length needs, or [`MAX_REGISTER_RECORDS`]` - 1` when the length was unusable)
+/// without reporting them again, even with other records in between. A run of data
+/// records without a head counts once in the same way.
 #[derive(Clone, Debug)]
 pub struct RegistrationBuf {
     head: Option<Register>,
     received: usize,
+    skip: Option<Skip>,
     bytes: [u8; MAX_REGISTER_DATA_LEN],
+}
+
+/// The rest of a refused registration, passed over without another error.
+#[derive(Clone, Copy, Debug)]
+struct Skip {
+    key: u32,
+    /// The lowest sequence number still to pass over (they must increase).
+    next: u16,
+    /// One past the last sequence number the registration can have.
+    end: u16,
+}
+
+/// Data records a registration of `data_len` payload bytes takes, bounded by the most
+/// any registration may take.
+fn pieces(data_len: u32) -> u16 {
+    let most = MAX_REGISTER_RECORDS - 1;
+    let len = usize::try_from(data_len).unwrap_or(usize::MAX);
+    len.div_ceil(REGISTER_DATA_PER_RECORD).min(most) as u16
 }
 
 impl Default for RegistrationBuf {
@@ -375,6 +403,7 @@ impl RegistrationBuf {
         Self {
             head: None,
             received: 0,
+            skip: None,
             bytes: [0; MAX_REGISTER_DATA_LEN],
         }
     }
@@ -385,17 +414,26 @@ impl RegistrationBuf {
     }
 
     /// Abandons a pending registration because a record of another kind arrived.
-    /// Returns [`RegisterError::Interrupted`] if one was pending.
+    /// Returns [`RegisterError::Interrupted`] if one was pending; its remaining data
+    /// records will be passed over.
     pub fn interrupt(&mut self) -> Result<(), RegisterError> {
         match self.head.take() {
-            Some(_) => Err(RegisterError::Interrupted),
+            Some(head) => {
+                self.skip = Some(Skip {
+                    key: head.key,
+                    next: (self.received / REGISTER_DATA_PER_RECORD) as u16,
+                    end: pieces(head.data_len),
+                });
+                Err(RegisterError::Interrupted)
+            }
             None => Ok(()),
         }
     }
 
     /// Feeds one registration record. Returns the registration once its last piece
-    /// has arrived, `Ok(None)` while more are expected, or why it was refused (the
-    /// pending registration is then dropped).
+    /// has arrived, `Ok(None)` while more are expected (or while the rest of a refused
+    /// registration is passed over), or why it was refused (the pending registration
+    /// is then dropped).
     pub fn feed(&mut self, record: &Record) -> Result<Option<Registration<'_>>, RegisterError> {
         let result = self.feed_inner(record);
         if !matches!(result, Ok(false)) {
@@ -408,16 +446,18 @@ impl RegistrationBuf {
         result.map(|_| None)
     }
 
-    /// Ok(true): complete; Ok(false): more to come.
+    /// Ok(true): complete; Ok(false): more to come, or a piece passed over.
     fn feed_inner(&mut self, record: &Record) -> Result<bool, RegisterError> {
         match record.kind {
             RecordKind::REGISTER => {
-                if self.head.take().is_some() {
-                    // A well-formed ring never starts a registration inside another.
-                    return Err(RegisterError::Interrupted);
-                }
+                self.head = None;
                 let head: Register = record.view();
                 self.received = 0;
+                let passed_over = self.skip.replace(Skip {
+                    key: head.key,
+                    next: 0,
+                    end: pieces(head.data_len),
+                });
                 if head.key == 0 {
                     return Err(RegisterError::ZeroKey);
                 }
@@ -430,27 +470,51 @@ impl RegistrationBuf {
                 {
                     return Err(RegisterError::DataLength(head.data_len));
                 }
+                // Accepted: its pieces are assembled, not passed over; those of a
+                // registration refused before it still are, once it is complete.
+                self.skip = passed_over;
                 self.head = Some(head);
                 Ok(false)
             }
             RecordKind::REGISTER_DATA => {
+                let data: RegisterData = record.view();
                 let Some(head) = self.head else {
+                    if let Some(skip) = &mut self.skip {
+                        if data.key == skip.key && data.seq >= skip.next && data.seq < skip.end {
+                            skip.next = data.seq + 1;
+                            return Ok(false);
+                        }
+                    }
+                    // A piece without its head: it and the pieces that follow it count
+                    // as one refused registration.
+                    self.skip = Some(Skip {
+                        key: data.key,
+                        next: data.seq.saturating_add(1),
+                        end: pieces(MAX_REGISTER_DATA_LEN as u32),
+                    });
                     return Err(RegisterError::Sequence);
                 };
-                let data: RegisterData = record.view();
-                if data.key != head.key
-                    || usize::from(data.seq) * REGISTER_DATA_PER_RECORD != self.received
-                {
+                let expected = self.received / REGISTER_DATA_PER_RECORD;
+                if data.key != head.key || usize::from(data.seq) != expected {
+                    // The offender took the place of piece `expected` (or belongs to
+                    // another registration); the pending one's later pieces follow.
+                    let next = expected as u16 + u16::from(data.key == head.key);
+                    self.skip = Some(Skip {
+                        key: head.key,
+                        next,
+                        end: pieces(head.data_len),
+                    });
                     return Err(RegisterError::Sequence);
                 }
                 let want = head.data_len as usize - self.received;
                 let take = want.min(REGISTER_DATA_PER_RECORD);
+                // Bytes past `data_len` are ignored, like every reserved byte.
                 self.bytes[self.received..self.received + take]
                     .copy_from_slice(&data.bytes[..take]);
                 self.received += take;
                 Ok(self.received == head.data_len as usize)
             }
-            _ => Err(RegisterError::Interrupted),
+            _ => self.interrupt().map(|()| false),
         }
     }
 }
@@ -658,5 +722,281 @@ mod tests {
             last = buf.feed(r).map(|o| o.map(|r| r.key));
         }
         assert_eq!(last, Err(RegisterError::DataLength(head.data_len)));
+    }
+
+    fn encoded(what: RegisterKind, name: &str, labels: &[(&str, &str)]) -> ([Record; 38], usize) {
+        let mut out = [Record::default(); MAX_REGISTER_RECORDS];
+        let n = encode_registration(9, what, name, labels, &mut out).expect("valid input");
+        (out, n)
+    }
+
+    /// Feeds `records` and returns the errors seen and the keys of the registrations
+    /// completed.
+    fn assemble(buf: &mut RegistrationBuf, records: &[Record]) -> (usize, [u32; 4]) {
+        let (mut errors, mut done, mut n) = (0, [0u32; 4], 0);
+        for r in records {
+            let fed = if r.kind == RecordKind::REGISTER || r.kind == RecordKind::REGISTER_DATA {
+                if r.kind == RecordKind::REGISTER && buf.interrupt().is_err() {
+                    errors += 1;
+                }
+                buf.feed(r).map(|o| o.map(|reg| reg.key))
+            } else {
+                buf.interrupt().map(|()| None)
+            };
+            match fed {
+                Ok(Some(key)) => {
+                    done[n] = key;
+                    n += 1;
+                }
+                Ok(None) => {}
+                Err(_) => errors += 1,
+            }
+        }
+        (errors, done)
+    }
+
+    #[test]
+    fn span_attribute_and_string_registrations_carry_the_string_alone() {
+        for (what, text) in [
+            (RegisterKind::SPAN, "db.query"),
+            (RegisterKind::ATTR, "db.rows"),
+            (RegisterKind::STRING, "naïve, with \"quotes\" = fine"),
+        ] {
+            let (out, n) = encoded(what, text, &[]);
+            assert_eq!(n, 1 + text.len().div_ceil(REGISTER_DATA_PER_RECORD));
+            let head: Register = out[0].view();
+            assert_eq!(head.what, what);
+            assert_eq!(usize::from(head.name_len), text.len());
+            assert_eq!(head.data_len as usize, text.len(), "data_len = name_len");
+            assert_eq!(head.label_count, 0);
+            assert_eq!(head.reserved, [0, 0]);
+            let mut payload = [0u8; 3 * REGISTER_DATA_PER_RECORD];
+            for (i, r) in out[1..n].iter().enumerate() {
+                let d: RegisterData = r.view();
+                assert_eq!(
+                    (d.kind, d.seq, d.key),
+                    (RecordKind::REGISTER_DATA, i as u16, 9)
+                );
+                payload[i * 24..i * 24 + 24].copy_from_slice(&d.bytes);
+            }
+            assert_eq!(&payload[..text.len()], text.as_bytes());
+            assert!(
+                payload[text.len()..].iter().all(|b| *b == 0),
+                "zero padding"
+            );
+            round_trip(9, what, text, &[]);
+        }
+    }
+
+    #[test]
+    fn nothing_registered_may_be_empty_but_a_label_value() {
+        let mut out = [Record::default(); MAX_REGISTER_RECORDS];
+        for what in [1, 2, 3, 4, 5, 6].map(RegisterKind) {
+            assert_eq!(
+                encode_registration(1, what, "", &[], &mut out),
+                Err(RegisterError::NameLength(0)),
+                "{what:?}"
+            );
+        }
+        assert_eq!(
+            encode_registration(1, RegisterKind::COUNTER, "a", &[("", "v")], &mut out),
+            Err(RegisterError::LabelKey)
+        );
+        round_trip(1, RegisterKind::COUNTER, "a", &[("k", "")]);
+        // An empty head (name_len 0) is refused by the assembler too.
+        let (recs, _) = encoded(RegisterKind::SPAN, "x", &[]);
+        let mut head: Register = recs[0].view();
+        head.name_len = 0;
+        head.data_len = 0;
+        let bad = Record::read_from_bytes(head.as_bytes()).expect("32 bytes");
+        assert_eq!(
+            RegistrationBuf::new().feed(&bad),
+            Err(RegisterError::DataLength(0))
+        );
+    }
+
+    #[test]
+    fn spelling_rules_per_registered_kind() {
+        let mut out = [Record::default(); MAX_REGISTER_RECORDS];
+        let mut enc =
+            |what, name: &str| encode_registration(1, what, name, &[], &mut out).map(|_| ());
+        let (span, attr, string) = (RegisterKind::SPAN, RegisterKind::ATTR, RegisterKind::STRING);
+        // Span names follow the series-name rules.
+        assert_eq!(
+            enc(span, "GET /users/:id ~ok "),
+            Ok(()),
+            "spaces inside and at the end"
+        );
+        assert_eq!(enc(span, " lead"), Err(RegisterError::NameByte(b' ')));
+        for b in [b'"', b'\\', b'{', b'}', b'=', b','] {
+            let name = [b'a', b];
+            let name = core::str::from_utf8(&name).expect("ASCII");
+            assert_eq!(enc(span, name), Err(RegisterError::NameByte(b)));
+        }
+        assert_eq!(
+            enc(span, "caf\u{e9}"),
+            Err(RegisterError::NameByte(0xc3)),
+            "ASCII only"
+        );
+        assert_eq!(enc(span, &"s".repeat(96)), Ok(()));
+        assert_eq!(
+            enc(span, &"s".repeat(97)),
+            Err(RegisterError::NameLength(97))
+        );
+        // Attribute keys follow the label-key rules, 1 to 32 bytes.
+        assert_eq!(enc(attr, "db.rows_2"), Ok(()));
+        assert_eq!(enc(attr, &"k".repeat(32)), Ok(()));
+        assert!(enc(attr, &"k".repeat(33)).is_err());
+        assert!(enc(attr, "2xx").is_err());
+        assert!(enc(attr, ".x").is_err());
+        assert!(enc(attr, "a-b").is_err());
+        // String values: UTF-8 without control characters, 1 to 96 bytes.
+        assert_eq!(
+            enc(string, &"\u{e9}".repeat(48)),
+            Ok(()),
+            "96 bytes of 2-byte chars"
+        );
+        assert_eq!(
+            enc(string, &"\u{e9}".repeat(49)),
+            Err(RegisterError::NameLength(98))
+        );
+        assert_eq!(enc(string, "{a=b, \"c\\\"}"), Ok(()), "any printable text");
+    }
+
+    #[test]
+    fn control_characters_are_exactly_c0_del_and_c1() {
+        let refused = [
+            '\u{0}', '\u{9}', '\u{1f}', '\u{7f}', '\u{80}', '\u{85}', '\u{9f}',
+        ];
+        let allowed = [
+            ' ', '~', '\u{a0}', '\u{ad}', '\u{200b}', '\u{2028}', '\u{2029}', '\u{feff}',
+        ];
+        let mut out = [Record::default(); MAX_REGISTER_RECORDS];
+        let mut buf = [0u8; 8];
+        for (c, ok) in refused
+            .iter()
+            .map(|c| (c, false))
+            .chain(allowed.iter().map(|c| (c, true)))
+        {
+            let text: &str = c.encode_utf8(&mut buf);
+            let value =
+                encode_registration(1, RegisterKind::COUNTER, "a", &[("k", text)], &mut out);
+            let string = encode_registration(1, RegisterKind::STRING, text, &[], &mut out);
+            assert_eq!(value.is_ok(), ok, "label value U+{:04X}", u32::from(*c));
+            assert_eq!(string.is_ok(), ok, "string value U+{:04X}", u32::from(*c));
+        }
+        // The assembler (the consumer's side) applies the same rule: patch a valid
+        // string registration's bytes into U+0085 and into malformed UTF-8.
+        for patch in [&[0xc2u8, 0x85][..], &[0xc0, 0x80], &[0xed, 0xa0]] {
+            let (mut recs, n) = encoded(RegisterKind::STRING, "ab", &[]);
+            assert_eq!(n, 2);
+            recs[1].as_mut_bytes()[8..10].copy_from_slice(patch);
+            let mut assembler = RegistrationBuf::new();
+            assert_eq!(assembler.feed(&recs[0]), Ok(None));
+            assert!(assembler.feed(&recs[1]).is_err(), "{patch:x?} refused");
+        }
+    }
+
+    #[test]
+    fn reserved_bytes_of_a_registration_are_ignored() {
+        let labels = [("route", "/a")];
+        let (mut recs, n) = encoded(RegisterKind::COUNTER, "http.requests", &labels);
+        let mut head: Register = recs[0].view();
+        head.reserved = [u64::MAX, 0x5a5a];
+        recs[0] = Record::read_from_bytes(head.as_bytes()).expect("32 bytes");
+        let used = head.data_len as usize % REGISTER_DATA_PER_RECORD;
+        assert!(used > 0, "the last piece has padding");
+        for b in &mut recs[n - 1].as_mut_bytes()[8 + used..] {
+            *b = 0xee;
+        }
+        let mut buf = RegistrationBuf::new();
+        for r in &recs[..n - 1] {
+            assert_eq!(buf.feed(r), Ok(None));
+        }
+        let reg = buf.feed(&recs[n - 1]).expect("accepted").expect("complete");
+        assert_eq!((reg.key, reg.name), (9, "http.requests"));
+        assert_eq!(
+            reg.labels(),
+            [Label {
+                key: "route",
+                value: "/a"
+            }]
+        );
+    }
+
+    #[test]
+    fn a_refused_registration_costs_one_error_however_long() {
+        let long = "v".repeat(60);
+        let labels = [
+            ("a", long.as_str()),
+            ("b", long.as_str()),
+            ("c", long.as_str()),
+        ];
+        let (good, n) = encoded(RegisterKind::GAUGE, "queue.depth", &labels);
+        assert!(n >= 8, "a registration of many pieces: {n}");
+        let sample = Record::gauge(9, 1);
+        let next = encoded(RegisterKind::COUNTER, "after", &[]);
+        let mut next_good = next.0;
+        // The registration after each broken one has key 10.
+        let mut head: Register = next_good[0].view();
+        head.key = 10;
+        next_good[0] = Record::read_from_bytes(head.as_bytes()).expect("32 bytes");
+        for r in &mut next_good[1..next.1] {
+            r.key = 10;
+        }
+
+        let mut cases: [([Record; 40], usize, &str); 6] = [([Record::default(); 40], 0, ""); 6];
+        let mut build =
+            |i: usize, what: &'static str, edit: &dyn Fn(&mut [Record; 40]) -> usize| {
+                let mut seq = [Record::default(); 40];
+                seq[..n].copy_from_slice(&good[..n]);
+                let len = edit(&mut seq);
+                cases[i] = (seq, len, what);
+            };
+        build(0, "head of an unknown kind", &|s| {
+            s[0].flags = 77;
+            n
+        });
+        build(1, "head with an impossible length", &|s| {
+            s[0].words[0] = (s[0].words[0] & 0xffff_ffff) | (5000u64 << 32);
+            n
+        });
+        build(2, "a piece out of sequence", &|s| {
+            s[3].flags = 7;
+            n
+        });
+        build(3, "interrupted by a sample", &|s| {
+            s.copy_within(4..n, 5);
+            s[4] = sample;
+            n + 1
+        });
+        build(4, "spelling refused when complete", &|s| {
+            s[n - 1].as_mut_bytes()[8] = 0x01;
+            n
+        });
+        build(5, "pieces without a head", &|s| {
+            s.copy_within(1..n, 0);
+            n - 1
+        });
+        for (seq, len, what) in &cases {
+            let mut records = [Record::default(); 60];
+            records[..*len].copy_from_slice(&seq[..*len]);
+            records[*len..*len + next.1].copy_from_slice(&next_good[..next.1]);
+            let mut buf = RegistrationBuf::new();
+            let (errors, done) = assemble(&mut buf, &records[..len + next.1]);
+            assert_eq!(errors, 1, "{what}: one error");
+            assert_eq!(done[0], 10, "{what}: the next registration is assembled");
+        }
+        // A new head inside a registration interrupts it and starts its own.
+        let mut records = [Record::default(); 60];
+        records[..3].copy_from_slice(&good[..3]);
+        records[3..3 + next.1].copy_from_slice(&next_good[..next.1]);
+        records[3 + next.1..3 + next.1 + n - 3].copy_from_slice(&good[3..n]);
+        let (errors, done) = assemble(&mut RegistrationBuf::new(), &records[..next.1 + n]);
+        assert_eq!(
+            (errors, done[0]),
+            (1, 10),
+            "interrupted once, the new one assembled"
+        );
     }
 }

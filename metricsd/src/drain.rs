@@ -174,10 +174,9 @@ impl Ctx<'_> {
         want: RegisterKind,
         record: Record,
     ) -> Result<(), Reason> {
+        // `flags` and the reserved words are ignored, as the ABI says v1.x readers do: a
+        // later minor version may give them meaning.
         let s: Sample = record.view();
-        if s.flags != 0 || s.reserved != [0, 0] {
-            return Err(Reason::ReservedNonzero);
-        }
         let entry = ring.keys.get(record.key).ok_or(Reason::UnregisteredKey)?;
         if entry.what != want {
             return Err(Reason::KindMismatch);
@@ -268,6 +267,11 @@ impl Ctx<'_> {
     #[inline(never)]
     fn record_slow(&mut self, ring: &mut RingCtx<'_>, record: Record) {
         let kind = record.kind;
+        // Anything but a data record ends a pending registration, a new head included:
+        // the interrupted registration is refused, counted once.
+        if kind != RecordKind::REGISTER_DATA && ring.regbuf.interrupt().is_err() {
+            self.reject(Reason::RegistrationInterrupted);
+        }
         if kind == RecordKind::REGISTER || kind == RecordKind::REGISTER_DATA {
             match ring.regbuf.feed(&record) {
                 Ok(None) => {}
@@ -275,9 +279,6 @@ impl Ctx<'_> {
                 Err(e) => self.reject(register_reason(e)),
             }
             return;
-        }
-        if ring.regbuf.interrupt().is_err() {
-            self.reject(Reason::RegistrationInterrupted);
         }
         if let Err(reason) = self.validated(ring, record) {
             self.reject(reason);
@@ -292,9 +293,6 @@ impl Ctx<'_> {
         match record.kind {
             RecordKind::SPAN_TRACE => {
                 let t: SpanTrace = record.view();
-                if t.flags > 0xff {
-                    return Err(Reason::ReservedNonzero);
-                }
                 let Target::Span { .. } = entry.ok_or(Reason::UnregisteredKey)?.target else {
                     return Err(Reason::KindMismatch);
                 };
@@ -316,9 +314,6 @@ impl Ctx<'_> {
             RecordKind::SPAN_START | RecordKind::SPAN_OPEN => {
                 let s: SpanStart = record.view();
                 let trace = ring.trace.take();
-                if s.flags != 0 {
-                    return Err(Reason::ReservedNonzero);
-                }
                 let Target::Span { name, duration } = &entry.ok_or(Reason::UnregisteredKey)?.target
                 else {
                     return Err(Reason::KindMismatch);
@@ -359,9 +354,6 @@ impl Ctx<'_> {
             }
             RecordKind::SPAN_END | RecordKind::SPAN_CLOSE => {
                 let e: SpanEnd = record.view();
-                if e.reserved != 0 {
-                    return Err(Reason::ReservedNonzero);
-                }
                 let Target::Span { .. } = entry.ok_or(Reason::UnregisteredKey)?.target else {
                     return Err(Reason::KindMismatch);
                 };
@@ -383,9 +375,6 @@ impl Ctx<'_> {
             }
             RecordKind::SPAN_ATTR | RecordKind::SPAN_NOTE => {
                 let a: SpanAttr = record.view();
-                if a.reserved != 0 {
-                    return Err(Reason::ReservedNonzero);
-                }
                 let Target::Attr { key, sensitive } = &entry.ok_or(Reason::UnregisteredKey)?.target
                 else {
                     return Err(Reason::KindMismatch);

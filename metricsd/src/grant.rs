@@ -424,7 +424,8 @@ impl GrantServer {
             Err(_) => return self.refuse(GrantStatus::UNAVAILABLE),
         };
         self.next_ring = self.next_ring.wrapping_add(1).max(1);
-        // The drain loop has the ring before the producer can write to it.
+        // The drain loop is told of the ring before the producer has its fd; its reader
+        // starts at 0 whatever the producer writes to the consumer line meanwhile.
         let sent = self.tx.send(Command::AddRing(NewRing {
             id,
             connection: conn_id,

@@ -66,8 +66,6 @@ reasons! {
     UnregisteredKey = ("unregistered_key", InvalidArgs),
     /// A record's kind does not match its key's registered kind.
     KindMismatch = ("kind_mismatch", InvalidArgs),
-    /// A field that must be zero was not.
-    ReservedNonzero = ("reserved_nonzero", InvalidArgs),
     /// A malformed registration (the ABI's checks refused it).
     BadRegistration = ("bad_registration", InvalidArgs),
     /// A registration started and another record arrived before it was complete.

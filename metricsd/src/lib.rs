@@ -39,6 +39,7 @@ pub mod histogram;
 pub mod identity;
 pub mod keys;
 pub mod otlp;
+pub mod probe;
 pub mod prometheus;
 pub mod redact;
 pub mod retention;

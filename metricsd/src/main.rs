@@ -1,5 +1,6 @@
 //! `metricsd`: the telemetry daemon. Parses the command line and the config, starts the
-//! daemon, prints `metricsd: ready` once the first export round trip to logd succeeded,
+//! daemon, prints `metricsd: ready` once the first export round trip to logd and a grant
+//! round trip through its own control socket succeeded,
 //! and runs until SIGTERM or SIGINT. `demo` and `top` are library code
 //! (`metricsd::demo`, `metricsd::top`) wired here.
 
@@ -9,6 +10,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use metricsd::{Config, Daemon};
+
+/// How long each step of the grant round trip before `metricsd: ready` may take.
+const GRANT_CHECK_STEP: Duration = Duration::from_secs(2);
+/// How long the round trip may keep failing before `serve` gives up.
+const GRANT_CHECK_LIMIT: Duration = Duration::from_secs(60);
 
 /// The telemetry daemon: grants shared-memory rings to producers, drains them,
 /// aggregates under hard caps and exports to logd.
@@ -36,7 +42,8 @@ enum Cmd {
     /// Producers (services linking nexus-metrics) connect to the control socket and are
     /// granted rings; every `export.interval_ms` the changed series and the completed
     /// spans are appended to logd. `metricsd: ready` is printed once a start marker was
-    /// appended to logd and read back. Every limit is in the config file (see
+    /// appended to logd and read back, and a ring was granted through the control socket
+    /// (metricsd asks for one itself, checks it and gives it back). Every limit is in the config file (see
     /// metricsd/README.md); without one, the defaults apply.
     ///
     /// Example: metricsd serve --config /etc/metricsd.toml --logd-socket /run/logd.sock
@@ -448,16 +455,37 @@ fn serve(
     }
     let handle = signals.handle();
     let waiter = std::thread::spawn(move || signals.forever().next());
+    let mut last_error = None;
+    let mut first_try = None;
     loop {
         if daemon.is_ready() {
-            println!("metricsd: ready");
-            break;
+            // The start marker is in logd; now one grant round trip through the control
+            // socket, as a producer would make it, before saying ready.
+            let first = *first_try.get_or_insert_with(std::time::Instant::now);
+            match metricsd::probe::grant_round_trip(daemon.socket_path(), GRANT_CHECK_STEP) {
+                Ok(granted) => {
+                    eprintln!(
+                        "metricsd: grant round trip ok (ring {}, {} records, sealed memfd)",
+                        granted.ring_id, granted.capacity
+                    );
+                    println!("metricsd: ready");
+                    break;
+                }
+                Err(e) if first.elapsed() < GRANT_CHECK_LIMIT => last_error = Some(e),
+                Err(e) => {
+                    daemon.shutdown();
+                    anyhow::bail!("metricsd: FAIL: no grant round trip on its own socket: {e}");
+                }
+            }
         }
         if waiter.is_finished() {
             daemon.shutdown();
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Some(e) = last_error {
+        eprintln!("metricsd: the grant round trip needed retries (last: {e})");
     }
     let _ = waiter.join();
     handle.close();

@@ -74,9 +74,16 @@ fn serve_prints_ready_only_after_logd_answered() {
         .arg("--logd-socket")
         .arg(&logd_sock)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn metricsd");
+    let stderr = child.stderr.take().expect("stderr");
+    let (err_tx, err_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = err_tx.send(line);
+        }
+    });
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -92,6 +99,18 @@ fn serve_prints_ready_only_after_logd_answered() {
     let server = start_logd(&logd_sock);
     let line = rx.recv_timeout(WAIT).expect("ready once logd is up");
     assert_eq!(line, "metricsd: ready");
+    // And only after a ring was granted through its own control socket: metricsd says so
+    // on stderr before it prints the ready line (another pipe, so it may be read later).
+    let mut said = Vec::new();
+    while !said
+        .iter()
+        .any(|l: &String| l.starts_with("metricsd: grant round trip ok (ring 1, 2 records"))
+    {
+        match err_rx.recv_timeout(WAIT) {
+            Ok(line) => said.push(line),
+            Err(_) => panic!("no grant round trip before ready: {said:?}"),
+        }
+    }
     // The marker really is in logd.
     let mut client = logd::Client::connect(&logd_sock).expect("connect");
     let found = client

@@ -15,6 +15,9 @@
 //! - Any line holding the word `FAIL` fails the run (see [`line_has_fail`]), whether or not
 //!   it is one of the ladder's own FAIL markers, and even after the last step.
 //! - Any line holding `Kernel panic` fails the run, even after the last step.
+//! - Any line holding `panicked at` (a Rust panic in any thread of any guest process,
+//!   daemons included, as the standard panic hook prints it) fails the run, even after
+//!   the last step.
 //! - A marker of any step other than the awaited one (a later step, or an earlier one
 //!   seen again) fails the run as out of order.
 //! - When the console closes before the last step, the awaited step is missing.
@@ -82,6 +85,12 @@ pub fn line_has_panic(line: &str) -> bool {
     line.contains("Kernel panic")
 }
 
+/// Whether `line` reports a Rust panic (`thread '...' panicked at src/...`).
+#[must_use]
+pub fn line_has_rust_panic(line: &str) -> bool {
+    line.contains("panicked at")
+}
+
 /// A step that was seen, and when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
@@ -116,6 +125,11 @@ pub enum FailureKind {
     },
     /// A line holding `Kernel panic`.
     KernelPanic {
+        /// The line.
+        line: String,
+    },
+    /// A line holding `panicked at`: a thread of a guest process panicked.
+    Panicked {
         /// The line.
         line: String,
     },
@@ -175,6 +189,7 @@ impl fmt::Display for Failure {
             )?,
             FailureKind::FailMarker { line } => write!(f, "FAIL marker in line {line:?}")?,
             FailureKind::KernelPanic { line } => write!(f, "kernel panic: {line:?}")?,
+            FailureKind::Panicked { line } => write!(f, "a guest thread panicked: {line:?}")?,
             FailureKind::Timeout { limit } => write!(
                 f,
                 "the marker did not come within its {:.1} s timeout",
@@ -319,6 +334,12 @@ impl<'a> Checker<'a> {
 
         if line_has_panic(line) {
             let kind = FailureKind::KernelPanic {
+                line: line.to_owned(),
+            };
+            return Err(self.fail(kind, now));
+        }
+        if line_has_rust_panic(line) {
+            let kind = FailureKind::Panicked {
                 line: line.to_owned(),
             };
             return Err(self.fail(kind, now));
@@ -524,6 +545,31 @@ mod tests {
         assert_eq!(failure.step, None);
         assert!(matches!(failure.kind, FailureKind::FailMarker { .. }));
         assert!(failure.to_string().contains("after all 4 steps"));
+    }
+
+    #[test]
+    fn a_rust_panic_in_any_thread_fails_even_after_the_last_step() {
+        let panic = "[metricsd] thread 'drain' (12) panicked at metricsd/src/drain.rs:1:1:";
+        let err = run(&[(0.5, "logd: ready"), (1.0, panic)], 2.0).expect_err("panic");
+        assert_eq!(
+            err.kind,
+            FailureKind::Panicked {
+                line: panic.to_owned()
+            }
+        );
+        assert_eq!(err.awaited, Some("metricsd: ready"));
+        let mut all: Vec<(f64, &str)> = LADDER
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as f64 * 0.1, s.ok))
+            .collect();
+        all.push((5.0, "thread 'main' panicked at src/main.rs:3:5:"));
+        let err = run(&all, 6.0).expect_err("panic after the ladder");
+        assert!(matches!(err.kind, FailureKind::Panicked { .. }));
+        assert_eq!(err.awaited, None);
+        assert!(!line_has_rust_panic(
+            "the word panic alone, or panicked, is fine"
+        ));
     }
 
     #[test]

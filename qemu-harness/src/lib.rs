@@ -36,4 +36,5 @@ pub mod ladder;
 pub mod manifest;
 pub mod markers;
 pub mod plan;
+pub mod sealed;
 pub mod selftest;

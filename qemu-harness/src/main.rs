@@ -15,8 +15,10 @@ Boot a real kernel under QEMU with the project's own static binaries and check t
 ladder the guest prints on its serial console.
 
 One run does, in order:
-  1. provision: installs Debian's qemu-system-x86 when qemu-system-x86_64 is missing
-     (apt-get, the machine's configured sources, needs root), and fetches a Debian
+  1. provision: uses qemu-system-x86_64 from PATH, else Debian's qemu-system-x86
+     and the libraries the machine lacks, downloaded (apt-get --download-only, the
+     machine's configured sources, needs root once) and unpacked into the cache,
+     never installed, so no package of the machine changes; and fetches a Debian
      cloud kernel with `apt-get download` into the cache (once);
   2. builds the guest binaries statically (+crt-static, x86_64-unknown-linux-gnu) into
      target/qemu-guest, so the host build cache stays valid;
@@ -26,7 +28,8 @@ One run does, in order:
   5. reads the serial console and checks the ladder: every marker in order, each within
      its own timeout; any FAIL line, a kernel panic, a missing or out-of-order marker or a
      timeout fails the run, naming the first failing step and showing the last console
-     lines. The VM must then power off by itself.
+     lines; so does any `panicked at` line (a Rust panic in any guest thread). The VM
+     must then power off by itself and QEMU exit with status 0.
 
 Ladders (--ladder):
   full       the full proof ladder: logd: ready, metricsd: ready, eight SELFTEST
@@ -64,6 +67,11 @@ struct Cli {
     /// Echo every console line as it arrives, not only the markers.
     #[arg(long)]
     console: bool,
+
+    /// Run the QEMU unpacked in the cache (downloading and unpacking it first if
+    /// needed) even when a qemu-system-x86_64 is on PATH.
+    #[arg(long)]
+    unpacked_qemu: bool,
 
     /// Boot this kernel image instead of the cached Debian cloud kernel.
     #[arg(long, value_name = "PATH")]
@@ -113,6 +121,7 @@ fn main() -> ExitCode {
         keep: cli.keep,
         echo_console: cli.console,
         kernel: cli.kernel,
+        unpacked_qemu: cli.unpacked_qemu,
         kernel_args: cli.kernel_arg,
         timeout_factor: cli.timeout_factor,
         smp: cli.smp,

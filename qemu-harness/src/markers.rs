@@ -74,7 +74,7 @@ pub const FULL: &[Step] = &[
     Step::new(
         "SELFTEST: no ipc per sample ok",
         "SELFTEST: no ipc per sample FAIL",
-        120,
+        240,
     ),
     Step::new(
         "SELFTEST: lossless counters under backpressure ok",

@@ -117,6 +117,10 @@ pub const FULL: Plan = Plan {
             package: "qemu-harness",
             bin: "guest-hostile",
         },
+        GuestBinary {
+            package: "qemu-harness",
+            bin: "guest-sealed",
+        },
     ],
     daemons: &[
         Daemon {

@@ -66,12 +66,22 @@ pub struct Reader<R: Region> {
 }
 
 impl<R: Region> Reader<R> {
-    /// The reader of `region`, starting where its consumer line says (zero for a new
-    /// region). Create readers only over regions the consumer side laid out.
+    /// The reader of a fresh `region`, starting at position 0, where every new region's
+    /// positions start.
+    ///
+    /// It never reads the consumer line: a producer can write that word too (between
+    /// the grant and this call, or at any time), and no word a producer can write may
+    /// set where the consumer reads. Create readers only over regions the consumer side
+    /// laid out.
     pub fn new(region: R) -> Self {
+        Self::starting_at(region, 0)
+    }
+
+    /// The reader of `region`, starting at `read`, a position the consumer kept itself
+    /// (never one read back from the region). Its first drain expects the write
+    /// position within a capacity ahead of `read`.
+    pub fn starting_at(region: R, read: u64) -> Self {
         let geometry = region.geometry();
-        // ORDERING: Relaxed at attach: the consumer laid the region out itself.
-        let read = region.read_pos().load(Ordering::Relaxed);
         Self {
             mask: geometry.mask(),
             capacity: u64::from(geometry.capacity()),

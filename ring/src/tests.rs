@@ -122,6 +122,71 @@ fn unknown_kinds_are_counted_not_delivered() {
 }
 
 #[test]
+fn the_consumer_line_never_sets_the_read_position() {
+    for scribble in [3, 1 << 40, u64::MAX, 0x9e37_79b9_7f4a_7c15] {
+        let region = Arc::new(HeapRegion::new(8).expect("valid"));
+        let mut w = Writer::new(region.clone());
+        // The producer writes the consumer's word before the reader attaches...
+        region.read_pos().store(scribble, Ordering::Relaxed);
+        let mut r = Reader::new(region.clone());
+        assert_eq!(r.position(), 0, "a fresh ring is read from 0");
+        for i in 0..3 {
+            w.push(Record::counter(1, i)).expect("room");
+        }
+        assert_eq!(drain_values(&mut r, 64), [0, 1, 2]);
+        // ...and again between drains: the reader keeps its own position.
+        region.read_pos().store(scribble, Ordering::Relaxed);
+        w.push(Record::counter(1, 3)).expect("room");
+        assert_eq!(drain_values(&mut r, 64), [3]);
+        assert_eq!(r.position(), 4);
+        assert_eq!(r.quarantined(), None, "scribble {scribble:#x}");
+        assert_eq!(region.read_pos().load(Ordering::Relaxed), 4);
+    }
+}
+
+#[test]
+fn a_write_position_both_behind_and_far_ahead_counts_as_moved_back_once() {
+    // (last accepted write position, the one seen next, the violation)
+    let moved_back = |before: u64, now: u64| Violation::WriteMovedBack { before, now };
+    let cases = [
+        (5, 4, moved_back(5, 4)), // behind, and 2^64 - 1 ahead of read 5
+        (5, 5 + (1 << 63), moved_back(5, 5 + (1 << 63))), // exactly 2^63 on: behind
+        (
+            5,
+            4 + (1 << 63),
+            Violation::WriteOutOfRange {
+                read: 5,
+                write: 4 + (1 << 63),
+            },
+        ),
+        (5, 5 + 9, Violation::WriteOutOfRange { read: 5, write: 14 }),
+        (0, 1 << 63, moved_back(0, 1 << 63)), // a fresh ring: measured from 0
+    ];
+    for (before, now, want) in cases {
+        let region = Arc::new(HeapRegion::new(8).expect("valid"));
+        let mut w = Writer::new(region.clone());
+        let mut r = Reader::new(region.clone());
+        for i in 0..before {
+            w.push(Record::counter(1, i)).expect("room");
+            assert_eq!(drain_values(&mut r, 8), [i]);
+        }
+        region.write_pos().store(now, Ordering::Release);
+        let err = r
+            .drain(8, |_| panic!("nothing delivered"))
+            .expect_err("violation");
+        assert_eq!(err.0, want, "{before} then {now}");
+        let s = r.stats();
+        assert_eq!(
+            s.write_moved_back + s.write_out_of_range,
+            1,
+            "one violation"
+        );
+        assert!(r.pending().is_err(), "quarantined for good");
+        assert_eq!(r.stats().write_moved_back + r.stats().write_out_of_range, 1);
+    }
+}
+
+#[test]
 fn a_write_position_past_capacity_quarantines() {
     let region = Arc::new(HeapRegion::new(8).expect("valid"));
     let mut r = Reader::new(region.clone());
@@ -196,7 +261,10 @@ fn positions_near_u64_max_wrap_by_difference() {
     let start = u64::MAX - 5;
     region.write_pos().store(start, Ordering::Relaxed);
     region.read_pos().store(start, Ordering::Relaxed);
-    let (mut w, mut r) = (Writer::new(region.clone()), Reader::new(region));
+    let (mut w, mut r) = (
+        Writer::new(region.clone()),
+        Reader::starting_at(region, start),
+    );
     for i in 0..20 {
         w.push(Record::counter(1, i)).expect("room");
         assert_eq!(drain_values(&mut r, 4), [i]);

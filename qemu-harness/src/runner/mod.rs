@@ -27,6 +27,8 @@ pub struct Options {
     pub echo_console: bool,
     /// A kernel to boot instead of the cached one.
     pub kernel: Option<PathBuf>,
+    /// Use the QEMU unpacked in the cache even when one is on `PATH`.
+    pub unpacked_qemu: bool,
     /// Extra kernel command-line arguments.
     pub kernel_args: Vec<String>,
     /// Multiplies every timeout.
@@ -97,7 +99,7 @@ pub fn run(options: &Options) -> Result<bool> {
         options.runs
     );
 
-    let tools = provision::provision(options.kernel.as_deref())?;
+    let tools = provision::provision(options.kernel.as_deref(), options.unpacked_qemu)?;
     let built = guest_build::build(plan.binaries)?;
 
     let work = tempfile::Builder::new()
@@ -150,17 +152,18 @@ pub fn run(options: &Options) -> Result<bool> {
     for run in 1..=options.runs {
         println!("[run {run}/{}] booting", options.runs);
         let boot = vm::boot(&vm, &ladder, work.path(), run, options.echo_console)?;
-        match (&boot.ladder, boot.powered_off) {
-            (Ok(climbed), Some(off)) => {
+        match (boot.verdict(), &boot.ladder) {
+            (vm::Verdict::Pass { done, off }, _) => {
                 println!(
-                    "[run {run}/{}] PASS: boot-to-done {:.2} s, powered off at {:.2} s",
+                    "[run {run}/{}] PASS: boot-to-done {:.2} s, powered off at {:.2} s, \
+                     qemu exit status 0",
                     options.runs,
-                    climbed.total().as_secs_f64(),
+                    done.as_secs_f64(),
                     off.as_secs_f64()
                 );
-                done_times.push(climbed.total());
+                done_times.push(done);
             }
-            (Ok(_), None) => {
+            (vm::Verdict::NoPowerOff, _) => {
                 failures += 1;
                 println!(
                     "[run {run}/{}] FAILED: the ladder was climbed but the VM did not power \
@@ -170,9 +173,20 @@ pub fn run(options: &Options) -> Result<bool> {
                     boot.console_log.display()
                 );
             }
-            (Err(failure), _) => {
+            (vm::Verdict::QemuStatus(status), _) => {
                 failures += 1;
-                println!("[run {run}/{}] {failure}", options.runs);
+                println!(
+                    "[run {run}/{}] FAILED: the ladder was climbed but QEMU exited with {status} \
+                     (console: {})",
+                    options.runs,
+                    boot.console_log.display()
+                );
+            }
+            (vm::Verdict::Ladder, ladder) => {
+                failures += 1;
+                if let Err(failure) = ladder {
+                    println!("[run {run}/{}] {failure}", options.runs);
+                }
                 if !boot.after_failure.is_empty() {
                     println!("console lines after the failure:");
                     for line in &boot.after_failure {

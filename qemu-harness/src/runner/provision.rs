@@ -1,5 +1,13 @@
 //! Provisioning: QEMU from Debian's packages and a Debian cloud kernel, cached outside the
 //! source tree. Idempotent: a warm run only looks.
+//!
+//! Nothing is installed or removed: a `qemu-system-x86_64` already on `PATH` is used as
+//! it is; otherwise Debian's `qemu-system-x86` and whatever it needs that the machine
+//! lacks are downloaded (`apt-get install --download-only`, which changes no installed
+//! package) and unpacked with `dpkg-deb -x` into the cache, and run from there with
+//! `LD_LIBRARY_PATH` and `-L` pointing into it. Installing the package instead would
+//! remove a newer `qemu-utils` a user installed (it declares that it breaks the older
+//! `qemu-system-common`).
 
 use std::env;
 use std::ffi::OsStr;
@@ -14,13 +22,105 @@ use anyhow::{Context, Result, bail, ensure};
 const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// The Debian package that ships `qemu-system-x86_64`.
 const QEMU_PACKAGE: &str = "qemu-system-x86";
+/// The packages of QEMU itself unpacked into the cache: the binary, its modules (the TCG
+/// accelerator is one) and its firmware. Their other dependencies are unpacked too when
+/// the machine lacks them.
+const QEMU_PACKAGES: &[&str] = &[QEMU_PACKAGE, "qemu-system-common", "qemu-system-data"];
 const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+/// The architecture directory of Debian's multiarch library paths.
+const MULTIARCH: &str = "x86_64-linux-gnu";
+
+/// How to run QEMU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qemu {
+    /// The binary.
+    pub binary: PathBuf,
+    /// For a QEMU unpacked into the cache: its root, whose libraries go on
+    /// `LD_LIBRARY_PATH` and whose `usr/share/qemu` holds the firmware (`-L`).
+    pub unpacked: Option<PathBuf>,
+}
+
+impl Qemu {
+    /// `LD_LIBRARY_PATH` for an unpacked QEMU: its own library dirs, then the caller's.
+    #[must_use]
+    pub fn library_path(&self) -> Option<std::ffi::OsString> {
+        let root = self.unpacked.as_ref()?;
+        let mut dirs = vec![
+            root.join("usr/lib").join(MULTIARCH),
+            root.join("lib").join(MULTIARCH),
+        ];
+        if let Some(old) = env::var_os("LD_LIBRARY_PATH") {
+            dirs.extend(env::split_paths(&old));
+        }
+        env::join_paths(dirs).ok()
+    }
+
+    /// The firmware dir of an unpacked QEMU (`-L`), when the cache has one (it does not
+    /// when the machine had `qemu-system-data` already: QEMU's own default dir holds it).
+    #[must_use]
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        let dir = self.unpacked.as_ref()?.join("usr/share/qemu");
+        dir.is_dir().then_some(dir)
+    }
+
+    /// The module dir of an unpacked QEMU (`QEMU_MODULE_DIR`).
+    #[must_use]
+    pub fn module_dir(&self) -> Option<PathBuf> {
+        let dir = self
+            .unpacked
+            .as_ref()?
+            .join("usr/lib")
+            .join(MULTIARCH)
+            .join("qemu");
+        dir.is_dir().then_some(dir)
+    }
+
+    /// A command running this QEMU.
+    #[must_use]
+    pub fn command(&self) -> Command {
+        let mut command = self.bare_command();
+        if let Some(dir) = self.data_dir() {
+            command.arg("-L").arg(dir);
+        }
+        command
+    }
+
+    /// A command running this QEMU with its environment but no arguments.
+    fn bare_command(&self) -> Command {
+        let mut command = Command::new(&self.binary);
+        if let Some(path) = self.library_path() {
+            command.env("LD_LIBRARY_PATH", path);
+        }
+        if let Some(dir) = self.module_dir() {
+            command.env("QEMU_MODULE_DIR", dir);
+        }
+        command
+    }
+
+    /// `qemu-system-x86_64 --version`'s first line, if it runs.
+    fn version(&self) -> Result<String> {
+        let output = self
+            .bare_command()
+            .arg("--version")
+            .output()
+            .with_context(|| format!("running {}", self.binary.display()))?;
+        ensure!(
+            output.status.success(),
+            "{} does not run: {}",
+            self.binary.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        let text = String::from_utf8_lossy(&output.stdout);
+        Ok(text.lines().next().unwrap_or("").to_owned())
+    }
+}
 
 /// What a proof run boots with.
 #[derive(Debug)]
 pub struct Provisioned {
-    /// The QEMU binary.
-    pub qemu: PathBuf,
+    /// QEMU.
+    pub qemu: Qemu,
     /// The kernel image.
     pub kernel: PathBuf,
     /// Where the kernel came from, for the report.
@@ -39,23 +139,19 @@ pub fn cache_dir() -> Result<PathBuf> {
 }
 
 /// Finds QEMU and a kernel, installing or fetching what is missing.
-pub fn provision(kernel_override: Option<&Path>) -> Result<Provisioned> {
+/// With `unpacked`, QEMU comes from the cache even when one is on `PATH`.
+pub fn provision(kernel_override: Option<&Path>, unpacked: bool) -> Result<Provisioned> {
     let mut apt = Apt::default();
-    let qemu = match which(QEMU_BINARY) {
+    let on_path = if unpacked { None } else { which(QEMU_BINARY) };
+    let qemu = match on_path {
         Some(path) => {
             say(&format!("{QEMU_BINARY}: {}", path.display()));
-            path
+            Qemu {
+                binary: path,
+                unpacked: None,
+            }
         }
-        None => {
-            say(&format!(
-                "{QEMU_BINARY} not found: installing Debian's {QEMU_PACKAGE} \
-                 (a minute or two on a fresh machine)"
-            ));
-            apt.install(&[QEMU_PACKAGE])?;
-            which(QEMU_BINARY).with_context(|| {
-                format!("{QEMU_PACKAGE} was installed but {QEMU_BINARY} is still not on PATH")
-            })?
-        }
+        None => unpacked_qemu(&mut apt, &cache_dir()?.join("qemu"))?,
     };
 
     if let Some(kernel) = kernel_override {
@@ -96,6 +192,127 @@ pub fn provision(kernel_override: Option<&Path>) -> Result<Provisioned> {
         kernel,
         kernel_origin: origin,
     })
+}
+
+/// QEMU unpacked in `dir` (the cache), fetching and unpacking it first if it is not.
+fn unpacked_qemu(apt: &mut Apt, dir: &Path) -> Result<Qemu> {
+    let root = dir.join("root");
+    let qemu = Qemu {
+        binary: root.join("usr/bin").join(QEMU_BINARY),
+        unpacked: Some(root.clone()),
+    };
+    if qemu.binary.is_file() {
+        match qemu.version() {
+            Ok(version) => {
+                say(&format!(
+                    "{QEMU_BINARY}: {} (unpacked in the cache: {version})",
+                    qemu.binary.display()
+                ));
+                return Ok(qemu);
+            }
+            Err(e) => {
+                say(&format!(
+                    "the cached QEMU does not run ({e:#}); fetching it again"
+                ));
+                fs::remove_dir_all(&root)
+                    .with_context(|| format!("removing {}", root.display()))?;
+            }
+        }
+    }
+    say(&format!(
+        "{QEMU_BINARY} not on PATH: downloading Debian's {QEMU_PACKAGE} and what it needs \
+         into {} (nothing is installed or removed)",
+        dir.display()
+    ));
+    Apt::require_root(&format!("downloading {QEMU_PACKAGE}"))?;
+    apt.update()?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let work = tempfile::Builder::new()
+        .prefix("fetch-")
+        .tempdir_in(dir)
+        .with_context(|| format!("creating a temporary dir in {}", dir.display()))?;
+    let debs = work.path().join("debs");
+    fs::create_dir_all(debs.join("partial"))?;
+    let installed_before = installed_packages()?;
+    // The packages apt would install for qemu-system-x86, downloaded only: no package
+    // of the machine is installed, upgraded or removed. `--reinstall` makes apt fetch
+    // QEMU's own packages even when the machine has them (their other dependencies are
+    // then there too).
+    let mut archives = std::ffi::OsString::from("Dir::Cache::archives=");
+    archives.push(&debs);
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "--download-only",
+            "--reinstall",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+        ])
+        .args(["-o", "APT::Sandbox::User=root", "-o"])
+        .arg(&archives)
+        .args(QEMU_PACKAGES)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    let installed_after = installed_packages()?;
+    ensure!(
+        installed_before == installed_after,
+        "the machine's installed packages changed while downloading {QEMU_PACKAGE}"
+    );
+    let mut names: Vec<PathBuf> = fs::read_dir(&debs)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension() == Some(OsStr::new("deb")))
+        .collect();
+    names.sort();
+    ensure!(
+        !names.is_empty(),
+        "apt downloaded no package for {QEMU_PACKAGE}"
+    );
+    let unpacking = work.path().join("root");
+    for deb in &names {
+        run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&unpacking))?;
+    }
+    let probe = Qemu {
+        binary: unpacking.join("usr/bin").join(QEMU_BINARY),
+        unpacked: Some(unpacking.clone()),
+    };
+    let version = probe.version()?;
+    let list: Vec<String> = names
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    fs::write(
+        dir.join("packages"),
+        format!("{version}\n{}\n", list.join("\n")),
+    )?;
+    // The root appears last, by rename, so a half-done fetch is never taken for a
+    // cached QEMU.
+    fs::rename(&unpacking, &root)
+        .with_context(|| format!("moving the unpacked QEMU to {}", root.display()))?;
+    say(&format!(
+        "{QEMU_BINARY}: {} ({version}; {} packages unpacked, the machine's packages unchanged)",
+        qemu.binary.display(),
+        list.len()
+    ));
+    Ok(qemu)
+}
+
+/// Every installed package and its version, as dpkg lists them.
+fn installed_packages() -> Result<String> {
+    let output = Command::new("dpkg-query")
+        .args([
+            "-W",
+            "-f",
+            "${Package}:${Architecture} ${Version} ${db:Status-Abbrev}\n",
+        ])
+        .output()
+        .context("running dpkg-query")?;
+    ensure!(
+        output.status.success(),
+        "dpkg-query failed: {}",
+        output.status
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Downloads the current cloud kernel package, extracts its vmlinuz into `dir` and
@@ -179,8 +396,8 @@ impl Apt {
     fn require_root(what: &str) -> Result<()> {
         if !rustix::process::geteuid().is_root() {
             bail!(
-                "{what} needs root. Run once as root: apt-get update && \
-                 apt-get install -y --no-install-recommends {QEMU_PACKAGE}"
+                "{what} needs root (apt's lock and package lists). Run this once as root, \
+                 or put a {QEMU_BINARY} on PATH"
             );
         }
         Ok(())
@@ -195,19 +412,6 @@ impl Apt {
         run(Command::new("apt-get").args(["update", "-q"]))?;
         self.updated = true;
         Ok(())
-    }
-
-    fn install(&mut self, packages: &[&str]) -> Result<()> {
-        Self::require_root(&format!("installing {}", packages.join(" ")))?;
-        self.update()?;
-        say(&format!(
-            "apt-get install -y --no-install-recommends {}",
-            packages.join(" ")
-        ));
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"))
     }
 }
 

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use qemu_harness::ladder::{Checker, Climbed, Failure, Step};
 
+use super::provision::Qemu;
+
 /// How long the VM may take to power off after the last marker.
 pub const POWEROFF_GRACE: Duration = Duration::from_secs(30);
 /// How long the console is still read after a failure.
@@ -21,8 +23,8 @@ const EXIT_GRACE: Duration = Duration::from_secs(10);
 /// How to boot.
 #[derive(Debug)]
 pub struct Vm {
-    /// The QEMU binary.
-    pub qemu: PathBuf,
+    /// QEMU.
+    pub qemu: Qemu,
     /// The kernel image.
     pub kernel: PathBuf,
     /// The initramfs.
@@ -38,7 +40,7 @@ pub struct Vm {
 impl Vm {
     /// The QEMU command line.
     pub fn command(&self) -> Command {
-        let mut command = Command::new(&self.qemu);
+        let mut command = self.qemu.command();
         command
             // microvm: a minimal machine (virtio-mmio, no PCI) with little to emulate and
             // probe; its ISA serial port (ttyS0) is on by default and -nographic puts it
@@ -104,6 +106,43 @@ pub struct Boot {
     pub after_failure: Vec<String>,
 }
 
+/// What a boot proved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every marker seen, the VM powered off by itself and QEMU exited with status 0.
+    Pass {
+        /// Boot to the last marker.
+        done: Duration,
+        /// Boot to QEMU's exit.
+        off: Duration,
+    },
+    /// Every marker seen, but the VM did not power off in time.
+    NoPowerOff,
+    /// Every marker seen and the VM powered off, but QEMU's exit status was not 0.
+    QemuStatus(String),
+    /// The ladder failed.
+    Ladder,
+}
+
+impl Boot {
+    /// The boot's verdict: the ladder, the power-off and QEMU's exit status together.
+    #[must_use]
+    pub fn verdict(&self) -> Verdict {
+        match (&self.ladder, self.powered_off) {
+            (Err(_), _) => Verdict::Ladder,
+            (Ok(_), None) => Verdict::NoPowerOff,
+            (Ok(climbed), Some(off)) => match self.status {
+                Some(status) if status.success() => Verdict::Pass {
+                    done: climbed.total(),
+                    off,
+                },
+                Some(status) => Verdict::QemuStatus(status.to_string()),
+                None => Verdict::QemuStatus("unknown (QEMU could not be waited for)".into()),
+            },
+        }
+    }
+}
+
 /// Boots once, printing each marker as it is seen (and every line when `echo`).
 pub fn boot(vm: &Vm, ladder: &[Step], work: &Path, run: u32, echo: bool) -> Result<Boot> {
     let console_log = work.join(format!("console-{run}.log"));
@@ -118,7 +157,7 @@ pub fn boot(vm: &Vm, ladder: &[Step], work: &Path, run: u32, echo: bool) -> Resu
     let start = Instant::now();
     let mut child = command
         .spawn()
-        .with_context(|| format!("starting {}", vm.qemu.display()))?;
+        .with_context(|| format!("starting {}", vm.qemu.binary.display()))?;
     let stdout = child.stdout.take().context("QEMU stdout")?;
 
     // Lines are stamped when they arrive, so the checker's times are the console's.
@@ -265,7 +304,10 @@ mod tests {
         std::fs::write(&qemu, format!("#!/bin/sh\n{script}\n")).expect("write");
         std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let vm = Vm {
-            qemu,
+            qemu: Qemu {
+                binary: qemu,
+                unpacked: None,
+            },
             kernel: "vmlinuz".into(),
             initrd: "initrd".into(),
             smp: 1,
@@ -283,10 +325,25 @@ mod tests {
              echo '[ 0.5] reboot: Power down'",
             LADDER,
         );
+        assert!(matches!(boot.verdict(), Verdict::Pass { .. }));
         assert_eq!(boot.ladder.map(|c| c.seen.len()).ok(), Some(2));
         assert!(boot.powered_off.is_some());
         let log = std::fs::read_to_string(&boot.console_log).unwrap_or_default();
         assert!(log.contains("reboot: Power down"), "{log}");
+    }
+
+    #[test]
+    fn a_climbed_ladder_with_a_non_zero_qemu_exit_fails() {
+        let (_work, boot) = boot_fake(
+            "echo 'init: mounts ok'; echo 'SELFTEST: done'; exit 3",
+            LADDER,
+        );
+        assert!(boot.ladder.is_ok(), "every marker was seen");
+        assert!(boot.powered_off.is_some());
+        match boot.verdict() {
+            Verdict::QemuStatus(status) => assert!(status.contains('3'), "{status}"),
+            other => panic!("not failed for QEMU's status: {other:?}"),
+        }
     }
 
     #[test]

@@ -210,13 +210,17 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
         .map(|i| Record::new(Level::Info, RATE_SCOPE, "burst").field("i", i.to_string()))
         .collect();
     let mut rate_limited = 0u64;
+    let mut accepted_ids = Vec::new();
     let mut frames = 0;
     while rate_limited == 0 && frames < MAX_RATE_FRAMES {
         frames += 1;
         let report = ctx.logd.client().append_frame(&burst)?;
         for status in &report.statuses {
             match status {
-                RecordStatus::Accepted(_) => want.accepted += 1,
+                RecordStatus::Accepted(id) => {
+                    want.accepted += 1;
+                    accepted_ids.push(*id);
+                }
                 RecordStatus::Rejected(Reject::RateLimited, Reason::RecordRate) => {
                     rate_limited += 1;
                 }
@@ -232,6 +236,30 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
         quota.records_burst
     );
     want.rate_limited += rate_limited;
+
+    // Read back: logd stored exactly the burst records it accepted, under the ids its
+    // replies gave, and none of those it refused.
+    let sent = frames * per_frame;
+    let stored = ctx
+        .logd
+        .client()
+        .query_all(&Query::new().scope(RATE_SCOPE), sent + 1)?;
+    let mut stored_ids: Vec<u64> = stored
+        .iter()
+        .filter(|r| r.sender.pid == pid)
+        .map(|r| r.id)
+        .collect();
+    stored_ids.sort_unstable();
+    accepted_ids.sort_unstable();
+    ensure!(
+        stored_ids == accepted_ids,
+        "scope {RATE_SCOPE} holds {} records from pid {pid}; logd accepted {} of the {sent} \
+         burst records and refused {rate_limited} (ids stored {:?}..., accepted {:?}...)",
+        stored_ids.len(),
+        accepted_ids.len(),
+        &stored_ids[..stored_ids.len().min(5)],
+        &accepted_ids[..accepted_ids.len().min(5)]
+    );
 
     // STATS: this sender's counters moved by exactly what the replies said, and the
     // totals by at least as much.
@@ -266,9 +294,11 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
     }
     Ok(format!(
         "frame_too_large 1, malformed 4, oversized records 3, identity claims 3, \
-         rate_limited {rate_limited} of {} burst records; STATS for pid {pid}: \
+         rate_limited {rate_limited} of {} burst records, the {} accepted read back and \
+         nothing refused stored; STATS for pid {pid}: \
          invalid_args +{}, over_limit +{}, rate_limited +{}, accepted +{}",
         frames * per_frame,
+        accepted_ids.len(),
         got.invalid_args,
         got.over_limit,
         got.rate_limited,

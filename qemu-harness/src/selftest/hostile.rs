@@ -43,11 +43,14 @@ fn garbage() -> [(Record, &'static str); 4] {
         (Record::counter(99, 1), "unregistered_key"),
         (Record::gauge(1, 5), "kind_mismatch"),
         (
+            // A registration piece without its head.
             Record {
-                words: [5, 1, 0],
-                ..Record::counter(1, 5)
+                kind: RecordKind::REGISTER_DATA,
+                flags: 0,
+                key: 7,
+                words: [0; 3],
             },
-            "reserved_nonzero",
+            "bad_registration",
         ),
     ]
 }
@@ -57,7 +60,7 @@ pub const REASONS: [&str; 4] = [
     "unknown_kind",
     "unregistered_key",
     "kind_mismatch",
-    "reserved_nonzero",
+    "bad_registration",
 ];
 
 fn push(writer: &mut Writer<MemfdRegion>, record: Record) -> Result<()> {
