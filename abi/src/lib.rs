@@ -42,7 +42,7 @@ pub use layout::{
 };
 pub use record::{
     AttrValueType, RECORD_SIZE, Record, RecordKind, Sample, SpanAttr, SpanEnd, SpanStart,
-    SpanStatus,
+    SpanStatus, SpanTrace,
 };
 pub use register::{
     Label, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_METADATA_VALUE_LEN,

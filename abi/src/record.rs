@@ -46,6 +46,18 @@ impl RecordKind {
     pub const SPAN_END: Self = Self(0x11);
     /// An attribute of an open span: [`SpanAttr`].
     pub const SPAN_ATTR: Self = Self(0x12);
+    /// (v1.1) The trace of the [`SPAN_OPEN`](Self::SPAN_OPEN) record that immediately
+    /// follows it in the same ring: [`SpanTrace`].
+    pub const SPAN_TRACE: Self = Self(0x13);
+    /// (v1.1) A span opened with a trace-global id: [`SpanStart`], preceded by its
+    /// [`SPAN_TRACE`](Self::SPAN_TRACE).
+    pub const SPAN_OPEN: Self = Self(0x14);
+    /// (v1.1) A span opened by [`SPAN_OPEN`](Self::SPAN_OPEN) closed, in any ring of
+    /// the same producer connection: [`SpanEnd`].
+    pub const SPAN_CLOSE: Self = Self(0x15);
+    /// (v1.1) An attribute of a span opened by [`SPAN_OPEN`](Self::SPAN_OPEN), in any
+    /// ring of the same producer connection: [`SpanAttr`].
+    pub const SPAN_NOTE: Self = Self(0x16);
     /// The start of a registration: [`crate::Register`].
     pub const REGISTER: Self = Self(0x20);
     /// A piece of a registration's payload: [`crate::RegisterData`].
@@ -61,6 +73,10 @@ impl RecordKind {
         | (1 << Self::SPAN_START.0)
         | (1 << Self::SPAN_END.0)
         | (1 << Self::SPAN_ATTR.0)
+        | (1 << Self::SPAN_TRACE.0)
+        | (1 << Self::SPAN_OPEN.0)
+        | (1 << Self::SPAN_CLOSE.0)
+        | (1 << Self::SPAN_NOTE.0)
         | (1 << Self::REGISTER.0)
         | (1 << Self::REGISTER_DATA.0);
 
@@ -83,6 +99,10 @@ impl RecordKind {
             Self::SPAN_START => "span_start",
             Self::SPAN_END => "span_end",
             Self::SPAN_ATTR => "span_attr",
+            Self::SPAN_TRACE => "span_trace",
+            Self::SPAN_OPEN => "span_open",
+            Self::SPAN_CLOSE => "span_close",
+            Self::SPAN_NOTE => "span_note",
             Self::REGISTER => "register",
             Self::REGISTER_DATA => "register_data",
             _ => return None,
@@ -204,6 +224,41 @@ pub struct SpanEnd {
 const_assert_eq!(size_of::<SpanEnd>(), RECORD_SIZE);
 const_assert_eq!(offset_of!(SpanEnd, status), 2);
 const_assert_eq!(offset_of!(SpanEnd, end_ns), 16);
+
+/// (v1.1) The trace a span belongs to: written immediately before the span's
+/// [`RecordKind::SPAN_OPEN`], in the same ring and the same publication.
+///
+/// Trace ids are 128-bit and span ids 64-bit, both nonzero and unique across
+/// processes, machines and restarts (the W3C Trace Context ids): a producer derives
+/// them from a random seed taken once per process and a counter, so no system call or
+/// lock is spent per span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct SpanTrace {
+    /// [`RecordKind::SPAN_TRACE`].
+    pub kind: RecordKind,
+    /// The W3C `trace-flags` byte in bits 0..8 (bit 0: sampled); bits 8..16 zero.
+    pub flags: u16,
+    /// The registered span name (the same as in the `SPAN_OPEN` that follows).
+    pub name: u32,
+    /// The span's id (the same as in the `SPAN_OPEN` that follows); never zero.
+    pub span_id: u64,
+    /// The trace id's high 64 bits (its first 16 hex digits); the whole id is never zero.
+    pub trace_hi: u64,
+    /// The trace id's low 64 bits (its last 16 hex digits).
+    pub trace_lo: u64,
+}
+const_assert_eq!(size_of::<SpanTrace>(), RECORD_SIZE);
+const_assert_eq!(offset_of!(SpanTrace, span_id), 8);
+const_assert_eq!(offset_of!(SpanTrace, trace_hi), 16);
+const_assert_eq!(offset_of!(SpanTrace, trace_lo), 24);
+
+impl SpanTrace {
+    /// The 128-bit trace id.
+    pub const fn trace_id(&self) -> u128 {
+        ((self.trace_hi as u128) << 64) | self.trace_lo as u128
+    }
+}
 
 /// How to read [`SpanAttr::value`]: an open enum over `u16`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -339,6 +394,52 @@ impl Record {
         }
     }
 
+    /// (v1.1) The trace record of span `span_id` named `name`: trace `trace_id`, W3C
+    /// trace flags `trace_flags`. The [`span_open`](Self::span_open) record follows it.
+    #[inline(always)]
+    pub const fn span_trace(name: u32, span_id: u64, trace_id: u128, trace_flags: u8) -> Self {
+        Self {
+            kind: RecordKind::SPAN_TRACE,
+            flags: trace_flags as u16,
+            key: name,
+            words: [span_id, (trace_id >> 64) as u64, trace_id as u64],
+        }
+    }
+
+    /// (v1.1) Span `span_id` (trace-global) named `name` opened at `start_ns` under
+    /// `parent_id` (0: the root of its trace).
+    #[inline(always)]
+    pub const fn span_open(name: u32, span_id: u64, parent_id: u64, start_ns: u64) -> Self {
+        Self {
+            kind: RecordKind::SPAN_OPEN,
+            flags: 0,
+            key: name,
+            words: [span_id, parent_id, start_ns],
+        }
+    }
+
+    /// (v1.1) Span `span_id` named `name` closed at `end_ns` with `status`.
+    #[inline(always)]
+    pub const fn span_close(name: u32, span_id: u64, end_ns: u64, status: SpanStatus) -> Self {
+        Self {
+            kind: RecordKind::SPAN_CLOSE,
+            flags: status.0,
+            key: name,
+            words: [span_id, end_ns, 0],
+        }
+    }
+
+    /// (v1.1) Attribute `attr` of span `span_id` set to `value`, read as `value_type`.
+    #[inline(always)]
+    pub const fn span_note(attr: u32, span_id: u64, value_type: AttrValueType, value: u64) -> Self {
+        Self {
+            kind: RecordKind::SPAN_NOTE,
+            flags: value_type.0,
+            key: attr,
+            words: [span_id, value, 0],
+        }
+    }
+
     /// Reinterprets this copy as the view `V` (any 32-byte view of this module or of
     /// [`crate::Register`] / [`crate::RegisterData`]). Which view is right is the
     /// caller's reading of `kind`; every view accepts every bit pattern.
@@ -395,6 +496,37 @@ mod tests {
         assert_eq!(
             (a.attr, a.span_id, a.value_type, a.value),
             (6, 10, AttrValueType::I64, 7)
+        );
+    }
+
+    #[test]
+    fn v1_1_span_records_lay_out_the_documented_bytes() {
+        let trace = 0x0af7_6519_16cd_43dd_8448_eb21_1c80_319cu128;
+        let r = Record::span_trace(3, 0xb7ad_6b71_6920_3331, trace, 1);
+        let b = r.as_bytes();
+        assert_eq!(&b[0..2], &0x13u16.to_le_bytes());
+        assert_eq!(&b[2..4], &1u16.to_le_bytes());
+        assert_eq!(&b[4..8], &3u32.to_le_bytes());
+        assert_eq!(&b[8..16], &0xb7ad_6b71_6920_3331u64.to_le_bytes());
+        assert_eq!(&b[16..24], &0x0af7_6519_16cd_43ddu64.to_le_bytes());
+        assert_eq!(&b[24..32], &0x8448_eb21_1c80_319cu64.to_le_bytes());
+        let t: SpanTrace = r.view();
+        assert_eq!((t.trace_id(), t.flags, t.name), (trace, 1, 3));
+
+        let o: SpanStart = Record::span_open(3, 10, 9, 12345).view();
+        assert_eq!(
+            (o.kind, o.name, o.span_id, o.parent_id, o.start_ns),
+            (RecordKind::SPAN_OPEN, 3, 10, 9, 12345)
+        );
+        let c: SpanEnd = Record::span_close(3, 10, 20000, SpanStatus::OK).view();
+        assert_eq!(
+            (c.kind, c.status, c.span_id, c.end_ns),
+            (RecordKind::SPAN_CLOSE, SpanStatus::OK, 10, 20000)
+        );
+        let n: SpanAttr = Record::span_note(6, 10, AttrValueType::U64, 7).view();
+        assert_eq!(
+            (n.kind, n.attr, n.span_id, n.value),
+            (RecordKind::SPAN_NOTE, 6, 10, 7)
         );
     }
 

@@ -129,6 +129,36 @@ pub struct Series {
 }
 
 impl Series {
+    /// A series outside any store (for exporters' tests and benches): `samples` zero,
+    /// not dirty.
+    pub fn new(
+        service: &str,
+        kind: MetricKind,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: Value,
+    ) -> Self {
+        let mut labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        labels.sort();
+        Self {
+            service: Arc::from(service),
+            kind,
+            name: Arc::from(name),
+            labels: Arc::from(labels),
+            overflow: false,
+            value,
+            samples: 0,
+            created_ns: 0,
+            last_active_ns: 0,
+            exported_total: 0,
+            bindings: 0,
+            dirty: false,
+        }
+    }
+
     /// The series' identity as one string: `<service>/<kind>/<name>{k="v",...}` with
     /// labels sorted by key, and `"` and `\` in values escaped with `\`. This is the
     /// `series` field of every exported record.

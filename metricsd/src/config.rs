@@ -54,6 +54,8 @@ pub struct Config {
     pub spans: SpansConfig,
     /// Export to logd.
     pub export: ExportConfig,
+    /// Export to an OpenTelemetry collector over OTLP/HTTP (off unless `endpoint`).
+    pub otlp: OtlpConfig,
     /// Redaction of sensitive label and attribute keys.
     pub redaction: RedactionConfig,
     /// The Prometheus scrape endpoint (off unless `listen` is set).
@@ -189,15 +191,67 @@ pub struct SpansConfig {
     pub max_attrs: u32,
 }
 
+/// `[otlp]`: OTLP/HTTP protobuf export to an OpenTelemetry collector (see
+/// `metricsd::otlp`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpConfig {
+    /// The collector's base URL, `http://host:port` (`/v1/metrics` and `/v1/traces`
+    /// are appended). Unset: no OTLP export.
+    pub endpoint: Option<String>,
+    /// `service.instance.id` of every resource (default: the host name).
+    pub instance_id: Option<String>,
+    /// Export intervals waiting for the exporter thread at most (default 4); past it
+    /// an interval's points and spans are dropped and counted (`queue_full`).
+    pub queue_batches: u32,
+    /// Points or spans per request at most (default 8192).
+    pub max_batch_points: u32,
+    /// Bytes per request body at most (default 4194304, a collector's default receive
+    /// limit).
+    pub max_request_bytes: u32,
+    /// Timeout of one request, in milliseconds (default 10000).
+    pub timeout_ms: u64,
+    /// First retry delay, in milliseconds (default 200); doubles per retry.
+    pub retry_initial_ms: u64,
+    /// Longest retry delay, in milliseconds (default 5000; a longer `Retry-After` is
+    /// cut to it).
+    pub retry_max_ms: u64,
+    /// A request still failing this long after its first attempt is dropped and
+    /// counted (`gave_up`), in milliseconds (default 60000).
+    pub give_up_ms: u64,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            instance_id: None,
+            queue_batches: 4,
+            max_batch_points: 8192,
+            max_request_bytes: 4 << 20,
+            timeout_ms: 10_000,
+            retry_initial_ms: 200,
+            retry_max_ms: 5000,
+            give_up_ms: 60_000,
+        }
+    }
+}
+
 /// `[export]`: the export to logd.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExportConfig {
     /// Milliseconds between exports (default 1000).
     pub interval_ms: u64,
-    /// Completed spans exported per interval (default 256): errors and orphans first,
-    /// then the slowest; the number left out is exported too.
-    pub span_budget: u32,
+    /// Reported spans (completed, orphaned, expired) exported per second at most
+    /// (default 200000; a token bucket holding one second's worth). What the limit
+    /// drops is counted (`metricsd.spans.dropped{reason="rate_limited"}`).
+    pub spans_per_second: u32,
+    /// Of those, span records appended to logd per second at most (default 1000; a
+    /// token bucket holding one second's worth): logd is the bounded local record,
+    /// an OTLP collector gets every exported span. Spans past it are counted
+    /// (`metricsd.spans.not_logged`).
+    pub logd_spans_per_second: u32,
     /// Records waiting for logd at most (default 100000); past it the oldest are
     /// dropped and counted.
     pub queue_records: u32,
@@ -400,6 +454,7 @@ impl Default for Config {
             series: SeriesConfig::default(),
             spans: SpansConfig::default(),
             export: ExportConfig::default(),
+            otlp: OtlpConfig::default(),
             redaction: RedactionConfig::default(),
             prometheus: PrometheusConfig::default(),
             histograms: BTreeMap::new(),
@@ -467,7 +522,8 @@ impl Default for ExportConfig {
     fn default() -> Self {
         Self {
             interval_ms: 1000,
-            span_budget: 256,
+            spans_per_second: 200_000,
+            logd_spans_per_second: 1000,
             queue_records: 100_000,
             batch_records: 512,
             retry_ms: 200,
@@ -637,10 +693,50 @@ impl Config {
 
         let e = &self.export;
         in_range("export.interval_ms", e.interval_ms, 10, 3_600_000)?;
-        in_range("export.span_budget", e.span_budget, 0, 1_000_000)?;
+        in_range(
+            "export.spans_per_second",
+            e.spans_per_second,
+            0,
+            100_000_000,
+        )?;
+        in_range(
+            "export.logd_spans_per_second",
+            e.logd_spans_per_second,
+            0,
+            100_000_000,
+        )?;
         in_range("export.queue_records", e.queue_records, 1, 100_000_000)?;
         in_range("export.batch_records", e.batch_records, 1, 4096)?;
         in_range("export.retry_ms", e.retry_ms, 1, 600_000)?;
+
+        let o = &self.otlp;
+        if let Some(url) = &o.endpoint {
+            let rest = url.strip_prefix("http://").unwrap_or("");
+            if rest.is_empty() || rest.starts_with('/') || rest.contains(['?', '#', ' ']) {
+                return Err(invalid(
+                    "otlp.endpoint",
+                    url,
+                    "an http:// URL with a host, e.g. http://127.0.0.1:4318 (https is not supported)",
+                ));
+            }
+        }
+        in_range("otlp.queue_batches", o.queue_batches, 1, 1024)?;
+        in_range("otlp.max_batch_points", o.max_batch_points, 1, 1_000_000)?;
+        in_range(
+            "otlp.max_request_bytes",
+            o.max_request_bytes,
+            1024,
+            64 << 20,
+        )?;
+        in_range("otlp.timeout_ms", o.timeout_ms, 1, 600_000)?;
+        in_range("otlp.retry_initial_ms", o.retry_initial_ms, 1, 600_000)?;
+        in_range(
+            "otlp.retry_max_ms",
+            o.retry_max_ms,
+            o.retry_initial_ms,
+            600_000,
+        )?;
+        in_range("otlp.give_up_ms", o.give_up_ms, 1, 86_400_000)?;
 
         let p = &self.prometheus;
         if let Some(addr) = p.listen_addr()? {

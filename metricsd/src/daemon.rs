@@ -212,6 +212,23 @@ impl Daemon {
             crate::retention::Retention::open(&config.retention).map_err(DaemonError::Retention)?;
         let mut drainer =
             Drainer::new(&config, queue.clone(), grant_stats).with_retention(retention);
+        let mut otlp_shared = None;
+        if config.otlp.endpoint.is_some() {
+            let (handoff, rx) = crate::otlp::channel(&config.otlp);
+            let shared = handoff.shared().clone();
+            otlp_shared = Some(shared.clone());
+            drainer.set_otlp(handoff);
+            let otlp_config = config.otlp.clone();
+            let start_unix_ns = crate::drain::wall_ns();
+            let s = stop.clone();
+            let stopping: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || s.is_raised());
+            threads.push(spawn(
+                "metricsd-otlp",
+                Box::new(move || {
+                    crate::otlp::run(rx, shared, otlp_config, start_unix_ns, stopping)
+                }),
+            )?);
+        }
         let scrape = match config
             .prometheus
             .listen_addr()
@@ -244,6 +261,7 @@ impl Daemon {
             queue,
             socket: config.socket.clone(),
             instance,
+            otlp: otlp_shared,
             grant_thread: Some(grant_thread),
             drain_thread: Some(drain_thread),
             export_threads: threads,
@@ -259,6 +277,7 @@ pub struct DaemonHandle {
     queue: Arc<ExportQueue>,
     socket: PathBuf,
     instance: String,
+    otlp: Option<Arc<crate::otlp::Shared>>,
     grant_thread: Option<JoinHandle<()>>,
     drain_thread: Option<JoinHandle<()>>,
     export_threads: Vec<JoinHandle<()>>,
@@ -356,6 +375,34 @@ impl DaemonHandle {
             std::thread::sleep(Duration::from_millis(2));
         }
         self.snapshot()
+    }
+
+    /// The OTLP exporter's totals, when an endpoint is configured.
+    pub fn otlp_stats(&self) -> Option<crate::otlp::OtlpStats> {
+        self.otlp.as_ref().map(|s| s.stats())
+    }
+
+    /// Export intervals handed to the OTLP exporter and not finished yet (at most
+    /// `otlp.queue_batches` waiting plus the one in hand).
+    pub fn otlp_pending(&self) -> Option<u64> {
+        self.otlp.as_ref().map(|s| s.pending())
+    }
+
+    /// Like [`flush`](Self::flush), then waits until the OTLP exporter has finished
+    /// every interval handed to it (sent, dropped or given up; see
+    /// [`otlp_stats`](Self::otlp_stats) for which).
+    pub fn flush_otlp(&self, timeout: Duration) -> Result<Snapshot, DaemonError> {
+        let deadline = Instant::now() + timeout;
+        let snap = self.flush(timeout)?;
+        if let Some(shared) = &self.otlp {
+            while shared.pending() > 0 {
+                if Instant::now() >= deadline {
+                    return Err(DaemonError::Timeout("the OTLP exporter to finish"));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(snap)
     }
 
     /// Asks a producer connection to be treated as closed is not possible from here;

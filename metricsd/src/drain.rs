@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use telemetry_abi::{
     AttrValueType, Record, RecordKind, RegisterError, RegisterKind, Registration, RegistrationBuf,
-    Sample, SpanAttr, SpanEnd, SpanStart,
+    Sample, SpanAttr, SpanEnd, SpanStart, SpanTrace,
 };
 use telemetry_ring::{MemfdRegion, Reader};
 
@@ -30,7 +30,7 @@ use crate::keys::{Check, KeyTable, Target};
 use crate::redact::{REDACTED, Redactor};
 use crate::schema::{self, Window};
 use crate::snapshot::{DrainStats, GrantStats, HealthSeries, RingSnapshot, Snapshot, Violations};
-use crate::spans::{Spans, Start};
+use crate::spans::{FinishedSpan, Scope, Spans, Start};
 
 /// A ring the grant server created, handed to the drain loop before the producer
 /// hears of it.
@@ -69,6 +69,8 @@ struct RingState {
     regbuf: Box<RegistrationBuf>,
     quarantine_counted: bool,
     pending: u64,
+    /// A `span_trace` waiting for its `span_open`: (span id, name key, trace, flags).
+    trace: Option<(u64, u32, u128, u8)>,
 }
 
 /// The state the drain loop owns: rings, aggregates, spans, and counts.
@@ -88,6 +90,7 @@ pub struct Drainer {
     last_export_ns: u64,
     last_health: HashMap<String, i128>,
     scrape_stats: Option<Arc<crate::scrape::ScrapeStats>>,
+    otlp: Option<crate::otlp::Handoff>,
     /// Rollup history on disk (`[retention]`), fed at each export.
     retention: Option<crate::retention::Retention>,
 }
@@ -136,6 +139,8 @@ struct Ctx<'a> {
 
 struct RingCtx<'a> {
     id: u32,
+    connection: u64,
+    trace: &'a mut Option<(u64, u32, u128, u8)>,
     service: &'a Arc<str>,
     service_idx: u32,
     keys: &'a mut KeyTable,
@@ -295,8 +300,29 @@ impl Ctx<'_> {
         }
         let entry = ring.keys.get(record.key);
         match record.kind {
-            RecordKind::SPAN_START => {
+            RecordKind::SPAN_TRACE => {
+                let t: SpanTrace = record.view();
+                let Target::Span { .. } = entry.ok_or(Reason::UnregisteredKey)?.target else {
+                    return Err(Reason::KindMismatch);
+                };
+                if t.span_id == 0 {
+                    return Err(Reason::SpanIdZero);
+                }
+                if t.trace_id() == 0 {
+                    return Err(Reason::SpanTraceZero);
+                }
+                let earlier = ring
+                    .trace
+                    .replace((t.span_id, t.name, t.trace_id(), t.flags as u8));
+                match earlier {
+                    // A trace record whose open never came.
+                    Some(_) => Err(Reason::SpanNoTrace),
+                    None => Ok(()),
+                }
+            }
+            RecordKind::SPAN_START | RecordKind::SPAN_OPEN => {
                 let s: SpanStart = record.view();
+                let trace = ring.trace.take();
                 let Target::Span { name, duration } = &entry.ok_or(Reason::UnregisteredKey)?.target
                 else {
                     return Err(Reason::KindMismatch);
@@ -304,19 +330,38 @@ impl Ctx<'_> {
                 if s.span_id == 0 {
                     return Err(Reason::SpanIdZero);
                 }
+                let (scope, trace) = if kind_is_v1_1(record.kind) {
+                    match trace {
+                        Some((id, name, trace, flags)) if id == s.span_id && name == s.name => {
+                            (Scope::Connection(ring.connection), Some((trace, flags)))
+                        }
+                        _ => return Err(Reason::SpanNoTrace),
+                    }
+                } else {
+                    (Scope::Ring(ring.id), None)
+                };
                 let start = Start {
-                    ring: ring.id,
+                    scope,
                     id: s.span_id,
                     parent: s.parent_id,
+                    trace,
                     name_key: s.name,
                     name: name.clone(),
                     duration: *duration,
                     start_ns: s.start_ns,
                     service: ring.service.clone(),
                 };
-                self.spans.start(start, self.now)
+                if let Some(done) = self.spans.start(start, self.now)? {
+                    // A close that arrived first (another thread's ring) completed it.
+                    if let Some(series) = done.duration_series {
+                        if !self.store.observe(series, done.duration_ns) {
+                            self.rebind_duration(ring, s.name, done.duration_ns);
+                        }
+                    }
+                }
+                Ok(())
             }
-            RecordKind::SPAN_END => {
+            RecordKind::SPAN_END | RecordKind::SPAN_CLOSE => {
                 let e: SpanEnd = record.view();
                 let Target::Span { .. } = entry.ok_or(Reason::UnregisteredKey)?.target else {
                     return Err(Reason::KindMismatch);
@@ -324,17 +369,20 @@ impl Ctx<'_> {
                 if e.span_id == 0 {
                     return Err(Reason::SpanIdZero);
                 }
+                let scope = scope_of(record.kind, ring);
                 let done = self
                     .spans
-                    .end(ring.id, e.span_id, e.name, e.status, e.end_ns)?;
-                if let Some(series) = done.duration_series {
-                    if !self.store.observe(series, done.duration_ns) {
-                        self.rebind_duration(ring, e.name, done.duration_ns);
+                    .end(scope, e.span_id, e.name, e.status, e.end_ns, self.now)?;
+                if let Some(done) = done {
+                    if let Some(series) = done.duration_series {
+                        if !self.store.observe(series, done.duration_ns) {
+                            self.rebind_duration(ring, e.name, done.duration_ns);
+                        }
                     }
                 }
                 Ok(())
             }
-            RecordKind::SPAN_ATTR => {
+            RecordKind::SPAN_ATTR | RecordKind::SPAN_NOTE => {
                 let a: SpanAttr = record.view();
                 let Target::Attr { key, sensitive } = &entry.ok_or(Reason::UnregisteredKey)?.target
                 else {
@@ -360,7 +408,9 @@ impl Ctx<'_> {
                 } else {
                     value
                 };
-                self.spans.attr(ring.id, a.span_id, key.clone(), value)
+                let scope = scope_of(record.kind, ring);
+                self.spans
+                    .attr(scope, a.span_id, key.clone(), value, self.now)
             }
             // The reader withholds unknown kinds; INVALID (0) is the one left.
             _ => Err(Reason::UnknownKind),
@@ -388,6 +438,23 @@ fn apply_float(store: &mut Store, id: SeriesId, kind: RecordKind, value: f64) ->
         RecordKind::GAUGE_F64_ADD => store.add_f64(id, value),
         // Finite, so never refused.
         _ => store.observe_f64(id, value).unwrap_or(true),
+    }
+}
+
+/// Whether a span record kind is one of ABI v1.1's (trace-global ids).
+fn kind_is_v1_1(kind: RecordKind) -> bool {
+    matches!(
+        kind,
+        RecordKind::SPAN_OPEN | RecordKind::SPAN_CLOSE | RecordKind::SPAN_NOTE
+    )
+}
+
+/// Where a span record's id lives: its connection (v1.1) or its ring (v1.0).
+fn scope_of(kind: RecordKind, ring: &RingCtx<'_>) -> Scope {
+    if kind_is_v1_1(kind) {
+        Scope::Connection(ring.connection)
+    } else {
+        Scope::Ring(ring.id)
     }
 }
 
@@ -436,17 +503,19 @@ impl Drainer {
     /// totals from `grant`.
     pub fn new(config: &Config, queue: Arc<ExportQueue>, grant: Arc<Mutex<GrantStats>>) -> Self {
         let redactor = Redactor::new(&config.redaction.patterns);
+        let mut spans = Spans::new(
+            config.spans.max_live,
+            Duration::from_millis(config.spans.ttl_ms),
+            config.spans.max_attrs,
+            config.export.spans_per_second,
+        );
+        spans.set_logd_rate(config.export.logd_spans_per_second);
         Self {
             budget: u64::from(config.drain.budget),
             max_keys: config.rings.max_keys_per_ring,
             rings: Vec::new(),
             store: Store::new(config.series.clone(), redactor.clone(), &config.histograms),
-            spans: Spans::new(
-                config.spans.max_live,
-                Duration::from_millis(config.spans.ttl_ms),
-                config.spans.max_attrs,
-                config.export.span_budget,
-            ),
+            spans,
             redactor,
             rejects: RejectCounts::default(),
             violations: Violations::default(),
@@ -457,6 +526,7 @@ impl Drainer {
             last_export_ns: wall_ns(),
             last_health: HashMap::new(),
             scrape_stats: None,
+            otlp: None,
             retention: None,
         }
     }
@@ -474,6 +544,12 @@ impl Drainer {
         }
     }
 
+    /// Also hands each interval's changed series and reported spans to the OTLP
+    /// exporter.
+    pub fn set_otlp(&mut self, handoff: crate::otlp::Handoff) {
+        self.otlp = Some(handoff);
+    }
+
     /// Starts draining `ring`.
     pub fn add_ring(&mut self, ring: NewRing) {
         let service_idx = self.store.service(&ring.service);
@@ -488,6 +564,7 @@ impl Drainer {
             regbuf: Box::new(RegistrationBuf::new()),
             quarantine_counted: false,
             pending: 0,
+            trace: None,
         });
         self.stats.rings_open = self.rings.len() as u64;
     }
@@ -509,6 +586,8 @@ impl Drainer {
         };
         let RingState {
             id,
+            connection,
+            trace,
             service,
             service_idx,
             reader,
@@ -528,6 +607,8 @@ impl Drainer {
         };
         let mut rctx = RingCtx {
             id: *id,
+            connection: *connection,
+            trace,
             service,
             service_idx: *service_idx,
             keys,
@@ -605,7 +686,7 @@ impl Drainer {
                 left -= n;
             }
             let ring = self.rings.swap_remove(i);
-            self.spans.orphan_ring(ring.id);
+            self.spans.orphan(Scope::Ring(ring.id), now);
             for series in ring.keys.entries().filter_map(|e| e.series()) {
                 self.store.unbind(series);
             }
@@ -619,13 +700,15 @@ impl Drainer {
             self.stats.rings_closed += 1;
             // Dropping the reader raises the ring's CLOSED flag; the memfd is unmapped.
         }
+        self.spans.orphan(Scope::Connection(connection), now);
         self.stats.rings_open = self.rings.len() as u64;
     }
 
     /// Builds this interval's export and queues it.
     pub fn export(&mut self) {
         let now = Instant::now();
-        self.spans.expire(now);
+        let (_, early_dropped) = self.spans.expire(now);
+        self.rejects.add(Reason::SpanUnknown, early_dropped);
         let end = wall_ns().max(self.last_export_ns);
         let window = Window {
             start_ns: self.last_export_ns,
@@ -633,10 +716,14 @@ impl Drainer {
         };
         self.last_export_ns = end;
         let mut records = Vec::new();
+        let mut otlp_series = Vec::new();
         for id in self.store.take_dirty() {
             let Some(s) = self.store.get(id) else {
                 continue;
             };
+            if self.otlp.is_some() {
+                otlp_series.push(s.clone());
+            }
             let total = match s.value {
                 crate::aggregate::Value::Counter { total } => Some(total),
                 _ => None,
@@ -660,8 +747,19 @@ impl Drainer {
             r.tick(end);
         }
         self.stats.expiry_scanned += u64::from(swept.scanned);
-        let (spans, _skipped) = self.spans.take_interval();
-        records.extend(spans.iter().map(schema::span_record));
+        let (spans, logged): (Vec<FinishedSpan>, usize) = self.spans.take_ready(now);
+        records.extend(spans[..logged].iter().map(schema::span_record));
+        if let Some(otlp) = &self.otlp {
+            let mono = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+            let mono_ns = i128::from(mono.tv_sec) * 1_000_000_000 + i128::from(mono.tv_nsec);
+            let now_unix = wall_ns();
+            otlp.submit(crate::otlp::Batch {
+                series: otlp_series,
+                spans,
+                time_unix_ns: now_unix,
+                mono_to_unix_ns: i128::from(now_unix) - mono_ns,
+            });
+        }
         self.stats.exports += 1;
         self.health_records(window, &mut records);
         self.stats.pass_ns_max = 0;
@@ -810,12 +908,17 @@ impl Drainer {
         h.push((g, "metricsd.spans.live", vec![], sp.live.into()));
         h.push((c, "metricsd.spans.orphaned", vec![], sp.orphaned.into()));
         h.push((c, "metricsd.spans.expired", vec![], sp.expired.into()));
+        h.push((c, "metricsd.spans.ended", vec![], sp.ended.into()));
+        h.push((c, "metricsd.spans.exported", vec![], sp.exported.into()));
         h.push((
             c,
-            "metricsd.spans.not_exported",
-            vec![],
-            sp.not_exported.into(),
+            "metricsd.spans.dropped",
+            vec![("reason", "rate_limited".into())],
+            sp.rate_limited.into(),
         ));
+        h.push((g, "metricsd.spans.early", vec![], sp.early.into()));
+        h.push((c, "metricsd.spans.logged", vec![], sp.logged.into()));
+        h.push((c, "metricsd.spans.not_logged", vec![], sp.not_logged.into()));
         h.push((
             c,
             "metricsd.export.failures",
@@ -824,6 +927,42 @@ impl Drainer {
         ));
         h.push((c, "metricsd.export.dropped", vec![], export.dropped.into()));
         h.push((c, "metricsd.export.refused", vec![], export.refused.into()));
+        if let Some(otlp) = &self.otlp {
+            let o = otlp.shared().stats();
+            for (signal, n) in &o.accepted {
+                let l = vec![("signal", signal.as_str().into())];
+                h.push((c, "metricsd.otlp.accepted", l, (*n).into()));
+            }
+            for (signal, n) in &o.requests_ok {
+                let l = vec![("signal", signal.as_str().into())];
+                h.push((c, "metricsd.otlp.requests", l, (*n).into()));
+            }
+            for (signal, n) in &o.rejected {
+                let l = vec![("signal", signal.as_str().into())];
+                h.push((c, "metricsd.otlp.rejected", l, (*n).into()));
+            }
+            for (signal, n) in &o.retries {
+                let l = vec![("signal", signal.as_str().into())];
+                h.push((c, "metricsd.otlp.retries", l, (*n).into()));
+            }
+            for (reason, n) in &o.failures {
+                let l = vec![("reason", reason.clone())];
+                h.push((c, "metricsd.otlp.failures", l, (*n).into()));
+            }
+            for ((signal, reason), n) in &o.dropped {
+                let l = vec![
+                    ("signal", signal.as_str().into()),
+                    ("reason", reason.clone()),
+                ];
+                h.push((c, "metricsd.otlp.dropped", l, (*n).into()));
+            }
+            h.push((
+                g,
+                "metricsd.otlp.pending",
+                vec![],
+                otlp.shared().pending().into(),
+            ));
+        }
         h.push((c, "metricsd.grant.messages", vec![], grant.messages.into()));
         h.push((c, "metricsd.grant.granted", vec![], grant.granted.into()));
         for (class, n) in &grant.refused {

@@ -79,6 +79,10 @@ reasons! {
     SeriesCap = ("series_cap", OverLimit),
     /// A span id of zero.
     SpanIdZero = ("span_id_zero", InvalidArgs),
+    /// (v1.1) A `span_open` not immediately preceded by its `span_trace`.
+    SpanNoTrace = ("span_no_trace", InvalidArgs),
+    /// (v1.1) A `span_trace` with a zero trace id.
+    SpanTraceZero = ("span_trace_zero", InvalidArgs),
     /// A span started with an id already open in its ring.
     SpanDuplicate = ("span_duplicate", InvalidArgs),
     /// An end or attribute for a span not open in its ring.

@@ -23,7 +23,8 @@
 //! The threads: the grant server ([`grant`]) answers the control socket; the drain loop
 //! ([`drain`]) owns every ring, the series store ([`aggregate`]) and the span tables
 //! ([`spans`]) and builds each interval's export ([`schema`]); the exporter
-//! ([`export`]) sends it to a [`Sink`] (logd). The export schema is in [`schema`] and
+//! ([`export`]) sends it to a [`Sink`] (logd), and, when an endpoint is configured, the
+//! OTLP exporter ([`otlp`]) to an OpenTelemetry collector. The export schema is in [`schema`] and
 //! `metricsd/README.md`.
 
 pub mod aggregate;
@@ -38,6 +39,7 @@ pub mod histogram;
 pub mod identity;
 pub mod keys;
 pub mod listen;
+pub mod otlp;
 pub mod probe;
 pub mod prometheus;
 pub mod redact;

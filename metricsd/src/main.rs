@@ -27,6 +27,7 @@ const GRANT_CHECK_LIMIT: Duration = Duration::from_secs(60);
     after_help = "Examples:\n  \
         metricsd demo                                  # the whole pipeline, checked through logd\n  \
         metricsd serve --logd-socket /run/logd.sock    # the daemon\n  \
+        metricsd serve --otlp-endpoint http://127.0.0.1:4318  # and to an OTLP collector\n  \
         metricsd top --logd-socket /run/logd.sock      # what it exported, live\n  \
         metricsd query --dir DIR --select NAME --since 6h --step 1m   # rollup history"
 )]
@@ -59,6 +60,10 @@ enum Cmd {
         /// /run/logd.sock; overrides the config].
         #[arg(long, value_name = "PATH")]
         logd_socket: Option<PathBuf>,
+        /// Also export to an OpenTelemetry collector over OTLP/HTTP protobuf, at this
+        /// base URL (e.g. http://127.0.0.1:4318; overrides `[otlp] endpoint`).
+        #[arg(long, value_name = "URL")]
+        otlp_endpoint: Option<String>,
         /// Serve Prometheus' `GET /metrics` on ADDR, e.g. 127.0.0.1:9464 [default: the
         /// config's prometheus.listen, else no endpoint; overrides the config].
         #[arg(long, value_name = "ADDR")]
@@ -93,6 +98,7 @@ enum Cmd {
     ///   metricsd demo --seconds 3 --producers 2
     ///   metricsd demo --json > summary.json
     ///   metricsd demo --keep-sockets     # then try `metricsd top --logd-socket ...`
+    ///   metricsd demo --otlp-endpoint http://127.0.0.1:4318   # also to a collector
     #[command(verbatim_doc_comment)]
     Demo {
         /// How long the producers run, in seconds (1 to 600).
@@ -115,6 +121,11 @@ enum Cmd {
         /// Print the summary as one JSON object on stdout (progress goes to stderr).
         #[arg(long)]
         json: bool,
+        /// Also export to an OpenTelemetry collector over OTLP/HTTP protobuf at this
+        /// base URL (e.g. http://127.0.0.1:4318); the demo then also checks that the
+        /// collector accepted every exported span.
+        #[arg(long, value_name = "URL")]
+        otlp_endpoint: Option<String>,
     },
 
     /// A live view of what metricsd exported: series, rates, drops, rejects.
@@ -220,6 +231,7 @@ fn main() -> anyhow::Result<()> {
             config,
             socket,
             logd_socket,
+            otlp_endpoint,
             prometheus_listen,
             user,
             group,
@@ -228,6 +240,7 @@ fn main() -> anyhow::Result<()> {
             config,
             socket,
             logd_socket,
+            otlp_endpoint,
             prometheus_listen,
             user,
             group,
@@ -239,7 +252,8 @@ fn main() -> anyhow::Result<()> {
             rate,
             keep_sockets,
             json,
-        } => demo(seconds, producers, rate, keep_sockets, json),
+            otlp_endpoint,
+        } => demo(seconds, producers, rate, keep_sockets, json, otlp_endpoint),
         Cmd::Top {
             logd_socket,
             once,
@@ -364,6 +378,7 @@ fn demo(
     rate: Option<u64>,
     keep_sockets: bool,
     json: bool,
+    otlp_endpoint: Option<String>,
 ) -> anyhow::Result<()> {
     let program = std::env::current_exe().context("finding this program to run producers")?;
     let mut opts = metricsd::demo::Options::new(program);
@@ -375,6 +390,7 @@ fn demo(
         20_000
     });
     opts.keep_sockets = keep_sockets;
+    opts.otlp_endpoint = otlp_endpoint;
     let result = if json {
         metricsd::demo::run(&opts, &mut std::io::stderr())
     } else {
@@ -417,6 +433,7 @@ struct ServeFlags {
     config: Option<PathBuf>,
     socket: Option<PathBuf>,
     logd_socket: Option<PathBuf>,
+    otlp_endpoint: Option<String>,
     prometheus_listen: Option<String>,
     user: Option<IdSpec>,
     group: Option<IdSpec>,
@@ -428,6 +445,7 @@ fn serve(flags: ServeFlags) -> anyhow::Result<()> {
         config,
         socket,
         logd_socket,
+        otlp_endpoint,
         prometheus_listen,
         user,
         group,
@@ -451,6 +469,9 @@ fn serve(flags: ServeFlags) -> anyhow::Result<()> {
     }
     if let Some(s) = logd_socket {
         cfg.logd_socket = s;
+    }
+    if let Some(url) = otlp_endpoint {
+        cfg.otlp.endpoint = Some(url);
     }
     if let Some(a) = prometheus_listen {
         cfg.prometheus.listen = Some(a);

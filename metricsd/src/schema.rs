@@ -22,7 +22,8 @@
 //! | `bounds`, `buckets` | histogram with a configured layout: comma-separated inclusive upper bounds (`+Inf` last) and the count per bucket |
 //!
 //! **Spans** (`scope = "spans"`, `message` = the span name): `producer_service`, `span`
-//! (the name), `trace_id`, `span_id`, `parent_id` (absent for a root), `status` (`unset`,
+//! (the name), `trace_id` (32 hex digits), `span_id` (16 hex digits), `parent_id` (16
+//! hex digits, absent for a root), `status` (`unset`,
 //! `ok`, `error`, `orphaned`, `expired`), `start_ns`, `end_ns` and `duration_ns`
 //! (producer's `CLOCK_MONOTONIC`; end and duration absent for orphaned and expired
 //! spans), and `attr.<key>` per attribute (sensitive ones `[redacted]`).
@@ -39,7 +40,7 @@ use logd::{Level, Record};
 
 use crate::aggregate::{MetricKind, MetricMetadata, Series, Value, series_id};
 use crate::histogram::Histogram;
-use crate::spans::FinishedSpan;
+use crate::spans::{FinishedSpan, span_hex, trace_hex};
 
 /// The scope of series records.
 pub const SCOPE_METRICS: &str = "metrics";
@@ -210,10 +211,10 @@ pub fn span_record(s: &FinishedSpan) -> Record {
     let mut r = Record::new(Level::Info, SCOPE_SPANS, &*s.name)
         .field("producer_service", &*s.service)
         .field("span", &*s.name)
-        .field("trace_id", s.trace.to_string())
-        .field("span_id", s.id.to_string());
-    if let Some(p) = s.parent {
-        r = r.field("parent_id", p.to_string());
+        .field("trace_id", trace_hex(s.trace_id))
+        .field("span_id", span_hex(s.span_id));
+    if s.parent_id != 0 {
+        r = r.field("parent_id", span_hex(s.parent_id));
     }
     r = r
         .field("status", s.outcome.as_str())
@@ -247,7 +248,7 @@ pub fn labels(pairs: &[(&str, &str)]) -> Arc<[(String, String)]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::{GlobalId, Outcome};
+    use crate::spans::Outcome;
     use telemetry_abi::SpanStatus;
 
     #[test]
@@ -255,9 +256,10 @@ mod tests {
         let s = FinishedSpan {
             service: Arc::from("web"),
             name: Arc::from("GET /"),
-            trace: GlobalId { ring: 1, local: 1 },
-            id: GlobalId { ring: 1, local: 2 },
-            parent: Some(GlobalId { ring: 1, local: 1 }),
+            trace_id: 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
+            span_id: 2,
+            parent_id: 1,
+            flags: 1,
             start_ns: 10,
             end_ns: Some(25),
             outcome: Outcome::Ended(SpanStatus::ERROR),
@@ -266,7 +268,8 @@ mod tests {
         let r = span_record(&s);
         assert_eq!(r.get("duration_ns"), Some("15"));
         assert_eq!(r.get("status"), Some("error"));
-        assert_eq!(r.get("parent_id"), Some("00000000000000010000000000000001"));
+        assert_eq!(r.get("parent_id"), Some("0000000000000001"));
+        assert_eq!(r.get("trace_id"), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
         assert_eq!(r.get("attr.password"), Some("[redacted]"));
         assert!(r.fields.iter().all(|(k, _)| !logd::is_identity_key(k)));
     }

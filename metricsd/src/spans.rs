@@ -1,23 +1,33 @@
-//! Spans: the live table, completion, expiry, orphans, and the per-interval export
-//! ranking.
+//! Spans: the live table, completion, expiry, orphans, and the export rate limit.
 //!
-//! Ids: a producer numbers its spans per ring (nonzero, no randomness). metricsd makes
-//! them global by pairing them with the ring's id: a [`GlobalId`] is `(ring, local)`,
-//! exported as 32 hex digits (16 for the ring, 16 for the local id). A span's trace id
-//! is its root's global id: a root (parent 0) starts a trace, a child inherits its
-//! parent's trace through the live table. A child whose parent is not open (already
-//! ended, expired, or never seen) keeps the parent link, and its trace id is the
-//! parent's global id.
+//! Ids are W3C Trace Context ids: a 128-bit trace id and a 64-bit span id.
+//!
+//! - ABI v1.1 producers choose them (unique across processes, machines and restarts)
+//!   and write them in `span_trace` + `span_open`; a span is known by its producer
+//!   connection and its span id, so it may be closed (and given attributes) from any
+//!   ring of that connection: a span that ends on another thread. A close or attribute
+//!   that arrives before its open (the rings are drained one after another) is held,
+//!   at most [`MAX_EARLY`] of them, for up to the TTL.
+//! - ABI v1.0 producers number spans per ring. metricsd derives a 64-bit span id from
+//!   (a seed random per metricsd run, the ring, the per-ring id) through a bijective
+//!   mixer, and a trace id: a root starts a trace, a child inherits its parent's trace
+//!   through the live table, and a child whose parent is not open gets a trace id
+//!   derived from the parent's.
 //!
 //! Bounds: at most `spans.max_live` open spans (past it a start is refused
 //! `over_limit`), each with at most `spans.max_attrs` attributes; a span open longer than
 //! `spans.ttl_ms` (metricsd's clock, from when its start was drained) is expired. Spans
-//! open in a ring whose producer disconnected are orphaned. Expired and orphaned spans
-//! are reported like completed ones, with their outcome.
+//! open on a connection whose producer disconnected are orphaned. Expired and orphaned
+//! spans are reported like completed ones, with their outcome.
+//!
+//! Export: every reported span is exported unless the rate limit
+//! (`export.spans_per_second`, a token bucket holding one second's worth) is exhausted;
+//! what it drops is counted by reason ([`SpanStats::rate_limited`]). The span-duration
+//! histograms are fed on completion, whether or not the span is exported.
 
-use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,20 +36,8 @@ use telemetry_abi::SpanStatus;
 use crate::aggregate::SeriesId;
 use crate::health::Reason;
 
-/// A span's global id: the ring's id and the producer's per-ring id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct GlobalId {
-    /// The ring (metricsd's id, as in the grant response).
-    pub ring: u32,
-    /// The producer's id within the ring.
-    pub local: u64,
-}
-
-impl fmt::Display for GlobalId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}{:016x}", self.ring, self.local)
-    }
-}
+/// Closes and attributes held for spans whose open has not been drained yet.
+pub const MAX_EARLY: usize = 4096;
 
 /// How a reported span ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,13 +59,6 @@ impl Outcome {
             Self::Expired => "expired",
         }
     }
-
-    fn urgent(self) -> bool {
-        !matches!(
-            self,
-            Self::Ended(SpanStatus::OK) | Self::Ended(SpanStatus::UNSET)
-        )
-    }
 }
 
 /// A span reported for export.
@@ -77,12 +68,14 @@ pub struct FinishedSpan {
     pub service: Arc<str>,
     /// The span's name.
     pub name: Arc<str>,
-    /// Its trace.
-    pub trace: GlobalId,
-    /// Itself.
-    pub id: GlobalId,
-    /// Its parent, if not a root.
-    pub parent: Option<GlobalId>,
+    /// Its trace (nonzero).
+    pub trace_id: u128,
+    /// Itself (nonzero).
+    pub span_id: u64,
+    /// Its parent (0: the root of its trace).
+    pub parent_id: u64,
+    /// W3C trace flags.
+    pub flags: u8,
     /// Start, producer's `CLOCK_MONOTONIC` ns.
     pub start_ns: u64,
     /// End, producer's `CLOCK_MONOTONIC` ns (`None` when orphaned or expired).
@@ -98,33 +91,16 @@ impl FinishedSpan {
     pub fn duration_ns(&self) -> Option<u64> {
         self.end_ns.map(|e| e.saturating_sub(self.start_ns))
     }
-
-    fn rank(&self) -> (bool, u64) {
-        (self.outcome.urgent(), self.duration_ns().unwrap_or(0))
-    }
 }
 
-struct Ranked(FinishedSpan, u64);
+/// 32 lowercase hex digits.
+pub fn trace_hex(id: u128) -> String {
+    format!("{id:032x}")
+}
 
-impl PartialEq for Ranked {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-impl Eq for Ranked {}
-impl PartialOrd for Ranked {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Ranked {
-    fn cmp(&self, other: &Self) -> Ordering {
-        // More urgent, then slower, then earlier seen (lower sequence) ranks higher.
-        self.0
-            .rank()
-            .cmp(&other.0.rank())
-            .then(other.1.cmp(&self.1))
-    }
+/// 16 lowercase hex digits.
+pub fn span_hex(id: u64) -> String {
+    format!("{id:016x}")
 }
 
 #[derive(Debug)]
@@ -133,8 +109,10 @@ struct Live {
     name_key: u32,
     name: Arc<str>,
     duration: Option<SeriesId>,
-    trace: GlobalId,
-    parent: Option<GlobalId>,
+    trace_id: u128,
+    span_id: u64,
+    parent_id: u64,
+    flags: u8,
     start_ns: u64,
     opened: Instant,
     attrs: Vec<(Arc<str>, String)>,
@@ -153,8 +131,16 @@ pub struct SpanStats {
     pub orphaned: u64,
     /// Spans expired by the TTL.
     pub expired: u64,
-    /// Reported spans left out of an export by the per-interval budget.
-    pub not_exported: u64,
+    /// Reported spans handed to the exporters.
+    pub exported: u64,
+    /// Reported spans dropped by the export rate limit.
+    pub rate_limited: u64,
+    /// Exported spans appended to logd.
+    pub logged: u64,
+    /// Exported spans past logd's span rate (still exported over OTLP).
+    pub not_logged: u64,
+    /// Closes and attributes held now for spans whose open was not drained yet.
+    pub early: u64,
 }
 
 /// A completed span and the duration series to observe it in.
@@ -165,16 +151,41 @@ pub struct Completed {
     pub duration_ns: u64,
 }
 
+/// Where a span's ids live: a v1.1 span is known by its connection, a v1.0 span by
+/// its ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// A v1.0 span: the ring, ids per ring.
+    Ring(u32),
+    /// A v1.1 span: the producer's control connection, trace-global ids.
+    Connection(u64),
+}
+
+/// A close or attribute that arrived before its span's open.
+#[derive(Debug)]
+enum Early {
+    Close {
+        name_key: u32,
+        status: SpanStatus,
+        end_ns: u64,
+    },
+    Attr(Arc<str>, String),
+}
+
 /// The span tables.
 pub struct Spans {
-    live: HashMap<(u32, u64), Live>,
+    live: HashMap<(Scope, u64), Live>,
+    early: HashMap<(Scope, u64), (Instant, Vec<Early>)>,
+    early_len: usize,
     max_live: usize,
     ttl: Duration,
     max_attrs: usize,
-    budget: usize,
-    ranked: BinaryHeap<Reverse<Ranked>>,
-    seq: u64,
-    skipped_this_interval: u64,
+    seed: u64,
+    rate: f64,
+    tokens: f64,
+    refilled: Instant,
+    logd: Bucket,
+    ready: Vec<FinishedSpan>,
     stats: SpanStats,
 }
 
@@ -189,12 +200,14 @@ impl fmt::Debug for Spans {
 
 /// The start of a span, as validated by the drain loop.
 pub struct Start {
-    /// The ring.
-    pub ring: u32,
-    /// The producer's id (nonzero).
+    /// Where its ids live.
+    pub scope: Scope,
+    /// The span id (nonzero): trace-global (v1.1) or per ring (v1.0).
     pub id: u64,
-    /// The parent's id (0: a root).
+    /// The parent's id (0: a root), in the same form.
     pub parent: u64,
+    /// The trace (v1.1; `None` for v1.0, derived here) and its W3C flags.
+    pub trace: Option<(u128, u8)>,
     /// The registered name key.
     pub name_key: u32,
     /// The name.
@@ -207,47 +220,76 @@ pub struct Start {
     pub service: Arc<str>,
 }
 
+/// A bijection on u64 (the splitmix64 finalizer).
+const fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 impl Spans {
-    /// Tables with these bounds; `budget` spans are exported per interval.
-    pub fn new(max_live: u32, ttl: Duration, max_attrs: u32, budget: u32) -> Self {
+    /// Tables with these bounds, exporting at most `per_second` spans a second
+    /// (bursts of one second's worth).
+    pub fn new(max_live: u32, ttl: Duration, max_attrs: u32, per_second: u32) -> Self {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
         Self {
             live: HashMap::new(),
+            early: HashMap::new(),
+            early_len: 0,
             max_live: max_live as usize,
             ttl,
             max_attrs: max_attrs as usize,
-            budget: budget as usize,
-            ranked: BinaryHeap::new(),
-            seq: 0,
-            skipped_this_interval: 0,
+            seed: h.finish(),
+            rate: f64::from(per_second),
+            tokens: f64::from(per_second),
+            refilled: Instant::now(),
+            logd: Bucket::new(u32::MAX),
+            ready: Vec::new(),
             stats: SpanStats::default(),
         }
     }
 
-    /// Opens a span.
-    pub fn start(&mut self, s: Start, now: Instant) -> Result<(), Reason> {
-        let key = (s.ring, s.id);
+    /// The exported 64-bit id of a v1.0 span numbered `local` in `ring` (nonzero for
+    /// a nonzero `local`, distinct for distinct pairs below 2^40 per ring).
+    fn v1_0_id(&self, ring: u32, local: u64) -> u64 {
+        let raw = (u64::from(ring) << 40) ^ local;
+        match mix(raw.wrapping_add(self.seed)) {
+            0 => mix(self.seed) | 1,
+            id => id,
+        }
+    }
+
+    fn v1_0_trace(&self, ring: u32, local: u64) -> u128 {
+        let id = self.v1_0_id(ring, local);
+        (u128::from(mix(id ^ self.seed.rotate_left(17)) | 1) << 64) | u128::from(id)
+    }
+
+    /// Opens a span; applies any close or attributes that arrived before it.
+    pub fn start(&mut self, s: Start, now: Instant) -> Result<Option<Completed>, Reason> {
+        let key = (s.scope, s.id);
         if self.live.contains_key(&key) {
             return Err(Reason::SpanDuplicate);
         }
         if self.live.len() >= self.max_live {
             return Err(Reason::LiveSpansFull);
         }
-        let own = GlobalId {
-            ring: s.ring,
-            local: s.id,
-        };
-        let (trace, parent) = if s.parent == 0 {
-            (own, None)
-        } else {
-            let parent = GlobalId {
-                ring: s.ring,
-                local: s.parent,
-            };
-            let trace = self
-                .live
-                .get(&(s.ring, s.parent))
-                .map_or(parent, |p| p.trace);
-            (trace, Some(parent))
+        let (trace_id, span_id, parent_id, flags) = match (s.scope, s.trace) {
+            (Scope::Connection(_), Some((trace, flags))) => (trace, s.id, s.parent, flags),
+            (Scope::Ring(ring), _) => {
+                let span_id = self.v1_0_id(ring, s.id);
+                if s.parent == 0 {
+                    (self.v1_0_trace(ring, s.id), span_id, 0, 1)
+                } else {
+                    let parent_id = self.v1_0_id(ring, s.parent);
+                    let trace = self
+                        .live
+                        .get(&(s.scope, s.parent))
+                        .map_or_else(|| self.v1_0_trace(ring, s.parent), |p| p.trace_id);
+                    (trace, span_id, parent_id, 1)
+                }
+            }
+            (Scope::Connection(_), None) => return Err(Reason::SpanNoTrace),
         };
         self.live.insert(
             key,
@@ -256,8 +298,10 @@ impl Spans {
                 name_key: s.name_key,
                 name: s.name,
                 duration: s.duration,
-                trace,
-                parent,
+                trace_id,
+                span_id,
+                parent_id,
+                flags,
                 start_ns: s.start_ns,
                 opened: now,
                 attrs: Vec::new(),
@@ -265,13 +309,50 @@ impl Spans {
         );
         self.stats.started += 1;
         self.stats.live = self.live.len() as u64;
+        let Some((_, early)) = self.early.remove(&key) else {
+            return Ok(None);
+        };
+        self.early_len -= early.len();
+        self.stats.early = self.early_len as u64;
+        let mut done = None;
+        for e in early {
+            match e {
+                Early::Attr(k, v) => self.attr(s.scope, s.id, k, v, now)?,
+                Early::Close {
+                    name_key,
+                    status,
+                    end_ns,
+                } => done = self.end(s.scope, s.id, name_key, status, end_ns, now)?,
+            }
+        }
+        Ok(done)
+    }
+
+    fn hold(&mut self, scope: Scope, id: u64, e: Early, now: Instant) -> Result<(), Reason> {
+        if !matches!(scope, Scope::Connection(_)) || self.early_len >= MAX_EARLY {
+            return Err(Reason::SpanUnknown);
+        }
+        self.early
+            .entry((scope, id))
+            .or_insert_with(|| (now, Vec::new()))
+            .1
+            .push(e);
+        self.early_len += 1;
+        self.stats.early = self.early_len as u64;
         Ok(())
     }
 
     /// Adds an attribute (already redacted) to an open span.
-    pub fn attr(&mut self, ring: u32, id: u64, key: Arc<str>, value: String) -> Result<(), Reason> {
-        let Some(span) = self.live.get_mut(&(ring, id)) else {
-            return Err(Reason::SpanUnknown);
+    pub fn attr(
+        &mut self,
+        scope: Scope,
+        id: u64,
+        key: Arc<str>,
+        value: String,
+        now: Instant,
+    ) -> Result<(), Reason> {
+        let Some(span) = self.live.get_mut(&(scope, id)) else {
+            return self.hold(scope, id, Early::Attr(key, value), now);
         };
         if span.attrs.len() >= self.max_attrs {
             return Err(Reason::AttrsFull);
@@ -280,18 +361,31 @@ impl Spans {
         Ok(())
     }
 
-    /// Ends an open span.
+    /// Ends an open span. `Ok(None)`: its open has not been drained yet (a v1.1 span
+    /// closed on another thread); the close is held until it is.
     pub fn end(
         &mut self,
-        ring: u32,
+        scope: Scope,
         id: u64,
         name_key: u32,
         status: SpanStatus,
         end_ns: u64,
-    ) -> Result<Completed, Reason> {
-        let key = (ring, id);
+        now: Instant,
+    ) -> Result<Option<Completed>, Reason> {
+        let key = (scope, id);
         match self.live.get(&key) {
-            None => return Err(Reason::SpanUnknown),
+            None => {
+                if status.name().is_none() {
+                    return Err(Reason::SpanStatus);
+                }
+                let e = Early::Close {
+                    name_key,
+                    status,
+                    end_ns,
+                };
+                self.hold(scope, id, e, now)?;
+                return Ok(None);
+            }
             Some(l) if l.name_key != name_key => return Err(Reason::SpanNameMismatch),
             Some(_) if status.name().is_none() => return Err(Reason::SpanStatus),
             Some(_) => {}
@@ -309,16 +403,16 @@ impl Spans {
             duration_series: live.duration,
             duration_ns: end_ns - live.start_ns,
         };
-        self.report(finish(live, ring, id, Some(end_ns), Outcome::Ended(status)));
-        Ok(done)
+        self.report(finish(live, Some(end_ns), Outcome::Ended(status)), now);
+        Ok(Some(done))
     }
 
-    /// Reports every span still open in `ring` as orphaned; returns how many.
-    pub fn orphan_ring(&mut self, ring: u32) -> u64 {
-        let keys: Vec<(u32, u64)> = self.live.keys().filter(|k| k.0 == ring).copied().collect();
+    /// Reports every span still open in `scope` as orphaned; returns how many.
+    pub fn orphan(&mut self, scope: Scope, now: Instant) -> u64 {
+        let keys: Vec<(Scope, u64)> = self.live.keys().filter(|k| k.0 == scope).copied().collect();
         for key in &keys {
             if let Some(live) = self.live.remove(key) {
-                self.report(finish(live, key.0, key.1, None, Outcome::Orphaned));
+                self.report(finish(live, None, Outcome::Orphaned), now);
             }
         }
         self.stats.orphaned += keys.len() as u64;
@@ -326,10 +420,12 @@ impl Spans {
         keys.len() as u64
     }
 
-    /// Expires spans open longer than the TTL; returns how many.
-    pub fn expire(&mut self, now: Instant) -> u64 {
+    /// Expires spans open longer than the TTL, and closes and attributes held longer
+    /// than the TTL for an open that never came (returned as the second number, to
+    /// be counted `span_unknown`); returns how many spans expired.
+    pub fn expire(&mut self, now: Instant) -> (u64, u64) {
         let ttl = self.ttl;
-        let keys: Vec<(u32, u64)> = self
+        let keys: Vec<(Scope, u64)> = self
             .live
             .iter()
             .filter(|(_, l)| now.saturating_duration_since(l.opened) > ttl)
@@ -337,42 +433,55 @@ impl Spans {
             .collect();
         for key in &keys {
             if let Some(live) = self.live.remove(key) {
-                self.report(finish(live, key.0, key.1, None, Outcome::Expired));
+                self.report(finish(live, None, Outcome::Expired), now);
             }
         }
         self.stats.expired += keys.len() as u64;
         self.stats.live = self.live.len() as u64;
-        keys.len() as u64
-    }
-
-    fn report(&mut self, span: FinishedSpan) {
-        self.seq += 1;
-        let ranked = Reverse(Ranked(span, self.seq));
-        if self.ranked.len() < self.budget {
-            self.ranked.push(ranked);
-            return;
-        }
-        self.skipped_this_interval += 1;
-        self.stats.not_exported += 1;
-        if let Some(lowest) = self.ranked.peek() {
-            if ranked < *lowest {
-                // `Reverse`: less means ranks higher than the lowest kept.
-                self.ranked.pop();
-                self.ranked.push(ranked);
+        let stale: Vec<(Scope, u64)> = self
+            .early
+            .iter()
+            .filter(|(_, (at, _))| now.saturating_duration_since(*at) > ttl)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut dropped = 0;
+        for key in stale {
+            if let Some((_, v)) = self.early.remove(&key) {
+                dropped += v.len() as u64;
+                self.early_len -= v.len();
             }
         }
+        self.stats.early = self.early_len as u64;
+        (keys.len() as u64, dropped)
     }
 
-    /// The spans to export this interval, most important first, and how many reported
-    /// spans were left out by the budget; starts the next interval.
-    pub fn take_interval(&mut self) -> (Vec<FinishedSpan>, u64) {
-        let mut spans: Vec<Ranked> = std::mem::take(&mut self.ranked)
-            .into_iter()
-            .map(|Reverse(r)| r)
-            .collect();
-        spans.sort_by(|a, b| b.cmp(a));
-        let skipped = std::mem::take(&mut self.skipped_this_interval);
-        (spans.into_iter().map(|r| r.0).collect(), skipped)
+    fn report(&mut self, span: FinishedSpan, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = self.refilled.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        if self.tokens < 1.0 {
+            self.stats.rate_limited += 1;
+            return;
+        }
+        self.tokens -= 1.0;
+        self.stats.exported += 1;
+        self.ready.push(span);
+    }
+
+    /// Limits the spans [`take_ready`](Self::take_ready) marks for logd to
+    /// `per_second` (bursts of one second's worth).
+    pub fn set_logd_rate(&mut self, per_second: u32) {
+        self.logd = Bucket::new(per_second);
+    }
+
+    /// The spans reported since the last call, in the order they finished, and how
+    /// many of the first of them go to logd (the rest are past logd's span rate).
+    pub fn take_ready(&mut self, now: Instant) -> (Vec<FinishedSpan>, usize) {
+        let ready = std::mem::take(&mut self.ready);
+        let logged = self.logd.take(ready.len() as u64, now);
+        self.stats.logged += logged;
+        self.stats.not_logged += ready.len() as u64 - logged;
+        (ready, logged as usize)
     }
 
     /// Running totals.
@@ -381,13 +490,44 @@ impl Spans {
     }
 }
 
-fn finish(live: Live, ring: u32, id: u64, end_ns: Option<u64>, outcome: Outcome) -> FinishedSpan {
+/// A token bucket of `rate` a second holding one second's worth.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    refilled: Option<Instant>,
+}
+
+impl Bucket {
+    fn new(per_second: u32) -> Self {
+        Self {
+            rate: f64::from(per_second),
+            tokens: f64::from(per_second),
+            refilled: None,
+        }
+    }
+
+    /// Takes up to `want` tokens; returns how many.
+    fn take(&mut self, want: u64, now: Instant) -> u64 {
+        if let Some(then) = self.refilled {
+            let elapsed = now.saturating_duration_since(then).as_secs_f64();
+            self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        }
+        self.refilled = Some(self.refilled.map_or(now, |t| t.max(now)));
+        let got = (self.tokens.floor().max(0.0) as u64).min(want);
+        self.tokens -= got as f64;
+        got
+    }
+}
+
+fn finish(live: Live, end_ns: Option<u64>, outcome: Outcome) -> FinishedSpan {
     FinishedSpan {
         service: live.service,
         name: live.name,
-        trace: live.trace,
-        id: GlobalId { ring, local: id },
-        parent: live.parent,
+        trace_id: live.trace_id,
+        span_id: live.span_id,
+        parent_id: live.parent_id,
+        flags: live.flags,
         start_ns: live.start_ns,
         end_ns,
         outcome,
@@ -399,11 +539,26 @@ fn finish(live: Live, ring: u32, id: u64, end_ns: Option<u64>, outcome: Outcome)
 mod tests {
     use super::*;
 
-    fn start(ring: u32, id: u64, parent: u64, t: u64) -> Start {
+    fn v10(ring: u32, id: u64, parent: u64, t: u64) -> Start {
         Start {
-            ring,
+            scope: Scope::Ring(ring),
             id,
             parent,
+            trace: None,
+            name_key: 1,
+            name: Arc::from("op"),
+            duration: None,
+            start_ns: t,
+            service: Arc::from("web"),
+        }
+    }
+
+    fn v11(conn: u64, trace: u128, id: u64, parent: u64, t: u64) -> Start {
+        Start {
+            scope: Scope::Connection(conn),
+            id,
+            parent,
+            trace: Some((trace, 1)),
             name_key: 1,
             name: Arc::from("op"),
             duration: None,
@@ -413,58 +568,108 @@ mod tests {
     }
 
     #[test]
-    fn traces_follow_parents_and_budget_keeps_errors_then_slowest() {
+    fn v1_0_spans_get_global_ids_and_follow_parents() {
         let now = Instant::now();
-        let mut s = Spans::new(10, Duration::from_secs(60), 8, 2);
-        s.start(start(1, 1, 0, 100), now).expect("root");
-        s.start(start(1, 2, 1, 110), now).expect("child");
-        s.start(start(1, 3, 99, 120), now).expect("orphan parent");
+        let mut s = Spans::new(10, Duration::from_secs(60), 8, 1000);
+        s.start(v10(1, 1, 0, 100), now).expect("root");
+        s.start(v10(1, 2, 1, 110), now).expect("child");
+        s.start(v10(1, 3, 99, 120), now).expect("parent gone");
         assert_eq!(
-            s.start(start(1, 3, 0, 0), now).err(),
+            s.start(v10(1, 3, 0, 0), now).err(),
             Some(Reason::SpanDuplicate)
         );
-        let d = s.end(1, 2, 1, SpanStatus::OK, 150).expect("ends");
+        let d = s
+            .end(Scope::Ring(1), 2, 1, SpanStatus::OK, 150, now)
+            .expect("ends")
+            .expect("was open");
         assert_eq!(d.duration_ns, 40);
         assert_eq!(
-            s.end(1, 1, 2, SpanStatus::OK, 1).err(),
+            s.end(Scope::Ring(1), 1, 2, SpanStatus::OK, 1, now).err(),
             Some(Reason::SpanNameMismatch)
         );
-        s.end(1, 1, 1, SpanStatus::OK, 1100).expect("ends");
-        s.end(1, 3, 1, SpanStatus::ERROR, 121).expect("ends");
-        let (spans, skipped) = s.take_interval();
-        assert_eq!(skipped, 1);
-        assert_eq!(spans.len(), 2);
-        assert_eq!(spans[0].outcome, Outcome::Ended(SpanStatus::ERROR));
-        assert_eq!(spans[0].trace, GlobalId { ring: 1, local: 99 });
-        assert_eq!(spans[1].id.local, 1, "the slowest ok span");
-        assert_eq!(spans[1].trace, spans[1].id);
-        assert_eq!(s.stats().not_exported, 1);
+        s.end(Scope::Ring(1), 1, 1, SpanStatus::OK, 1100, now)
+            .expect("ends");
+        s.end(Scope::Ring(1), 3, 1, SpanStatus::ERROR, 121, now)
+            .expect("ends");
+        // A v1.0 end in another ring is unknown there, and not held.
         assert_eq!(
-            GlobalId { ring: 1, local: 2 }.to_string(),
-            "00000000000000010000000000000002"
+            s.end(Scope::Ring(2), 1, 1, SpanStatus::OK, 1, now).err(),
+            Some(Reason::SpanUnknown)
         );
+        let (spans, _) = s.take_ready(now);
+        assert_eq!(spans.len(), 3);
+        let (child, root, lone) = (&spans[0], &spans[1], &spans[2]);
+        assert_eq!(child.parent_id, root.span_id);
+        assert_eq!(child.trace_id, root.trace_id);
+        assert_eq!(root.parent_id, 0);
+        assert_eq!(root.trace_id as u64, root.span_id);
+        assert_ne!(lone.trace_id, root.trace_id);
+        assert_ne!(lone.parent_id, 0);
+        assert_eq!(lone.outcome, Outcome::Ended(SpanStatus::ERROR));
+        assert_eq!(s.stats().exported, 3);
     }
 
     #[test]
-    fn orphans_expiry_and_caps() {
+    fn v1_1_spans_keep_their_ids_and_may_close_before_their_open_is_drained() {
         let now = Instant::now();
-        let mut s = Spans::new(2, Duration::from_millis(10), 1, 10);
-        s.start(start(1, 1, 0, 0), now).expect("fits");
-        s.start(start(2, 1, 0, 0), now).expect("fits");
+        let mut s = Spans::new(10, Duration::from_secs(60), 8, 1000);
+        let trace = 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736u128;
+        // The close and an attribute (another thread's ring) are drained first.
+        let c = Scope::Connection(7);
+        s.attr(c, 0xaa, Arc::from("k"), "v".into(), now)
+            .expect("held");
+        assert!(
+            s.end(c, 0xaa, 1, SpanStatus::ERROR, 500, now)
+                .expect("held")
+                .is_none()
+        );
+        assert_eq!(s.stats().early, 2);
+        let done = s
+            .start(v11(7, trace, 0xaa, 0x00f0_67aa_0ba9_02b7, 200), now)
+            .expect("opens")
+            .expect("and completes");
+        assert_eq!(done.duration_ns, 300);
+        assert_eq!(s.stats().early, 0);
+        let (spans, _) = s.take_ready(now);
+        assert_eq!(spans.len(), 1);
         assert_eq!(
-            s.start(start(2, 2, 0, 0), now).err(),
+            (spans[0].trace_id, spans[0].span_id, spans[0].parent_id),
+            (trace, 0xaa, 0x00f0_67aa_0ba9_02b7)
+        );
+        assert_eq!(spans[0].attrs, vec![(Arc::from("k"), "v".to_owned())]);
+        assert_eq!(span_hex(0xaa), "00000000000000aa");
+        assert_eq!(trace_hex(trace), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn orphans_expiry_rate_limit_and_caps() {
+        let now = Instant::now();
+        let mut s = Spans::new(2, Duration::from_millis(10), 1, 1);
+        s.start(v10(1, 1, 0, 0), now).expect("fits");
+        s.start(v11(2, 5, 1, 0, 0), now).expect("fits");
+        assert_eq!(
+            s.start(v10(2, 2, 0, 0), now).err(),
             Some(Reason::LiveSpansFull)
         );
-        s.attr(1, 1, Arc::from("k"), "v".into()).expect("fits");
+        s.attr(Scope::Ring(1), 1, Arc::from("k"), "v".into(), now)
+            .expect("fits");
         assert_eq!(
-            s.attr(1, 1, Arc::from("k2"), "v".into()).err(),
+            s.attr(Scope::Ring(1), 1, Arc::from("k2"), "v".into(), now)
+                .err(),
             Some(Reason::AttrsFull)
         );
-        assert_eq!(s.orphan_ring(1), 1);
-        assert_eq!(s.expire(now + Duration::from_millis(11)), 1);
-        let (spans, _) = s.take_interval();
-        let outcomes: Vec<_> = spans.iter().map(|x| x.outcome).collect();
-        assert!(outcomes.contains(&Outcome::Orphaned) && outcomes.contains(&Outcome::Expired));
+        assert_eq!(s.orphan(Scope::Ring(1), now), 1);
+        // One token a second: the second report in the same instant is rate limited.
+        assert_eq!(s.expire(now + Duration::from_millis(11)), (1, 0));
+        let (spans, _) = s.take_ready(now);
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].outcome, Outcome::Orphaned);
+        assert_eq!(s.stats().rate_limited, 1);
         assert_eq!(s.stats().live, 0);
+        // An early close for an open that never comes is dropped after the TTL.
+        let c = Scope::Connection(3);
+        let _ = s.end(c, 9, 1, SpanStatus::OK, 1, now);
+        assert_eq!(s.expire(now + Duration::from_millis(20)), (0, 1));
+        assert_eq!(s.stats().early, 0);
     }
 }

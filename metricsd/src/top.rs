@@ -384,11 +384,13 @@ impl View {
         )?;
         writeln!(
             s,
-            "spans       live {}, orphaned {}, expired {}, not exported {}",
+            "spans       live {}, ended {}, exported {}, orphaned {}, expired {}, dropped {}",
             self.health_value("metricsd.spans.live"),
+            self.health_value("metricsd.spans.ended"),
+            self.health_value("metricsd.spans.exported"),
             self.health_value("metricsd.spans.orphaned"),
             self.health_value("metricsd.spans.expired"),
-            self.health_value("metricsd.spans.not_exported"),
+            self.health_by_label("metricsd.spans.dropped"),
         )?;
 
         let mut services: BTreeMap<&str, usize> = BTreeMap::new();

@@ -260,17 +260,17 @@ fn sensitive_labels_and_attributes_are_redacted_and_identity_labels_renamed() {
 }
 
 #[test]
-fn span_budget_keeps_errors_then_the_slowest_and_exports_the_rest_as_a_count() {
+fn span_rate_limit_exports_up_to_the_limit_and_counts_the_rest_by_reason() {
     watchdog();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(dir.path());
-    cfg.export.span_budget = 2;
+    cfg.export.spans_per_second = 2;
     cfg.export.interval_ms = 60_000; // only explicit flushes export
     let (daemon, sink) = start(cfg, &["api"]);
     let control = Control::connect(daemon.socket_path());
     let mut r = control.ring(256);
     r.register(1, RegisterKind::SPAN, "op", &[]);
-    // Durations 10, 50, 30, 20 (ok) and 1 (error).
+    // Durations 10, 50, 30, 20 (ok) and 1 (error), all within one second.
     for (id, d) in [(1u64, 10u64), (2, 50), (3, 30), (4, 20)] {
         r.push(Record::span_start(1, id, 0, 1000));
         r.push(Record::span_end(
@@ -288,20 +288,20 @@ fn span_budget_keeps_errors_then_the_slowest_and_exports_the_rest_as_a_count() {
         telemetry_abi::SpanStatus::ERROR,
     ));
     let snap = daemon.flush(WAIT).expect("flush");
-    assert_eq!(snap.spans.not_exported, 3);
+    assert_eq!(snap.spans.ended, 5);
+    assert_eq!(snap.spans.exported, 2);
+    assert_eq!(snap.spans.rate_limited, 3);
     let spans = sink.find("span", "op");
-    let got: Vec<(&str, &str)> = spans
+    let got: Vec<&str> = spans
         .iter()
-        .map(|s| {
-            (
-                s.get("status").unwrap_or(""),
-                s.get("duration_ns").unwrap_or(""),
-            )
-        })
+        .map(|s| s.get("duration_ns").unwrap_or(""))
         .collect();
-    assert_eq!(got, [("error", "1"), ("ok", "50")]);
-    let skipped = sink.find("series", "metricsd/counter/metricsd.spans.not_exported{}");
-    assert_eq!(skipped.last().and_then(|r| r.get("value")), Some("3"));
+    assert_eq!(got, ["10", "50"], "the first two, in the order they ended");
+    let dropped = sink.find(
+        "series",
+        "metricsd/counter/metricsd.spans.dropped{reason=\"rate_limited\"}",
+    );
+    assert_eq!(dropped.last().and_then(|r| r.get("value")), Some("3"));
     // The duration histogram saw all five.
     let d = snap
         .find("api", MetricKind::SpanDuration, "op", &[])
@@ -310,6 +310,81 @@ fn span_budget_keeps_errors_then_the_slowest_and_exports_the_rest_as_a_count() {
         Value::Histogram(h) => assert_eq!((h.count(), h.integer_sum()), (5, Some(111))),
         other => panic!("not a histogram: {other:?}"),
     }
+    daemon.shutdown();
+}
+
+#[test]
+fn v1_1_spans_close_in_another_ring_of_their_connection_and_bad_ones_are_refused() {
+    watchdog();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.export.interval_ms = 60_000; // only explicit flushes export
+    let (daemon, sink) = start(cfg, &["api"]);
+    let control = Control::connect(daemon.socket_path());
+    let mut a = control.ring(256);
+    let mut b = control.ring(256);
+    let trace = 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736u128;
+    let remote_parent = 0x00f0_67aa_0ba9_02b7u64;
+    for r in [&mut a, &mut b] {
+        r.register(1, RegisterKind::SPAN, "op", &[]);
+        r.register(2, RegisterKind::ATTR, "rows", &[]);
+    }
+    // Ring b (another thread) closes and annotates the span; the drain loop may read
+    // b before a: the close is held until the open arrives.
+    b.push(Record::span_note(
+        2,
+        0xaa,
+        telemetry_abi::AttrValueType::U64,
+        7,
+    ));
+    b.push(Record::span_close(
+        1,
+        0xaa,
+        1250,
+        telemetry_abi::SpanStatus::OK,
+    ));
+    a.push(Record::span_trace(1, 0xaa, trace, 1));
+    a.push(Record::span_open(1, 0xaa, remote_parent, 1000));
+    // Refused: an open without its trace record, a zero trace id.
+    a.push(Record::span_open(1, 0xbb, 0, 1000));
+    a.push(Record::span_trace(1, 0xcc, 0, 1));
+    let snap = daemon.flush(WAIT).expect("flush");
+    assert_eq!(snap.spans.ended, 1);
+    assert_eq!(snap.spans.live, 0);
+    assert_eq!(snap.spans.early, 0);
+    let rejects: Vec<(&str, u64)> = snap
+        .rejects
+        .nonzero()
+        .map(|(r, n)| (r.as_str(), n))
+        .collect();
+    assert_eq!(rejects, [("span_no_trace", 1), ("span_trace_zero", 1)]);
+    let spans = sink.find("span", "op");
+    assert_eq!(spans.len(), 1);
+    let s = &spans[0];
+    assert_eq!(s.get("trace_id"), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    assert_eq!(s.get("span_id"), Some("00000000000000aa"));
+    assert_eq!(s.get("parent_id"), Some("00f067aa0ba902b7"));
+    assert_eq!(s.get("duration_ns"), Some("250"));
+    assert_eq!(s.get("status"), Some("ok"));
+    assert_eq!(s.get("attr.rows"), Some("7"));
+    // A second connection cannot close the first one's spans.
+    let other = Control::connect(daemon.socket_path());
+    let mut c = other.ring(256);
+    c.register(1, RegisterKind::SPAN, "op", &[]);
+    a.push(Record::span_trace(1, 0xdd, trace, 1));
+    a.push(Record::span_open(1, 0xdd, 0, 1000));
+    c.push(Record::span_close(
+        1,
+        0xdd,
+        2000,
+        telemetry_abi::SpanStatus::OK,
+    ));
+    let snap = daemon.flush(WAIT).expect("flush");
+    assert_eq!(snap.spans.live, 1, "still open on its own connection");
+    assert_eq!(
+        snap.spans.early, 1,
+        "the stranger's close is held, not applied"
+    );
     daemon.shutdown();
 }
 

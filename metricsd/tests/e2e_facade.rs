@@ -187,7 +187,7 @@ fn facade_service_on_tokio_reads_back_exactly_from_logd() {
     let _dog = watchdog("the facade test", Duration::from_secs(120));
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(dir.path());
-    cfg.export.span_budget = 100_000;
+    cfg.export.logd_spans_per_second = 100_000;
     let logd_path = cfg.logd_socket.clone();
     let _logd = start_logd(&logd_path);
     let daemon = start_metricsd(cfg);

@@ -311,11 +311,18 @@ fn span_times_ids_parents_and_statuses_are_exact_with_an_injected_clock() {
     let report = producer.expect("stats");
     producer.finish();
     assert_clean(&report);
-    let local: Vec<u64> = ["root", "db", "cache", "lone", "leaked"]
+    let ids_hex: Vec<&str> = ["root", "db", "cache", "lone", "leaked"]
         .iter()
-        .map(|k| ids.u64(k))
+        .map(|k| ids.str(k))
         .collect();
-    assert_eq!(local, [1, 2, 3, 4, 5], "a per-ring sequence, no RNG");
+    let distinct: std::collections::BTreeSet<&&str> = ids_hex.iter().collect();
+    assert_eq!(distinct.len(), 5, "distinct span ids: {ids_hex:?}");
+    assert!(
+        ids_hex
+            .iter()
+            .all(|h| h.len() == 16 && *h != "0000000000000000"),
+        "{ids_hex:?}"
+    );
 
     // The leaked span is reported orphaned once metricsd sees the producer gone.
     let snap = wait_for("the open span to be orphaned", || {
@@ -326,18 +333,25 @@ fn span_times_ids_parents_and_statuses_are_exact_with_an_injected_clock() {
     assert_eq!(snap.spans.ended, 4);
     assert_eq!(snap.spans.live, 0);
     assert_eq!(snap.spans.expired, 0);
-    let ring = snap
-        .rings
-        .iter()
-        .find(|r| r.service == "spans")
-        .expect("the producer's ring")
-        .id;
     let snap = daemon.flush(WAIT).expect("flush");
     assert_eq!(snap.rejects.total(), 0, "{:?}", snap.rejects);
-    assert_eq!(snap.spans.not_exported, 0);
+    assert_eq!(snap.spans.rate_limited, 0);
+    assert_eq!(snap.spans.exported, 5);
 
-    let g = |local: u64| format!("{ring:016x}{local:016x}");
-    let (root, db, cache, lone, leaked) = (g(1), g(2), g(3), g(4), g(5));
+    let (root, db, cache, lone, leaked) = (
+        ids.str("root").to_owned(),
+        ids.str("db").to_owned(),
+        ids.str("cache").to_owned(),
+        ids.str("lone").to_owned(),
+        ids.str("leaked").to_owned(),
+    );
+    let (trace, lone_trace, leaked_trace) = (
+        ids.str("trace").to_owned(),
+        ids.str("lone_trace").to_owned(),
+        ids.str("leaked_trace").to_owned(),
+    );
+    assert_eq!(trace.len(), 32);
+    assert!(trace != lone_trace && lone_trace != leaked_trace);
     let f = |k: &str, v: &str| (k.to_owned(), v.to_owned());
     let ended = |name: &str,
                  id: &str,
@@ -362,13 +376,13 @@ fn span_times_ids_parents_and_statuses_are_exact_with_an_injected_clock() {
         v
     };
     let mut want: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    let mut r = ended("e2e.request", &root, &root, None, "ok", T0, T0 + 1_300);
+    let mut r = ended("e2e.request", &root, &trace, None, "ok", T0, T0 + 1_300);
     r.push(f("attr.route", "/checkout"));
     want.insert(root.clone(), r);
     let mut d = ended(
         "e2e.db",
         &db,
-        &root,
+        &trace,
         Some(&root),
         "ok",
         T0 + 250,
@@ -381,7 +395,7 @@ fn span_times_ids_parents_and_statuses_are_exact_with_an_injected_clock() {
         ended(
             "e2e.cache",
             &cache,
-            &root,
+            &trace,
             Some(&root),
             "error",
             T0 + 1_250,
@@ -393,7 +407,7 @@ fn span_times_ids_parents_and_statuses_are_exact_with_an_injected_clock() {
         ended(
             "e2e.request",
             &lone,
-            &lone,
+            &lone_trace,
             None,
             "unset",
             T0 + 6_300,
@@ -405,7 +419,7 @@ fn span_times_ids_parents_and_statuses_are_exact_with_an_injected_clock() {
         vec![
             f("producer_service", "spans"),
             f("span", "e2e.leaked"),
-            f("trace_id", &leaked),
+            f("trace_id", &leaked_trace),
             f("span_id", &leaked),
             f("status", "orphaned"),
             f("start_ns", &(T0 + 6_407).to_string()),
@@ -490,18 +504,22 @@ fn child_records_spans_on_a_manual_clock() {
     CLOCK.advance(10);
     root.set_status(Status::Ok);
     let root_id = root.id();
+    let trace = root.context().map(|c| c.trace_id);
     drop(root); // T0 + 1300
     CLOCK.advance(5_000);
     let lone = span!("e2e.request"); // a new trace at T0 + 6300, status unset
     CLOCK.advance(7);
     let lone_id = lone.id();
+    let lone_trace = lone.context().map(|c| c.trace_id);
     drop(lone);
     CLOCK.advance(100);
     let leaked = span!("e2e.leaked"); // T0 + 6407, never ended: the process exits
     let leaked_id = leaked.id();
+    let leaked_trace = leaked.context().map(|c| c.trace_id);
     std::mem::forget(leaked);
 
-    let id = |s: Option<u64>| s.expect("span recorded");
+    let id = |s: Option<u64>| format!("{:016x}", s.expect("span recorded"));
+    let tr = |s: Option<u128>| format!("{:032x}", s.expect("span recorded"));
     child::report(
         "ids",
         &[
@@ -510,6 +528,9 @@ fn child_records_spans_on_a_manual_clock() {
             ("cache", &id(cache_id)),
             ("lone", &id(lone_id)),
             ("leaked", &id(leaked_id)),
+            ("trace", &tr(trace)),
+            ("lone_trace", &tr(lone_trace)),
+            ("leaked_trace", &tr(leaked_trace)),
         ],
     );
     report_stats();

@@ -161,16 +161,18 @@ fn a_producer_that_dies_leaves_its_open_spans_reported_as_orphaned() {
     let mut names: Vec<_> = orphans.iter().filter_map(|r| r.get("span")).collect();
     names.sort_unstable();
     assert_eq!(names, ["db", "request"]);
-    let root = format!("{:016x}{:016x}", ring_id, 1);
-    assert!(
-        orphans
-            .iter()
-            .all(|r| r.get("trace_id") == Some(root.as_str()))
-    );
+    let request = orphans
+        .iter()
+        .find(|r| r.get("span") == Some("request"))
+        .expect("the root, orphaned");
+    let (root, trace) = (request.get("span_id"), request.get("trace_id"));
+    assert!(root.is_some() && trace.is_some_and(|t| t.len() == 32));
+    assert!(orphans.iter().all(|r| r.get("trace_id") == trace));
     assert!(orphans.iter().all(|r| r.get("end_ns").is_none()));
     let done = sink.find("status", "ok");
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].get("duration_ns"), Some("300"));
-    assert_eq!(done[0].get("parent_id"), Some(root.as_str()));
+    assert_eq!(done[0].get("parent_id"), root);
+    assert_eq!(done[0].get("trace_id"), trace);
     daemon.shutdown();
 }

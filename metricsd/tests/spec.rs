@@ -291,8 +291,9 @@ fn unknown_record_kinds_are_rejected_one_by_one_and_the_ring_carries_on() {
     let c = Control::connect(daemon.socket_path());
     let mut r = c.ring(1024);
     r.register(1, RegisterKind::COUNTER, "hits", &[]);
-    // 0x04 to 0x06 are ABI 1.1's float samples; 0x07 to 0x0f stay undefined.
-    for kind in [0x00, 0x07, 0x0f, 0x13, 0x1f, 0x22, 0x4242, 0xffff] {
+    // 0x04 to 0x06 are ABI 1.1's float samples and 0x13 to 0x16 its span records; the
+    // rest of 0x04 to 0x1f stays undefined.
+    for kind in [0x00, 0x07, 0x0f, 0x17, 0x1f, 0x22, 0x4242, 0xffff] {
         r.push(Record {
             kind: RecordKind(kind),
             ..Record::counter(1, 1000)

@@ -82,6 +82,8 @@ mod source;
 mod span;
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod stats;
+#[cfg(all(feature = "std", target_os = "linux"))]
+mod trace;
 
 pub use clock::{Clock, ManualClock};
 pub use key::{Discarded, Key, KeyTable};
@@ -109,6 +111,8 @@ pub use source::{ClaimError, RingInfo, RingSource, forks, generation, invalidate
 pub use span::{MAX_SPAN_ATTRS, Span, SpanName, SpanValue, Status};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use stats::{DropReason, Stats};
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use trace::{SpanContext, Traceparent, TraceparentError};
 
 /// Writes the calling thread's pending counter increments (held back by a full ring)
 /// if its ring has room now. Returns true when nothing is left pending. Other threads'

@@ -20,8 +20,20 @@ use crate::key::{Discarded, Key, KeyTable};
 use crate::recorder::{AttrValue, Delivery, Dropped, Recorder, SpanId};
 use crate::source::{ClaimError, forks, generation};
 use crate::stats::{Counts, DropReason, Event};
+use crate::trace::{SpanContext, next_ids};
 
 type GlobalRecorder = Recorder<MemfdRegion, Box<[u64]>, GlobalRegistry>;
+
+/// No span: the thread's innermost open span when it has none.
+const NO_SPAN: SpanContext = SpanContext {
+    trace_id: 0,
+    span_id: 0,
+    flags: 0,
+};
+
+/// Open spans a thread tracks as the implicit parents of its next spans; a span opened
+/// deeper is recorded as usual but does not become the implicit parent.
+const MAX_NESTED: usize = 16;
 
 /// Records made without a ring between two looks at the clock for a retry.
 const RETRY_CHECK_EVERY: u32 = 16;
@@ -34,9 +46,6 @@ struct Ring {
     /// The generation the ring belongs to; the ring is stale once it differs from
     /// [`generation()`].
     generation: u64,
-    /// This thread's serial number for the ring (spans must end in the ring they
-    /// started in).
-    serial: u64,
 }
 
 enum Slot {
@@ -61,8 +70,10 @@ pub(crate) struct Local {
     thread: u64,
     /// Rings this thread has claimed.
     rings: u64,
-    /// The innermost open span in the current ring (0: none).
-    current_span: u64,
+    /// The spans this thread opened and has not ended, outermost first (the first
+    /// `depth`): the innermost is the implicit parent of the next span it opens.
+    open: [SpanContext; MAX_NESTED],
+    depth: usize,
     /// (address, length, kind, key) of recently interned `&'static str`s.
     strs: [(usize, usize, u16, u32); STR_CACHE],
     /// A released ring its consumer had not closed yet: metricsd hangs up on a producer
@@ -351,26 +362,38 @@ pub(crate) fn flush_for(timeout: std::time::Duration) -> bool {
 /// A started span, as its guard remembers it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Started {
-    pub(crate) id: u64,
-    pub(crate) serial: u64,
-    pub(crate) prev: u64,
+    /// Its trace context (span id 0: never started).
+    pub(crate) ctx: SpanContext,
+    /// The thread that opened it (its serial number in the process).
+    pub(crate) thread: u64,
+    /// The ring generation it was opened in: it can end only on a ring of the same.
+    pub(crate) generation: u64,
 }
 
 impl Started {
     pub(crate) const NONE: Self = Self {
-        id: 0,
-        serial: 0,
-        prev: 0,
+        ctx: NO_SPAN,
+        thread: 0,
+        generation: 0,
     };
 }
 
-/// Opens span `name` under `parent` (`None`: the thread's innermost open span).
-pub(crate) fn span_start(name: u32, parent: Option<Started>) -> Started {
+/// Where a new span hangs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Parent {
+    /// The thread's innermost open span, or a new trace if none.
+    Current,
+    /// This span (of this process or one a `traceparent` named).
+    Of(SpanContext),
+}
+
+/// Opens span `name` under `parent`.
+pub(crate) fn span_start(name: u32, parent: Parent) -> Started {
     let now = global().now_ns();
     with_local(|local| local.span_start(name, parent, now)).unwrap_or(Started::NONE)
 }
 
-/// Closes a started span.
+/// Closes a started span (on any thread).
 pub(crate) fn span_end(name: u32, started: Started, status: SpanStatus) {
     let now = global().now_ns();
     with_local(|local| local.span_end(name, started, status, now));
@@ -427,7 +450,8 @@ impl Local {
             counts: None,
             thread: 0,
             rings: 0,
-            current_span: 0,
+            open: [NO_SPAN; MAX_NESTED],
+            depth: 0,
             strs: [(0, 0, 0, 0); STR_CACHE],
             retired: None,
             forks: 0,
@@ -546,7 +570,7 @@ impl Local {
         self.slot = Slot::Unclaimed;
         self.table = None;
         self.retired = None;
-        self.current_span = 0;
+        self.depth = 0;
     }
 
     /// Drops the current ring, keeping the key table (and its pending deltas).
@@ -573,7 +597,7 @@ impl Local {
             }
             self.table = Some(table);
         }
-        self.current_span = 0;
+        self.depth = 0;
     }
 
     /// Accounts for the retired ring once its consumer has closed it: its unread
@@ -638,7 +662,7 @@ impl Local {
             Ok((writer, info)) => {
                 let table = self.table.take().unwrap_or_else(new_table);
                 self.rings += 1;
-                self.current_span = 0;
+                self.depth = 0; // (span depth)
                 let mut recorder = Recorder::new(writer, table, GlobalRegistry);
                 // The metrics' metadata described so far, for this ring's consumer (a
                 // new metricsd after a restart knows nothing). Cold: once per ring.
@@ -650,7 +674,6 @@ impl Local {
                 self.slot = Slot::Ready(Ring {
                     recorder,
                     generation: info.generation,
-                    serial: self.rings,
                 });
                 self.count(Event::RingClaimed, 1);
                 Ok(())
@@ -717,8 +740,11 @@ impl Local {
         }
     }
 
-    fn span_start(&mut self, name: u32, parent: Option<Started>, now: u64) -> Started {
-        let current = self.current_span;
+    fn span_start(&mut self, name: u32, parent: Parent, now: u64) -> Started {
+        let current = match self.depth {
+            0 => NO_SPAN,
+            d => self.open[d - 1],
+        };
         let ring = match self.ring() {
             Ok(ring) => ring,
             Err(reason) => {
@@ -727,23 +753,41 @@ impl Local {
             }
         };
         let parent = match parent {
-            None => current,
-            Some(p) if p.serial == ring.serial => p.id,
-            // The parent's ring is gone: this span starts a new tree.
-            Some(_) => 0,
+            Parent::Current => current,
+            Parent::Of(p) => p,
         };
-        let serial = ring.serial;
-        let result = match Key::new(name) {
-            Some(name) => ring.recorder.span_start(name, to_span_id(parent), now),
-            None => Err(Dropped::UnknownKey),
+        let (span_id, root_trace) = next_ids();
+        let ctx = if parent.span_id == 0 {
+            SpanContext {
+                trace_id: root_trace,
+                span_id,
+                flags: 1,
+            }
+        } else {
+            SpanContext {
+                trace_id: parent.trace_id,
+                span_id,
+                flags: parent.flags,
+            }
+        };
+        let generation = ring.generation;
+        let result = match (Key::new(name), SpanId::new(span_id)) {
+            (Some(name), Some(id)) => {
+                ring.recorder
+                    .span_open(name, ctx.trace_id, id, parent.span_id, ctx.flags, now)
+            }
+            _ => Err(Dropped::UnknownKey),
         };
         match result {
-            Ok(id) => {
-                self.current_span = id.get();
+            Ok(()) => {
+                if self.depth < MAX_NESTED {
+                    self.open[self.depth] = ctx;
+                    self.depth += 1;
+                }
                 Started {
-                    id: id.get(),
-                    serial,
-                    prev: current,
+                    ctx,
+                    thread: self.thread,
+                    generation,
                 }
             }
             Err(e) => {
@@ -754,22 +798,31 @@ impl Local {
     }
 
     fn span_end(&mut self, name: u32, started: Started, status: SpanStatus, now: u64) {
-        if started.id == 0 {
+        if started.ctx.span_id == 0 {
             // Never started (counted then): nothing to end.
             return;
         }
-        if self.current_span == started.id {
-            self.current_span = started.prev;
+        if started.thread == self.thread {
+            // Ending on the thread that opened it: it and whatever this thread opened
+            // inside it and sent elsewhere (or leaked) stop being implicit parents.
+            if let Some(i) = self.open[..self.depth]
+                .iter()
+                .rposition(|c| c.span_id == started.ctx.span_id)
+            {
+                self.depth = i;
+            }
         }
-        let result = match &mut self.slot {
-            Slot::Ready(ring) if ring.serial == started.serial => {
-                match (Key::new(name), to_span_id(started.id)) {
-                    (Some(name), Some(id)) => ring.recorder.span_end(name, id, now, status),
+        let result = match self.ring() {
+            // Any ring of the connection the span was opened on will do.
+            Ok(ring) if ring.generation == started.generation => {
+                match (Key::new(name), SpanId::new(started.ctx.span_id)) {
+                    (Some(name), Some(id)) => ring.recorder.span_close(name, id, now, status),
                     _ => Err(Dropped::UnknownKey),
                 }
             }
-            // The ring it started in is gone (metricsd restarted or dropped it).
-            _ => return self.count(Event::Dropped(DropReason::NoMetricsd), 1),
+            // The connection it was opened on is gone (metricsd restarted).
+            Ok(_) => return self.count(Event::Dropped(DropReason::NoMetricsd), 1),
+            Err(reason) => return self.count(Event::Dropped(reason), 1),
         };
         if let Err(e) = result {
             self.settle(Err(e));
@@ -777,7 +830,7 @@ impl Local {
     }
 
     fn span_attr(&mut self, started: Started, attr: &'static str, value: RawAttr) {
-        if started.id == 0 {
+        if started.ctx.span_id == 0 {
             return;
         }
         let attr = match self.intern_str(RegisterKind::ATTR, attr) {
@@ -792,10 +845,11 @@ impl Local {
                 Err(reason) => return self.count(Event::Dropped(reason), 1),
             },
         };
-        let result = match (&mut self.slot, to_span_id(started.id)) {
-            (Slot::Ready(ring), Some(id)) if ring.serial == started.serial => {
-                ring.recorder.span_attr(id, attr, value)
+        let result = match (self.ring(), SpanId::new(started.ctx.span_id)) {
+            (Ok(ring), Some(id)) if ring.generation == started.generation => {
+                ring.recorder.span_note(id, attr, value)
             }
+            (Err(reason), _) => return self.count(Event::Dropped(reason), 1),
             _ => return self.count(Event::Dropped(DropReason::NoMetricsd), 1),
         };
         if let Err(e) = result {

@@ -237,6 +237,74 @@ where
         self.sample_raw(Record::span_attr(attr.get(), span.get(), value_type, raw))
     }
 
+    /// (ABI v1.1) Opens span `span_id` named `name` in trace `trace_id` at `start_ns`
+    /// under `parent_id` (0: the root of its trace): a `span_trace` and a `span_open`
+    /// record, published together. The ids are the caller's: trace-global, nonzero.
+    pub fn span_open(
+        &mut self,
+        name: Key,
+        trace_id: u128,
+        span_id: SpanId,
+        parent_id: u64,
+        trace_flags: u8,
+        start_ns: u64,
+    ) -> Result<(), Dropped> {
+        let records = [
+            Record::span_trace(name.get(), span_id.get(), trace_id, trace_flags),
+            Record::span_open(name.get(), span_id.get(), parent_id, start_ns),
+        ];
+        if !(self.table.pending_keys() == 0 && self.table.is_registered(name.get())) {
+            self.register_cold(name.get())?;
+        }
+        match self.writer.push_all(&records) {
+            Ok(()) => Ok(()),
+            Err(_) => self.full(),
+        }
+    }
+
+    /// (ABI v1.1) Closes span `span_id` (named `name`, opened by
+    /// [`span_open`](Self::span_open) in any ring of this process) at `end_ns`.
+    pub fn span_close(
+        &mut self,
+        name: Key,
+        span_id: SpanId,
+        end_ns: u64,
+        status: SpanStatus,
+    ) -> Result<(), Dropped> {
+        self.sample_raw(Record::span_close(
+            name.get(),
+            span_id.get(),
+            end_ns,
+            status,
+        ))
+    }
+
+    /// (ABI v1.1) Sets attribute `attr` of span `span_id` (opened by
+    /// [`span_open`](Self::span_open) in any ring of this process) to `value`.
+    pub fn span_note(
+        &mut self,
+        span_id: SpanId,
+        attr: Key,
+        value: AttrValue,
+    ) -> Result<(), Dropped> {
+        let (value_type, raw) = match value {
+            AttrValue::U64(v) => (AttrValueType::U64, v),
+            AttrValue::I64(v) => (AttrValueType::I64, v as u64),
+            AttrValue::Str(k) => {
+                if !self.table.is_registered(k.get()) {
+                    self.register_cold(k.get())?;
+                }
+                (AttrValueType::STRING, u64::from(k.get()))
+            }
+        };
+        self.sample_raw(Record::span_note(
+            attr.get(),
+            span_id.get(),
+            value_type,
+            raw,
+        ))
+    }
+
     /// Writes pending counter deltas while the ring has room. Returns how many keys
     /// still hold one (zero: nothing is owed).
     pub fn flush(&mut self) -> u32 {
@@ -532,7 +600,7 @@ mod tests {
     use std::sync::Arc;
     use std::vec::Vec;
 
-    use telemetry_abi::{RecordKind, RegistrationBuf, SpanAttr, SpanEnd, SpanStart};
+    use telemetry_abi::{RecordKind, RegistrationBuf, SpanAttr, SpanEnd, SpanStart, SpanTrace};
     use telemetry_ring::{HeapRegion, Reader};
 
     use super::*;
@@ -746,5 +814,52 @@ mod tests {
         );
         let e: SpanEnd = records[4].view();
         assert_eq!((e.span_id, e.end_ns, e.status), (2, 190, SpanStatus::ERROR));
+    }
+
+    #[test]
+    fn v1_1_spans_write_trace_and_open_together_and_close_with_their_ids() {
+        let (mut rec, mut reader) = setup(64);
+        let trace = 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736u128;
+        let id = SpanId::new(0xb7ad_6b71_6920_3331).expect("nonzero");
+        rec.span_open(key(3), trace, id, 0x00f0_67aa_0ba9_02b7, 1, 100)
+            .expect("room");
+        rec.span_note(id, key(4), AttrValue::I64(-2)).expect("room");
+        rec.span_close(key(3), id, 250, SpanStatus::OK)
+            .expect("room");
+        let (registered, records) = drain(&mut reader);
+        assert_eq!(registered, [key(3).get(), key(4).get()]);
+        let kinds: Vec<RecordKind> = records.iter().map(|r| r.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                RecordKind::SPAN_TRACE,
+                RecordKind::SPAN_OPEN,
+                RecordKind::SPAN_NOTE,
+                RecordKind::SPAN_CLOSE
+            ]
+        );
+        let t: SpanTrace = records[0].view();
+        assert_eq!((t.trace_id(), t.span_id, t.flags), (trace, id.get(), 1));
+        let o: SpanStart = records[1].view();
+        assert_eq!(
+            (o.span_id, o.parent_id, o.start_ns),
+            (id.get(), 0x00f0_67aa_0ba9_02b7, 100)
+        );
+        let n: SpanAttr = records[2].view();
+        assert_eq!((n.span_id, n.value as i64), (id.get(), -2));
+        let c: SpanEnd = records[3].view();
+        assert_eq!(
+            (c.span_id, c.end_ns, c.status),
+            (id.get(), 250, SpanStatus::OK)
+        );
+        // A full ring takes neither record of an open: nothing half-written.
+        let (mut rec, mut reader) = setup(4);
+        rec.span_open(key(3), trace, id, 0, 1, 1).expect("room");
+        assert_eq!(
+            rec.span_open(key(3), trace, id, 0, 1, 2),
+            Err(Dropped::RingFull)
+        );
+        let (_, records) = drain(&mut reader);
+        assert_eq!(records.len(), 2, "the first open only");
     }
 }

@@ -1,15 +1,15 @@
 //! Span guards: a start record when created, an end record when dropped.
 
 use std::cell::Cell;
-use std::marker::PhantomData;
 
 use telemetry_abi::{RegisterKind, SpanStatus};
 
 use crate::handles::{Handle, Site};
 use crate::intern::KeyError;
 use crate::key::Key;
-use crate::local::{self, RawAttr, Started};
+use crate::local::{self, Parent, RawAttr, Started};
 use crate::stats::DropReason;
+use crate::trace::{SpanContext, TraceparentError};
 
 /// Attributes one span may carry; further ones are dropped and counted
 /// ([`DropReason::AttrLimit`]).
@@ -36,14 +36,31 @@ impl SpanName {
         Key::new(self.0.key)
     }
 
-    /// Opens a span under the thread's innermost open span (a root if none).
+    /// Opens a span under the thread's innermost open span (the root of a new trace
+    /// if none).
     pub fn enter(self) -> Span {
-        Span::start(self, None)
+        Span::start(self, Parent::Current)
     }
 
-    /// Opens a span under `parent`.
+    /// Opens a span under `parent` (a dropped parent: under the thread's innermost
+    /// open span).
     pub fn enter_under(self, parent: &Span) -> Span {
-        Span::start(self, Some(parent.started))
+        match parent.context() {
+            Some(ctx) => Span::start(self, Parent::Of(ctx)),
+            None => Span::start(self, Parent::Current),
+        }
+    }
+
+    /// Opens a span under `parent`, a span of this or another process (say one named
+    /// by an incoming request's `traceparent`): the new span joins its trace.
+    pub fn enter_child_of(self, parent: SpanContext) -> Span {
+        Span::start(self, Parent::Of(parent))
+    }
+
+    /// Opens a span continuing the trace of a W3C `traceparent` header value, the
+    /// span it names as the parent. A malformed value opens nothing and says why.
+    pub fn enter_traceparent(self, traceparent: &str) -> Result<Span, TraceparentError> {
+        SpanContext::from_traceparent(traceparent).map(|ctx| self.enter_child_of(ctx))
     }
 
     #[doc(hidden)]
@@ -111,9 +128,15 @@ impl From<&'static str> for SpanValue {
     }
 }
 
-/// An open span: written as a start record now and an end record when dropped, both
-/// in the calling thread's ring with the span clock's time (`CLOCK_MONOTONIC` unless
-/// configured). Not `Send`: a span starts and ends on one thread, in one ring.
+/// An open span: written as an open record now (in the calling thread's ring) and a
+/// close record when dropped (in the ring of whichever thread drops it), with the span
+/// clock's time (`CLOCK_MONOTONIC` unless configured). `Send`: a span may move to
+/// another thread (an async task that migrates) and end there; its parent link and
+/// duration stay exact.
+///
+/// Its ids are W3C Trace Context ids (a 128-bit trace id, a 64-bit span id) unique
+/// across processes, machines and restarts; [`traceparent`](Self::traceparent) gives
+/// the header value to put on an outgoing request.
 ///
 /// A span opened with no usable ring (or a full one) is dropped whole and counted
 /// once; its end and attributes are then ignored.
@@ -124,11 +147,10 @@ pub struct Span {
     started: Started,
     attrs: Cell<u8>,
     status: Cell<Status>,
-    _not_send: PhantomData<*const ()>,
 }
 
 impl Span {
-    fn start(name: SpanName, parent: Option<Started>) -> Self {
+    fn start(name: SpanName, parent: Parent) -> Self {
         let started = if name.0.key == 0 {
             name.0.dropped();
             Started::NONE
@@ -140,13 +162,23 @@ impl Span {
             started,
             attrs: Cell::new(0),
             status: Cell::new(Status::Unset),
-            _not_send: PhantomData,
         }
     }
 
-    /// The span's id within its ring, or `None` if it was dropped.
+    /// The span's 64-bit id, or `None` if it was dropped.
     pub fn id(&self) -> Option<u64> {
-        (self.started.id != 0).then_some(self.started.id)
+        (self.started.ctx.span_id != 0).then_some(self.started.ctx.span_id)
+    }
+
+    /// The span's trace context, or `None` if it was dropped.
+    pub fn context(&self) -> Option<SpanContext> {
+        (self.started.ctx.span_id != 0).then_some(self.started.ctx)
+    }
+
+    /// The `traceparent` header value naming this span as the parent of the work an
+    /// outgoing request asks for, or `None` if it was dropped.
+    pub fn traceparent(&self) -> Option<crate::trace::Traceparent> {
+        self.context().map(|c| c.traceparent())
     }
 
     /// Sets the status the end record will carry.
@@ -157,7 +189,7 @@ impl Span {
     /// Adds attribute `key` (label-key spelling: `[A-Za-z0-9_.]`, up to 32 bytes) with
     /// `value`. At most [`MAX_SPAN_ATTRS`] per span.
     pub fn attr(&self, key: &'static str, value: impl Into<SpanValue>) {
-        if self.started.id == 0 {
+        if self.started.ctx.span_id == 0 {
             return;
         }
         let n = self.attrs.get();
@@ -177,7 +209,7 @@ impl Span {
 
 impl Drop for Span {
     fn drop(&mut self) {
-        if self.started.id != 0 {
+        if self.started.ctx.span_id != 0 {
             local::span_end(self.name, self.started, self.status.get().wire());
         }
     }
@@ -187,7 +219,8 @@ impl Drop for Span {
 mod tests {
     use super::*;
 
-    static_assertions::assert_not_impl_any!(Span: Send, Sync);
+    static_assertions::assert_impl_all!(Span: Send);
+    static_assertions::assert_not_impl_any!(Span: Sync);
     static_assertions::assert_impl_all!(SpanName: Send, Sync, Copy);
 
     #[test]

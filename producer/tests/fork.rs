@@ -97,7 +97,7 @@ fn a_forked_child_records_into_a_ring_of_its_own() {
                 };
                 let records = r.records_of(key);
                 let count = |kind| records.iter().filter(|rec| rec.kind == kind).count();
-                (count(RecordKind::SPAN_START), count(RecordKind::SPAN_END))
+                (count(RecordKind::SPAN_OPEN), count(RecordKind::SPAN_CLOSE))
             })
             .collect::<Vec<_>>()
     });

@@ -16,7 +16,7 @@ use nexus_metrics::{
     Config, DropReason, ManualClock, RegisterKind, SpanStatus, Status, counter, gauge, histogram,
     span,
 };
-use telemetry_abi::{AttrValueType, RecordKind, SpanAttr, SpanEnd, SpanStart};
+use telemetry_abi::{AttrValueType, RecordKind, SpanAttr, SpanEnd, SpanStart, SpanTrace};
 
 /// Ring capacity: small, so tests can fill rings on purpose.
 const CAPACITY: u32 = 64;
@@ -138,18 +138,27 @@ fn spans_with_an_injected_clock_are_exact() {
         let explicit_key = ring
             .key_of(RegisterKind::SPAN, "grant.explicit")
             .expect("explicit");
-        let start = |key| -> SpanStart {
+        // ABI 1.1: the trace record, then the open record, adjacent.
+        let start = |key| -> (SpanTrace, SpanStart) {
             let r = ring.records_of(key);
-            assert_eq!(r[0].kind, RecordKind::SPAN_START);
-            r[0].view()
+            assert_eq!(r[0].kind, RecordKind::SPAN_TRACE);
+            assert_eq!(r[1].kind, RecordKind::SPAN_OPEN);
+            let (t, o): (SpanTrace, SpanStart) = (r[0].view(), r[1].view());
+            assert_eq!(t.span_id, o.span_id);
+            (t, o)
         };
         let end = |key| -> SpanEnd {
             let r = ring.records_of(key);
             let last = r.last().expect("an end");
-            assert_eq!(last.kind, RecordKind::SPAN_END);
+            assert_eq!(last.kind, RecordKind::SPAN_CLOSE);
             last.view()
         };
-        let (o, i, e) = (start(outer_key), start(inner_key), start(explicit_key));
+        let ((ot, o), (it, i), (et, e)) = (start(outer_key), start(inner_key), start(explicit_key));
+        // One trace; the root's trace id ends in its span id.
+        assert_eq!(ot.trace_id(), it.trace_id());
+        assert_eq!(ot.trace_id(), et.trace_id());
+        assert_eq!(ot.trace_lo, o.span_id);
+        assert_eq!(ot.flags, 1, "sampled");
         assert_eq!((o.start_ns, o.parent_id), (1_000, 0));
         assert_ne!(o.span_id, 0);
         assert_eq!((i.start_ns, i.parent_id), (1_500, o.span_id));

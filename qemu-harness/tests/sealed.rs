@@ -127,11 +127,12 @@ fn a_million_samples_of_every_kind_with_every_system_call_forbidden() {
         .find(|r| r.service == SERVICE)
         .expect("its ring");
     assert_eq!(ring.producer_dropped, 0);
-    // Six records an iteration (the warm-up's too), and five registrations (counter,
-    // gauge, histogram, span name, attribute key) of a head and one data record each.
+    // Seven records an iteration (the warm-up's too; a span is its trace, open and close
+    // records), and five registrations (counter, gauge, histogram, span name, attribute
+    // key) of a head and one data record each.
     assert_eq!(
         ring.consumed,
-        6 * (SAMPLES + 1) + 5 * 2,
+        7 * (SAMPLES + 1) + 5 * 2,
         "every record, registrations included"
     );
     assert_eq!(snap.rejects.total(), 0, "{:?}", snap.rejects);

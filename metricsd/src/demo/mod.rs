@@ -100,6 +100,29 @@ pub struct Options {
     pub rate: u64,
     /// Keep logd and metricsd serving after the summary, until SIGINT or SIGTERM.
     pub keep_sockets: bool,
+    /// Also export to this OTLP/HTTP collector (`http://host:port`).
+    pub otlp_endpoint: Option<String>,
+}
+
+/// What the OTLP collector accepted, when the demo exported to one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OtlpSummary {
+    /// The collector's base URL.
+    pub endpoint: String,
+    /// Requests answered 2xx.
+    pub requests: u64,
+    /// Metric points accepted.
+    pub points: u64,
+    /// Spans accepted.
+    pub spans: u64,
+    /// Points and spans rejected in partial successes.
+    pub rejected: u64,
+    /// Retries.
+    pub retries: u64,
+    /// Failed attempts.
+    pub failures: u64,
+    /// Points and spans dropped.
+    pub dropped: u64,
 }
 
 impl Options {
@@ -111,6 +134,7 @@ impl Options {
             producers: 3,
             rate: 20_000,
             keep_sockets: false,
+            otlp_endpoint: None,
         }
     }
 }
@@ -232,10 +256,18 @@ pub struct Summary {
     pub grant_refused: BTreeMap<String, u64>,
     /// Spans the producers report they ended.
     pub spans_ended: u64,
-    /// Spans left out of exports by the per-interval budget.
-    pub spans_not_exported: u64,
+    /// Spans metricsd handed to its exporters.
+    pub spans_exported: u64,
+    /// Spans the export rate limit dropped.
+    pub spans_rate_limited: u64,
     /// Span records in logd.
     pub spans_in_logd: u64,
+    /// Of which matched field by field with the span its producer ended.
+    pub spans_verified: u64,
+    /// Exported spans past logd's span rate (sent over OTLP only, when configured).
+    pub spans_not_logged: u64,
+    /// Points and spans the OTLP collector accepted, when `--otlp-endpoint` is set.
+    pub otlp: Option<OtlpSummary>,
     /// Of which with `status = error`.
     pub error_spans_in_logd: u64,
     /// Records logd acknowledged.
@@ -306,6 +338,15 @@ fn private_dir() -> Result<PathBuf, DemoError> {
     Ok(dir)
 }
 
+/// The environment variable naming the file a demo producer writes every span it
+/// ended to ([`producer::SpanEntry`] after [`producer::SpanEntry`]).
+pub const SPAN_LOG_ENV: &str = "NEXUS_DEMO_SPAN_LOG";
+
+/// The span log of `role` in the demo's directory.
+fn span_log_path(dir: &Path, role: &str) -> PathBuf {
+    dir.join(format!("spans-{role}.bin"))
+}
+
 fn spawn(
     opts: &Options,
     role: &'static str,
@@ -313,10 +354,12 @@ fn spawn(
     names: &Mutex<HashMap<u32, String>>,
 ) -> Result<Running, DemoError> {
     let seconds = format!("{:.3}", opts.duration.as_secs_f64());
+    let dir = socket.parent().unwrap_or(Path::new("."));
     let mut child = Command::new(&opts.program)
         .args([PRODUCER_COMMAND, "--role", role, "--seconds", &seconds])
         .args(["--rate", &opts.rate.to_string()])
         .env(nexus_metrics::SOCKET_ENV, socket)
+        .env(SPAN_LOG_ENV, span_log_path(dir, role))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -433,6 +476,7 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
         ..Config::default()
     };
     config.export.interval_ms = EXPORT_INTERVAL_MS;
+    config.otlp.endpoint = opts.otlp_endpoint.clone();
     // The scrape endpoint on a loopback port the kernel picks, scraped once at the end.
     config.prometheus.listen = Some("127.0.0.1:0".to_owned());
     let names: Arc<Mutex<HashMap<u32, String>>> = Arc::default();
@@ -603,7 +647,13 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
                 .map_err(DemoError::Verify)?;
         }
     }
-    verify::verify_spans(&logd_socket, &reports, sender, &mut v).map_err(DemoError::Verify)?;
+    let logs: Vec<(String, PathBuf)> = reports
+        .iter()
+        .filter(|(role, r)| r.hostile.is_none() && role != FLOOD_ROLE)
+        .map(|(role, _)| (role.clone(), span_log_path(dir, role)))
+        .collect();
+    verify::verify_spans(&logd_socket, &reports, &logs, sender, &mut v)
+        .map_err(DemoError::Verify)?;
     // The flood is one metric, the only one of its service, so the per-metric and
     // per-service caps bound it (the demo's total cap, 10000, is far from reached).
     let cap = u64::from(
@@ -613,6 +663,43 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
             .min(config.series.max_per_service),
     );
     verify::verify_caps(&mut v, cap);
+    let otlp = match (&opts.otlp_endpoint, daemon.otlp_stats()) {
+        (Some(endpoint), Some(_)) => {
+            // Everything handed to the OTLP exporter is sent (or given up) first.
+            daemon.flush_otlp(Duration::from_secs(120))?;
+            let o = daemon.otlp_stats().unwrap_or_default();
+            let sum = |m: &BTreeMap<crate::otlp::Signal, u64>| m.values().sum::<u64>();
+            let summary = OtlpSummary {
+                endpoint: endpoint.clone(),
+                requests: sum(&o.requests_ok),
+                points: o
+                    .accepted
+                    .get(&crate::otlp::Signal::Metrics)
+                    .copied()
+                    .unwrap_or(0),
+                spans: o
+                    .accepted
+                    .get(&crate::otlp::Signal::Traces)
+                    .copied()
+                    .unwrap_or(0),
+                rejected: sum(&o.rejected),
+                retries: sum(&o.retries),
+                failures: o.failures.values().sum(),
+                dropped: o.dropped.values().sum(),
+            };
+            if summary.spans != v.spans_exported {
+                v.mismatches.push(verify::Mismatch::Span {
+                    span_id: "*".into(),
+                    problem: format!(
+                        "the OTLP collector accepted {} spans, metricsd exported {}",
+                        summary.spans, v.spans_exported
+                    ),
+                });
+            }
+            Some(summary)
+        }
+        _ => None,
+    };
     let scrape = match daemon.prometheus_addr() {
         Some(addr) => scrape_check::verify_scrape(addr, &reports, &mut v),
         None => Err("metricsd serves no /metrics".to_owned()),
@@ -636,6 +723,7 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
         &snap,
         &v,
         Extras {
+            otlp,
             seconds: ran.as_secs_f64(),
             drained,
             peak: progress.peak,
@@ -656,6 +744,7 @@ fn run_in(opts: &Options, dir: &Path, out: &mut dyn Write) -> Result<Summary, De
 }
 
 struct Extras<'a> {
+    otlp: Option<OtlpSummary>,
     seconds: f64,
     drained: u64,
     peak: f64,
@@ -718,8 +807,12 @@ fn summarize(s: &Snapshot, v: &Verification, x: Extras<'_>) -> Summary {
             .map(|(k, n)| ((*k).to_owned(), *n))
             .collect(),
         spans_ended: v.spans_ended,
-        spans_not_exported: s.spans.not_exported,
+        spans_exported: s.spans.exported,
+        spans_rate_limited: s.spans.rate_limited,
         spans_in_logd: v.spans_in_logd,
+        spans_verified: v.spans_verified,
+        spans_not_logged: v.spans_not_logged,
+        otlp: x.otlp.clone(),
         error_spans_in_logd: v.error_spans_in_logd,
         export_stored: s.export.stored,
         export_failures: s.export.failures,
@@ -823,9 +916,21 @@ pub fn print_summary(s: &Summary, out: &mut dyn Write) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "  spans          {} ended by the producers = {} span records in logd ({} with status=error) + {} left out by the per-interval budget",
-        s.spans_ended, s.spans_in_logd, s.error_spans_in_logd, s.spans_not_exported
+        "  spans          {} ended by the producers, {} exported by metricsd ({} dropped by its rate limit)",
+        s.spans_ended, s.spans_exported, s.spans_rate_limited
     )?;
+    writeln!(
+        out,
+        "                 in logd: {} span records ({} with status=error), {} of them checked field by field (ids, parent, status, times) against the span its producer ended; {} past logd's span rate",
+        s.spans_in_logd, s.error_spans_in_logd, s.spans_verified, s.spans_not_logged
+    )?;
+    if let Some(o) = &s.otlp {
+        writeln!(
+            out,
+            "  otlp           {}: accepted {} points and {} spans in {} requests; rejected {}, retries {}, failures {}, dropped {}",
+            o.endpoint, o.points, o.spans, o.requests, o.rejected, o.retries, o.failures, o.dropped
+        )?;
+    }
     writeln!(
         out,
         "  export         {} records stored in logd; failures {}, dropped {}, refused {}; logd evicted {}",
@@ -934,7 +1039,12 @@ pub fn producer_main(role: &str, duration: Duration, rate: u64) -> Result<(), St
             let service =
                 producer::Service::named(name).ok_or_else(|| format!("unknown role {name:?}"))?;
             producer::install().map_err(|e| e.to_string())?;
-            producer::run_service(service, workload).map_err(|e| e.to_string())?
+            let report = producer::run_service(service, workload).map_err(|e| e.to_string())?;
+            if let Some(path) = std::env::var_os(SPAN_LOG_ENV) {
+                producer::write_span_log(Path::new(&path))
+                    .map_err(|e| format!("writing the span log: {e}"))?;
+            }
+            report
         }
     };
     let line = serde_json::to_string(&report).map_err(|e| format!("encoding the report: {e}"))?;

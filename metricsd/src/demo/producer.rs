@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::histogram::Exponential;
@@ -115,13 +116,112 @@ impl fmt::Display for ProducerError {
 
 impl std::error::Error for ProducerError {}
 
-/// Sets up the process-wide recorder for a demo producer: larger rings and enough keys
-/// for the flood. Call before the first record.
+/// `CLOCK_MONOTONIC`, remembering per thread the last time it gave a span: the demo
+/// producer learns each span's exact start and end that way, to check them in logd.
+struct RecordingClock;
+
+thread_local! {
+    static LAST_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+impl nexus_metrics::Clock for RecordingClock {
+    fn now_ns(&self) -> u64 {
+        let t = nexus_metrics::Clock::now_ns(&nexus_metrics::MonotonicClock);
+        LAST_NS.with(|c| c.set(t));
+        t
+    }
+}
+
+static RECORDING_CLOCK: RecordingClock = RecordingClock;
+
+/// The time the span clock last gave on this thread.
+fn last_span_time() -> u64 {
+    LAST_NS.with(std::cell::Cell::get)
+}
+
+/// The bytes of one [`SpanEntry`] in a span log file.
+pub const SPAN_ENTRY_BYTES: usize = 56;
+
+/// A span a demo producer ended, as it recorded it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpanEntry {
+    /// Its trace.
+    pub trace_id: u128,
+    /// Itself.
+    pub span_id: u64,
+    /// Its parent (0: a root).
+    pub parent_id: u64,
+    /// Start, `CLOCK_MONOTONIC` ns.
+    pub start_ns: u64,
+    /// End, `CLOCK_MONOTONIC` ns.
+    pub end_ns: u64,
+    /// 1 ok, 2 error.
+    pub status: u8,
+    /// 0 `http.request`, 1 `db.query`.
+    pub name: u8,
+}
+
+impl SpanEntry {
+    /// The span names, by [`SpanEntry::name`].
+    pub const NAMES: [&'static str; 2] = ["http.request", "db.query"];
+
+    /// Little-endian: trace id, span id, parent id, start, end, status, name, 6 zeros.
+    pub fn to_bytes(&self) -> [u8; SPAN_ENTRY_BYTES] {
+        let mut b = [0u8; SPAN_ENTRY_BYTES];
+        b[0..16].copy_from_slice(&self.trace_id.to_le_bytes());
+        b[16..24].copy_from_slice(&self.span_id.to_le_bytes());
+        b[24..32].copy_from_slice(&self.parent_id.to_le_bytes());
+        b[32..40].copy_from_slice(&self.start_ns.to_le_bytes());
+        b[40..48].copy_from_slice(&self.end_ns.to_le_bytes());
+        b[48] = self.status;
+        b[49] = self.name;
+        b
+    }
+
+    /// The inverse of [`to_bytes`](Self::to_bytes).
+    pub fn from_bytes(b: &[u8; SPAN_ENTRY_BYTES]) -> Self {
+        let u64_at = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        let mut t = [0u8; 16];
+        t.copy_from_slice(&b[0..16]);
+        Self {
+            trace_id: u128::from_le_bytes(t),
+            span_id: u64_at(16),
+            parent_id: u64_at(24),
+            start_ns: u64_at(32),
+            end_ns: u64_at(40),
+            status: b[48],
+            name: b[49],
+        }
+    }
+}
+
+/// Every span the worker threads ended, gathered as each thread finishes.
+static SPAN_LOG: Mutex<Vec<SpanEntry>> = Mutex::new(Vec::new());
+
+/// Writes the spans this process ended to `path` (one [`SpanEntry`] after another).
+pub fn write_span_log(path: &std::path::Path) -> std::io::Result<u64> {
+    let log = SPAN_LOG.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for e in log.iter() {
+        std::io::Write::write_all(&mut out, &e.to_bytes())?;
+    }
+    std::io::Write::flush(&mut out)?;
+    Ok(log.len() as u64)
+}
+
+/// Sets up the process-wide recorder for a demo producer: larger rings, enough keys
+/// for the flood, and a span clock that tells the producer each span's times. Call
+/// before the first record.
 pub fn install() -> Result<(), ProducerError> {
     nexus_metrics::install(
         nexus_metrics::Config::new()
             .ring_capacity(RING_CAPACITY)
-            .max_keys(FLOOD_USERS + 256),
+            .max_keys(FLOOD_USERS + 256)
+            .clock(&RECORDING_CLOCK),
     )
     .map_err(|_| ProducerError::AlreadyInstalled)
 }
@@ -249,6 +349,7 @@ fn serve(
     let mut depth: i64 = 0;
     let mut last_depth = None;
     let mut handled = 0u64;
+    let mut span_log: Vec<SpanEntry> = Vec::new();
     while start.elapsed() < duration {
         for _ in 0..32 {
             let r = rng.below(routes.len() as u64) as usize;
@@ -262,18 +363,48 @@ fn serve(
             };
             let failed = STATUSES[s].0 == "500";
             let began = Instant::now();
+            let status = if failed { Status::Error } else { Status::Ok };
+            let wire = if failed { 2 } else { 1 };
             {
                 let request = span!("http.request");
+                let request_start = last_span_time();
                 request.attr("route", routes[r]);
-                {
-                    let query = span!("db.query", parent: &request);
-                    let rows = 1 + rng.below(24);
-                    query.attr("table", service.table);
-                    query.attr("rows", rows);
-                    std::hint::black_box(work(rows));
-                    query.set_status(if failed { Status::Error } else { Status::Ok });
+                let query = span!("db.query", parent: &request);
+                let query_start = last_span_time();
+                let rows = 1 + rng.below(24);
+                query.attr("table", service.table);
+                query.attr("rows", rows);
+                std::hint::black_box(work(rows));
+                query.set_status(status);
+                let query_ctx = query.context();
+                drop(query);
+                let query_end = last_span_time();
+                request.set_status(status);
+                let request_ctx = request.context();
+                drop(request);
+                let request_end = last_span_time();
+                if let Some(rq) = request_ctx {
+                    span_log.push(SpanEntry {
+                        trace_id: rq.trace_id,
+                        span_id: rq.span_id,
+                        parent_id: 0,
+                        start_ns: request_start,
+                        end_ns: request_end,
+                        status: wire,
+                        name: 0,
+                    });
                 }
-                request.set_status(if failed { Status::Error } else { Status::Ok });
+                if let Some(q) = query_ctx {
+                    span_log.push(SpanEntry {
+                        trace_id: q.trace_id,
+                        span_id: q.span_id,
+                        parent_id: request_ctx.map_or(0, |rq| rq.span_id),
+                        start_ns: query_start,
+                        end_ns: query_end,
+                        status: wire,
+                        name: 1,
+                    });
+                }
             }
             let took = began.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
             requests[r][s].increment(1);
@@ -293,6 +424,10 @@ fn serve(
         pace(start, handled, rate);
     }
 
+    SPAN_LOG
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .extend(span_log);
     let mut tally = Tally::default();
     for (r, route) in routes.iter().enumerate() {
         for (s, (status, _)) in STATUSES.iter().enumerate() {

@@ -15,8 +15,10 @@
 //!   own service with the `service` label renamed, and metricsd's health series count
 //!   exactly the violations, quarantined rings, lowered drop counts, malformed grant
 //!   requests and garbage records (each rejected exactly once) it reports.
-//! - Spans ([`verify_spans`]): every span the producers ended is either a span record
-//!   in logd or counted in `metricsd.spans.not_exported` (the per-interval budget).
+//! - Spans ([`verify_spans`]): every span the producers ended was exported, every
+//!   exported span is a span record in logd or counted past logd's span rate, and every
+//!   span record in logd is exactly (ids, parent, name, status, times) a span a
+//!   producer ended, from the span logs the producers write.
 //!
 //! Used by `metricsd demo` and by the QEMU selftest.
 
@@ -25,6 +27,8 @@ use std::fmt;
 use std::path::Path;
 
 use logd::{Client, Query, StoredRecord};
+
+use super::producer::{SPAN_ENTRY_BYTES, SpanEntry};
 
 use super::report::{Check, Expect, HostileReport, Report, SeriesReport};
 use crate::aggregate::{MetricKind, OVERFLOW_LABEL, series_id};
@@ -36,6 +40,13 @@ const MAX_RECORDS: usize = 2_000_000;
 /// One difference between what a producer recorded and what logd holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mismatch {
+    /// A span record in logd differs from the span the producer ended (or has none).
+    Span {
+        /// The span id (16 hex digits).
+        span_id: String,
+        /// What differs.
+        problem: String,
+    },
     /// A reported series has no record in logd.
     Missing {
         /// The series id.
@@ -107,6 +118,7 @@ pub enum Mismatch {
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Span { span_id, problem } => write!(f, "span {span_id}: {problem}"),
             Self::Missing { series } => write!(f, "{series}: no record in logd"),
             Self::Value {
                 series,
@@ -195,8 +207,14 @@ pub struct Verification {
     pub spans_in_logd: u64,
     /// Of which with `status = error`.
     pub error_spans_in_logd: u64,
-    /// Spans the producers ended (each exported or counted as not exported).
+    /// Spans the producers ended.
     pub spans_ended: u64,
+    /// Spans metricsd exported (`metricsd.spans.exported`).
+    pub spans_exported: u64,
+    /// Exported spans past logd's span rate (`metricsd.spans.not_logged`).
+    pub spans_not_logged: u64,
+    /// Span records in logd matched field by field with a span a producer ended.
+    pub spans_verified: u64,
     /// Every difference found, in order.
     pub mismatches: Vec<Mismatch>,
 }
@@ -603,12 +621,16 @@ pub fn verify_hostile(
     Ok(())
 }
 
-/// Checks that every span the producers ended was reported: a span record in logd
-/// (`scope = spans`) or counted in `metricsd.spans.not_exported`. `reports`' span
-/// duration counts say how many ended.
+/// Checks spans two ways. Counts: every span the producers ended was exported
+/// (`metricsd.spans.exported` equals the spans ended, nothing rate limited), and every
+/// exported span is either a span record in logd or counted past logd's span rate
+/// (`metricsd.spans.not_logged`). Contents: every span record in logd is one the
+/// producers ended (read from their span logs, `logs`: service and file), with exactly
+/// its trace id, span id, parent, name, status, start, end and duration.
 pub fn verify_spans(
     logd_socket: &Path,
     reports: &[(String, Report)],
+    logs: &[(String, std::path::PathBuf)],
     sender_pid: Option<u32>,
     v: &mut Verification,
 ) -> Result<(), VerifyError> {
@@ -636,26 +658,120 @@ pub fn verify_spans(
         .count() as u64;
     v.spans_ended = ended;
     let health = Exported::query(&mut client, HEALTH_SERVICE, sender_pid)?;
-    let id = series_id(
-        HEALTH_SERVICE,
-        MetricKind::Counter,
-        "metricsd.spans.not_exported",
-        &[] as &[(&str, &str)],
-    );
-    let not_exported: u64 = health
-        .field(&id, "value")
-        .and_then(|f| f.parse().ok())
-        .unwrap_or(0);
-    v.health_checked += 1;
-    if v.spans_in_logd + not_exported != ended {
-        v.mismatches.push(Mismatch::Health {
-            series: id,
-            expected: format!(
-                "{} (spans ended {ended} - span records in logd {})",
-                ended.saturating_sub(v.spans_in_logd),
+    let counter = |name: &str, labels: &[(&str, &str)]| {
+        let id = series_id(HEALTH_SERVICE, MetricKind::Counter, name, labels);
+        let n: u64 = health
+            .field(&id, "value")
+            .and_then(|f| f.parse().ok())
+            .unwrap_or(0);
+        (id, n)
+    };
+    let (exported_id, exported) = counter("metricsd.spans.exported", &[]);
+    let (limited_id, limited) = counter("metricsd.spans.dropped", &[("reason", "rate_limited")]);
+    let (not_logged_id, not_logged) = counter("metricsd.spans.not_logged", &[]);
+    v.spans_exported = exported;
+    v.spans_not_logged = not_logged;
+    v.health_checked += 3;
+    for (id, expected, found) in [
+        (exported_id, format!("{ended} (every span ended)"), exported),
+        (limited_id, "0".to_owned(), limited),
+        (
+            not_logged_id,
+            format!(
+                "{} (spans exported {exported} - span records in logd {})",
+                exported.saturating_sub(v.spans_in_logd),
                 v.spans_in_logd
             ),
-            found: Some(not_exported.to_string()),
+            not_logged,
+        ),
+    ] {
+        let want: u64 = expected
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u64::MAX);
+        if want != found {
+            v.mismatches.push(Mismatch::Health {
+                series: id,
+                expected,
+                found: Some(found.to_string()),
+            });
+        }
+    }
+
+    // Every span record in logd, matched against the producers' own span logs.
+    let mut in_logd: HashMap<&str, &StoredRecord> = HashMap::with_capacity(spans.len());
+    for r in &spans {
+        if let Some(id) = r.record.get("span_id") {
+            if in_logd.insert(id, r).is_some() {
+                v.mismatches.push(Mismatch::Span {
+                    span_id: id.to_owned(),
+                    problem: "exported twice".into(),
+                });
+            }
+        }
+    }
+    for (service, path) in logs {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                v.mismatches.push(Mismatch::Span {
+                    span_id: "*".into(),
+                    problem: format!("{service}'s span log {} is unreadable: {e}", path.display()),
+                });
+                continue;
+            }
+        };
+        for chunk in bytes.chunks_exact(SPAN_ENTRY_BYTES) {
+            let mut b = [0u8; SPAN_ENTRY_BYTES];
+            b.copy_from_slice(chunk);
+            let e = SpanEntry::from_bytes(&b);
+            let id = format!("{:016x}", e.span_id);
+            let Some(rec) = in_logd.remove(id.as_str()) else {
+                continue;
+            };
+            v.spans_verified += 1;
+            let parent = format!("{:016x}", e.parent_id);
+            let want: [(&str, Option<String>); 8] = [
+                ("producer_service", Some(service.clone())),
+                (
+                    "span",
+                    SpanEntry::NAMES
+                        .get(usize::from(e.name))
+                        .map(|n| (*n).to_owned()),
+                ),
+                ("trace_id", Some(format!("{:032x}", e.trace_id))),
+                ("parent_id", (e.parent_id != 0).then_some(parent)),
+                (
+                    "status",
+                    Some(if e.status == 2 { "error" } else { "ok" }.to_owned()),
+                ),
+                ("start_ns", Some(e.start_ns.to_string())),
+                ("end_ns", Some(e.end_ns.to_string())),
+                (
+                    "duration_ns",
+                    Some(e.end_ns.saturating_sub(e.start_ns).to_string()),
+                ),
+            ];
+            for (field, expected) in want {
+                let found = rec.record.get(field).map(str::to_owned);
+                if found != expected {
+                    v.mismatches.push(Mismatch::Span {
+                        span_id: id.clone(),
+                        problem: format!(
+                            "{field} is {} in logd, the producer recorded {}",
+                            found.as_deref().unwrap_or("absent"),
+                            expected.as_deref().unwrap_or("none")
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    for id in in_logd.keys() {
+        v.mismatches.push(Mismatch::Span {
+            span_id: (*id).to_owned(),
+            problem: "in logd, but no producer ended such a span".into(),
         });
     }
     Ok(())

@@ -85,18 +85,6 @@ pub fn sum(values: &[u64]) -> u128 {
     values.iter().map(|&v| u128::from(v)).sum()
 }
 
-/// A span id as metricsd exports it: 16 hex digits of the ring id, 16 of the local id.
-/// Returns `(ring, local)`.
-#[must_use]
-pub fn split_span_id(id: &str) -> Option<(u64, u64)> {
-    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let ring = u64::from_str_radix(id.get(..16)?, 16).ok()?;
-    let local = u64::from_str_radix(id.get(16..)?, 16).ok()?;
-    Some((ring, local))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,15 +115,5 @@ mod tests {
         let v = boundary_values(&[10]);
         assert_eq!(v, [0, u64::MAX, 9, 10, 11]);
         assert_eq!(sum(&[u64::MAX, 1]), u128::from(u64::MAX) + 1);
-    }
-
-    #[test]
-    fn span_ids_split_into_ring_and_local() {
-        assert_eq!(
-            split_span_id("000000000000000a0000000000000003"),
-            Some((10, 3))
-        );
-        assert_eq!(split_span_id("0a03"), None);
-        assert_eq!(split_span_id("zz00000000000000000000000000000003"), None);
     }
 }

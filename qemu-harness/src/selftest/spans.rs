@@ -10,7 +10,7 @@ use metricsd::MetricKind;
 use nexus_metrics::{ManualClock, Status, span};
 
 use super::Ctx;
-use super::evidence::{WAIT, field, wait_for};
+use super::evidence::{WAIT, wait_for};
 use super::expect;
 
 /// The selftest's span clock, installed with the recorder: spans carry exactly the
@@ -20,16 +20,16 @@ pub static CLOCK: ManualClock = ManualClock::new(1_000_000_000);
 /// One span as it must be exported.
 struct Want {
     name: &'static str,
-    local: u64,
-    parent_local: Option<u64>,
-    trace_local: u64,
+    span: u64,
+    parent: Option<u64>,
+    trace: u128,
     status: &'static str,
     start: u64,
     end: u64,
     attrs: Vec<(&'static str, &'static str)>,
 }
 
-fn check(want: &Want, records: &[StoredRecord]) -> Result<std::result::Result<u64, String>> {
+fn check(want: &Want, records: &[StoredRecord]) -> Result<std::result::Result<(), String>> {
     let [r] = records else {
         return Ok(Err(format!(
             "{}: {} span records, expected 1",
@@ -38,20 +38,10 @@ fn check(want: &Want, records: &[StoredRecord]) -> Result<std::result::Result<u6
         )));
     };
     let mut diffs = Vec::new();
-    let id = field(r, "span_id")?;
-    let Some((ring, local)) = expect::split_span_id(id) else {
-        bail!("{}: span_id {id:?} is not 32 hex digits", want.name);
-    };
-    if local != want.local || ring == 0 {
-        diffs.push(format!(
-            "span_id {id}: ring {ring}, local {local}; expected local {} in a nonzero ring",
-            want.local
-        ));
-    }
-    let global = |local: u64| format!("{ring:016x}{local:016x}");
     let mut expected = vec![
-        ("trace_id", Some(global(want.trace_local))),
-        ("parent_id", want.parent_local.map(global)),
+        ("span_id", Some(format!("{:016x}", want.span))),
+        ("trace_id", Some(format!("{:032x}", want.trace))),
+        ("parent_id", want.parent.map(|p| format!("{p:016x}"))),
         ("status", Some(want.status.to_owned())),
         ("start_ns", Some(want.start.to_string())),
         ("end_ns", Some(want.end.to_string())),
@@ -81,7 +71,7 @@ fn check(want: &Want, records: &[StoredRecord]) -> Result<std::result::Result<u6
         diffs.push(format!("{attrs} attributes, expected {}", want.attrs.len()));
     }
     Ok(if diffs.is_empty() {
-        Ok(ring)
+        Ok(())
     } else {
         Err(format!("{}: {}", want.name, diffs.join(", ")))
     })
@@ -90,10 +80,14 @@ fn check(want: &Want, records: &[StoredRecord]) -> Result<std::result::Result<u6
 pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
     let t0 = 5_000_000_000u64;
     CLOCK.set(t0);
-    let (root, child, idle);
+    let (root, child, idle, trace, idle_trace);
     {
         let request = span!("selftest.request");
         root = request.id().context("the root span was dropped")?;
+        trace = request
+            .context()
+            .context("the root span was dropped")?
+            .trace_id;
         CLOCK.advance(1_500);
         {
             let db = span!("selftest.db", parent: &request);
@@ -111,14 +105,18 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
     {
         let quiet = span!("selftest.idle");
         idle = quiet.id().context("the idle span was dropped")?;
+        idle_trace = quiet
+            .context()
+            .context("the idle span was dropped")?
+            .trace_id;
         CLOCK.advance(7);
     }
     let wants = [
         Want {
             name: "selftest.request",
-            local: root,
-            parent_local: None,
-            trace_local: root,
+            span: root,
+            parent: None,
+            trace,
             status: "ok",
             start: t0,
             end: t0 + 4_000,
@@ -126,9 +124,9 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
         },
         Want {
             name: "selftest.db",
-            local: child,
-            parent_local: Some(root),
-            trace_local: root,
+            span: child,
+            parent: Some(root),
+            trace,
             status: "error",
             start: t0 + 1_500,
             end: t0 + 3_750,
@@ -136,9 +134,9 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
         },
         Want {
             name: "selftest.idle",
-            local: idle,
-            parent_local: None,
-            trace_local: idle,
+            span: idle,
+            parent: None,
+            trace: idle_trace,
             status: "unset",
             start: t0 + 5_000,
             end: t0 + 5_007,
@@ -171,17 +169,18 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
     ];
 
     let service = ctx.service.clone();
-    let ring = wait_for(WAIT, || {
+    if trace == idle_trace || trace as u64 != root {
+        bail!(
+            "trace ids: the root's {trace:032x} must end in its span id {root:016x} and differ \
+             from the idle span's {idle_trace:032x}"
+        );
+    }
+    wait_for(WAIT, || {
         let mut diffs = Vec::new();
-        let mut rings = Vec::new();
         for want in &wants {
-            match check(want, &ctx.logd.spans(&service, want.name)?)? {
-                Ok(ring) => rings.push(ring),
-                Err(d) => diffs.push(d),
+            if let Err(d) = check(want, &ctx.logd.spans(&service, want.name)?)? {
+                diffs.push(d);
             }
-        }
-        if rings.windows(2).any(|w| w[0] != w[1]) {
-            diffs.push(format!("one thread's spans in several rings: {rings:?}"));
         }
         match ctx.logd.series_last(&histogram_id)? {
             None => diffs.push(format!("{histogram_id}: no record")),
@@ -195,14 +194,14 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
             }
         }
         Ok(if diffs.is_empty() {
-            Ok(rings.first().copied().unwrap_or_default())
+            Ok(())
         } else {
             Err(diffs.join("; "))
         })
     })?;
     Ok(format!(
-        "3 spans in ring {ring}: ids {root}/{child}/{idle}, parent link and trace id, \
-         status ok/error/unset, durations 4000/2250/7 ns exact, attributes (secret \
-         redacted), duration histogram exact"
+        "3 spans: ids {root:016x}/{child:016x}/{idle:016x} in traces {trace:032x} (root and \
+         child) and {idle_trace:032x}, parent link, status ok/error/unset, durations \
+         4000/2250/7 ns exact, attributes (secret redacted), duration histogram exact"
     ))
 }
