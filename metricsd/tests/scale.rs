@@ -7,13 +7,12 @@
 mod e2e_support;
 
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use e2e_support::{Producer, child, query, start_logd, wait_for, watchdog};
+use e2e_support::{Producer, Serving, child, query, rss_kb, start_logd, wait_for, watchdog};
 use nexus_metrics::{Config, DropReason, counter, histogram};
 
 const PROCESSES: u64 = 100;
@@ -26,51 +25,6 @@ const RING: u32 = 1024;
 /// reader, key table and registration buffer, the grant server's entry): the bound the
 /// README states.
 const PER_RING_OVERHEAD_KB: u64 = 64;
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in kB")
-}
-
-fn start_daemon(dir: &Path) -> Daemon {
-    let config = dir.join("metricsd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "socket = {:?}\nlogd_socket = {:?}\n\n[rings]\ncapacity = {RING}\nper_service = 1024\n\
-             max_total = 1024\n\n[series]\nmax_total = 5000\nmax_per_service = 5000\n\
-             max_per_metric = 5000\n\n[export]\ninterval_ms = 250\nqueue_records = 1000000\n",
-            dir.join("metricsd.sock"),
-            dir.join("logd.sock"),
-        ),
-    )
-    .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metricsd"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("metricsd starts");
-    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("a line");
-    assert_eq!(line.trim(), "metricsd: ready");
-    Daemon(child)
-}
 
 /// The latest value of each series of `metric` in logd, by series without its service.
 fn latest(logd: &Path, metric: &str, field: &str) -> HashMap<String, u64> {
@@ -104,8 +58,15 @@ fn scale_1000_rings_every_total_exact() {
     let dir = tempfile::tempdir().expect("tempdir");
     let logd_path = dir.path().join("logd.sock");
     let _logd = start_logd(&logd_path);
-    let daemon = start_daemon(dir.path());
-    let pid = daemon.0.id();
+    let daemon = Serving::start(
+        dir.path(),
+        &format!(
+            "[rings]\ncapacity = {RING}\nper_service = 1024\nmax_total = 1024\n\n\
+             [series]\nmax_total = 5000\nmax_per_service = 5000\nmax_per_metric = 5000\n\n\
+             [export]\ninterval_ms = 250\nqueue_records = 1000000\n"
+        ),
+    );
+    let pid = daemon.pid();
     let socket = dir.path().join("metricsd.sock");
     let rss_idle = rss_kb(pid);
 
