@@ -103,9 +103,10 @@ fn scale_1000_rings_every_total_exact() {
     for p in &mut producers {
         let done = p.expect("done");
         assert_eq!(done.u64("lost_increments"), 0);
-        // Only ring-full drops, which only histogram samples suffer (increments wait).
-        assert_eq!(done.u64("dropped"), done.u64("dropped_total"), "{done:?}");
-        dropped_histograms += done.u64("dropped");
+        // Only histogram samples are ever dropped (increments wait): mostly for a full
+        // ring, and under a grant storm also while a thread re-claims a ring whose
+        // connection it lost. Every drop is counted by the producer, whatever its reason.
+        dropped_histograms += done.u64("dropped_total");
     }
     let recorded_in = started.elapsed();
 
@@ -118,7 +119,7 @@ fn scale_1000_rings_every_total_exact() {
     });
     let drained_in = started.elapsed();
     assert_eq!(counters.len() as u64, PROCESSES * THREADS);
-    // Histogram samples: aggregated + dropped for a full ring (counted) = recorded.
+    // Histogram samples: aggregated + dropped (counted) = recorded.
     let observed: u64 = latest(&logd_path, "scale.size", "count").values().sum();
     assert_eq!(
         observed + dropped_histograms,
@@ -131,8 +132,8 @@ fn scale_1000_rings_every_total_exact() {
     let slowest_pass_us = health_max(&logd_path, "metricsd.drain.longest_pass");
     println!(
         "{} rings, {} counter increments and {} histogram samples recorded in {:.2} s, \
-         all counters exact in logd after {:.2} s; histogram samples dropped for a full \
-         ring: {dropped_histograms}; slowest drain pass (the longest any ring waited \
+         all counters exact in logd after {:.2} s; histogram samples dropped (counted): \
+         {dropped_histograms}; slowest drain pass (the longest any ring waited \
          between visits): {slowest_pass_us} us; metricsd RSS {rss_idle} kB idle, \
          {rss_granted} kB with 1000 rings granted, {rss_loaded} kB with every ring \
          drained: {per_ring_kb} kB per ring ({ring_kb} kB of it the ring itself)",
