@@ -650,7 +650,7 @@ impl Drainer {
             self.store.exported(id, total, end);
         }
         let retention = &mut self.retention;
-        let swept = self.store.sweep(end, |s| {
+        self.store.sweep(end, |s| {
             records.push(schema::expired_record(s, window));
             if let Some(r) = retention {
                 r.forget(&s.id());
@@ -659,7 +659,6 @@ impl Drainer {
         if let Some(r) = &mut self.retention {
             r.tick(end);
         }
-        self.stats.expiry_scanned += u64::from(swept.scanned);
         let (spans, _skipped) = self.spans.take_interval();
         records.extend(spans.iter().map(schema::span_record));
         self.stats.exports += 1;
