@@ -32,6 +32,8 @@ use crate::input::Input;
 const CAPACITY: u64 = 64;
 /// Keys a ring may register: small, so that the table fills.
 const MAX_KEYS: u32 = 6;
+/// `series.max_total`, which also caps the metric metadata entries.
+const MAX_TOTAL: u32 = 6;
 
 const NAMES: [&str; 6] = ["a", "b.c", "http.requests", "x y", "a=b", ""];
 const LABEL_KEYS: [&str; 6] = ["route", "k", "token", "service", "1bad", "route"];
@@ -43,7 +45,7 @@ pub fn run(data: &[u8]) {
     let mut config = Config::default();
     config.drain.budget = 1 + u32::from(input.below(64));
     config.rings.max_keys_per_ring = MAX_KEYS;
-    config.series.max_total = 6;
+    config.series.max_total = MAX_TOTAL;
     config.series.max_per_service = 4;
     config.series.max_per_metric = 2;
     // Never reached by an input's few registrations: no series is ever refused, so
@@ -260,12 +262,18 @@ fn model(records: &[Record]) -> Expected {
     let mut e = Expected::default();
     let mut keys = Keys::new();
     let mut buf = RegistrationBuf::new();
+    let mut described: std::collections::HashSet<String> = std::collections::HashSet::new();
     let reject = |e: &mut Expected, r: Reason| *e.rejects.entry(r).or_insert(0) += 1;
     for record in records {
         let kind = record.kind;
         if !kind.is_known() {
             reject(&mut e, Reason::UnknownKind);
             continue;
+        }
+        // Anything but a data record ends a pending registration, a new head included
+        // (abi/README.md, section 3.1): the interrupted one is refused, counted once.
+        if kind != RecordKind::REGISTER_DATA && buf.interrupt().is_err() {
+            reject(&mut e, Reason::RegistrationInterrupted);
         }
         if kind == RecordKind::REGISTER || kind == RecordKind::REGISTER_DATA {
             match buf.feed(record) {
@@ -274,7 +282,18 @@ fn model(records: &[Record]) -> Expected {
                     Some((what, c)) if *what == reg.what && *c == content(&reg) => {}
                     Some(_) => reject(&mut e, Reason::RegistrationConflict),
                     None if keys.len() >= MAX_KEYS as usize => reject(&mut e, Reason::KeyTableFull),
+                    // Metric metadata (ABI 1.1): one entry per metric name, at most
+                    // `series.max_total` of them; past it the registration is refused.
+                    None if reg.what == RegisterKind::METADATA
+                        && !described.contains(reg.name)
+                        && described.len() >= MAX_TOTAL as usize =>
+                    {
+                        reject(&mut e, Reason::MetadataCap)
+                    }
                     None => {
+                        if reg.what == RegisterKind::METADATA {
+                            described.insert(reg.name.to_owned());
+                        }
                         keys.insert(reg.key, (reg.what, content(&reg)));
                         e.registrations += 1;
                     }
@@ -283,9 +302,6 @@ fn model(records: &[Record]) -> Expected {
                 Err(_) => reject(&mut e, Reason::BadRegistration),
             }
             continue;
-        }
-        if buf.interrupt().is_err() {
-            reject(&mut e, Reason::RegistrationInterrupted);
         }
         let (want, metric) = match kind {
             RecordKind::COUNTER => (RegisterKind::COUNTER, MetricKind::Counter),
@@ -330,6 +346,7 @@ fn check_totals(snap: &Snapshot, published: &[Record]) {
     // Each reason at least as often as the model says; the surplus only from span
     // records, at most one each.
     let mut surplus = 0;
+    let mut beyond = Vec::new();
     for &reason in Reason::ALL {
         let (got, want) = (
             snap.rejects.get(reason),
@@ -340,10 +357,14 @@ fn check_totals(snap: &Snapshot, published: &[Record]) {
             "{reason}: {got} rejects, the model expects {want}"
         );
         surplus += got - want;
+        if got > want {
+            beyond.push(format!("{reason} +{}", got - want));
+        }
     }
     assert!(
         surplus <= e.others,
-        "{surplus} rejects beyond the model, {} records of other kinds",
+        "{surplus} rejects beyond the model ({}), {} records of other kinds",
+        beyond.join(", "),
         e.others
     );
 

@@ -763,7 +763,7 @@ impl Conn {
             if let Some((paths, max_entry)) = guard.disk.as_ref().map(Disk::snapshot) {
                 let upto = guard.journal.max_evicted();
                 drop(guard);
-                return self.query_disk(q, &paths, max_entry, upto, limit, max_reply);
+                return self.query_disk(q, own_uid, &paths, max_entry, upto, limit, max_reply);
             }
         }
         loop {
@@ -800,9 +800,14 @@ impl Conn {
     /// memory (a record retired from disk while this reads is still found in memory if
     /// memory holds it), read without holding the server's lock. An empty range moves
     /// the cursor to `upto`, where memory takes over.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one page's bounds, each from a different source"
+    )]
     fn query_disk(
         &self,
         q: &Query,
+        own_uid: Option<u32>,
         paths: &[std::path::PathBuf],
         max_entry: u64,
         upto: u64,
@@ -810,8 +815,11 @@ impl Conn {
         max_reply: usize,
     ) -> Vec<u8> {
         let limit = limit as usize;
-        let mut found =
-            crate::disk::read_range(paths, max_entry, q.cursor, upto, limit, |r| q.matches(r));
+        // The same rule as in memory: a peer that may not read every sender sees only
+        // records its own uid sent.
+        let visible =
+            |r: &StoredRecord| own_uid.is_none_or(|uid| r.sender.uid == uid) && q.matches(r);
+        let mut found = crate::disk::read_range(paths, max_entry, q.cursor, upto, limit, visible);
         {
             let guard = self.shared.lock();
             for r in guard.journal.after(q.cursor) {
@@ -821,7 +829,7 @@ impl Conn {
                 {
                     break;
                 }
-                if q.matches(r) {
+                if visible(r) {
                     found.entry(r.id).or_insert_with(|| r.clone());
                     if found.len() > limit {
                         found.pop_last();

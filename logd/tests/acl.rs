@@ -518,3 +518,45 @@ fn acl_serve_as_root_drops_to_the_configured_user_after_binding() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn acl_records_read_back_from_the_disk_journal_stay_private() {
+    if !is_root() {
+        return skip("acl_records_read_back_from_the_disk_journal_stay_private");
+    }
+    let _w = watchdog(60, "acl disk read-back");
+    let w = World::new();
+    let mut config = w.config();
+    config.journal_dir = Some(w.root.join("journal"));
+    // Memory holds two records: most of what the uids append is read from disk.
+    config.journal.max_records = 2;
+    let server = start(config);
+    let ids_a = append_as(&w, UID_A);
+    let ids_b = append_as(&w, UID_B);
+    append_as(&w, UID_A);
+    for (uid, other_first) in [(UID_A, ids_b[0]), (UID_B, ids_a[0])] {
+        let v = w.child(
+            uid,
+            "read",
+            &[("LOGD_ACL_CURSOR", (other_first - 1).to_string())],
+        );
+        let mut want = tags(uid);
+        if uid == UID_A {
+            want.extend(tags(UID_A));
+        }
+        assert_eq!(uids_and_tags(&v["all"]), want, "uid {uid}, plain query");
+        assert_eq!(uids_and_tags(&v["paged"]), want, "uid {uid}, paged");
+        let from_cursor = uids_and_tags(&v["from_cursor"]);
+        assert!(
+            from_cursor.iter().all(|(u, _)| *u == uid),
+            "uid {uid} read another uid's record from disk: {from_cursor:?}"
+        );
+    }
+    let v = w.child(READER, "read", &[("LOGD_ACL_CURSOR", "0".into())]);
+    assert_eq!(
+        uids_and_tags(&v["all"]).len(),
+        9,
+        "the reader reads all nine"
+    );
+    server.shutdown().unwrap();
+}

@@ -737,7 +737,7 @@ impl Drainer {
             self.store.exported(id, total, end);
         }
         let retention = &mut self.retention;
-        let swept = self.store.sweep(end, |s| {
+        self.store.sweep(end, |s| {
             records.push(schema::expired_record(s, window));
             if let Some(r) = retention {
                 r.forget(&s.id());
@@ -746,7 +746,6 @@ impl Drainer {
         if let Some(r) = &mut self.retention {
             r.tick(end);
         }
-        self.stats.expiry_scanned += u64::from(swept.scanned);
         let (spans, logged): (Vec<FinishedSpan>, usize) = self.spans.take_ready(now);
         records.extend(spans[..logged].iter().map(schema::span_record));
         if let Some(otlp) = &self.otlp {

@@ -70,8 +70,6 @@ pub struct DrainStats {
     pub rings_closed: u64,
     /// Exports built.
     pub exports: u64,
-    /// Series slots looked at by the expiry sweep.
-    pub expiry_scanned: u64,
     /// The longest pass since the last export, in ns: no ring waited longer than this
     /// between two visits of the drain loop.
     pub pass_ns_max: u64,

@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Control, Ring, start_logd};
+use common::{Control, Ring, Serving, start_logd};
 use telemetry_abi::{Record, RegisterKind};
 
 /// Rings granted: ten connections of a hundred rings each.
@@ -18,15 +16,6 @@ const RINGS_PER_CONNECTION: usize = 100;
 const WINDOW: Duration = Duration::from_secs(10);
 /// The bound under test: wake-ups per second, all threads together.
 const MAX_WAKEUPS_PER_SEC: u64 = 20;
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Voluntary context switches (a thread went to sleep: each wake-up ends one) and CPU
 /// nanoseconds of every thread of `pid`. Involuntary switches are preemptions by other
@@ -55,37 +44,18 @@ fn usage(pid: u32) -> (u64, u64) {
     (switches, cpu_ns)
 }
 
-fn write_config(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("metricsd.toml");
-    let toml = format!(
-        "socket = {:?}\nlogd_socket = {:?}\n\n[rings]\ncapacity = 1024\nper_service = 1000\n\
-         grant_burst = {RINGS_PER_CONNECTION}\n",
-        dir.join("metricsd.sock"),
-        dir.join("logd.sock"),
-    );
-    std::fs::write(&path, toml).expect("config written");
-    path
-}
-
 #[test]
 fn idle_wakeups_of_a_metricsd_with_1000_rings_stay_under_20_a_second() {
     common::watchdog();
     let dir = tempfile::tempdir().expect("tempdir");
     let logd = start_logd(&dir.path().join("logd.sock"));
-    let config = write_config(dir.path());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metricsd"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("metricsd starts");
-    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let daemon = Daemon(child);
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).expect("a line");
-    assert_eq!(line.trim(), "metricsd: ready");
-    let pid = daemon.0.id();
+    let daemon = Serving::start(
+        dir.path(),
+        &format!(
+            "[rings]\ncapacity = 1024\nper_service = 1000\ngrant_burst = {RINGS_PER_CONNECTION}\n"
+        ),
+    );
+    let pid = daemon.pid();
 
     let socket = dir.path().join("metricsd.sock");
     let controls: Vec<Control> = (0..CONNECTIONS)

@@ -7,13 +7,12 @@
 mod e2e_support;
 
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use e2e_support::{Producer, child, query, start_logd, wait_for, watchdog};
+use e2e_support::{Producer, Serving, child, query, rss_kb, start_logd, wait_for, watchdog};
 use nexus_metrics::{Config, DropReason, counter, histogram};
 
 const PROCESSES: u64 = 100;
@@ -26,51 +25,6 @@ const RING: u32 = 1024;
 /// reader, key table and registration buffer, the grant server's entry): the bound the
 /// README states.
 const PER_RING_OVERHEAD_KB: u64 = 64;
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in kB")
-}
-
-fn start_daemon(dir: &Path) -> Daemon {
-    let config = dir.join("metricsd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "socket = {:?}\nlogd_socket = {:?}\n\n[rings]\ncapacity = {RING}\nper_service = 1024\n\
-             max_total = 1024\n\n[series]\nmax_total = 5000\nmax_per_service = 5000\n\
-             max_per_metric = 5000\n\n[export]\ninterval_ms = 250\nqueue_records = 1000000\n",
-            dir.join("metricsd.sock"),
-            dir.join("logd.sock"),
-        ),
-    )
-    .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metricsd"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("metricsd starts");
-    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("a line");
-    assert_eq!(line.trim(), "metricsd: ready");
-    Daemon(child)
-}
 
 /// The latest value of each series of `metric` in logd, by series without its service.
 fn latest(logd: &Path, metric: &str, field: &str) -> HashMap<String, u64> {
@@ -104,8 +58,15 @@ fn scale_1000_rings_every_total_exact() {
     let dir = tempfile::tempdir().expect("tempdir");
     let logd_path = dir.path().join("logd.sock");
     let _logd = start_logd(&logd_path);
-    let daemon = start_daemon(dir.path());
-    let pid = daemon.0.id();
+    let daemon = Serving::start(
+        dir.path(),
+        &format!(
+            "[rings]\ncapacity = {RING}\nper_service = 1024\nmax_total = 1024\n\n\
+             [series]\nmax_total = 5000\nmax_per_service = 5000\nmax_per_metric = 5000\n\n\
+             [export]\ninterval_ms = 250\nqueue_records = 1000000\n"
+        ),
+    );
+    let pid = daemon.pid();
     let socket = dir.path().join("metricsd.sock");
     let rss_idle = rss_kb(pid);
 
@@ -142,9 +103,10 @@ fn scale_1000_rings_every_total_exact() {
     for p in &mut producers {
         let done = p.expect("done");
         assert_eq!(done.u64("lost_increments"), 0);
-        // Only ring-full drops, which only histogram samples suffer (increments wait).
-        assert_eq!(done.u64("dropped"), done.u64("dropped_total"), "{done:?}");
-        dropped_histograms += done.u64("dropped");
+        // Only histogram samples are ever dropped (increments wait): mostly for a full
+        // ring, and under a grant storm also while a thread re-claims a ring whose
+        // connection it lost. Every drop is counted by the producer, whatever its reason.
+        dropped_histograms += done.u64("dropped_total");
     }
     let recorded_in = started.elapsed();
 
@@ -157,7 +119,7 @@ fn scale_1000_rings_every_total_exact() {
     });
     let drained_in = started.elapsed();
     assert_eq!(counters.len() as u64, PROCESSES * THREADS);
-    // Histogram samples: aggregated + dropped for a full ring (counted) = recorded.
+    // Histogram samples: aggregated + dropped (counted) = recorded.
     let observed: u64 = latest(&logd_path, "scale.size", "count").values().sum();
     assert_eq!(
         observed + dropped_histograms,
@@ -170,8 +132,8 @@ fn scale_1000_rings_every_total_exact() {
     let slowest_pass_us = health_max(&logd_path, "metricsd.drain.longest_pass");
     println!(
         "{} rings, {} counter increments and {} histogram samples recorded in {:.2} s, \
-         all counters exact in logd after {:.2} s; histogram samples dropped for a full \
-         ring: {dropped_histograms}; slowest drain pass (the longest any ring waited \
+         all counters exact in logd after {:.2} s; histogram samples dropped (counted): \
+         {dropped_histograms}; slowest drain pass (the longest any ring waited \
          between visits): {slowest_pass_us} us; metricsd RSS {rss_idle} kB idle, \
          {rss_granted} kB with 1000 rings granted, {rss_loaded} kB with every ring \
          drained: {per_ring_kb} kB per ring ({ring_kb} kB of it the ring itself)",

@@ -8,12 +8,10 @@
 mod e2e_support;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e_support::{Producer, child, query, start_logd, wait_for, watchdog};
+use e2e_support::{Producer, Serving, child, query, rss_kb, start_logd, wait_for, watchdog};
 use nexus_metrics::{Config, counter};
 
 const GENERATIONS: u64 = 50;
@@ -30,49 +28,15 @@ const KEEP_PERIOD_MS: u64 = 1000;
 /// strings of one generation's series, with room for the allocator keeping freed pages.
 const RSS_GROWTH_BOUND_KB: u64 = 4096;
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in kB")
-}
-
-fn start_daemon(dir: &Path, ttl_ms: u64) -> Daemon {
-    let config = dir.join("metricsd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "socket = {:?}\nlogd_socket = {:?}\n\n[export]\ninterval_ms = 50\n\n\
-             [series]\nmax_total = {MAX_TOTAL}\nmax_per_service = {MAX_TOTAL}\n\
-             max_per_metric = {MAX_TOTAL}\nidle_ttl_ms = {ttl_ms}\nidle_ttl_bound_ms = {ttl_ms}\n",
-            dir.join("metricsd.sock"),
-            dir.join("logd.sock"),
+fn start_daemon(dir: &Path, ttl_ms: u64) -> Serving {
+    Serving::start(
+        dir,
+        &format!(
+            "[export]\ninterval_ms = 50\n\n[series]\nmax_total = {MAX_TOTAL}\n\
+             max_per_service = {MAX_TOTAL}\nmax_per_metric = {MAX_TOTAL}\n\
+             idle_ttl_ms = {ttl_ms}\nidle_ttl_bound_ms = {ttl_ms}\n"
         ),
     )
-    .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metricsd"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("metricsd starts");
-    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("a line");
-    assert_eq!(line.trim(), "metricsd: ready");
-    Daemon(child)
 }
 
 /// The latest value of metricsd's health series `name` in logd.
@@ -113,7 +77,7 @@ fn series_churn_gives_every_generation_its_own_series_and_frees_them() {
     let logd_path = dir.path().join("logd.sock");
     let _logd = start_logd(&logd_path);
     let daemon = start_daemon(dir.path(), TTL_MS);
-    let pid = daemon.0.id();
+    let pid = daemon.pid();
     let socket = dir.path().join("metricsd.sock");
 
     // Warm up with one generation so the baseline RSS includes a worked-in allocator.

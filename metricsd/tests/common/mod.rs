@@ -170,3 +170,55 @@ impl Ring {
         }
     }
 }
+
+/// The real `metricsd` binary, serving until dropped (then killed and reaped).
+pub struct Serving(pub std::process::Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Serving {
+    /// Writes `extra` (TOML sections) after the socket paths in `dir` into a config file,
+    /// starts `metricsd serve --config` on it, and waits for its `metricsd: ready` line.
+    pub fn start(dir: &Path, extra: &str) -> Self {
+        use std::io::BufRead;
+        let config = dir.join("metricsd.toml");
+        let toml = format!(
+            "socket = {:?}\nlogd_socket = {:?}\n\n{extra}",
+            dir.join("metricsd.sock"),
+            dir.join("logd.sock"),
+        );
+        std::fs::write(&config, toml).expect("config written");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_metricsd"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("metricsd starts");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("a line");
+        assert_eq!(line.trim(), "metricsd: ready");
+        Self(child)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+/// The resident set size of process `pid`, in kB.
+pub fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in kB")
+}

@@ -25,6 +25,11 @@ use std::time::{Duration, Instant};
 use metricsd::{Config, Daemon, DaemonHandle, MetricKind, Peer, Snapshot, Value, series_id};
 
 pub use common::start_logd;
+#[allow(
+    unused_imports,
+    reason = "the real-binary helpers serve some test binaries, not all"
+)]
+pub use common::{Serving, rss_kb};
 
 /// How long any single wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(30);
