@@ -975,10 +975,6 @@ impl Local {
     }
 }
 
-fn to_span_id(id: u64) -> Option<SpanId> {
-    SpanId::new(id)
-}
-
 /// A delta found unread in a closed ring, to be held back for the next one.
 #[derive(Clone, Copy)]
 enum Held {
