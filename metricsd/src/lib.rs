@@ -52,6 +52,7 @@ pub mod sink;
 pub mod snapshot;
 pub mod spans;
 pub mod top;
+pub mod wal;
 pub mod wake;
 
 pub use aggregate::{MetricKind, MetricMetadata, Series, Value, series_id};

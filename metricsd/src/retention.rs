@@ -58,6 +58,11 @@ pub struct RetentionConfig {
     pub ttl_1m_s: u64,
     /// How long 1-hour windows are kept, seconds (default 7776000: 90 days).
     pub ttl_1h_s: u64,
+    /// Keep a write-ahead log in `<dir>/wal` (default true): counters exactly once
+    /// across a crash ([`crate::wal`]).
+    pub wal: bool,
+    /// Bytes a write-ahead log file may reach before a new one starts (default 8 MiB).
+    pub wal_file_bytes: u64,
 }
 
 impl Default for RetentionConfig {
@@ -69,6 +74,8 @@ impl Default for RetentionConfig {
             ttl_10s_s: 86_400,
             ttl_1m_s: 604_800,
             ttl_1h_s: 7_776_000,
+            wal: true,
+            wal_file_bytes: 8 << 20,
         }
     }
 }
@@ -101,6 +108,13 @@ impl RetentionConfig {
                     "at least twice retention.segment_bytes ({})",
                     self.segment_bytes
                 ),
+            ));
+        }
+        if !(1 << 16..=1 << 30).contains(&self.wal_file_bytes) {
+            return Err((
+                "retention.wal_file_bytes",
+                self.wal_file_bytes.to_string(),
+                "bytes, 65536 to 2^30".to_owned(),
             ));
         }
         for (key, v, step) in [
