@@ -45,6 +45,9 @@ pub struct NewRing {
     pub region: MemfdRegion,
     /// The epoch written in its header.
     pub epoch: u64,
+    /// Told once the ring is in the write-ahead log (at once without one), so a ring
+    /// is never handed to a producer before a later daemon could know it.
+    pub logged: Option<Sender<()>>,
 }
 
 /// A ring an earlier metricsd granted, handed back by its producer (grant op 2).
@@ -756,6 +759,10 @@ impl Drainer {
         if let Some(wal) = &mut self.wal {
             reader.defer_release();
             wal.ring_granted(ring.epoch, &ring.service, reader.capacity());
+            wal.commit(&self.store, &[], &[]);
+        }
+        if let Some(tx) = &ring.logged {
+            let _ = tx.send(());
         }
         self.rings.push(RingState {
             id: ring.id,

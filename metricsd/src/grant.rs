@@ -129,6 +129,9 @@ impl GrantPolicy {
 const REFUSED_POLICY: &str = "policy";
 const REFUSED_TOTAL_BYTES: &str = "total_bytes";
 const REFUSED_UID_BYTES: &str = "uid_bytes";
+const REFUSED_RETURN_NO_FD: &str = "return_without_fd";
+const REFUSED_RETURN_ATTACH: &str = "return_unusable";
+const REFUSED_UNEXPECTED_FD: &str = "unexpected_fd";
 
 /// The control socket server.
 pub struct GrantServer {
@@ -486,7 +489,7 @@ impl GrantServer {
         }
         if fd.is_some() {
             // Only a returned ring travels with an fd.
-            return self.refuse(GrantStatus::INVALID_ARGS);
+            return self.refuse_for(GrantStatus::INVALID_ARGS, REFUSED_UNEXPECTED_FD);
         }
         let capacity = match request.capacity {
             0 => self.cfg.capacity,
@@ -526,16 +529,22 @@ impl GrantServer {
         self.next_ring = self.next_ring.wrapping_add(1).max(1);
         // The drain loop is told of the ring before the producer has its fd; its reader
         // starts at 0 whatever the producer writes to the consumer line meanwhile.
+        let (logged, is_logged) = std::sync::mpsc::channel();
         let sent = self.tx.send(Command::AddRing(NewRing {
             id,
             connection: conn_id,
             service: service.clone(),
             region,
             epoch,
+            logged: Some(logged),
         }));
         if sent.is_err() {
             return self.refuse(GrantStatus::UNAVAILABLE);
         }
+        // The ring should be in the write-ahead log before its producer writes to it: a
+        // ring a later daemon does not know cannot be handed back. A drain loop that
+        // does not answer within 5 s (it never blocks that long) is not waited for.
+        let _ = is_logged.recv_timeout(std::time::Duration::from_secs(5));
         self.services.insert(service.clone());
         *self.rings_by_service.entry(service).or_insert(0) += 1;
         self.rings_total += 1;
@@ -558,10 +567,14 @@ impl GrantServer {
     /// most one capacity of records), at most 10 s.
     fn take_back(&mut self, i: usize, fd: Option<OwnedFd>) -> Reply {
         let Some(fd) = fd else {
-            return self.refuse(GrantStatus::INVALID_ARGS);
+            return self.refuse_for(GrantStatus::INVALID_ARGS, REFUSED_RETURN_NO_FD);
         };
-        let Ok(region) = MemfdRegion::attach(fd) else {
-            return self.refuse(GrantStatus::INVALID_ARGS);
+        let region = match MemfdRegion::attach(fd) {
+            Ok(region) => region,
+            Err(e) => {
+                eprintln!("metricsd: a returned ring was refused: {e}");
+                return self.refuse_for(GrantStatus::INVALID_ARGS, REFUSED_RETURN_ATTACH);
+            }
         };
         let id = self.next_ring;
         self.next_ring = self.next_ring.wrapping_add(1).max(1);
