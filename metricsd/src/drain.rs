@@ -590,9 +590,50 @@ impl Drainer {
         dir: &std::path::Path,
         file_bytes: u64,
     ) -> Result<u64, crate::wal::WalError> {
-        let opened = crate::wal::Wal::open(dir, file_bytes, &mut self.store)?;
-        self.wal = Some(opened.wal);
-        Ok(opened.epoch_base)
+        let crate::wal::Opened {
+            mut wal,
+            epoch_base,
+            windows,
+        } = crate::wal::Wal::open(dir, file_bytes, &mut self.store)?;
+        if let Some(r) = &mut self.retention {
+            // A window the disk has from after the checkpoint that logged it was
+            // closed and written since: the disk's copy is the newer one.
+            let mut from = [(u64::MAX, u64::MAX); 3];
+            for (_, at) in &windows.open {
+                for i in 0..3 {
+                    from[i] = from[i].min(at[i]);
+                }
+            }
+            for i in 0..3 {
+                from[i] = from[i].min(windows.closed_at[i]);
+            }
+            let on_disk = r.written_since(from);
+            let newer = |p: &crate::rollup::Point, at: &[(u64, u64); 3]| {
+                on_disk
+                    .get(&(p.series.clone(), p.resolution.0, p.start_ns))
+                    .is_some_and(|w| *w >= at[usize::from(p.resolution.0)])
+            };
+            let open = windows
+                .open
+                .into_iter()
+                .filter(|(p, at)| !newer(p, at))
+                .map(|(p, _)| p)
+                .collect();
+            let closed = windows
+                .closed
+                .into_iter()
+                .filter(|p| !newer(p, &windows.closed_at))
+                .collect();
+            for id in self.store.ids().collect::<Vec<_>>() {
+                if let Some(s) = self.store.get(id) {
+                    r.prime(s);
+                }
+            }
+            r.restore(open, closed);
+        }
+        wal.start(&self.store, self.retention.as_ref())?;
+        self.wal = Some(wal);
+        Ok(epoch_base)
     }
 
     /// The write-ahead log's totals, if there is one.
@@ -977,8 +1018,11 @@ impl Drainer {
                 r.forget(&s.id());
             }
         });
+        if let Some(r) = &mut self.retention {
+            r.close_due(end);
+        }
         if let Some(wal) = &mut self.wal {
-            wal.checkpoint(&self.store, &exported);
+            wal.checkpoint(&self.store, &exported, self.retention.as_ref());
         }
         if let Some(r) = &mut self.retention {
             r.tick(end);

@@ -48,6 +48,7 @@ const PASS: u8 = 6;
 const CHECK: u8 = 7;
 const LOST: u8 = 8;
 const FORGET: u8 = 9;
+const ROLLUPS: u8 = 10;
 
 const V_COUNTER: u8 = 1;
 const V_GAUGE_NONE: u8 = 2;
@@ -148,6 +149,8 @@ pub struct Wal {
     epoch_base: u64,
     stats: WalStats,
     failing: bool,
+    /// Files replayed at open, deleted once the rebuilt state is written.
+    old: Vec<PathBuf>,
 }
 
 /// The log could not be opened.
@@ -267,8 +270,25 @@ struct Replayed {
     checkpoint_count: u64,
 }
 
+/// Rollup windows a checkpoint held, with where the retention store was to write
+/// next when it was taken: a window found on disk at or after that place was written
+/// after the checkpoint, and the disk's copy wins.
+#[derive(Debug, Default)]
+pub struct LoggedWindows {
+    /// Open windows, each with the positions of the checkpoint it came from.
+    pub open: Vec<(crate::rollup::Point, [(u64, u64); 3])>,
+    /// Windows closed and not yet written at the last checkpoint.
+    pub closed: Vec<crate::rollup::Point>,
+    /// The positions of that last checkpoint.
+    pub closed_at: [(u64, u64); 3],
+}
+
 #[derive(Debug, Default)]
 struct ReplayState {
+    /// Open windows by series identity (the latest checkpoint of each series).
+    windows: HashMap<String, (Vec<crate::rollup::Point>, [(u64, u64); 3])>,
+    closed: Vec<crate::rollup::Point>,
+    closed_at: [(u64, u64); 3],
     /// By identity string, so a series defined in several files is one.
     series: HashMap<String, Replayed>,
     rings: HashMap<u64, LoggedRing>,
@@ -384,6 +404,7 @@ fn replay_frame(payload: &[u8], st: &mut ReplayState, by_no: &mut HashMap<u32, S
         FORGET => {
             if let Some(id) = by_no.remove(&c.u32()?) {
                 st.series.remove(&id);
+                st.windows.remove(&id);
             }
         }
         PASS => {
@@ -436,6 +457,32 @@ fn replay_frame(payload: &[u8], st: &mut ReplayState, by_no: &mut HashMap<u32, S
             }
         }
         LOST => st.lost_histogram = st.lost_histogram.max(c.u64()?),
+        ROLLUPS => {
+            let mut at = [(0, 0); 3];
+            for p in &mut at {
+                *p = (c.u64()?, c.u64()?);
+            }
+            let points = |c: &mut Cur<'_>| -> Option<Vec<crate::rollup::Point>> {
+                let n = c.u32()? as usize;
+                let mut out = Vec::with_capacity(n.min(4096));
+                for _ in 0..n {
+                    let len = c.u32()? as usize;
+                    let frame = c.take(len)?;
+                    out.push(crate::segment::decode_payload(frame.get(8..)?)?);
+                }
+                Some(out)
+            };
+            let n = c.u32()?;
+            for _ in 0..n {
+                let no = c.u32()?;
+                let windows = points(&mut c)?;
+                if let Some(id) = by_no.get(&no) {
+                    st.windows.insert(id.clone(), (windows, at));
+                }
+            }
+            st.closed = points(&mut c)?;
+            st.closed_at = at;
+        }
         _ => return None,
     }
     Some(())
@@ -448,12 +495,14 @@ pub struct Opened {
     pub wal: Wal,
     /// The epoch base this daemon's grants must use (above every earlier daemon's).
     pub epoch_base: u64,
+    /// Rollup windows to put back into the retention store.
+    pub windows: LoggedWindows,
 }
 
 impl Wal {
-    /// Opens the log in `dir` (created if missing), locks it against a second daemon,
-    /// replays every file into `store`, then writes the rebuilt state as one synced file
-    /// and deletes the older ones.
+    /// Opens the log in `dir` (created if missing), locks it against a second daemon and
+    /// replays every file into `store`. [`start`](Self::start) then writes the rebuilt
+    /// state as one synced file and deletes the older ones.
     pub fn open(dir: &Path, max_len: u64, store: &mut Store) -> Result<Opened, WalError> {
         let err = |error| WalError {
             dir: dir.to_owned(),
@@ -494,6 +543,16 @@ impl Wal {
             .write(true)
             .open(&path)
             .map_err(err)?;
+        let windows = LoggedWindows {
+            open: st
+                .windows
+                .drain()
+                .filter(|(id, _)| st.series.contains_key(id))
+                .flat_map(|(_, (points, at))| points.into_iter().map(move |p| (p, at)))
+                .collect(),
+            closed: std::mem::take(&mut st.closed),
+            closed_at: st.closed_at,
+        };
         let mut lost = st.lost_histogram;
         let mut stats = WalStats {
             replay_bad_frames: st.bad_frames,
@@ -540,7 +599,7 @@ impl Wal {
             .collect();
         stats.returnable_rings = rings.len() as u64;
         stats.lost_histogram = lost;
-        let mut wal = Self {
+        let wal = Self {
             dir: dir.to_owned(),
             _lock: lock,
             file,
@@ -554,11 +613,8 @@ impl Wal {
             epoch_base,
             stats,
             failing: false,
+            old: old.into_iter().map(|(_, p)| p).collect(),
         };
-        wal.write_state(store).map_err(err)?;
-        for (_, path) in old {
-            let _ = fs::remove_file(path);
-        }
         if wal.stats.restored_series > 0 || wal.stats.returnable_rings > 0 || lost > 0 {
             log(format_args!(
                 "replayed {} series, {} rings returnable, {} histogram observations lost so far, {} bad frames",
@@ -568,7 +624,28 @@ impl Wal {
                 wal.stats.replay_bad_frames
             ));
         }
-        Ok(Opened { wal, epoch_base })
+        Ok(Opened {
+            wal,
+            epoch_base,
+            windows,
+        })
+    }
+
+    /// Writes the state replay rebuilt (the store, and the retention store's windows
+    /// once they were put back) as one synced file, then deletes the older files.
+    pub fn start(
+        &mut self,
+        store: &Store,
+        retention: Option<&crate::retention::Retention>,
+    ) -> Result<(), WalError> {
+        self.write_state(store, retention).map_err(|error| WalError {
+            dir: self.dir.clone(),
+            error,
+        })?;
+        for path in std::mem::take(&mut self.old) {
+            let _ = fs::remove_file(path);
+        }
+        Ok(())
     }
 
     /// The totals.
@@ -790,9 +867,14 @@ impl Wal {
     /// The export checkpoint: each series in `exported` (just exported) gets its
     /// exported counter total and its whole histogram logged; series that expired are
     /// forgotten. Rotates the file when it passed its bound.
-    pub fn checkpoint(&mut self, store: &Store, exported: &[SeriesId]) {
+    pub fn checkpoint(
+        &mut self,
+        store: &Store,
+        exported: &[SeriesId],
+        retention: Option<&crate::retention::Retention>,
+    ) {
         if self.len >= self.max_len {
-            if let Err(e) = self.rotate(store) {
+            if let Err(e) = self.rotate(store, retention) {
                 self.stats.write_errors += 1;
                 log(format_args!("rotation failed: {e}"));
             }
@@ -831,6 +913,39 @@ impl Wal {
             };
             entries.push((no, s.exported_total, hist));
         }
+        if let Some(r) = retention {
+            let mut frame = Vec::new();
+            let mut put_points = |b: &mut Vec<u8>, points: &[crate::rollup::Point]| {
+                put_u32(b, points.len() as u32);
+                for p in points {
+                    frame.clear();
+                    crate::segment::encode_frame(p, &mut frame);
+                    put_u32(b, frame.len() as u32);
+                    b.extend_from_slice(&frame);
+                }
+            };
+            let mut windows = Vec::new();
+            for &id in exported {
+                let Some(s) = store.get(id) else { continue };
+                let Some(no) = self.define(store, id) else {
+                    continue;
+                };
+                windows.push((no, r.open_of(&s.id())));
+            }
+            let b = &mut self.buf;
+            let at = begin(b, ROLLUPS);
+            for (seq, frames) in r.positions() {
+                put_u64(b, seq);
+                put_u64(b, frames);
+            }
+            put_u32(b, windows.len() as u32);
+            for (no, points) in &windows {
+                put_u32(b, *no);
+                put_points(b, points);
+            }
+            put_points(b, r.pending());
+            end_frame(b, at);
+        }
         if !entries.is_empty() {
             let b = &mut self.buf;
             let at = begin(b, CHECK);
@@ -847,7 +962,11 @@ impl Wal {
     }
 
     /// Writes the whole state into the current (empty) file and syncs it.
-    fn write_state(&mut self, store: &Store) -> io::Result<()> {
+    fn write_state(
+        &mut self,
+        store: &Store,
+        retention: Option<&crate::retention::Retention>,
+    ) -> io::Result<()> {
         self.buf.clear();
         self.logged.clear();
         self.next_no = 1;
@@ -887,23 +1006,32 @@ impl Wal {
             }
         }
         let all: Vec<SeriesId> = store.ids().collect();
-        self.checkpoint_entries(store, &all);
+        self.checkpoint_entries(store, &all, retention);
         if self.failing {
             return Err(io::Error::other("appending the state failed"));
         }
         self.file.sync_data()
     }
 
-    fn checkpoint_entries(&mut self, store: &Store, ids: &[SeriesId]) {
+    fn checkpoint_entries(
+        &mut self,
+        store: &Store,
+        ids: &[SeriesId],
+        retention: Option<&crate::retention::Retention>,
+    ) {
         let max = self.max_len;
         // Never rotate from inside a rotation.
         self.max_len = u64::MAX;
-        self.checkpoint(store, ids);
+        self.checkpoint(store, ids, retention);
         self.max_len = max;
     }
 
     /// Starts a new file holding the whole state, syncs it, deletes the older ones.
-    fn rotate(&mut self, store: &Store) -> io::Result<()> {
+    fn rotate(
+        &mut self,
+        store: &Store,
+        retention: Option<&crate::retention::Retention>,
+    ) -> io::Result<()> {
         let seq = self.seq + 1;
         let path = self.dir.join(format!("wal-{seq}.log"));
         self.file = OpenOptions::new()
@@ -914,7 +1042,7 @@ impl Wal {
         self.seq = seq;
         self.len = 0;
         self.failing = false;
-        self.write_state(store)?;
+        self.write_state(store, retention)?;
         for (s, p) in files(&self.dir)? {
             if s < seq {
                 let _ = fs::remove_file(p);
