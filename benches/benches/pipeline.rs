@@ -1285,6 +1285,8 @@ fn metricsd_drain(c: &mut Criterion) {
             connection: 1,
             service: Arc::from("bench"),
             region,
+            epoch: 1,
+            logged: None,
         });
         writers.push(writer);
     }
@@ -1368,6 +1370,8 @@ fn metricsd_idle_pass(c: &mut Criterion) {
             connection: 1 + id as u64 / 10,
             service: Arc::from("idle"),
             region,
+            epoch: 1,
+            logged: None,
         });
         writers.push(writer);
     }

@@ -800,7 +800,10 @@ impl Store {
     /// renamed, sorted), with its value, creation time and the total last exported;
     /// marked changed, so the next export carries it. A series already present is
     /// updated in place. Caps are not applied: the series was admitted under them.
-    #[expect(clippy::too_many_arguments, reason = "one series' whole logged identity and state")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one series' whole logged identity and state"
+    )]
     pub(crate) fn restore(
         &mut self,
         service: &str,

@@ -1266,9 +1266,24 @@ impl Drainer {
             let st = w.stats();
             h.push((c, "metricsd.wal.bytes", vec![], st.bytes.into()));
             h.push((c, "metricsd.wal.commits", vec![], st.commits.into()));
-            h.push((c, "metricsd.wal.write_errors", vec![], st.write_errors.into()));
-            h.push((g, "metricsd.wal.restored_series", vec![], st.restored_series.into()));
-            h.push((g, "metricsd.wal.returnable_rings", vec![], st.returnable_rings.into()));
+            h.push((
+                c,
+                "metricsd.wal.write_errors",
+                vec![],
+                st.write_errors.into(),
+            ));
+            h.push((
+                g,
+                "metricsd.wal.restored_series",
+                vec![],
+                st.restored_series.into(),
+            ));
+            h.push((
+                g,
+                "metricsd.wal.returnable_rings",
+                vec![],
+                st.returnable_rings.into(),
+            ));
             for (outcome, n) in [("finished", st.returned), ("refused", st.returns_refused)] {
                 h.push((
                     c,

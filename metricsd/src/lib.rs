@@ -52,8 +52,8 @@ pub mod sink;
 pub mod snapshot;
 pub mod spans;
 pub mod top;
-pub mod wal;
 pub mod wake;
+pub mod wal;
 
 pub use aggregate::{MetricKind, MetricMetadata, Series, Value, series_id};
 pub use config::Config;

@@ -22,10 +22,12 @@
 //! `metricsd.retention.points.dropped{reason}`, `metricsd.retention.write_errors{reason}`,
 //! `metricsd.retention.segments.deleted{reason}`, `metricsd.retention.replay{outcome}`.
 //!
-//! What a crash loses: the windows still open (at most one per series and resolution),
-//! and nothing else: closed windows are written before the next export and the page
-//! cache survives the process; a sealed segment is also synced, so it survives the
-//! machine. A clean stop writes the open windows too (as a first part of each: the
+//! What a crash loses: nothing with the write-ahead log ([`crate::wal`]), which
+//! checkpoints the open windows and those closed but not yet written at every export
+//! ([`Retention::close_due`] runs before the checkpoint, [`Retention::tick`] writes
+//! after it); without it, the windows still open (at most one per series and
+//! resolution). Closed windows are written before the next export and the page cache
+//! survives the process; a sealed segment is also synced, so it survives the machine. A clean stop writes the open windows too (as a first part of each: the
 //! next daemon's part is merged with it when read).
 
 use std::collections::{BTreeMap, VecDeque};
@@ -535,8 +537,13 @@ impl Retention {
                 }
                 crate::histogram::Histogram::Explicit(x) => {
                     let sum = h.integer_sum().unwrap_or_else(|| h.sum().max(0.0) as u128);
-                    self.rollups
-                        .histogram_sample(&id, &x.bounds_text(), h.count(), sum, x.counts());
+                    self.rollups.histogram_sample(
+                        &id,
+                        &x.bounds_text(),
+                        h.count(),
+                        sum,
+                        x.counts(),
+                    );
                 }
             }
         }

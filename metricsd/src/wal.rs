@@ -339,7 +339,11 @@ fn replay_file(bytes: &[u8], st: &mut ReplayState) {
     }
 }
 
-fn replay_frame(payload: &[u8], st: &mut ReplayState, by_no: &mut HashMap<u32, String>) -> Option<()> {
+fn replay_frame(
+    payload: &[u8],
+    st: &mut ReplayState,
+    by_no: &mut HashMap<u32, String>,
+) -> Option<()> {
     let mut c = Cur(payload);
     match c.u8()? {
         START => st.epoch_base = st.epoch_base.max(c.u64()?),
@@ -638,10 +642,11 @@ impl Wal {
         store: &Store,
         retention: Option<&crate::retention::Retention>,
     ) -> Result<(), WalError> {
-        self.write_state(store, retention).map_err(|error| WalError {
-            dir: self.dir.clone(),
-            error,
-        })?;
+        self.write_state(store, retention)
+            .map_err(|error| WalError {
+                dir: self.dir.clone(),
+                error,
+            })?;
         for path in std::mem::take(&mut self.old) {
             let _ = fs::remove_file(path);
         }
@@ -687,7 +692,7 @@ impl Wal {
                 capacity,
                 position: 0,
                 registrations: Vec::new(),
-                touched_ns: 0,
+                touched_ns: crate::drain::wall_ns(),
                 live: true,
             },
         );
@@ -772,7 +777,12 @@ impl Wal {
     /// among `candidates` whose state changed since it was last logged. Then writes
     /// everything queued with one `write`. Returns whether it reached the file (the
     /// caller releases the slots either way; a failure is counted and logged).
-    pub fn commit(&mut self, store: &Store, candidates: &[SeriesId], positions: &[(u64, u64)]) -> bool {
+    pub fn commit(
+        &mut self,
+        store: &Store,
+        candidates: &[SeriesId],
+        positions: &[(u64, u64)],
+    ) -> bool {
         let mut entries: Vec<(u32, LoggedValue)> = Vec::new();
         for &id in candidates {
             let Some(s) = store.get(id) else { continue };

@@ -105,7 +105,9 @@ fn queried_total(history: &Path, series: &str, step: &str) -> u128 {
     let out = Command::new(env!("CARGO_BIN_EXE_metricsd"))
         .args(["query", "--dir"])
         .arg(history)
-        .args(["--series", series, "--since", "24h", "--step", step, "--json"])
+        .args([
+            "--series", series, "--since", "24h", "--step", step, "--json",
+        ])
         .output()
         .expect("metricsd query runs");
     assert!(

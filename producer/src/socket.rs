@@ -21,8 +21,8 @@ use rustix::event::{PollFd, PollFlags, poll};
 use rustix::io::Errno;
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
-    SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
-    Shutdown, SocketAddrUnix, SocketFlags, SocketType, socket_with, sockopt,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, Shutdown, SocketAddrUnix, SocketFlags,
+    SocketType, socket_with, sockopt,
 };
 use telemetry_abi::{
     GRANT_FRAME_SIZE, GRANT_MAGIC, GRANT_VERSION, GrantRequest, GrantResponse, GrantStatus,

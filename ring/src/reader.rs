@@ -259,7 +259,11 @@ impl<R: Region> Reader<R> {
     /// The position last released to the producer (the read position unless release
     /// is deferred).
     pub fn released(&self) -> u64 {
-        if self.deferred { self.released } else { self.read }
+        if self.deferred {
+            self.released
+        } else {
+            self.read
+        }
     }
 
     /// The reader's own read position.
