@@ -146,7 +146,7 @@ fn persistence_drain(c: &mut Criterion) {
     }
     group.finish();
 
-    let mut rates = vec![Vec::new(), Vec::new()];
+    let mut rates = [Vec::new(), Vec::new()];
     let mut ratios = Vec::new();
     let mut last = [0.0; 2];
     interleave("interleaved persistence_drain", ROUNDS, 2, |i| {

@@ -598,14 +598,11 @@ impl Drainer {
         if let Some(r) = &mut self.retention {
             // A window the disk has from after the checkpoint that logged it was
             // closed and written since: the disk's copy is the newer one.
-            let mut from = [(u64::MAX, u64::MAX); 3];
+            let mut from = windows.closed_at;
             for (_, at) in &windows.open {
-                for i in 0..3 {
-                    from[i] = from[i].min(at[i]);
+                for (f, a) in from.iter_mut().zip(at) {
+                    *f = (*f).min(*a);
                 }
-            }
-            for i in 0..3 {
-                from[i] = from[i].min(windows.closed_at[i]);
             }
             let on_disk = r.written_since(from);
             let newer = |p: &crate::rollup::Point, at: &[(u64, u64); 3]| {

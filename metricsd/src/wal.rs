@@ -270,6 +270,10 @@ struct Replayed {
     checkpoint_count: u64,
 }
 
+/// Where the retention store writes next, per resolution: (segment sequence number,
+/// frames before it in that segment).
+pub type Positions = [(u64, u64); 3];
+
 /// Rollup windows a checkpoint held, with where the retention store was to write
 /// next when it was taken: a window found on disk at or after that place was written
 /// after the checkpoint, and the disk's copy wins.
@@ -286,7 +290,7 @@ pub struct LoggedWindows {
 #[derive(Debug, Default)]
 struct ReplayState {
     /// Open windows by series identity (the latest checkpoint of each series).
-    windows: HashMap<String, (Vec<crate::rollup::Point>, [(u64, u64); 3])>,
+    windows: HashMap<String, (Vec<crate::rollup::Point>, Positions)>,
     closed: Vec<crate::rollup::Point>,
     closed_at: [(u64, u64); 3],
     /// By identity string, so a series defined in several files is one.
