@@ -1071,3 +1071,78 @@ impl Wal {
         let _ = self.file.sync_data();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        let at = begin(&mut b, tag);
+        b.extend_from_slice(body);
+        end_frame(&mut b, at);
+        b
+    }
+
+    fn start(base: u64) -> Vec<u8> {
+        frame(START, &base.to_le_bytes())
+    }
+
+    #[test]
+    fn replay_stops_at_a_torn_or_corrupt_frame_and_keeps_what_came_before() {
+        let mut bytes = start(1 << 32);
+        bytes.extend(start(5 << 32));
+        let whole = bytes.len();
+        bytes.extend(start(9 << 32));
+        // Every cut inside the last frame: the first two frames count, one bad frame.
+        for cut in whole + 1..bytes.len() {
+            let mut st = ReplayState::default();
+            replay_file(&bytes[..cut], &mut st);
+            assert_eq!(st.epoch_base, 5 << 32, "cut at {cut}");
+            assert_eq!(st.bad_frames, 1, "cut at {cut}");
+        }
+        // A flipped byte in the second frame: only the first counts.
+        let mut flipped = bytes.clone();
+        flipped[whole - 1] ^= 1;
+        let mut st = ReplayState::default();
+        replay_file(&flipped, &mut st);
+        assert_eq!((st.epoch_base, st.bad_frames), (1 << 32, 1));
+        // The whole file: all three, nothing bad.
+        let mut st = ReplayState::default();
+        replay_file(&bytes, &mut st);
+        assert_eq!((st.epoch_base, st.bad_frames), (9 << 32, 0));
+    }
+
+    #[test]
+    fn a_retired_ring_is_not_returnable_and_positions_follow_the_last_pass() {
+        let mut bytes = Vec::new();
+        for epoch in [7u64, 8] {
+            let mut body = Vec::new();
+            put_u64(&mut body, epoch);
+            put_u64(&mut body, 1024);
+            put_u64(&mut body, 1);
+            put_str(&mut body, "web");
+            bytes.extend(frame(RING, &body));
+        }
+        let mut pass = Vec::new();
+        put_u64(&mut pass, 2);
+        put_u32(&mut pass, 2);
+        for (e, p) in [(7u64, 100u64), (8, 50)] {
+            put_u64(&mut pass, e);
+            put_u64(&mut pass, p);
+        }
+        put_u32(&mut pass, 0);
+        bytes.extend(frame(PASS, &pass));
+        bytes.extend(frame(RETIRE, &8u64.to_le_bytes()));
+        let mut st = ReplayState::default();
+        replay_file(&bytes, &mut st);
+        assert_eq!(st.bad_frames, 0);
+        assert_eq!(st.rings.len(), 1);
+        let ring = &st.rings[&7];
+        assert_eq!(
+            (ring.position, ring.capacity, &*ring.service),
+            (100, 1024, "web")
+        );
+        assert!(!ring.live);
+    }
+}
