@@ -353,6 +353,13 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
             })
         })?;
     }
+    // Record on past the next 10 s boundary, so the 10 s windows are several and the
+    // 1 min windows' sums of them mean something.
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let past = 10_000_000_000 - (now_ns % 10_000_000_000) as u64 + 300_000_000;
+    std::thread::sleep(Duration::from_nanos(past));
     writeln!(rec.stdin, "stop")?;
     let done = rec.wait_line(&format!("{REPORT} done"), Duration::from_secs(60))?;
     let status = rec.child.wait()?;
@@ -414,6 +421,11 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<String> {
             *total,
             "1 h",
         )?;
+        ensure!(
+            ten.len() >= 2,
+            "{id}: recording crossed a 10 s boundary, yet {} window(s) of 10 s",
+            ten.len()
+        );
         for (start, delta) in &min {
             let inside: u128 = ten
                 .range(*start..start + 60_000_000_000)
