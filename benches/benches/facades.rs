@@ -252,11 +252,7 @@ fn facades_tracing(c: &mut Criterion) {
     g.finish();
     let _ = provider.shutdown();
     let stats = nexus_metrics::stats();
-    eprintln!(
-        "facades_tracing: dropped {} split trees {}",
-        stats.dropped_total(),
-        nexus_metrics::TracingLayer::split_trees()
-    );
+    eprintln!("facades_tracing: dropped {}", stats.dropped_total());
 }
 
 /// Rounds of the interleaved pass, and laps per contender per round.
