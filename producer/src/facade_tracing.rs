@@ -298,6 +298,12 @@ impl Pending {
 }
 
 /// A span's state while it is open, kept in the registry's extensions.
+///
+/// Its attributes wait here and are written just before its close record, in the same
+/// ring: metricsd may read a close written on another thread before the open (and
+/// holds it until the open comes), and attributes that travel with the close are
+/// never read after it.
+#[derive(Clone, Copy, Debug)]
 struct SpanData {
     /// The span name's key.
     name: u32,
@@ -485,18 +491,19 @@ where
         let Some(span) = ctx.span(&id) else {
             return;
         };
-        let Some(data) = span.extensions_mut().remove::<SpanData>() else {
-            return;
-        };
-        if data.started.ctx.span_id == 0 {
-            return;
+        let mut extensions = span.extensions_mut();
+        // Read in place: the state is not copied out of its box.
+        if let Some(data) = extensions.get_mut::<SpanData>() {
+            if data.started.ctx.span_id != 0 {
+                let fields = &data.fields;
+                local::span_notes(
+                    data.started,
+                    &fields.attrs[..usize::from(fields.attr_count)],
+                );
+                local::span_end(data.name, data.started, fields.status);
+            }
         }
-        let fields = &data.fields;
-        local::span_notes(
-            data.started,
-            &fields.attrs[..usize::from(fields.attr_count)],
-        );
-        local::span_end(data.name, data.started, fields.status);
+        // The registry clears a closed span's extensions when it reuses the slot.
     }
 }
 

@@ -127,6 +127,11 @@ fn metrics_and_tracing_through_the_facades_record_by_record() {
         for want in ["job", "route", "api_token"] {
             assert!(attrs.iter().any(|a| a == want), "{want} in {attrs:?}");
         }
+        assert_eq!(
+            attrs.iter().filter(|a| *a == "i").count(),
+            children,
+            "each child's attribute"
+        );
     });
 
     // Every span opened once (its trace record just before) and closed once, in
