@@ -507,6 +507,25 @@ impl Local {
     /// backoff allows. Every slow path comes through here, so this is also where a
     /// retired ring is looked at again.
     fn ring(&mut self) -> Result<&mut Ring, DropReason> {
+        // The common case, a current ring with nothing to look after, skips the checks
+        // below, each of which would find nothing to do.
+        let current = !self.exited
+            && self.retired.is_none()
+            && self.forks == forks()
+            && matches!(&self.slot, Slot::Ready(ring) if ring.generation == generation());
+        if !current {
+            self.ring_slow()?;
+        }
+        match &mut self.slot {
+            Slot::Ready(ring) => Ok(ring),
+            _ => Err(DropReason::NoMetricsd),
+        }
+    }
+
+    /// [`ring`](Self::ring) when the thread has no current ring, a retired one to
+    /// account for, or is a forked child: makes the slot ready or says why not.
+    #[cold]
+    fn ring_slow(&mut self) -> Result<(), DropReason> {
         if self.exited {
             return Err(DropReason::Unavailable);
         }
@@ -537,10 +556,7 @@ impl Local {
         if !matches!(self.slot, Slot::Ready(_)) {
             self.claim(backoff_ns)?;
         }
-        match &mut self.slot {
-            Slot::Ready(ring) => Ok(ring),
-            _ => Err(DropReason::NoMetricsd),
-        }
+        Ok(())
     }
 
     /// In a child process after `fork()`, the thread's first slow path finds state made
