@@ -21,7 +21,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group};
 use metricsd::histogram::{Exponential, Histogram};
 use metricsd::spans::{FinishedSpan, Outcome};
 use metricsd::{MetricKind, Series, Value};
@@ -302,4 +302,46 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+/// `OTLP_PROFILE=metrics|spans` encodes that request `OTLP_PROFILE_N` times (default
+/// 100) from metricsd's data and exits: for profilers
+/// (`valgrind --tool=callgrind --toggle-collect='*otlp*'`), without the SDK's set-up
+/// or the criterion loop.
+fn main() {
+    if let Ok(what) = std::env::var("OTLP_PROFILE") {
+        let n: usize = std::env::var("OTLP_PROFILE_N")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(100);
+        let series = our_series();
+        let refs: Vec<&Series> = series.iter().collect();
+        let spans = our_spans();
+        let span_refs: Vec<&FinishedSpan> = spans.iter().collect();
+        let mut bytes = 0;
+        for _ in 0..n {
+            bytes += match what.as_str() {
+                "metrics" => profile_metrics(&refs),
+                "spans" => profile_spans(&span_refs),
+                other => panic!("OTLP_PROFILE={other}: expected metrics or spans"),
+            };
+        }
+        eprintln!("{bytes} bytes");
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
+
+#[inline(never)]
+fn profile_metrics(refs: &[&Series]) -> usize {
+    metricsd::otlp::metrics_request(black_box(refs), "host", 1, 2)
+        .encode_to_vec()
+        .len()
+}
+
+#[inline(never)]
+fn profile_spans(refs: &[&FinishedSpan]) -> usize {
+    metricsd::otlp::traces_request(black_box(refs), "host", 0, 0)
+        .encode_to_vec()
+        .len()
+}
