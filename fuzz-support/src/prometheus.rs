@@ -186,26 +186,40 @@ impl<'a> Model<'a> {
         let mut metric_renames = 0;
         for ((name, kind), members) in groups {
             let base = family_name(&name, kind);
-            let mut chosen = base.clone();
-            let mut n = 2;
-            while sample_names(&chosen, kind)
-                .iter()
-                .any(|s| taken.contains(s))
-            {
-                chosen = format!("{base}_{n}");
-                n += 1;
+            // Series whose exposed labels coincide are never merged: the later one goes
+            // to the first family of the name that does not have those labels yet.
+            let mut parts: Vec<Vec<Member>> = Vec::new();
+            for m in members {
+                match parts
+                    .iter_mut()
+                    .find(|p| p.iter().all(|o| o.labels != m.labels))
+                {
+                    Some(p) => p.push(m),
+                    None => parts.push(vec![m]),
+                }
             }
-            if chosen != base {
-                metric_renames += 1;
+            for members in parts {
+                let mut chosen = base.clone();
+                let mut n = 2;
+                while sample_names(&chosen, kind)
+                    .iter()
+                    .any(|s| taken.contains(s))
+                {
+                    chosen = format!("{base}_{n}");
+                    n += 1;
+                }
+                if chosen != base {
+                    metric_renames += 1;
+                }
+                assert!(valid_name(&chosen), "{name:?} exposed as {chosen:?}");
+                taken.extend(sample_names(&chosen, kind));
+                families.push(Family {
+                    name: chosen,
+                    kind,
+                    help: help(kind, &name),
+                    members,
+                });
             }
-            assert!(valid_name(&chosen), "{name:?} exposed as {chosen:?}");
-            taken.extend(sample_names(&chosen, kind));
-            families.push(Family {
-                name: chosen,
-                kind,
-                help: help(kind, &name),
-                members,
-            });
         }
         Self {
             generated,
@@ -236,14 +250,12 @@ impl<'a> Model<'a> {
             assert_eq!(p.kind, kind, "{}", f.name);
             assert_eq!(p.help.as_deref(), Some(f.help.as_str()), "{}", f.name);
             // Samples of one label set, by sample name.
-            let mut by_labels: HashMap<&[(String, String)], Vec<&TextSample>> = HashMap::new();
+            let mut by_labels: HashMap<Vec<(String, String)>, Vec<&TextSample>> = HashMap::new();
             for s in &p.samples {
-                let labels = match s.labels.last() {
-                    Some((k, _)) if k == "le" && s.name.ends_with("_bucket") => {
-                        &s.labels[..s.labels.len() - 1]
-                    }
-                    _ => &s.labels[..],
-                };
+                let mut labels = s.labels.clone();
+                if s.name.ends_with("_bucket") {
+                    labels.retain(|(k, _)| k != "le");
+                }
                 by_labels.entry(labels).or_default().push(s);
             }
             assert_eq!(
@@ -254,7 +266,7 @@ impl<'a> Model<'a> {
             );
             for m in &f.members {
                 let samples = by_labels
-                    .get(&m.labels[..])
+                    .get(&m.labels)
                     .unwrap_or_else(|| panic!("{}: no sample {:?}\n{text}", f.name, m.labels));
                 self.check_text_member(f, m, samples, text);
             }
@@ -303,7 +315,8 @@ impl<'a> Model<'a> {
                     .iter()
                     .filter(|s| s.name == format!("{}_bucket", f.name))
                     .map(|s| {
-                        let le = s.labels.last().map(|(_, v)| number(v)).unwrap_or(f64::NAN);
+                        let le = s.labels.iter().find(|(k, _)| k == "le");
+                        let le = le.map_or(f64::NAN, |(_, v)| number(v));
                         (le, number(&s.value))
                     })
                     .collect();

@@ -138,11 +138,14 @@ fn layout(
         let mut b = 0u64;
         for _ in 0..=input.below(5) {
             b = b.saturating_add(integer(input).max(1));
+            if b > metricsd::config::MAX_HISTOGRAM_BOUND {
+                break;
+            }
             if bounds.last() != Some(&b) {
                 bounds.push(b);
             }
         }
-        Some(bounds.into())
+        (!bounds.is_empty()).then(|| bounds.into())
     } else {
         None
     };

@@ -31,8 +31,11 @@
 //! `_histogram` appended. Two families whose names (or any of their samples' names)
 //! would coincide after that are never merged: the later one, in order of original name
 //! and kind, gets `_2` (`_3`, ...) appended; two label keys of one series that coincide
-//! likewise. Both kinds of rename are counted in the exposition itself
-//! (`metricsd_prometheus_renamed{what="metric"|"label"}`).
+//! likewise. Two series of one family whose label sets coincide once translated (`a.b`
+//! and `a_b`, or `service` renamed onto an existing `exported_service`) are not merged
+//! either: the later one goes to a family of its own, named as above. Both kinds of
+//! rename are counted in the exposition itself
+//! (`metricsd_prometheus_renamed{what="metric"|"label"}`, only of what is exposed).
 //!
 //! Exactness: counters up to 2^64 - 1 and gauges are written as integers in the text
 //! formats; protobuf, and Prometheus itself, hold `f64` (exact up to 2^53). Classic
@@ -325,34 +328,13 @@ impl Plan {
                 .or_default()
                 .push(Source::Health(i));
         }
-        let mut taken: HashSet<String> = HashSet::new();
-        let mut families = Vec::with_capacity(groups.len());
-        let mut metric_renames = 0;
-        for ((name, kind), members) in groups {
-            let base = family_name(name, kind);
-            let mut chosen = base.clone();
-            let mut n = 2;
-            while sample_names(&chosen, kind)
-                .iter()
-                .any(|s| taken.contains(s))
-            {
-                chosen = format!("{base}_{n}");
-                n += 1;
-            }
-            if chosen != base {
-                metric_renames += 1;
-            }
-            taken.extend(sample_names(&chosen, kind));
-            families.push(Family {
-                name: chosen,
-                help: help_text(kind, name),
-                kind,
-                members,
-            });
-        }
         let mut labels = HashMap::new();
         let mut label_renames = 0;
         for (i, s) in snapshot.series.iter().enumerate() {
+            // A gauge never set is not exposed: nothing of it is renamed.
+            if matches!(s.value, Value::Gauge { value: None }) {
+                continue;
+            }
             if let Some((l, n)) = translate_labels(&s.labels) {
                 labels.insert((false, i), l);
                 label_renames += n;
@@ -362,6 +344,33 @@ impl Plan {
             if let Some((l, n)) = translate_labels(&h.labels) {
                 labels.insert((true, i), l);
                 label_renames += n;
+            }
+        }
+        let mut taken: HashSet<String> = HashSet::new();
+        let mut families = Vec::with_capacity(groups.len());
+        let mut metric_renames = 0;
+        for ((name, kind), members) in groups {
+            let base = family_name(name, kind);
+            for members in split_clashes(&snapshot, &extra, &labels, members) {
+                let mut chosen = base.clone();
+                let mut n = 2;
+                while sample_names(&chosen, kind)
+                    .iter()
+                    .any(|s| taken.contains(s))
+                {
+                    chosen = format!("{base}_{n}");
+                    n += 1;
+                }
+                if chosen != base {
+                    metric_renames += 1;
+                }
+                taken.extend(sample_names(&chosen, kind));
+                families.push(Family {
+                    name: chosen,
+                    help: help_text(kind, name),
+                    kind,
+                    members,
+                });
             }
         }
         Self {
@@ -382,6 +391,52 @@ impl Plan {
             self.extra.get(i - n)
         }
     }
+}
+
+/// The members of one group split so that no two in a part expose the same label set
+/// (translation can make two series' labels coincide: `a.b` and `a_b`, or `service`
+/// renamed onto an existing `exported_service`): each member goes to the first part
+/// that does not have its labels yet, so without a clash there is one part.
+fn split_clashes(
+    snapshot: &Snapshot,
+    extra: &[HealthSeries],
+    translated: &HashMap<(bool, usize), Vec<(String, String)>>,
+    members: Vec<Source>,
+) -> Vec<Vec<Source>> {
+    if members.len() < 2 {
+        return vec![members];
+    }
+    let exposed = |member: Source| -> Option<Vec<(&str, &str)>> {
+        let (key, service, own) = match member {
+            Source::Series(i) => {
+                let s = snapshot.series.get(i)?;
+                ((false, i), &*s.service, &s.labels[..])
+            }
+            Source::Health(i) => {
+                let h = snapshot.health.iter().chain(extra).nth(i)?;
+                ((true, i), HEALTH_SERVICE, &h.labels[..])
+            }
+        };
+        let labels = translated.get(&key).map_or(own, |t| &t[..]);
+        let mut out = Vec::with_capacity(labels.len() + 1);
+        out.push(("service", service));
+        out.extend(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        Some(out)
+    };
+    let mut parts: Vec<(HashSet<Vec<(&str, &str)>>, Vec<Source>)> = Vec::new();
+    for member in members {
+        let Some(key) = exposed(member) else {
+            continue;
+        };
+        match parts.iter_mut().find(|(seen, _)| !seen.contains(&key)) {
+            Some((seen, part)) => {
+                seen.insert(key);
+                part.push(member);
+            }
+            None => parts.push((HashSet::from([key]), vec![member])),
+        }
+    }
+    parts.into_iter().map(|(_, part)| part).collect()
 }
 
 /// The collector the registry calls at encode time: it walks the snapshot.
