@@ -16,7 +16,8 @@
 //!   (`otlp.instance_id`, by default the host name: metricsd aggregates every process
 //!   of a service on its machine, so the machine is the instance);
 //! - counters as monotonic cumulative `Sum`s (integers, saturating at `i64::MAX`),
-//!   gauges as `Gauge`s, histograms and span durations as cumulative
+//!   gauges as `Gauge`s (integers, or doubles once a float set or moved them; a gauge
+//!   never set has no point), histograms and span durations as cumulative
 //!   `ExponentialHistogram`s mapped exactly (scale, zero count, positive and negative
 //!   offsets and bucket counts, count, sum, min, max; a name with a configured layout as
 //!   a `Histogram` with its explicit bounds); the start time of every cumulative point
@@ -309,6 +310,10 @@ fn metric(name: &str, kind: MetricKind, group: &[&Series], start: u64, time: u64
                 .iter()
                 .filter_map(|s| match s.value {
                     Value::Gauge { value: Some(v) } => Some(number(s, v)),
+                    Value::FloatGauge { value } => Some(NumberDataPoint {
+                        value: Some(number_data_point::Value::AsDouble(value)),
+                        ..number(s, 0)
+                    }),
                     _ => None,
                 })
                 .collect(),
@@ -560,7 +565,12 @@ pub fn encode(
     max_bytes: usize,
 ) -> (Vec<Request>, u64, u64) {
     let mut out = Vec::new();
-    let series: Vec<&Series> = batch.series.iter().collect();
+    // A gauge never set has no point: it is not an item of any request.
+    let series: Vec<&Series> = batch
+        .series
+        .iter()
+        .filter(|s| !matches!(s.value, Value::Gauge { value: None }))
+        .collect();
     let mut bodies = Vec::new();
     let mut big_points = 0;
     split(

@@ -31,8 +31,11 @@
 //! `_histogram` appended. Two families whose names (or any of their samples' names)
 //! would coincide after that are never merged: the later one, in order of original name
 //! and kind, gets `_2` (`_3`, ...) appended; two label keys of one series that coincide
-//! likewise. Both kinds of rename are counted in the exposition itself
-//! (`metricsd_prometheus_renamed{what="metric"|"label"}`).
+//! likewise. Two series of one family whose label sets coincide once translated (`a.b`
+//! and `a_b`, or `service` renamed onto an existing `exported_service`) are not merged
+//! either: the later one goes to a family of its own, named as above. Both kinds of
+//! rename are counted in the exposition itself
+//! (`metricsd_prometheus_renamed{what="metric"|"label"}`, only of what is exposed).
 //!
 //! Exactness: counters up to 2^64 - 1 and gauges are written as integers in the text
 //! formats; protobuf, and Prometheus itself, hold `f64` (exact up to 2^53). Classic
@@ -372,36 +375,13 @@ impl<'a> Plan<'a> {
         for (i, h) in health.iter().enumerate() {
             add((h.name, h.kind), Source::Health(i));
         }
-        // In order of original name and kind, as the rename rule says.
-        groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let mut taken: HashSet<String> = HashSet::new();
-        let mut families = Vec::with_capacity(groups.len());
-        let mut metric_renames = 0;
-        for ((name, kind), members) in groups {
-            let base = family_name(name, kind);
-            let mut chosen = base.clone();
-            let mut n = 2;
-            while sample_names(&chosen, kind)
-                .iter()
-                .any(|s| taken.contains(s))
-            {
-                chosen = format!("{base}_{n}");
-                n += 1;
-            }
-            if chosen != base {
-                metric_renames += 1;
-            }
-            taken.extend(sample_names(&chosen, kind));
-            families.push(Family {
-                name: chosen,
-                help: help_text(kind, name),
-                kind,
-                members,
-            });
-        }
         let mut labels = HashMap::new();
         let mut label_renames = 0;
         for (i, s) in series.iter().enumerate() {
+            // A gauge never set is not exposed: nothing of it is renamed.
+            if matches!(s.value, Value::Gauge { value: None }) {
+                continue;
+            }
             if let Some((l, n)) = translate_labels(&s.labels) {
                 labels.insert((false, i), l);
                 label_renames += n;
@@ -411,6 +391,35 @@ impl<'a> Plan<'a> {
             if let Some((l, n)) = translate_labels(&h.labels) {
                 labels.insert((true, i), l);
                 label_renames += n;
+            }
+        }
+        let mut taken: HashSet<String> = HashSet::new();
+        let mut families = Vec::with_capacity(groups.len());
+        let mut metric_renames = 0;
+        // In order of original name and kind, as the rename rule says.
+        groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for ((name, kind), members) in groups {
+            let base = family_name(name, kind);
+            for members in split_clashes(&series, &health, &labels, members) {
+                let mut chosen = base.clone();
+                let mut n = 2;
+                while sample_names(&chosen, kind)
+                    .iter()
+                    .any(|s| taken.contains(s))
+                {
+                    chosen = format!("{base}_{n}");
+                    n += 1;
+                }
+                if chosen != base {
+                    metric_renames += 1;
+                }
+                taken.extend(sample_names(&chosen, kind));
+                families.push(Family {
+                    name: chosen,
+                    help: help_text(kind, name),
+                    kind,
+                    members,
+                });
             }
         }
         Self {
@@ -492,6 +501,88 @@ fn renamed_rows() -> [HealthSeries; 2] {
         labels: crate::schema::labels(&[("what", what)]),
         value: 0,
     })
+}
+
+/// The members of one group split so that no two in a part expose the same label set
+/// (translation can make two series' labels coincide: `a.b` and `a_b`, or `service`
+/// renamed onto an existing `exported_service`): each member goes to the first part
+/// that does not have its labels yet, so without a clash there is one part.
+fn split_clashes(
+    series: &[&Series],
+    health: &[&HealthSeries],
+    translated: &HashMap<(bool, usize), Vec<(String, String)>>,
+    members: Vec<Source>,
+) -> Vec<Vec<Source>> {
+    if members.len() < 2 {
+        return vec![members];
+    }
+    let exposed = |member: Source| -> Option<(&str, &[(String, String)])> {
+        let (key, service, own) = match member {
+            Source::Series(i) => {
+                let s = series.get(i)?;
+                ((false, i), &*s.service, &s.labels[..])
+            }
+            Source::Health(i) => {
+                let h = health.get(i)?;
+                ((true, i), HEALTH_SERVICE, &h.labels[..])
+            }
+        };
+        Some((service, translated.get(&key).map_or(own, |t| &t[..])))
+    };
+    // Usually no two members clash, which a hash of each member's exposed labels shows
+    // without building them: only two equal hashes call for the exact split.
+    let mut hashes: Vec<u64> = members
+        .iter()
+        .filter_map(|&m| exposed(m).map(|(service, labels)| label_hash(service, labels)))
+        .collect();
+    hashes.sort_unstable();
+    if hashes.windows(2).all(|w| w[0] != w[1]) {
+        return vec![members];
+    }
+    let mut parts: Vec<(HashSet<Vec<(&str, &str)>>, Vec<Source>)> = Vec::new();
+    for member in members {
+        let Some((service, labels)) = exposed(member) else {
+            continue;
+        };
+        let mut key = Vec::with_capacity(labels.len() + 1);
+        key.push(("service", service));
+        key.extend(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        match parts.iter_mut().find(|(seen, _)| !seen.contains(&key)) {
+            Some((seen, part)) => {
+                seen.insert(key);
+                part.push(member);
+            }
+            None => parts.push((HashSet::from([key]), vec![member])),
+        }
+    }
+    parts.into_iter().map(|(_, part)| part).collect()
+}
+
+/// A hash of an exposed label set (service, then each key and value), for the clash
+/// check: equal sets hash equal; unequal sets that happen to hash equal only cost the
+/// exact check.
+fn label_hash(service: &str, labels: &[(String, String)]) -> u64 {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut h: u64 = 0;
+    let mut add = |s: &str| {
+        let b = s.as_bytes();
+        let mut chunks = b.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        let mut w = [0u8; 8];
+        w[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        h = (h.rotate_left(5) ^ b.len() as u64).wrapping_mul(K);
+    };
+    add(service);
+    for (k, v) in labels {
+        add(k);
+        add(v);
+    }
+    h
 }
 
 fn metric_type(kind: MetricKind) -> MetricType {

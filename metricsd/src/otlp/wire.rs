@@ -171,7 +171,8 @@ pub(super) fn metrics(
                     let d = w.begin(7);
                     for s in &group {
                         if let Value::Counter { total } = s.value {
-                            number_point(&mut w, s, i64::try_from(total).unwrap_or(i64::MAX), t);
+                            let v = i64::try_from(total).unwrap_or(i64::MAX);
+                            number_point(&mut w, s, Number::Int(v), t);
                         }
                     }
                     w.varint(2, CUMULATIVE);
@@ -181,8 +182,14 @@ pub(super) fn metrics(
                 MetricKind::Gauge => {
                     let d = w.begin(5);
                     for s in &group {
-                        if let Value::Gauge { value: Some(v) } = s.value {
-                            number_point(&mut w, s, v, t);
+                        match s.value {
+                            Value::Gauge { value: Some(v) } => {
+                                number_point(&mut w, s, Number::Int(v), t);
+                            }
+                            Value::FloatGauge { value } => {
+                                number_point(&mut w, s, Number::Double(value), t);
+                            }
+                            _ => {}
                         }
                     }
                     w.end(d);
@@ -202,12 +209,21 @@ fn attributes(w: &mut Writer<'_>, field: u64, s: &Series) {
     }
 }
 
-/// A `NumberDataPoint` (field 1 of `Sum` and `Gauge`) with an integer value.
-fn number_point(w: &mut Writer<'_>, s: &Series, v: i64, (start, time): (u64, u64)) {
+/// A `NumberDataPoint`'s value (`oneof`: written even when zero).
+enum Number {
+    Int(i64),
+    Double(f64),
+}
+
+/// A `NumberDataPoint` (field 1 of `Sum` and `Gauge`).
+fn number_point(w: &mut Writer<'_>, s: &Series, v: Number, (start, time): (u64, u64)) {
     let p = w.begin(1);
     w.fixed64(2, start_of(s, start));
     w.fixed64(3, time);
-    w.fixed64_always(6, v as u64);
+    match v {
+        Number::Double(d) => w.fixed64_always(4, d.to_bits()),
+        Number::Int(i) => w.fixed64_always(6, i as u64),
+    }
     attributes(w, 7, s);
     w.end(p);
 }
