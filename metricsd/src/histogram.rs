@@ -703,8 +703,8 @@ impl Exponential {
         Native {
             schema: (self.scale - steps).max(NATIVE_MIN_SCHEMA),
             zero_count: self.zero_count,
-            positive: NativeBuckets::from_pairs(self.positive.grouped(steps)),
-            negative: NativeBuckets::from_pairs(self.negative.grouped(steps)),
+            positive: NativeBuckets::from_buckets(&self.positive, steps),
+            negative: NativeBuckets::from_buckets(&self.negative, steps),
         }
     }
 
@@ -739,8 +739,21 @@ pub struct NativeBuckets {
 }
 
 impl NativeBuckets {
-    fn from_pairs(pairs: impl Iterator<Item = (i32, u64)>) -> Self {
-        let mut out = Self::default();
+    /// `b` at a scale `steps` lower (no grouping pass when `steps` is 0, the usual case
+    /// at schemas up to 8).
+    fn from_buckets(b: &Buckets, steps: i32) -> Self {
+        if steps <= 0 {
+            Self::from_pairs(b.iter(), b.counts.len())
+        } else {
+            Self::from_pairs(b.grouped(steps), b.counts.len())
+        }
+    }
+
+    fn from_pairs(pairs: impl Iterator<Item = (i32, u64)>, most: usize) -> Self {
+        let mut out = Self {
+            spans: Vec::new(),
+            deltas: Vec::with_capacity(most),
+        };
         let mut prev_count: i64 = 0;
         let mut prev_index: Option<i32> = None;
         for (i, c) in pairs.filter(|&(_, c)| c > 0) {
@@ -1404,7 +1417,7 @@ mod tests {
                 let d = h.downscaled(NATIVE_MAX_SCHEMA);
                 let n = h.native();
                 prop_assert_eq!(n.schema, d.scale());
-                prop_assert_eq!(n.positive, NativeBuckets::from_pairs(d.positive.iter()));
+                prop_assert_eq!(n.positive, NativeBuckets::from_pairs(d.positive.iter(), 0));
                 // Classic: cumulative counts at the scale-0 boundaries, checked value by value.
                 for b in Histogram::Exponential(h.clone()).classic() {
                     let want = set.iter().filter(|&&v| (v as f64) <= b.le).count() as u64;

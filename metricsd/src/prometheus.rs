@@ -276,12 +276,25 @@ pub fn label_key(key: &str) -> Cow<'_, str> {
 /// Whether [`label_key`] leaves `key` as it is (the common case, checked without
 /// building anything).
 fn plain_key(key: &str) -> bool {
+    const NAME: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut c = 0;
+        while c < 256 {
+            t[c] = (c as u8).is_ascii_alphanumeric() || c == b'_' as usize;
+            c += 1;
+        }
+        t
+    };
     let b = key.as_bytes();
-    !b.is_empty()
-        && !b[0].is_ascii_digit()
-        && b.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'_')
-        && !b.starts_with(b"__")
-        && !matches!(key, "service" | "le" | "quantile")
+    match b.first() {
+        None => false,
+        Some(c) if c.is_ascii_digit() => false,
+        Some(_) => {
+            b.iter().all(|&c| NAME[usize::from(c)])
+                && !b.starts_with(b"__")
+                && !matches!(key, "service" | "le" | "quantile")
+        }
+    }
 }
 
 /// The sample names a family of `kind` named `name` writes.

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use prost::encoding::{encode_varint, encoded_len_varint};
+use crate::protowire::{encode_varint, encoded_len_varint, put_varint};
 
 use super::{SCOPE_NAME, SpanFields, start_of};
 use crate::aggregate::{MetricKind, Series, Value};
@@ -49,10 +49,8 @@ impl Writer<'_> {
     fn end(&mut self, at: usize) {
         let body = at + 5;
         let len = self.buf.len() - body;
-        let n = encoded_len_varint(len as u64);
-        let mut head = [0u8; 5];
-        let mut slot = &mut head[..];
-        encode_varint(len as u64, &mut slot);
+        let mut head = [0u8; 10];
+        let n = put_varint(len as u64, &mut head);
         self.buf[at..at + n].copy_from_slice(&head[..n]);
         if n < 5 {
             self.buf.copy_within(body.., at + n);

@@ -12,16 +12,42 @@
 //! this writer's output with the encoder's byte for byte.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use prost::encoding::{encode_varint, encoded_len_varint};
+use crate::protowire::{encode_varint, encoded_len_varint};
 
 use super::{Family, Plan, RenderError, Sample, classic_buckets};
 use crate::aggregate::MetricKind;
 use crate::histogram::Histogram;
 
+/// The length of the last body rendered in each format (Prometheus text, OpenMetrics,
+/// protobuf): the next one's first allocation, so the body is not grown (and copied)
+/// a dozen times. Only a hint: bounded by the response limit like the body itself.
+static LAST_LEN: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
+
+/// A body's first capacity: the last body's length and a sixteenth, or `estimate`.
+fn capacity(hint: &AtomicUsize, estimate: usize) -> usize {
+    // ORDERING: Relaxed: a size hint; nothing is published through it.
+    let last = hint.load(Ordering::Relaxed);
+    if last > 0 {
+        last + last / 16 + 4096
+    } else {
+        estimate + 4096
+    }
+}
+
+/// Bytes a label value must escape in the text formats.
+const ESCAPED: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'\\' as usize] = true;
+    t[b'"' as usize] = true;
+    t[b'\n' as usize] = true;
+    t
+};
+
 /// `s` as a label value: `\`, `"` and newline escaped, as the text encoders do.
 fn push_escaped(out: &mut String, s: &str) {
-    if !s.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+    if !s.bytes().any(|b| ESCAPED[usize::from(b)]) {
         out.push_str(s);
         return;
     }
@@ -123,8 +149,10 @@ impl Bounds {
 
 /// OpenMetrics 1.0 text (`om`) or Prometheus text 0.0.4.
 pub(super) fn text(plan: &Plan<'_>, om: bool) -> Result<Vec<u8>, RenderError> {
-    let mut out = String::with_capacity(plan.series.len() * 96 + 4096);
+    let hint = &LAST_LEN[usize::from(om)];
+    let mut out = String::with_capacity(capacity(hint, plan.series.len() * 96));
     let mut labels = String::new();
+    let (mut head, mut tail) = (String::new(), String::new());
     let mut classic: Vec<(f64, u64)> = Vec::new();
     let mut bounds = Bounds::new(om);
     let mut int = itoa::Buffer::new();
@@ -206,31 +234,48 @@ pub(super) fn text(plan: &Plan<'_>, om: bool) -> Result<Vec<u8>, RenderError> {
                         out.push(' ');
                         out.push_str(int.format(count));
                         out.push('\n');
+                        // `name_bucket{le="x",labels} n`: the parts around `x` once.
+                        head.clear();
+                        head.push_str(&family.name);
+                        head.push_str("_bucket{le=\"");
+                        tail.clear();
+                        tail.push_str("\",");
+                        tail.push_str(&labels);
+                        tail.push_str("} ");
                         let mut cumulative = 0;
                         for &(le, n) in &classic {
                             cumulative += n;
-                            out.push_str(&family.name);
-                            out.push_str("_bucket{le=\"");
+                            out.push_str(&head);
                             out.push_str(bounds.get(le));
-                            out.push_str("\",");
-                            out.push_str(&labels);
-                            out.push_str("} ");
+                            out.push_str(&tail);
                             out.push_str(int.format(cumulative));
                             out.push('\n');
                         }
                         continue;
                     }
+                    // `name[_total]_bucket{labels,le="x"} n`, likewise.
+                    head.clear();
+                    head.push_str(&family.name);
+                    if total {
+                        head.push_str("_total");
+                    }
+                    head.push_str("_bucket{");
+                    head.push_str(&labels);
+                    head.push_str(",le=\"");
                     let mut cumulative = 0;
                     let mut inf_seen = false;
                     for &(le, n) in &classic {
                         cumulative += n;
                         inf_seen |= le == f64::INFINITY;
-                        bucket_line(&mut out, &family.name, total, &labels, bounds.get(le));
+                        out.push_str(&head);
+                        out.push_str(bounds.get(le));
+                        out.push_str("\"} ");
                         out.push_str(int.format(cumulative));
                         out.push('\n');
                     }
                     if !inf_seen {
-                        bucket_line(&mut out, &family.name, total, &labels, "+Inf");
+                        out.push_str(&head);
+                        out.push_str("+Inf\"} ");
                         out.push_str(int.format(count));
                         out.push('\n');
                     }
@@ -250,20 +295,9 @@ pub(super) fn text(plan: &Plan<'_>, om: bool) -> Result<Vec<u8>, RenderError> {
     if om {
         out.push_str("# EOF\n");
     }
+    // ORDERING: Relaxed: a size hint.
+    hint.store(out.len(), Ordering::Relaxed);
     Ok(out.into_bytes())
-}
-
-/// A Prometheus text bucket line up to its value: `name[_total]_bucket{labels,le="x"} `.
-fn bucket_line(out: &mut String, name: &str, total: bool, labels: &str, le: &str) {
-    out.push_str(name);
-    if total {
-        out.push_str("_total");
-    }
-    out.push_str("_bucket{");
-    out.push_str(labels);
-    out.push_str(",le=\"");
-    out.push_str(le);
-    out.push_str("\"} ");
 }
 
 fn descriptor(out: &mut String, family: &Family, om: bool) {
@@ -335,7 +369,8 @@ fn zigzag(v: i64) -> u64 {
 
 /// Prometheus protobuf: delimited `io.prometheus.client.MetricFamily` messages.
 pub(super) fn protobuf(plan: &Plan<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(plan.series.len() * 64 + 4096);
+    let hint = &LAST_LEN[2];
+    let mut out = Vec::with_capacity(capacity(hint, plan.series.len() * 64));
     let mut family_buf = Vec::new();
     let mut metric = Vec::new();
     let mut inner = Vec::new();
@@ -405,6 +440,8 @@ pub(super) fn protobuf(plan: &Plan<'_>) -> Vec<u8> {
         encode_varint(family_buf.len() as u64, &mut out);
         out.extend_from_slice(&family_buf);
     }
+    // ORDERING: Relaxed: a size hint.
+    hint.store(out.len(), Ordering::Relaxed);
     out
 }
 
