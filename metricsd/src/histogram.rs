@@ -336,19 +336,21 @@ impl Buckets {
     /// `(index, count)` at a scale `steps` lower, without copying: neighbours merged as
     /// [`Exponential::downscaled`] would merge them.
     fn grouped(&self, steps: i32) -> impl Iterator<Item = (i32, u64)> + '_ {
-        let steps = steps.max(0);
-        let mut it = self.iter().peekable();
+        let steps = steps.clamp(0, 31);
+        let offset = i64::from(self.offset);
+        let counts = &self.counts[..];
+        let mut at = 0usize;
         std::iter::from_fn(move || {
-            let (i, mut c) = it.next()?;
-            let group = i >> steps;
-            while let Some(&(j, d)) = it.peek() {
-                if j >> steps != group {
-                    break;
-                }
-                c += d;
-                it.next();
+            if at >= counts.len() {
+                return None;
             }
-            Some((group, c))
+            // The group of bucket `offset + at`, and the first bucket of the next group.
+            let group = (offset + at as i64) >> steps;
+            let next = (((group + 1) << steps) - offset).clamp(0, counts.len() as i64) as usize;
+            let end = next.max(at + 1);
+            let c = counts.get(at..end).map_or(0, |g| g.iter().sum());
+            at = end;
+            Some((group as i32, c))
         })
     }
 
@@ -1003,7 +1005,10 @@ impl Histogram {
     /// are powers of two and so exact as `f64` (finer detail is in the native buckets);
     /// negative observations count in every bucket, as `le` means.
     pub fn classic(&self) -> Vec<Classic> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(match self {
+            Self::Explicit(h) => h.counts.len(),
+            Self::Exponential(h) => h.positive.counts.len() + 2,
+        });
         match self {
             Self::Explicit(h) => {
                 let mut acc = 0;

@@ -46,6 +46,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
@@ -544,12 +545,12 @@ fn split_clashes(
     };
     // Usually no two members clash, which a hash of each member's exposed labels shows
     // without building them: only two equal hashes call for the exact split.
-    let mut hashes: Vec<u64> = members
-        .iter()
-        .filter_map(|&m| exposed(m).map(|(service, labels)| label_hash(service, labels)))
-        .collect();
-    hashes.sort_unstable();
-    if hashes.windows(2).all(|w| w[0] != w[1]) {
+    let mut hashes: HashSet<u64, BuildHasherDefault<Prehashed>> =
+        HashSet::with_capacity_and_hasher(members.len(), BuildHasherDefault::default());
+    let distinct = members.iter().all(|&m| {
+        exposed(m).is_none_or(|(service, labels)| hashes.insert(label_hash(service, labels)))
+    });
+    if distinct {
         return vec![members];
     }
     let mut parts: Vec<(HashSet<Vec<(&str, &str)>>, Vec<Source>)> = Vec::new();
@@ -569,6 +570,26 @@ fn split_clashes(
         }
     }
     parts.into_iter().map(|(_, part)| part).collect()
+}
+
+/// The hasher of a set of [`label_hash`] values: they are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
 }
 
 /// A hash of an exposed label set (service, then each key and value), for the clash
@@ -911,6 +932,28 @@ mod tests {
                 ],
                 Value::Counter { total: 5 },
             ),
+            // Two series whose labels coincide once translated: kept apart.
+            Series::new(
+                "api",
+                c,
+                "clash",
+                &[("a.b", "1")],
+                Value::Counter { total: 1 },
+            ),
+            Series::new(
+                "api",
+                c,
+                "clash",
+                &[("a_b", "1")],
+                Value::Counter { total: 2 },
+            ),
+            Series::new(
+                "api",
+                c,
+                "clash",
+                &[("a-b", "1")],
+                Value::Counter { total: 3 },
+            ),
             Series::new(
                 "api",
                 c,
@@ -1064,6 +1107,18 @@ mod tests {
             ..Snapshot::default()
         };
         let extra = vec![health(c, "metricsd.scrape.served", &[], 2)];
+        let families = decode(
+            &render(Arc::new(snapshot.clone()), extra.clone(), Format::Protobuf)
+                .expect("renders")
+                .body,
+        )
+        .expect("decodes");
+        let clash: Vec<&str> = families
+            .iter()
+            .filter(|f| f.name.starts_with("clash"))
+            .map(|f| f.name.as_str())
+            .collect();
+        assert_eq!(clash, ["clash_total", "clash_2_total", "clash_3_total"]);
         assert_identical(snapshot, extra);
         // Nothing at all.
         assert_identical(Snapshot::default(), Vec::new());
