@@ -744,16 +744,18 @@ impl NativeBuckets {
     /// `b` at a scale `steps` lower (no grouping pass when `steps` is 0, the usual case
     /// at schemas up to 8).
     fn from_buckets(b: &Buckets, steps: i32) -> Self {
+        // At most one delta, and one span, per bucket held.
+        let most = b.counts.iter().filter(|&&c| c > 0).count();
         if steps <= 0 {
-            Self::from_pairs(b.iter(), b.counts.len())
+            Self::from_pairs(b.iter(), most)
         } else {
-            Self::from_pairs(b.grouped(steps), b.counts.len())
+            Self::from_pairs(b.grouped(steps), most)
         }
     }
 
     fn from_pairs(pairs: impl Iterator<Item = (i32, u64)>, most: usize) -> Self {
         let mut out = Self {
-            spans: Vec::new(),
+            spans: Vec::with_capacity(most),
             deltas: Vec::with_capacity(most),
         };
         let mut prev_count: i64 = 0;

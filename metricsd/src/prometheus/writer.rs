@@ -14,7 +14,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::protowire::{encode_varint, encoded_len_varint};
+use crate::protowire::{encode_varint, encoded_len_varint, put_varint};
 
 use super::{Family, Plan, RenderError, Sample, classic_buckets};
 use crate::aggregate::MetricKind;
@@ -371,78 +371,105 @@ fn zigzag(v: i64) -> u64 {
 pub(super) fn protobuf(plan: &Plan<'_>) -> Vec<u8> {
     let hint = &LAST_LEN[2];
     let mut out = Vec::with_capacity(capacity(hint, plan.series.len() * 64));
-    let mut family_buf = Vec::new();
-    let mut metric = Vec::new();
     let mut inner = Vec::new();
     let mut classic: Vec<(f64, u64)> = Vec::new();
     for family in &plan.families {
-        family_buf.clear();
+        // The family's length is written once it is known, into five bytes reserved
+        // here, and the family moved up to follow the fewest bytes that hold it.
+        let at = out.len();
+        out.extend_from_slice(&[0; 5]);
         let (name_total, kind) = match family.kind {
             MetricKind::Counter => (true, 0),
             MetricKind::Gauge => (false, 1),
             MetricKind::Histogram | MetricKind::SpanDuration => (false, 4),
         };
         let name_len = family.name.len() + if name_total { 6 } else { 0 };
-        key(&mut family_buf, 1, LEN);
-        encode_varint(name_len as u64, &mut family_buf);
-        family_buf.extend_from_slice(family.name.as_bytes());
+        key(&mut out, 1, LEN);
+        encode_varint(name_len as u64, &mut out);
+        out.extend_from_slice(family.name.as_bytes());
         if name_total {
-            family_buf.extend_from_slice(b"_total");
+            out.extend_from_slice(b"_total");
         }
-        bytes_field(&mut family_buf, 2, family.help.as_bytes());
-        uint(&mut family_buf, 3, kind);
+        bytes_field(&mut out, 2, family.help.as_bytes());
+        uint(&mut out, 3, kind);
         for &src in &family.members {
             let Some(m) = plan.member(src) else {
                 continue;
             };
-            metric.clear();
-            let label = |metric: &mut Vec<u8>, k: &str, v: &str| {
-                let len = (if k.is_empty() {
-                    0
-                } else {
-                    1 + encoded_len_varint(k.len() as u64) + k.len()
-                }) + if v.is_empty() {
-                    0
-                } else {
-                    1 + encoded_len_varint(v.len() as u64) + v.len()
-                };
-                key(metric, 1, LEN);
-                encode_varint(len as u64, metric);
-                bytes_field(metric, 1, k.as_bytes());
-                bytes_field(metric, 2, v.as_bytes());
-            };
-            label(&mut metric, "service", m.service);
-            for (k, v) in m.labels {
-                label(&mut metric, k, v);
-            }
-            let value_field = |metric: &mut Vec<u8>, field: u64, v: f64| {
-                key(metric, field, LEN);
-                if v != 0.0 {
-                    metric.push(9);
-                    double(metric, 1, v);
-                } else {
-                    metric.push(0);
-                }
-            };
-            match m.sample {
-                Sample::CounterU64(v) => value_field(&mut metric, 3, v as f64),
-                Sample::CounterF64(v) => value_field(&mut metric, 3, v),
-                Sample::GaugeI64(v) => value_field(&mut metric, 2, v as f64),
-                Sample::GaugeF64(v) => value_field(&mut metric, 2, v),
+            // The metric's length first (labels, then the value or the histogram
+            // written aside), so the metric goes straight into the body.
+            let labels: usize = std::iter::once(("service", m.service))
+                .chain(m.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map(|(k, v)| {
+                    let pair = label_pair_len(k, v);
+                    1 + encoded_len_varint(pair as u64) + pair
+                })
+                .sum();
+            let (field, value) = match m.sample {
+                Sample::CounterU64(v) => (3, v as f64),
+                Sample::CounterF64(v) => (3, v),
+                Sample::GaugeI64(v) => (2, v as f64),
+                Sample::GaugeF64(v) => (2, v),
                 Sample::Histogram(h) => {
                     histogram(&mut inner, h, &mut classic);
-                    message(&mut metric, 7, &inner);
+                    (7, 0.0)
                 }
                 Sample::Nothing => continue,
+            };
+            let body = if field == 7 {
+                inner.len()
+            } else if value != 0.0 {
+                9
+            } else {
+                0
+            };
+            let len = labels + 1 + encoded_len_varint(body as u64) + body;
+            key(&mut out, 4, LEN);
+            encode_varint(len as u64, &mut out);
+            label_pair(&mut out, "service", m.service);
+            for (k, v) in m.labels {
+                label_pair(&mut out, k, v);
             }
-            message(&mut family_buf, 4, &metric);
+            key(&mut out, field, LEN);
+            encode_varint(body as u64, &mut out);
+            if field == 7 {
+                out.extend_from_slice(&inner);
+            } else {
+                double(&mut out, 1, value);
+            }
         }
-        encode_varint(family_buf.len() as u64, &mut out);
-        out.extend_from_slice(&family_buf);
+        let len = out.len() - at - 5;
+        let mut head = [0u8; 10];
+        let n = put_varint(len as u64, &mut head);
+        if let (Some(dst), Some(src)) = (out.get_mut(at..at + n), head.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        out.copy_within(at + 5.., at + n);
+        out.truncate(out.len() - (5 - n));
     }
     // ORDERING: Relaxed: a size hint.
     hint.store(out.len(), Ordering::Relaxed);
     out
+}
+
+/// The length of a `LabelPair { name, value }` (empty strings are left out).
+fn label_pair_len(k: &str, v: &str) -> usize {
+    let field = |s: &str| {
+        if s.is_empty() {
+            0
+        } else {
+            1 + encoded_len_varint(s.len() as u64) + s.len()
+        }
+    };
+    field(k) + field(v)
+}
+
+/// `label` (field 1 of `Metric`): a `LabelPair`.
+fn label_pair(out: &mut Vec<u8>, k: &str, v: &str) {
+    key(out, 1, LEN);
+    encode_varint(label_pair_len(k, v) as u64, out);
+    bytes_field(out, 1, k.as_bytes());
+    bytes_field(out, 2, v.as_bytes());
 }
 
 /// An `io.prometheus.client.Histogram` into `buf`: classic buckets, and for an
