@@ -190,11 +190,69 @@ struct Family {
 #[derive(Debug)]
 struct Plan<'a> {
     series: Vec<&'a Series>,
+    /// Per series (same index), its exposed labels.
+    prepared: Vec<Cow<'a, Prepared>>,
     health: Vec<&'a HealthSeries>,
+    health_prepared: Vec<Prepared>,
     families: Vec<Family>,
-    labels: HashMap<(bool, usize), Vec<(String, String)>>,
     metric_renames: u64,
     label_renames: u64,
+}
+
+/// What a series exposes besides its values: its labels as exposed (translated when a
+/// key needed it), the renames that took, a hash of the exposed set (for the clash
+/// check), and the label text of the text formats (`service="…",k="v",…`, escaped).
+/// A series' service and labels never change, so a [`crate::scrape::ScrapeView`] keeps
+/// this with each series and a scrape only reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    translated: Option<Vec<(String, String)>>,
+    renames: u64,
+    hash: u64,
+    text: String,
+    /// Bytes of the protobuf `LabelPair` fields of the set, keys and lengths included.
+    pb_len: usize,
+}
+
+impl Prepared {
+    /// The exposed labels of a series of `service` labelled `labels`.
+    pub fn of(service: &str, labels: &[(String, String)]) -> Self {
+        let (translated, renames) = match translate_labels(labels) {
+            Some((t, n)) => (Some(t), n),
+            None => (None, 0),
+        };
+        let exposed = translated.as_deref().unwrap_or(labels);
+        let mut text = String::with_capacity(
+            16 + exposed
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>(),
+        );
+        text.push_str("service=\"");
+        writer::push_escaped(&mut text, service);
+        text.push('"');
+        let mut pb_len = writer::label_pair_field_len("service", service);
+        for (k, v) in exposed {
+            text.push(',');
+            text.push_str(k);
+            text.push_str("=\"");
+            writer::push_escaped(&mut text, v);
+            text.push('"');
+            pb_len += writer::label_pair_field_len(k, v);
+        }
+        Self {
+            hash: label_hash(service, exposed),
+            translated,
+            renames,
+            text,
+            pb_len,
+        }
+    }
+
+    /// The exposed labels of a series whose own labels are `own`.
+    fn labels<'s>(&'s self, own: &'s [(String, String)]) -> &'s [(String, String)] {
+        self.translated.as_deref().unwrap_or(own)
+    }
 }
 
 /// One sample as the encoders are asked to write it.
@@ -213,6 +271,7 @@ enum Sample<'a> {
 struct Member<'p> {
     service: &'p str,
     labels: &'p [(String, String)],
+    prepared: &'p Prepared,
     sample: Sample<'p>,
 }
 
@@ -360,7 +419,11 @@ const RENAMED: &str = "metricsd.prometheus.renamed";
 impl<'a> Plan<'a> {
     /// The plan over `series` and `health`, whose last two rows are the renamed-count
     /// rows [`renamed_rows`] makes (their values are filled in from the plan).
-    fn new(series: Vec<&'a Series>, health: Vec<&'a HealthSeries>) -> Self {
+    fn new(
+        series: Vec<&'a Series>,
+        prepared: Vec<Option<&'a Prepared>>,
+        health: Vec<&'a HealthSeries>,
+    ) -> Self {
         let mut index: HashMap<(&str, MetricKind), usize> = HashMap::new();
         let mut groups: Vec<((&str, MetricKind), Vec<Source>)> = Vec::new();
         let mut last: Option<((&str, MetricKind), usize)> = None;
@@ -389,24 +452,26 @@ impl<'a> Plan<'a> {
         for (i, h) in health.iter().enumerate() {
             add((h.name, h.kind), Source::Health(i));
         }
-        let mut labels = HashMap::new();
-        let mut label_renames = 0;
-        for (i, s) in series.iter().enumerate() {
-            // A gauge never set is not exposed: nothing of it is renamed.
-            if matches!(s.value, Value::Gauge { value: None }) {
-                continue;
-            }
-            if let Some((l, n)) = translate_labels(&s.labels) {
-                labels.insert((false, i), l);
-                label_renames += n;
-            }
-        }
-        for (i, h) in health.iter().enumerate() {
-            if let Some((l, n)) = translate_labels(&h.labels) {
-                labels.insert((true, i), l);
-                label_renames += n;
-            }
-        }
+        let prepared: Vec<Cow<'a, Prepared>> = series
+            .iter()
+            .zip(prepared.into_iter().chain(std::iter::repeat(None)))
+            .map(|(s, p)| match p {
+                Some(p) => Cow::Borrowed(p),
+                None => Cow::Owned(Prepared::of(&s.service, &s.labels)),
+            })
+            .collect();
+        let health_prepared: Vec<Prepared> = health
+            .iter()
+            .map(|h| Prepared::of(HEALTH_SERVICE, &h.labels))
+            .collect();
+        // A gauge never set is not exposed: nothing of it is renamed.
+        let label_renames = series
+            .iter()
+            .zip(&prepared)
+            .filter(|(s, _)| !matches!(s.value, Value::Gauge { value: None }))
+            .map(|(_, p)| p.renames)
+            .chain(health_prepared.iter().map(|p| p.renames))
+            .sum();
         let mut taken: HashSet<String> = HashSet::new();
         let mut families = Vec::with_capacity(groups.len());
         let mut metric_renames = 0;
@@ -414,7 +479,7 @@ impl<'a> Plan<'a> {
         groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for ((name, kind), members) in groups {
             let base = family_name(name, kind);
-            for members in split_clashes(&series, &health, &labels, members) {
+            for members in split_clashes(&prepared, &health_prepared, members) {
                 let mut chosen = base.clone();
                 let mut n = 2;
                 while sample_names(&chosen, kind)
@@ -438,9 +503,10 @@ impl<'a> Plan<'a> {
         }
         Self {
             series,
+            prepared,
             health,
+            health_prepared,
             families,
-            labels,
             metric_renames,
             label_renames,
         }
@@ -466,10 +532,8 @@ impl<'a> Plan<'a> {
         match src {
             Source::Series(i) => {
                 let s = *self.series.get(i)?;
-                let labels = match self.labels.get(&(false, i)) {
-                    Some(t) => t.as_slice(),
-                    None => &s.labels[..],
-                };
+                let prepared: &Prepared = self.prepared.get(i)?;
+                let labels = prepared.labels(&s.labels);
                 let sample = match &s.value {
                     Value::Counter { total } => match u64::try_from(*total) {
                         Ok(v) => Sample::CounterU64(v),
@@ -483,15 +547,14 @@ impl<'a> Plan<'a> {
                 Some(Member {
                     service: &s.service,
                     labels,
+                    prepared,
                     sample,
                 })
             }
             Source::Health(i) => {
                 let h = *self.health.get(i)?;
-                let labels = match self.labels.get(&(true, i)) {
-                    Some(t) => t.as_slice(),
-                    None => &h.labels[..],
-                };
+                let prepared = self.health_prepared.get(i)?;
+                let labels = prepared.labels(&h.labels);
                 let value = self.health_value(i, h);
                 let sample = match h.kind {
                     MetricKind::Counter => Sample::CounterU64(u64::try_from(value).unwrap_or(0)),
@@ -500,6 +563,7 @@ impl<'a> Plan<'a> {
                 Some(Member {
                     service: HEALTH_SERVICE,
                     labels,
+                    prepared,
                     sample,
                 })
             }
@@ -522,46 +586,41 @@ fn renamed_rows() -> [HealthSeries; 2] {
 /// renamed onto an existing `exported_service`): each member goes to the first part
 /// that does not have its labels yet, so without a clash there is one part.
 fn split_clashes(
-    series: &[&Series],
-    health: &[&HealthSeries],
-    translated: &HashMap<(bool, usize), Vec<(String, String)>>,
+    prepared: &[Cow<'_, Prepared>],
+    health: &[Prepared],
     members: Vec<Source>,
 ) -> Vec<Vec<Source>> {
     if members.len() < 2 {
         return vec![members];
     }
-    let exposed = |member: Source| -> Option<(&str, &[(String, String)])> {
-        let (key, service, own) = match member {
-            Source::Series(i) => {
-                let s = series.get(i)?;
-                ((false, i), &*s.service, &s.labels[..])
-            }
-            Source::Health(i) => {
-                let h = health.get(i)?;
-                ((true, i), HEALTH_SERVICE, &h.labels[..])
-            }
-        };
-        Some((service, translated.get(&key).map_or(own, |t| &t[..])))
+    let hash = |member: Source| -> Option<u64> {
+        match member {
+            Source::Series(i) => prepared.get(i).map(|p| p.hash),
+            Source::Health(i) => health.get(i).map(|p| p.hash),
+        }
     };
-    // Usually no two members clash, which a hash of each member's exposed labels shows
-    // without building them: only two equal hashes call for the exact split.
+    // Usually no two members clash, which the hashes of their exposed label sets show:
+    // only two equal hashes call for the exact split.
     let mut hashes: HashSet<u64, BuildHasherDefault<Prehashed>> =
         HashSet::with_capacity_and_hasher(members.len(), BuildHasherDefault::default());
-    let distinct = members.iter().all(|&m| {
-        exposed(m).is_none_or(|(service, labels)| hashes.insert(label_hash(service, labels)))
-    });
+    let distinct = members
+        .iter()
+        .all(|&m| hash(m).is_none_or(|h| hashes.insert(h)));
     if distinct {
         return vec![members];
     }
-    let mut parts: Vec<(HashSet<Vec<(&str, &str)>>, Vec<Source>)> = Vec::new();
+    let mut parts: Vec<(HashSet<&str>, Vec<Source>)> = Vec::new();
     for member in members {
-        let Some((service, labels)) = exposed(member) else {
+        // The label text is the exposed set, written out (keys are names, values
+        // escaped): equal texts, equal sets.
+        let key = match member {
+            Source::Series(i) => prepared.get(i).map(|p| p.text.as_str()),
+            Source::Health(i) => health.get(i).map(|p| p.text.as_str()),
+        };
+        let Some(key) = key else {
             continue;
         };
-        let mut key = Vec::with_capacity(labels.len() + 1);
-        key.push(("service", service));
-        key.extend(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        match parts.iter_mut().find(|(seen, _)| !seen.contains(&key)) {
+        match parts.iter_mut().find(|(seen, _)| !seen.contains(key)) {
             Some((seen, part)) => {
                 seen.insert(key);
                 part.push(member);
@@ -639,6 +698,7 @@ impl SnapshotCollector {
     fn plan(&self) -> Plan<'_> {
         Plan::new(
             self.snapshot.series.iter().collect(),
+            Vec::new(),
             self.snapshot.health.iter().chain(&self.extra).collect(),
         )
     }
@@ -743,6 +803,7 @@ pub fn render(
     let renamed = renamed_rows();
     let plan = Plan::new(
         snapshot.series.iter().collect(),
+        Vec::new(),
         snapshot
             .health
             .iter()
@@ -759,8 +820,10 @@ pub fn render_view(
     format: Format,
 ) -> Result<Rendered, RenderError> {
     let renamed = renamed_rows();
+    let (series, prepared) = view.entries().map(|(s, p)| (s, Some(p))).unzip();
     let plan = Plan::new(
-        view.series().collect(),
+        series,
+        prepared,
         view.health().iter().chain(&renamed).collect(),
     );
     render_plan(&plan, format)

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use crate::aggregate::{MetricKind, Series, Store};
 use crate::config::PrometheusConfig;
-use crate::prometheus::{Format, render_view};
+use crate::prometheus::{Format, Prepared, render_view};
 use crate::schema::labels;
 use crate::snapshot::HealthSeries;
 
@@ -60,14 +60,41 @@ pub struct ScrapeView {
 /// Slots per chunk of a [`ScrapeView`].
 pub const CHUNK: usize = 1024;
 
-type Chunk = Vec<Option<Arc<Series>>>;
+type Chunk = Vec<Option<Arc<Entry>>>;
+
+/// A series and what it exposes besides its values (its labels never change).
+#[derive(Clone, Debug)]
+struct Entry {
+    series: Series,
+    prepared: Prepared,
+}
+
+impl Entry {
+    fn new(s: &Series) -> Self {
+        Self {
+            prepared: Prepared::of(&s.service, &s.labels),
+            series: s.clone(),
+        }
+    }
+
+    /// Whether `s` has this entry's identity (so its prepared labels still hold).
+    fn same_labels(&self, s: &Series) -> bool {
+        Arc::ptr_eq(&self.series.labels, &s.labels) && self.series.service == s.service
+            || self.series.service == s.service && self.series.labels == s.labels
+    }
+}
 
 impl ScrapeView {
     /// Every series, in slot order.
     pub fn series(&self) -> impl Iterator<Item = &Series> {
+        self.entries().map(|(s, _)| s)
+    }
+
+    /// Every series with its prepared labels, in slot order.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&Series, &Prepared)> {
         self.chunks
             .iter()
-            .flat_map(|c| c.iter().flatten().map(|s| &**s))
+            .flat_map(|c| c.iter().flatten().map(|e| (&e.series, &e.prepared)))
     }
 
     /// The health series.
@@ -125,13 +152,25 @@ impl ScrapeTable {
             let Some(entry) = chunk.get_mut(i) else {
                 continue;
             };
-            match store.series_at(index) {
-                None => *entry = None,
-                Some(s) => match entry.as_mut().and_then(Arc::get_mut) {
-                    // Not shared with a view: overwritten in place.
-                    Some(old) => old.clone_from(s),
-                    None => *entry = Some(Arc::new(s.clone())),
-                },
+            let Some(s) = store.series_at(index) else {
+                *entry = None;
+                continue;
+            };
+            match entry.as_mut().and_then(Arc::get_mut) {
+                // Not shared with a view: overwritten in place.
+                Some(old) if old.same_labels(s) => old.series.clone_from(s),
+                Some(old) => *old = Entry::new(s),
+                None => {
+                    let fresh = match entry.as_deref() {
+                        // Shared: a new entry, with the labels prepared before.
+                        Some(old) if old.same_labels(s) => Entry {
+                            series: s.clone(),
+                            prepared: old.prepared.clone(),
+                        },
+                        _ => Entry::new(s),
+                    };
+                    *entry = Some(Arc::new(fresh));
+                }
             }
         }
         // The last chunk holds no slot past the store's end.
@@ -644,5 +683,19 @@ mod tests {
             store.all().cloned().collect::<Vec<_>>()
         );
         assert_eq!(series(&second).len(), 3100, "still as it was");
+
+        // A view renders what its series, rendered from a snapshot, render.
+        for view in [&first, &second, &table.view(Vec::new())] {
+            let snapshot = Arc::new(crate::snapshot::Snapshot {
+                series: series(view),
+                ..Default::default()
+            });
+            for format in [Format::OpenMetrics, Format::Text, Format::Protobuf] {
+                let a = render_view(view, format).expect("renders");
+                let b = crate::prometheus::render(snapshot.clone(), Vec::new(), format)
+                    .expect("renders");
+                assert_eq!(a.body, b.body, "{format:?}");
+            }
+        }
     }
 }

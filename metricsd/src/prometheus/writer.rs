@@ -46,7 +46,7 @@ const ESCAPED: [bool; 256] = {
 };
 
 /// `s` as a label value: `\`, `"` and newline escaped, as the text encoders do.
-fn push_escaped(out: &mut String, s: &str) {
+pub(super) fn push_escaped(out: &mut String, s: &str) {
     if !s.bytes().any(|b| ESCAPED[usize::from(b)]) {
         out.push_str(s);
         return;
@@ -151,7 +151,6 @@ impl Bounds {
 pub(super) fn text(plan: &Plan<'_>, om: bool) -> Result<Vec<u8>, RenderError> {
     let hint = &LAST_LEN[usize::from(om)];
     let mut out = String::with_capacity(capacity(hint, plan.series.len() * 96));
-    let mut labels = String::new();
     let (mut head, mut tail) = (String::new(), String::new());
     let mut classic: Vec<(f64, u64)> = Vec::new();
     let mut bounds = Bounds::new(om);
@@ -166,17 +165,7 @@ pub(super) fn text(plan: &Plan<'_>, om: bool) -> Result<Vec<u8>, RenderError> {
             if matches!(m.sample, Sample::Nothing) {
                 continue;
             }
-            labels.clear();
-            labels.push_str("service=\"");
-            push_escaped(&mut labels, m.service);
-            labels.push('"');
-            for (k, v) in m.labels {
-                labels.push(',');
-                labels.push_str(k);
-                labels.push_str("=\"");
-                push_escaped(&mut labels, v);
-                labels.push('"');
-            }
+            let labels = m.prepared.text.as_str();
             // `name[_total]{labels}` (Prometheus text names every sample of a counter
             // family `_total`; OpenMetrics adds it to counter samples only).
             let line = |out: &mut String, suffix: &str| {
@@ -186,7 +175,7 @@ pub(super) fn text(plan: &Plan<'_>, om: bool) -> Result<Vec<u8>, RenderError> {
                 }
                 out.push_str(suffix);
                 out.push('{');
-                out.push_str(&labels);
+                out.push_str(labels);
                 out.push('}');
             };
             match m.sample {
@@ -240,7 +229,7 @@ pub(super) fn text(plan: &Plan<'_>, om: bool) -> Result<Vec<u8>, RenderError> {
                         head.push_str("_bucket{le=\"");
                         tail.clear();
                         tail.push_str("\",");
-                        tail.push_str(&labels);
+                        tail.push_str(labels);
                         tail.push_str("} ");
                         let mut cumulative = 0;
                         for &(le, n) in &classic {
@@ -260,7 +249,7 @@ pub(super) fn text(plan: &Plan<'_>, om: bool) -> Result<Vec<u8>, RenderError> {
                         head.push_str("_total");
                     }
                     head.push_str("_bucket{");
-                    head.push_str(&labels);
+                    head.push_str(labels);
                     head.push_str(",le=\"");
                     let mut cumulative = 0;
                     let mut inf_seen = false;
@@ -398,13 +387,7 @@ pub(super) fn protobuf(plan: &Plan<'_>) -> Vec<u8> {
             };
             // The metric's length first (labels, then the value or the histogram
             // written aside), so the metric goes straight into the body.
-            let labels: usize = std::iter::once(("service", m.service))
-                .chain(m.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .map(|(k, v)| {
-                    let pair = label_pair_len(k, v);
-                    1 + encoded_len_varint(pair as u64) + pair
-                })
-                .sum();
+            let labels = m.prepared.pb_len;
             let (field, value) = match m.sample {
                 Sample::CounterU64(v) => (3, v as f64),
                 Sample::CounterF64(v) => (3, v),
@@ -450,6 +433,12 @@ pub(super) fn protobuf(plan: &Plan<'_>) -> Vec<u8> {
     // ORDERING: Relaxed: a size hint.
     hint.store(out.len(), Ordering::Relaxed);
     out
+}
+
+/// The bytes of one `label` field of a `Metric`: its key, length and `LabelPair`.
+pub(super) fn label_pair_field_len(k: &str, v: &str) -> usize {
+    let pair = label_pair_len(k, v);
+    1 + encoded_len_varint(pair as u64) + pair
 }
 
 /// The length of a `LabelPair { name, value }` (empty strings are left out).
