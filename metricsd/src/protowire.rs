@@ -4,7 +4,7 @@
 pub(crate) use prost::encoding::encoded_len_varint;
 
 /// Appends `v` as a varint.
-#[inline]
+#[inline(always)]
 pub(crate) fn encode_varint(mut v: u64, buf: &mut Vec<u8>) {
     if v < 0x80 {
         buf.push(v as u8);
@@ -19,6 +19,20 @@ pub(crate) fn encode_varint(mut v: u64, buf: &mut Vec<u8>) {
     }
     tmp[n] = v as u8;
     buf.extend_from_slice(&tmp[..=n]);
+}
+
+/// Appends `values` as consecutive varints (a packed repeated field's body), whose
+/// total length the caller knows: one reservation, one byte per small value.
+#[inline]
+pub(crate) fn encode_varints(values: &[u64], total: usize, buf: &mut Vec<u8>) {
+    buf.reserve(total);
+    for &v in values {
+        if v < 0x80 {
+            buf.push(v as u8);
+        } else {
+            encode_varint(v, buf);
+        }
+    }
 }
 
 /// Writes `v` as a varint at the start of `out` (at least 10 bytes); returns its length.

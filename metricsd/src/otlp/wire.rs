@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::protowire::{encode_varint, encoded_len_varint, put_varint};
+use crate::protowire::{encode_varint, encode_varints, encoded_len_varint, put_varint};
 
 use super::{SCOPE_NAME, SpanFields, start_of};
 use crate::aggregate::{MetricKind, Series, Value};
@@ -308,9 +308,7 @@ fn buckets(w: &mut Writer<'_>, field: u64, b: &Buckets) {
     if !counts.is_empty() {
         w.key(2, LEN);
         encode_varint(packed as u64, w.buf);
-        for &c in counts {
-            encode_varint(c, w.buf);
-        }
+        encode_varints(counts, packed, w.buf);
     }
 }
 

@@ -515,6 +515,7 @@ fn histogram(buf: &mut Vec<u8>, h: &Histogram, classic: &mut Vec<(f64, u64)>) {
                 .sum();
             key(buf, deltas_field, LEN);
             encode_varint(len as u64, buf);
+            buf.reserve(len);
             for &d in &side.deltas {
                 encode_varint(zigzag(d), buf);
             }
