@@ -201,7 +201,8 @@ struct Plan<'a> {
 
 /// What a series exposes besides its values: its labels as exposed (translated when a
 /// key needed it), the renames that took, a hash of the exposed set (for the clash
-/// check), and the label text of the text formats (`service="…",k="v",…`, escaped).
+/// check), and the labels as the formats write them: the text formats'
+/// `service="…",k="v",…` (escaped) and protobuf's `LabelPair` fields.
 /// A series' service and labels never change, so a [`crate::scrape::ScrapeView`] keeps
 /// this with each series and a scrape only reads it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -210,8 +211,9 @@ pub struct Prepared {
     renames: u64,
     hash: u64,
     text: String,
-    /// Bytes of the protobuf `LabelPair` fields of the set, keys and lengths included.
-    pb_len: usize,
+    /// The protobuf `label` fields of a `Metric` (`LabelPair`s, keys and lengths
+    /// included).
+    pb: Vec<u8>,
 }
 
 impl Prepared {
@@ -231,21 +233,22 @@ impl Prepared {
         text.push_str("service=\"");
         writer::push_escaped(&mut text, service);
         text.push('"');
-        let mut pb_len = writer::label_pair_field_len("service", service);
+        let mut pb = Vec::new();
+        writer::label_pair(&mut pb, "service", service);
         for (k, v) in exposed {
             text.push(',');
             text.push_str(k);
             text.push_str("=\"");
             writer::push_escaped(&mut text, v);
             text.push('"');
-            pb_len += writer::label_pair_field_len(k, v);
+            writer::label_pair(&mut pb, k, v);
         }
         Self {
             hash: label_hash(service, exposed),
             translated,
             renames,
             text,
-            pb_len,
+            pb,
         }
     }
 

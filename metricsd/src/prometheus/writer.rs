@@ -387,7 +387,7 @@ pub(super) fn protobuf(plan: &Plan<'_>) -> Vec<u8> {
             };
             // The metric's length first (labels, then the value or the histogram
             // written aside), so the metric goes straight into the body.
-            let labels = m.prepared.pb_len;
+            let labels = m.prepared.pb.len();
             let (field, value) = match m.sample {
                 Sample::CounterU64(v) => (3, v as f64),
                 Sample::CounterF64(v) => (3, v),
@@ -409,10 +409,7 @@ pub(super) fn protobuf(plan: &Plan<'_>) -> Vec<u8> {
             let len = labels + 1 + encoded_len_varint(body as u64) + body;
             key(&mut out, 4, LEN);
             encode_varint(len as u64, &mut out);
-            label_pair(&mut out, "service", m.service);
-            for (k, v) in m.labels {
-                label_pair(&mut out, k, v);
-            }
+            out.extend_from_slice(&m.prepared.pb);
             key(&mut out, field, LEN);
             encode_varint(body as u64, &mut out);
             if field == 7 {
@@ -435,12 +432,6 @@ pub(super) fn protobuf(plan: &Plan<'_>) -> Vec<u8> {
     out
 }
 
-/// The bytes of one `label` field of a `Metric`: its key, length and `LabelPair`.
-pub(super) fn label_pair_field_len(k: &str, v: &str) -> usize {
-    let pair = label_pair_len(k, v);
-    1 + encoded_len_varint(pair as u64) + pair
-}
-
 /// The length of a `LabelPair { name, value }` (empty strings are left out).
 fn label_pair_len(k: &str, v: &str) -> usize {
     let field = |s: &str| {
@@ -454,7 +445,7 @@ fn label_pair_len(k: &str, v: &str) -> usize {
 }
 
 /// `label` (field 1 of `Metric`): a `LabelPair`.
-fn label_pair(out: &mut Vec<u8>, k: &str, v: &str) {
+pub(super) fn label_pair(out: &mut Vec<u8>, k: &str, v: &str) {
     key(out, 1, LEN);
     encode_varint(label_pair_len(k, v) as u64, out);
     bytes_field(out, 1, k.as_bytes());
