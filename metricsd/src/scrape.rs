@@ -66,13 +66,13 @@ type Chunk = Vec<Option<Arc<Entry>>>;
 #[derive(Clone, Debug)]
 struct Entry {
     series: Series,
-    prepared: Prepared,
+    prepared: Arc<Prepared>,
 }
 
 impl Entry {
     fn new(s: &Series) -> Self {
         Self {
-            prepared: Prepared::of(&s.service, &s.labels),
+            prepared: Arc::new(Prepared::of(&s.service, &s.labels)),
             series: s.clone(),
         }
     }
@@ -94,7 +94,7 @@ impl ScrapeView {
     pub(crate) fn entries(&self) -> impl Iterator<Item = (&Series, &Prepared)> {
         self.chunks
             .iter()
-            .flat_map(|c| c.iter().flatten().map(|e| (&e.series, &e.prepared)))
+            .flat_map(|c| c.iter().flatten().map(|e| (&e.series, &*e.prepared)))
     }
 
     /// The health series.
