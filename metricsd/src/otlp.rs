@@ -495,7 +495,7 @@ pub fn traces_request(
 
 /// Appends to `out` the protobuf encoding of
 /// `metrics_request(series, instance, start_unix_ns, time_unix_ns)`, byte for byte what
-/// prost writes for it, without building the messages (see [`wire`]).
+/// prost writes for it, without building the messages.
 pub fn encode_metrics(
     series: &[&Series],
     instance: &str,
@@ -508,7 +508,7 @@ pub fn encode_metrics(
 
 /// Appends to `out` the protobuf encoding of
 /// `traces_request(spans, instance, mono_to_unix_ns, reported_unix_ns)`, byte for byte
-/// what prost writes for it, without building the messages (see [`wire`]).
+/// what prost writes for it, without building the messages.
 pub fn encode_traces(
     spans: &[&FinishedSpan],
     instance: &str,

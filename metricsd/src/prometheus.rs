@@ -1,11 +1,14 @@
-//! The Prometheus exposition: every series of a [`Snapshot`], rendered through the
-//! official `prometheus-client` encoder in the format a scraper asks for.
+//! The Prometheus exposition: every series of a [`Snapshot`] (or of a scrape view), in
+//! the format a scraper asks for, as the official `prometheus-client` encoder writes it.
 //!
 //! - [`Format::negotiate`] reads `Accept`: Prometheus protobuf (delimited
 //!   `io.prometheus.client.MetricFamily`, with native histograms), OpenMetrics 1.0 text
 //!   (ends in `# EOF`), or Prometheus text 0.0.4 (the default, also for no `Accept`).
-//! - [`render`] registers one `Collector` over the snapshot (no second copy of the
-//!   values: the collector walks the snapshot while the encoder writes) and encodes.
+//! - [`render_reference`] registers one `Collector` over the snapshot and encodes with
+//!   `prometheus-client`: the definition of the bytes.
+//! - [`render`] and [`render_view`] write the same bytes directly (the `writer` module
+//!   says why), from one plan shared with the collector; unit tests compare the two
+//!   byte for byte.
 //!
 //! What is exposed:
 //!
@@ -797,7 +800,7 @@ pub fn decode(mut body: &[u8]) -> Result<Vec<proto::MetricFamily>, prost::Decode
 }
 
 /// Renders `snapshot` and the `extra` health series (the endpoint's own) in `format`,
-/// with the direct writer ([`writer`]): the bytes [`render_reference`] gives.
+/// with the direct writer: the bytes [`render_reference`] gives.
 pub fn render(
     snapshot: Arc<Snapshot>,
     extra: Vec<HealthSeries>,
