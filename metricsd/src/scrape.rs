@@ -79,8 +79,8 @@ impl Entry {
 
     /// Whether `s` has this entry's identity (so its prepared labels still hold).
     fn same_labels(&self, s: &Series) -> bool {
-        Arc::ptr_eq(&self.series.labels, &s.labels) && self.series.service == s.service
-            || self.series.service == s.service && self.series.labels == s.labels
+        self.series.service == s.service
+            && (Arc::ptr_eq(&self.series.labels, &s.labels) || self.series.labels == s.labels)
     }
 }
 
