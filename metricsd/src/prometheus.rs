@@ -423,7 +423,9 @@ fn split_clashes(
         out.extend(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         Some(out)
     };
-    let mut parts: Vec<(HashSet<Vec<(&str, &str)>>, Vec<Source>)> = Vec::new();
+    // Each part: the label sets it has, and its members.
+    type Part<'a> = (HashSet<Vec<(&'a str, &'a str)>>, Vec<Source>);
+    let mut parts: Vec<Part<'_>> = Vec::new();
     for member in members {
         let Some(key) = exposed(member) else {
             continue;
