@@ -424,7 +424,7 @@ fn histogram(h: &Histogram, observations: &[Observation]) -> PointData {
                         zero_count += 1;
                         continue;
                     }
-                    Observation::Float(v) if v == 0.0 => {
+                    Observation::Float(0.0) => {
                         zero_count += 1;
                         continue;
                     }

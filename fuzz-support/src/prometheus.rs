@@ -455,7 +455,7 @@ fn check_native(h: &Histogram, observations: &[Observation], ph: &proto::Histogr
                 continue;
             }
             Observation::Int(v) => (&mut positive, index_u64(v, schema)),
-            Observation::Float(v) if v == 0.0 => {
+            Observation::Float(0.0) => {
                 zero += 1;
                 continue;
             }
