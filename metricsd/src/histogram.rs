@@ -336,19 +336,21 @@ impl Buckets {
     /// `(index, count)` at a scale `steps` lower, without copying: neighbours merged as
     /// [`Exponential::downscaled`] would merge them.
     fn grouped(&self, steps: i32) -> impl Iterator<Item = (i32, u64)> + '_ {
-        let steps = steps.max(0);
-        let mut it = self.iter().peekable();
+        let steps = steps.clamp(0, 31);
+        let offset = i64::from(self.offset);
+        let counts = &self.counts[..];
+        let mut at = 0usize;
         std::iter::from_fn(move || {
-            let (i, mut c) = it.next()?;
-            let group = i >> steps;
-            while let Some(&(j, d)) = it.peek() {
-                if j >> steps != group {
-                    break;
-                }
-                c += d;
-                it.next();
+            if at >= counts.len() {
+                return None;
             }
-            Some((group, c))
+            // The group of bucket `offset + at`, and the first bucket of the next group.
+            let group = (offset + at as i64) >> steps;
+            let next = (((group + 1) << steps) - offset).clamp(0, counts.len() as i64) as usize;
+            let end = next.max(at + 1);
+            let c = counts.get(at..end).map_or(0, |g| g.iter().sum());
+            at = end;
+            Some((group as i32, c))
         })
     }
 
@@ -703,8 +705,8 @@ impl Exponential {
         Native {
             schema: (self.scale - steps).max(NATIVE_MIN_SCHEMA),
             zero_count: self.zero_count,
-            positive: NativeBuckets::from_pairs(self.positive.grouped(steps)),
-            negative: NativeBuckets::from_pairs(self.negative.grouped(steps)),
+            positive: NativeBuckets::from_buckets(&self.positive, steps),
+            negative: NativeBuckets::from_buckets(&self.negative, steps),
         }
     }
 
@@ -739,8 +741,23 @@ pub struct NativeBuckets {
 }
 
 impl NativeBuckets {
-    fn from_pairs(pairs: impl Iterator<Item = (i32, u64)>) -> Self {
-        let mut out = Self::default();
+    /// `b` at a scale `steps` lower (no grouping pass when `steps` is 0, the usual case
+    /// at schemas up to 8).
+    fn from_buckets(b: &Buckets, steps: i32) -> Self {
+        // At most one delta, and one span, per bucket held.
+        let most = b.counts.iter().filter(|&&c| c > 0).count();
+        if steps <= 0 {
+            Self::from_pairs(b.iter(), most)
+        } else {
+            Self::from_pairs(b.grouped(steps), most)
+        }
+    }
+
+    fn from_pairs(pairs: impl Iterator<Item = (i32, u64)>, most: usize) -> Self {
+        let mut out = Self {
+            spans: Vec::with_capacity(most),
+            deltas: Vec::with_capacity(most),
+        };
         let mut prev_count: i64 = 0;
         let mut prev_index: Option<i32> = None;
         for (i, c) in pairs.filter(|&(_, c)| c > 0) {
@@ -990,7 +1007,10 @@ impl Histogram {
     /// are powers of two and so exact as `f64` (finer detail is in the native buckets);
     /// negative observations count in every bucket, as `le` means.
     pub fn classic(&self) -> Vec<Classic> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(match self {
+            Self::Explicit(h) => h.counts.len(),
+            Self::Exponential(h) => h.positive.counts.len() + 2,
+        });
         match self {
             Self::Explicit(h) => {
                 let mut acc = 0;
@@ -1404,7 +1424,7 @@ mod tests {
                 let d = h.downscaled(NATIVE_MAX_SCHEMA);
                 let n = h.native();
                 prop_assert_eq!(n.schema, d.scale());
-                prop_assert_eq!(n.positive, NativeBuckets::from_pairs(d.positive.iter()));
+                prop_assert_eq!(n.positive, NativeBuckets::from_pairs(d.positive.iter(), 0));
                 // Classic: cumulative counts at the scale-0 boundaries, checked value by value.
                 for b in Histogram::Exponential(h.clone()).classic() {
                     let want = set.iter().filter(|&&v| (v as f64) <= b.le).count() as u64;
