@@ -4,12 +4,15 @@
 //! A segment is `<first id, 20 digits>.seg`: the 8-byte magic `LOGDSEG1`, then entries
 //! `u32 len, u32 crc32(payload), payload` where the payload is a stored record encoded as
 //! in QUERY_OK. Records are written (one `write` per APPEND) before the APPEND is
-//! acknowledged.
+//! acknowledged. With `fsync`, the server makes them durable after the write and before
+//! the reply, outside its lock, one `fdatasync` for every APPEND written meanwhile
+//! ([`Disk::sync_point`]; group commit).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::config::JournalConfig;
 use crate::frame::{self, Dec};
@@ -39,7 +42,10 @@ pub struct Recovered {
 pub struct Disk {
     dir: PathBuf,
     segments: VecDeque<Segment>,
-    active: Option<File>,
+    /// Shared with the syncing thread of a group commit (see [`Disk::sync_point`]).
+    active: Option<Arc<File>>,
+    /// Bytes written since open, in all segments: the position a sync point names.
+    written: u64,
     segment_bytes: u64,
     max_bytes: u64,
     max_entry: u64,
@@ -139,16 +145,17 @@ impl Disk {
         let mut active = None;
         if let Some(last) = segments.back() {
             if last.bytes >= MAGIC.len() as u64 && last.bytes < cfg.segment_bytes {
-                active = Some(ctx(
+                active = Some(Arc::new(ctx(
                     OpenOptions::new().append(true).open(&last.path),
                     || format!("cannot open {}", last.path.display()),
-                )?);
+                )?));
             }
         }
         let disk = Disk {
             dir: dir.to_owned(),
             segments,
             active,
+            written: 0,
             segment_bytes: cfg.segment_bytes,
             max_bytes: cfg.disk_max_bytes,
             max_entry,
@@ -168,8 +175,9 @@ impl Disk {
         self.segments.len() as u64
     }
 
-    /// Writes records (one `write`), syncing if configured. On error nothing may be
-    /// acknowledged; a partial write is a torn tail that recovery skips.
+    /// Writes records (one `write`); with `fsync` the caller then waits for a sync past
+    /// [`Disk::sync_point`]. On error nothing may be acknowledged; a partial write is a
+    /// torn tail that recovery skips.
     pub fn append(&mut self, recs: &[StoredRecord]) -> Result<(), DiskError> {
         let Some(first) = recs.first() else {
             return Ok(());
@@ -194,21 +202,32 @@ impl Disk {
                 h[4..].copy_from_slice(&crc.to_le_bytes());
             }
         }
-        let (Some(f), Some(seg)) = (self.active.as_mut(), self.segments.back_mut()) else {
+        let (Some(f), Some(seg)) = (self.active.as_deref(), self.segments.back_mut()) else {
             return Err(DiskError {
                 what: "no active segment".into(),
                 source: io::Error::other("rotation left no segment"),
             });
         };
         let path = &seg.path;
+        let mut f = f;
         ctx(f.write_all(&self.buf), || {
             format!("cannot write {}", path.display())
         })?;
-        if self.fsync {
-            ctx(f.sync_data(), || format!("cannot sync {}", path.display()))?;
-        }
         seg.bytes += self.buf.len() as u64;
+        self.written += self.buf.len() as u64;
         Ok(())
+    }
+
+    /// Whether every APPEND waits for an `fdatasync` (`journal.fsync`).
+    pub fn fsync(&self) -> bool {
+        self.fsync
+    }
+
+    /// The active segment and the bytes written so far: an `fdatasync` of that file
+    /// makes everything written up to that count durable (a segment is synced whole
+    /// when it is rotated out, before anything is written to the next).
+    pub fn sync_point(&self) -> Option<(Arc<File>, u64)> {
+        self.active.as_ref().map(|f| (Arc::clone(f), self.written))
     }
 
     fn rotate(&mut self, first_id: u64) -> Result<(), DiskError> {
@@ -236,7 +255,7 @@ impl Disk {
             path,
             bytes: MAGIC.len() as u64,
         });
-        self.active = Some(f);
+        self.active = Some(Arc::new(f));
         Ok(())
     }
 
@@ -261,7 +280,14 @@ impl Disk {
                 .filter(|r| journal.contains(r.id))
                 .collect();
             if !live.is_empty() {
-                if let Err(e) = self.append(&live) {
+                let copied = self.append(&live).and_then(|()| match &self.active {
+                    // With fsync, the copies are durable before their old segment goes.
+                    Some(f) if self.fsync => {
+                        ctx(f.sync_data(), || "cannot sync the active segment".into())
+                    }
+                    _ => Ok(()),
+                });
+                if let Err(e) = copied {
                     self.segments.push_front(oldest);
                     return Err(e);
                 }

@@ -125,7 +125,29 @@ struct Shared {
     shutdown: AtomicBool,
     state: Mutex<State>,
     appended: Condvar,
+    /// Group commit of the disk journal (`journal.fsync`).
+    sync: Mutex<SyncState>,
+    synced: Condvar,
 }
+
+/// Group commit: APPENDs that wrote to the disk journal wait, outside the server's
+/// lock, until an `fdatasync` that started after their write has finished. One of them
+/// (the leader) syncs for all written so far; the others wait for it, so concurrent
+/// APPENDs share one `fdatasync`.
+#[derive(Default)]
+struct SyncState {
+    /// The latest write: the active segment and bytes written up to there.
+    latest: Option<(Arc<std::fs::File>, u64)>,
+    /// Bytes known durable.
+    synced: u64,
+    /// The end of the last sync that failed: writes up to there are never acknowledged.
+    failed: u64,
+    /// A leader is syncing now.
+    syncing: bool,
+}
+
+/// Why a group commit failed.
+struct SyncFailed(io::Error);
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -136,6 +158,48 @@ impl Shared {
     fn stopping(&self) -> bool {
         // ORDERING: pairs with the Release store in `ShutdownHandle::shutdown`.
         self.shutdown.load(Ordering::Acquire)
+    }
+
+    fn sync_lock(&self) -> MutexGuard<'_, SyncState> {
+        self.sync.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Returns once the disk journal is durable up to `upto` bytes written: leads an
+    /// `fdatasync` if none is running, else waits for the running one (and leads the
+    /// next if that one began before `upto` was written). Fails if the sync that covered
+    /// `upto` failed: those writes are never acknowledged, even if a later sync succeeds.
+    fn durable(&self, upto: u64) -> Result<(), SyncFailed> {
+        let mut g = self.sync_lock();
+        loop {
+            if g.failed >= upto {
+                return Err(SyncFailed(io::Error::other(
+                    "an fdatasync covering these records failed",
+                )));
+            }
+            if g.synced >= upto {
+                return Ok(());
+            }
+            if g.syncing {
+                g = self.synced.wait(g).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let Some((file, target)) = g.latest.clone() else {
+                return Ok(());
+            };
+            g.syncing = true;
+            drop(g);
+            let result = file.sync_data();
+            g = self.sync_lock();
+            g.syncing = false;
+            match &result {
+                Ok(()) => g.synced = g.synced.max(target),
+                Err(_) => g.failed = g.failed.max(target),
+            }
+            self.synced.notify_all();
+            if let Err(e) = result {
+                return Err(SyncFailed(e));
+            }
+        }
     }
 }
 
@@ -342,6 +406,8 @@ impl Server {
                 shutdown: AtomicBool::new(false),
                 state: Mutex::new(state),
                 appended: Condvar::new(),
+                sync: Mutex::new(SyncState::default()),
+                synced: Condvar::new(),
             }),
         })
     }
@@ -671,17 +737,28 @@ impl Conn {
                 }
             }
         }
+        let mut sync_upto = None;
         if let Some(disk) = &mut st.disk {
-            if let Err(e) = disk.append(&to_store) {
-                eprintln!("logd: {e}; refusing the batch as internal");
-                st.disk_errors += 1;
-                for s in &mut statuses {
-                    if matches!(s, RecordStatus::Accepted(_)) {
-                        *s = RecordStatus::Rejected(Reject::Internal, Reason::Storage);
-                        rejected.add(Reject::Internal, 1);
+            match disk.append(&to_store) {
+                Ok(()) if disk.fsync() && !to_store.is_empty() => {
+                    if let Some((file, written)) = disk.sync_point() {
+                        sync_upto = Some(written);
+                        // Lock order: the state, then the sync state.
+                        self.shared.sync_lock().latest = Some((file, written));
                     }
                 }
-                to_store.clear();
+                Ok(()) => {}
+                Err(e) => {
+                    eprintln!("logd: {e}; refusing the batch as internal");
+                    st.disk_errors += 1;
+                    for s in &mut statuses {
+                        if matches!(s, RecordStatus::Accepted(_)) {
+                            *s = RecordStatus::Rejected(Reject::Internal, Reason::Storage);
+                            rejected.add(Reject::Internal, 1);
+                        }
+                    }
+                    to_store.clear();
+                }
             }
         }
         let n = to_store.len() as u64;
@@ -713,6 +790,27 @@ impl Conn {
         drop(guard);
         if n > 0 {
             self.shared.appended.notify_all();
+        }
+        if let Some(upto) = sync_upto {
+            if let Err(SyncFailed(e)) = self.shared.durable(upto) {
+                // Stored and readable, but not known durable: not acknowledged.
+                eprintln!("logd: cannot sync the journal: {e}; refusing the batch as internal");
+                let mut st = self.shared.lock();
+                st.disk_errors += 1;
+                let mut refused = RejectCounts::default();
+                for s in &mut statuses {
+                    if matches!(s, RecordStatus::Accepted(_)) {
+                        *s = RecordStatus::Rejected(Reject::Internal, Reason::Storage);
+                        refused.add(Reject::Internal, 1);
+                    }
+                }
+                st.accepted = st.accepted.saturating_sub(n);
+                st.rejected.merge(&refused);
+                if let Some(s) = st.senders.get_mut(key) {
+                    s.accepted = s.accepted.saturating_sub(n);
+                    s.rejected.merge(&refused);
+                }
+            }
         }
         statuses
     }
