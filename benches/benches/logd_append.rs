@@ -6,6 +6,8 @@
 //!
 //! - `logd journal/one_record_per_frame`: one APPEND per record, each answered (a round
 //!   trip per record) after its write to the active segment;
+//! - `logd journal/one_record_per_frame_pipelined`: one APPEND per record, all 100
+//!   written before their replies are read (`Client::append_each`);
 //! - `logd journal/batched_100_per_frame`: one APPEND of 100 records, one write;
 //! - `logd journal/batched_1000_per_frame`: ten rounds' worth per APPEND;
 //! - `logd journal fsync/batched_100_per_frame`: `journal.fsync = true`, every APPEND's
@@ -103,6 +105,13 @@ fn bench(c: &mut Criterion) {
                 let report = client.append(std::slice::from_ref(r)).expect("append");
                 assert_eq!(report.accepted(), 1);
             }
+        });
+    });
+    g.bench_function("logd journal/one_record_per_frame_pipelined", |b| {
+        b.iter(|| {
+            let report = client.append_each(&records).expect("append");
+            assert_eq!(report.accepted(), N as usize);
+            black_box(report)
         });
     });
     g.bench_function("logd journal/batched_100_per_frame", |b| {

@@ -27,6 +27,8 @@ struct Segment {
     first_id: u64,
     path: PathBuf,
     bytes: u64,
+    /// The largest record id written to it (`u64::MAX`: unknown, a recovered segment).
+    max_id: u64,
 }
 
 /// What recovery found.
@@ -139,6 +141,7 @@ impl Disk {
                 first_id,
                 path,
                 bytes,
+                max_id: u64::MAX,
             });
         }
         // Append to the newest segment if it has a valid header and room.
@@ -214,6 +217,7 @@ impl Disk {
             format!("cannot write {}", path.display())
         })?;
         seg.bytes += self.buf.len() as u64;
+        seg.max_id = recs.iter().fold(seg.max_id, |m, r| m.max(r.id));
         self.written += self.buf.len() as u64;
         Ok(())
     }
@@ -254,6 +258,7 @@ impl Disk {
             first_id,
             path,
             bytes: MAGIC.len() as u64,
+            max_id: 0,
         });
         self.active = Some(Arc::new(f));
         Ok(())
@@ -269,6 +274,14 @@ impl Disk {
             let Some(oldest) = self.segments.pop_front() else {
                 break;
             };
+            // If memory holds no id as old as the segment's newest, nothing in it is
+            // copied forward and the file need not be read.
+            if journal.first_id().is_none_or(|held| held > oldest.max_id) {
+                ctx(fs::remove_file(&oldest.path), || {
+                    format!("cannot remove {}", oldest.path.display())
+                })?;
+                continue;
+            }
             let data = ctx(fs::read(&oldest.path), || {
                 format!("cannot read {}", oldest.path.display())
             })?;
@@ -432,5 +445,42 @@ mod tests {
         assert_eq!(r.records.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
         assert_eq!(r.corrupt, 2);
         assert_eq!(fs::metadata(&path).unwrap().len() as usize, data.len() - 6);
+    }
+
+    #[test]
+    fn retention_copies_forward_what_memory_holds_and_drops_the_rest_unread() {
+        use crate::quota::SenderKey;
+        let dir = tempfile::tempdir().unwrap();
+        let one = (ENTRY_HEADER + frame::stored_record_len(&rec(1))) as u64;
+        let cfg = JournalConfig {
+            segment_bytes: 10 * one,
+            disk_max_bytes: 30 * one,
+            ..JournalConfig::default()
+        };
+        let (mut d, _) = Disk::open(dir.path(), &cfg, 1 << 20).unwrap();
+        let key = SenderKey {
+            service: "s".into(),
+            pid: Some(1),
+        };
+        // Memory holds record 1 and the newest ten, as fair-share eviction may leave it.
+        let mut journal = Journal::new(11, u64::MAX);
+        journal.insert(key.clone(), rec(1));
+        for id in 1..=100 {
+            d.append(&[rec(id)]).unwrap();
+            if id > 90 {
+                journal.insert(key.clone(), rec(id));
+            }
+            d.enforce_retention(&journal).unwrap();
+        }
+        assert!(d.bytes() <= 30 * one + 10 * one, "{} bytes", d.bytes());
+        drop(d);
+        let (_d, r) = Disk::open(dir.path(), &cfg, 1 << 20).unwrap();
+        let ids: Vec<u64> = r.records.keys().copied().collect();
+        assert!(ids.contains(&1), "record 1 was copied forward: {ids:?}");
+        assert!((91..=100).all(|id| ids.contains(&id)), "{ids:?}");
+        assert!(
+            !ids.contains(&2),
+            "what memory does not hold is retired: {ids:?}"
+        );
     }
 }

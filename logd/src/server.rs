@@ -527,14 +527,7 @@ impl Server {
         let spawned = thread::Builder::new()
             .name("logd-conn".into())
             .spawn(move || {
-                let mut conn = Conn {
-                    stream,
-                    shared,
-                    key: key2,
-                    identity,
-                    reads_all,
-                    frame_deadline: None,
-                };
+                let mut conn = Conn::new(stream, shared, key2, identity, reads_all);
                 conn.serve();
                 conn.shared.lock().disconnect(&conn.key);
             });
@@ -565,9 +558,52 @@ struct Conn {
     /// Root or listed in `[access]`: reads every sender's records and STATS rows.
     reads_all: bool,
     frame_deadline: Option<Instant>,
+    /// Bytes read ahead from the stream: `rbuf[rstart..rend]` not consumed yet. A client
+    /// that sends several requests before reading the replies (in order, as the
+    /// protocol allows) has them read with one `read(2)`.
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    /// Replies not written yet: written before the connection blocks to read, or once
+    /// they pass [`CONN_BUF`].
+    wbuf: Vec<u8>,
 }
 
+/// Bytes of read-ahead and of held replies per connection.
+const CONN_BUF: usize = 16 << 10;
+
 impl Conn {
+    fn new(
+        stream: UnixStream,
+        shared: Arc<Shared>,
+        key: SenderKey,
+        identity: Identity,
+        reads_all: bool,
+    ) -> Self {
+        Self {
+            stream,
+            shared,
+            key,
+            identity,
+            reads_all,
+            frame_deadline: None,
+            rbuf: vec![0; CONN_BUF].into_boxed_slice(),
+            rstart: 0,
+            rend: 0,
+            wbuf: Vec::new(),
+        }
+    }
+
+    /// Writes the held replies.
+    fn flush(&mut self) -> io::Result<()> {
+        let r = self.stream.write_all(&self.wbuf);
+        self.wbuf.clear();
+        if self.wbuf.capacity() > 4 * CONN_BUF {
+            self.wbuf.shrink_to(CONN_BUF);
+        }
+        r
+    }
+
     fn serve(&mut self) {
         let l = &self.shared.config.limits;
         let setup = self
@@ -623,7 +659,8 @@ impl Conn {
                     frame::encode_error(class, reason, &message)
                 }
             };
-            if self.stream.write_all(&reply).is_err() {
+            self.wbuf.extend_from_slice(&reply);
+            if self.wbuf.len() >= CONN_BUF && self.flush().is_err() {
                 return;
             }
         }
@@ -641,35 +678,61 @@ impl Conn {
     /// to be in sync; the caller then closes it.
     fn refuse(&mut self, class: Reject, reason: Reason, msg: &str) {
         self.shared.lock().count_reject(Some(&self.key), class, 1);
+        let _ignored = self.flush();
         let _ignored = self
             .stream
             .write_all(&frame::encode_error(class, reason, msg));
         let _ignored = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
-    /// Fills `dst`, honouring the idle timeout before a frame starts, the frame timeout
-    /// once it has, and shutdown.
+    /// Fills `dst`, from the read-ahead first, honouring the idle timeout before a frame
+    /// starts, the frame timeout once it has, and shutdown. Held replies are written
+    /// before it blocks on the stream.
     fn fill(&mut self, dst: &mut [u8]) -> Result<(), Stop> {
         let l = &self.shared.config.limits;
         let idle_until = Instant::now() + Duration::from_millis(l.idle_timeout_ms);
         let frame_timeout = Duration::from_millis(l.frame_timeout_ms);
         let mut got = 0;
         while got < dst.len() {
+            let (Some(rest), Some(ahead)) =
+                (dst.get_mut(got..), self.rbuf.get(self.rstart..self.rend))
+            else {
+                break;
+            };
+            if !ahead.is_empty() {
+                let n = ahead.len().min(rest.len());
+                rest[..n].copy_from_slice(&ahead[..n]);
+                self.rstart += n;
+                got += n;
+                if self.frame_deadline.is_none() {
+                    self.frame_deadline = Some(Instant::now() + frame_timeout);
+                }
+                continue;
+            }
+            if !self.wbuf.is_empty() && self.flush().is_err() {
+                return Err(Stop::Io);
+            }
             if self.shared.stopping() {
                 return Err(Stop::Shutdown);
             }
-            let Some(rest) = dst.get_mut(got..) else {
-                break;
+            // A large remainder goes straight into `dst`; a small one through the
+            // read-ahead, which may bring the next requests along.
+            let direct = rest.len() >= self.rbuf.len();
+            let read = if direct {
+                self.stream.read(rest)
+            } else {
+                self.stream.read(&mut self.rbuf)
             };
-            match self.stream.read(rest) {
+            match read {
                 Ok(0) if got == 0 && self.frame_deadline.is_none() => return Err(Stop::Closed),
                 Ok(0) => return Err(Stop::Io),
-                Ok(n) => {
+                Ok(n) if direct => {
                     got += n;
                     if self.frame_deadline.is_none() {
                         self.frame_deadline = Some(Instant::now() + frame_timeout);
                     }
                 }
+                Ok(n) => (self.rstart, self.rend) = (0, n),
                 Err(e)
                     if matches!(
                         e.kind(),

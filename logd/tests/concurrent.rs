@@ -58,3 +58,40 @@ fn concurrent_clients_each_get_every_record_stored_in_order() {
     assert_eq!(s.accepted, 1600);
     assert_eq!(s.rejected, logd::RejectCounts::default());
 }
+
+#[test]
+fn pipelined_frames_each_get_their_own_reply_in_order() {
+    let _w = watchdog(60, "pipelined_frames");
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path()));
+    let mut c = Client::connect(server.path()).unwrap();
+    // More frames than one window, one of them refused (it claims an identity).
+    let records: Vec<Record> = (0..1000)
+        .map(|i| {
+            let r = Record::new(Level::Info, "pipe", format!("m{i}"));
+            if i == 600 {
+                r.field("service", "someone-else")
+            } else {
+                r.field("i", i.to_string())
+            }
+        })
+        .collect();
+    let report = c.append_each(&records).unwrap();
+    assert_eq!(report.statuses.len(), 1000);
+    assert_eq!(report.accepted(), 999);
+    assert!(
+        report.statuses[600].id().is_none(),
+        "{:?}",
+        report.statuses[600]
+    );
+    let ids = report.ids();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase");
+    // The connection is still in step: a plain request after the pipeline works.
+    let stored = c.query_all(&Query::new().scope("pipe"), 10_000).unwrap();
+    let messages: Vec<&str> = stored.iter().map(|r| r.record.message.as_str()).collect();
+    let want: Vec<String> = (0..1000)
+        .filter(|&i| i != 600)
+        .map(|i| format!("m{i}"))
+        .collect();
+    assert_eq!(messages, want);
+}
