@@ -663,7 +663,7 @@ impl Totals {
 
     /// The integer extremes as `f64`, if any integer was recorded.
     fn int_extremes(&self) -> Option<(f64, f64)> {
-        (self.int_min <= self.int_max).then(|| (self.int_min as f64, self.int_max as f64))
+        (self.int_min <= self.int_max).then_some((self.int_min as f64, self.int_max as f64))
     }
 
     fn min(&self) -> Option<f64> {
