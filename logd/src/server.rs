@@ -659,6 +659,13 @@ impl Conn {
                     frame::encode_error(class, reason, &message)
                 }
             };
+            // A large reply (a query page) is written as it is, after those held.
+            if reply.len() >= CONN_BUF {
+                if self.flush().is_err() || self.stream.write_all(&reply).is_err() {
+                    return;
+                }
+                continue;
+            }
             self.wbuf.extend_from_slice(&reply);
             if self.wbuf.len() >= CONN_BUF && self.flush().is_err() {
                 return;
