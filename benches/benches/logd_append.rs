@@ -26,6 +26,10 @@
 //! `target/bench-cache/rsyslog`. If none of that works, the peer is skipped with a line
 //! saying why.
 //!
+//! After the criterion group, a plain full run also prints an interleaved pass: every
+//! contender once per round, order rotated, with the per-round ratio to rsyslog (see
+//! [`want_interleaved`]).
+//!
 //! Run: `cargo bench -p telemetry-benches --bench logd_append`
 
 use std::hint::black_box;
@@ -40,6 +44,19 @@ use logd::{Client, Config, Level, Record, RunningServer, Server};
 
 /// Records per round.
 const N: u64 = 100;
+/// Rounds of the interleaved pass.
+const INTERLEAVED_ROUNDS: usize = 25;
+
+/// The interleaved pass runs after a plain full run (no filter, no options), or with
+/// `TELEMETRY_BENCH_INTERLEAVED=1`; `=0` skips it.
+fn want_interleaved() -> bool {
+    match std::env::var("TELEMETRY_BENCH_INTERLEAVED").as_deref() {
+        Ok("1") => true,
+        Ok(_) => false,
+        Err(_) => std::env::args().skip(1).all(|arg| arg == "--bench"),
+    }
+}
+
 /// Clients of the group-commit contender.
 const CLIENTS: usize = 4;
 /// Width of the value field: every record has the same size.
@@ -161,6 +178,116 @@ fn bench(c: &mut Criterion) {
         });
     });
     g.finish();
+
+    if want_interleaved() {
+        // Criterion runs the contenders one after the other, and on a shared VM the
+        // speed changes between them: here each round runs every contender once, order
+        // rotated, and the ratios to rsyslog are taken within each round.
+        const CONTENDERS: [&str; 7] = [
+            "logd, one record per frame, round trip each",
+            "logd, one record per frame, pipelined",
+            "logd, 100 per frame",
+            "logd, 1000 per frame",
+            "logd, fsync, 100 per frame, one client",
+            "logd, fsync, 100 per frame, four clients",
+            "rsyslog, one record per datagram",
+        ];
+        const RSYSLOG: usize = 6;
+        // Records per contender per round: 20 rounds of 100 (the 1000-record frames: 2;
+        // the four clients: 20 each).
+        const PER_ROUND: u64 = 2000;
+        let n = if rsyslog.is_some() {
+            CONTENDERS.len()
+        } else {
+            RSYSLOG
+        };
+        let mut rates = vec![Vec::new(); n];
+        telemetry_benches::interleave("interleaved logd_append", INTERLEAVED_ROUNDS, n, |i| {
+            let start = Instant::now();
+            let records_done = match i {
+                0 => {
+                    for _ in 0..PER_ROUND / N {
+                        for r in &records {
+                            let report = client.append(std::slice::from_ref(r)).expect("append");
+                            assert_eq!(report.accepted(), 1);
+                        }
+                    }
+                    PER_ROUND
+                }
+                1 => {
+                    for _ in 0..PER_ROUND / N {
+                        let report = client.append_each(&records).expect("append");
+                        assert_eq!(report.accepted(), N as usize);
+                    }
+                    PER_ROUND
+                }
+                2 => {
+                    for _ in 0..PER_ROUND / N {
+                        let report = client.append(&records).expect("append");
+                        assert_eq!(report.accepted(), N as usize);
+                    }
+                    PER_ROUND
+                }
+                3 => {
+                    for _ in 0..PER_ROUND / 1000 {
+                        let report = client.append(&big).expect("append");
+                        assert_eq!(report.accepted(), 1000);
+                    }
+                    PER_ROUND
+                }
+                4 => {
+                    for _ in 0..PER_ROUND / N {
+                        let report = synced_client.append(&records).expect("append");
+                        assert_eq!(report.accepted(), N as usize);
+                    }
+                    PER_ROUND
+                }
+                5 => {
+                    // Each client sends a round's worth: a shorter run would time the
+                    // threads' start more than the commits.
+                    let per_client = PER_ROUND / N;
+                    std::thread::scope(|s| {
+                        for c in &mut synced_clients {
+                            let records = &records;
+                            s.spawn(move || {
+                                for _ in 0..per_client {
+                                    let report = c.append(records).expect("append");
+                                    assert_eq!(report.accepted(), N as usize);
+                                }
+                            });
+                        }
+                    });
+                    per_client * N * CLIENTS as u64
+                }
+                _ => match &rsyslog {
+                    Some(r) => {
+                        r.round(&lines, PER_ROUND / N);
+                        PER_ROUND
+                    }
+                    None => 0,
+                },
+            };
+            rates[i].push(records_done as f64 / start.elapsed().as_secs_f64() / 1e3);
+        });
+        println!(
+            "\ninterleaved logd_append: {INTERLEAVED_ROUNDS} rounds of {PER_ROUND} records per \
+             contender, order rotated each round; thousand records/s, median [min, max], and \
+             the per-round ratio to rsyslog: median (95 % CI of the median) [quartiles], \
+             rounds below rsyslog"
+        );
+        println!("| contender | K records/s | / rsyslog per round |");
+        println!("| --- | --- | --- |");
+        for (i, name) in CONTENDERS.iter().enumerate().take(n) {
+            let versus = match rates.get(RSYSLOG) {
+                Some(peer) if i != RSYSLOG => telemetry_benches::paired(&rates[i], peer),
+                _ => "-".to_owned(),
+            };
+            println!(
+                "| {name} | {} | {versus} |",
+                telemetry_benches::summary(&mut rates[i].clone())
+            );
+        }
+    }
 
     drop(client);
     drop(synced_client);
