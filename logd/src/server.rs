@@ -571,6 +571,8 @@ struct Conn {
 
 /// Bytes of read-ahead and of held replies per connection.
 const CONN_BUF: usize = 16 << 10;
+/// Most APPEND frames of a pipelined burst stored together.
+const BURST_FRAMES: usize = 64;
 
 impl Conn {
     fn new(
@@ -645,8 +647,16 @@ impl Conn {
             }
             let reply = match frame::decode_request(&h, &body, &self.shared.config.limits) {
                 Ok(Request::Append(raws)) => {
-                    let statuses = self.append(&raws);
-                    frame::encode_append_reply(&statuses)
+                    let mut burst = Vec::new();
+                    self.appends_ahead(max_frame, &mut burst);
+                    if burst.is_empty() {
+                        let statuses = self.append(&[&raws]);
+                        statuses
+                            .first()
+                            .map_or_else(Vec::new, |s| frame::encode_append_reply(s))
+                    } else {
+                        self.append_burst(&raws, &burst)
+                    }
                 }
                 Ok(Request::Query(q)) => self.query(&q),
                 Ok(Request::Stats) => frame::encode_stats_reply(&self.stats()),
@@ -671,6 +681,50 @@ impl Conn {
                 return;
             }
         }
+    }
+
+    /// Stores `first` and the frames pipelined behind it together, and returns their
+    /// replies, in order (a frame that does not decode gets its error, as alone).
+    fn append_burst(
+        &mut self,
+        first: &[frame::RawRecord<'_>],
+        burst: &[(Header, Vec<u8>)],
+    ) -> Vec<u8> {
+        let limits = &self.shared.config.limits;
+        let decoded: Vec<_> = burst
+            .iter()
+            .map(|(h, body)| frame::decode_request(h, body, limits))
+            .collect();
+        let mut frames = vec![first];
+        for d in &decoded {
+            if let Ok(Request::Append(raws)) = d {
+                frames.push(raws);
+            }
+        }
+        let mut statuses = self.append(&frames).into_iter();
+        let mut replies = frame::encode_append_reply(&statuses.next().unwrap_or_default());
+        for d in decoded {
+            let reply = match d {
+                Ok(Request::Append(_)) => {
+                    frame::encode_append_reply(&statuses.next().unwrap_or_default())
+                }
+                Ok(_) => frame::encode_error(
+                    Reject::InvalidArgs,
+                    Reason::Malformed,
+                    "expected an APPEND frame",
+                ),
+                Err(FrameReject {
+                    class,
+                    reason,
+                    message,
+                }) => {
+                    self.shared.lock().count_reject(Some(&self.key), class, 1);
+                    frame::encode_error(class, reason, &message)
+                }
+            };
+            replies.extend_from_slice(&reply);
+        }
+        replies
     }
 
     fn timed_out(&mut self) {
@@ -759,9 +813,15 @@ impl Conn {
         Ok(())
     }
 
-    fn append(&mut self, raws: &[frame::RawRecord<'_>]) -> Vec<RecordStatus> {
+    /// Stores the records of one or more APPEND frames (a pipelined burst already read)
+    /// together: one lock, one write to the disk journal, one sync wait; the statuses
+    /// come back per frame, in order.
+    fn append(&mut self, frames: &[&[frame::RawRecord<'_>]]) -> Vec<Vec<RecordStatus>> {
         let limits = &self.shared.config.limits;
-        let validated: Vec<_> = raws.iter().map(|r| r.validate(limits)).collect();
+        let validated: Vec<_> = frames
+            .iter()
+            .flat_map(|raws| raws.iter().map(|r| r.validate(limits)))
+            .collect();
         let received_ns = time::now_ns();
         let now = Instant::now();
         let mut statuses = Vec::with_capacity(validated.len());
@@ -882,7 +942,35 @@ impl Conn {
                 }
             }
         }
-        statuses
+        let mut statuses = statuses.into_iter();
+        frames
+            .iter()
+            .map(|raws| statuses.by_ref().take(raws.len()).collect())
+            .collect()
+    }
+
+    /// Moves the APPEND frames complete in the read-ahead (a client's pipelined burst)
+    /// into `out`, at most [`BURST_FRAMES`] in all, stopping at the first frame of
+    /// another kind, too large, or not complete yet.
+    fn appends_ahead(&mut self, max_frame: usize, out: &mut Vec<(Header, Vec<u8>)>) {
+        while out.len() + 1 < BURST_FRAMES {
+            let Some(ahead) = self.rbuf.get(self.rstart..self.rend) else {
+                return;
+            };
+            let Some(hb) = ahead.get(..HEADER_LEN).and_then(|b| b.try_into().ok()) else {
+                return;
+            };
+            let h = Header::parse(hb);
+            let len = h.frame_len();
+            if h.kind != frame::KIND_APPEND || len > max_frame as u64 {
+                return;
+            }
+            let Some(body) = ahead.get(HEADER_LEN..len as usize) else {
+                return;
+            };
+            out.push((h, body.to_vec()));
+            self.rstart += len as usize;
+        }
     }
 
     /// Refuses a query that names another service than the peer's own when the peer

@@ -95,3 +95,32 @@ fn pipelined_frames_each_get_their_own_reply_in_order() {
         .collect();
     assert_eq!(messages, want);
 }
+
+#[test]
+fn a_malformed_frame_inside_a_pipelined_burst_gets_its_own_error_in_order() {
+    use logd::frame::{self, Reply};
+    let _w = watchdog(60, "pipelined_malformed");
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path()));
+    let mut c = Client::connect(server.path()).unwrap();
+    let ok = |m: &str| frame::encode_append(&[Record::new(Level::Info, "burst", m)]);
+    // An APPEND header whose body is three bytes of nothing: it cannot decode.
+    let mut bad = vec![3, 0, 0, 0, 1, frame::KIND_APPEND, 0, 0];
+    bad.extend_from_slice(&[9, 9, 9]);
+    let mut burst = ok("first");
+    burst.extend_from_slice(&bad);
+    burst.extend_from_slice(&ok("third"));
+    // One write; the replies are read one by one, in order.
+    let first = c.request_raw(&burst).unwrap();
+    let second = c.request_raw(&[]).unwrap();
+    let third = c.request_raw(&[]).unwrap();
+    let (Reply::Append(a), Reply::Error(e), Reply::Append(b)) = (first, second, third) else {
+        panic!("expected APPEND_OK, ERROR, APPEND_OK");
+    };
+    assert_eq!((a.accepted(), b.accepted()), (1, 1));
+    assert!(a.ids()[0] < b.ids()[0]);
+    assert!(!e.message.is_empty());
+    let stored = c.query_all(&Query::new().scope("burst"), 10).unwrap();
+    let messages: Vec<&str> = stored.iter().map(|r| r.record.message.as_str()).collect();
+    assert_eq!(messages, ["first", "third"]);
+}
