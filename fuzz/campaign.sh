@@ -12,7 +12,8 @@
 #   MAX_SECONDS=600 fuzz/campaign.sh metricsd_drain
 #   SANITIZER=address TOOLCHAIN=nightly fuzz/campaign.sh ring_reader
 #
-# BUILD=0 runs the binaries already in target/fuzz without rebuilding them.
+# BUILD=0 runs the binaries already in target/fuzz without rebuilding them; BIN=<dir>
+# runs those in <dir> instead (a copy, so that a rebuild does not replace them mid-run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,12 +28,12 @@ mkdir -p "$dir"
 if [ "${BUILD:-1}" != 0 ]; then
   (cd fuzz && cargo "+$toolchain" fuzz build -s "$sanitizer" --target-dir "$root")
 fi
-bin="$root/x86_64-unknown-linux-gnu/release"
+bin="${BIN:-$root/x86_64-unknown-linux-gnu/release}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=($(cd fuzz && cargo fuzz list))
 fi
-echo "commit $(git rev-parse --short HEAD) (binaries built $(date -u -r "$root/x86_64-unknown-linux-gnu/release" '+%H:%M UTC')), $(date -u '+%Y-%m-%d %H:%M UTC'), sanitizer $sanitizer, $(rustc "+$toolchain" --version)"
+echo "commit $(git rev-parse --short HEAD) (binaries built $(date -u -r "$bin" '+%H:%M UTC')), $(date -u '+%Y-%m-%d %H:%M UTC'), sanitizer $sanitizer, $(rustc "+$toolchain" --version)"
 for t in "${targets[@]}"; do
   mkdir -p "$root/corpus/$t" "$root/artifacts/$t"
   log="$dir/$t.log"

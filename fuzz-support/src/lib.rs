@@ -16,8 +16,11 @@ pub mod drain;
 pub mod frame;
 pub mod grant;
 pub mod input;
+pub mod otlp;
+pub mod prometheus;
 pub mod reader;
 pub mod register;
+pub mod series;
 
 /// A target's logic: the fuzzer's bytes in, a panic on a broken invariant.
 pub type Target = fn(&[u8]);
@@ -30,6 +33,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("logd_frame", frame::run),
     ("metricsd_config", config::metricsd),
     ("metricsd_drain", drain::run),
+    ("otlp_roundtrip", otlp::run),
+    ("prometheus_roundtrip", prometheus::run),
     ("registration", register::run),
     ("ring_reader", reader::run),
 ];

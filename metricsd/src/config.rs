@@ -17,6 +17,11 @@ use telemetry_abi::{Geometry, MAX_CAPACITY, MIN_CAPACITY};
 /// 160 buckets, the OpenTelemetry limit for a histogram.
 pub const MAX_HISTOGRAM_BOUNDS: usize = 159;
 
+/// The largest explicit bucket bound, 2^53: Prometheus' `le` and OTLP's
+/// `explicit_bounds` are `f64`, exact for every integer up to it, so no two bounds can
+/// be exported as one.
+pub const MAX_HISTOGRAM_BOUND: u64 = 1 << 53;
+
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -61,7 +66,8 @@ pub struct Config {
     /// The Prometheus scrape endpoint (off unless `listen` is set).
     pub prometheus: PrometheusConfig,
     /// Histogram bucket layouts by metric (or span) name: strictly increasing `u64`
-    /// upper bounds (inclusive), at most [`MAX_HISTOGRAM_BOUNDS`]; a `+Inf` bucket is
+    /// upper bounds (inclusive) up to [`MAX_HISTOGRAM_BOUND`], at most
+    /// [`MAX_HISTOGRAM_BOUNDS`] of them; a `+Inf` bucket is
     /// always added. Names not listed use the exponential histogram with an automatic
     /// scale.
     pub histograms: BTreeMap<String, Vec<u64>>,
@@ -791,6 +797,15 @@ impl Config {
                     "strictly increasing unsigned integers (inclusive upper bounds)",
                 ));
             }
+            if let Some(b) = bounds.iter().find(|&&b| b > MAX_HISTOGRAM_BOUND) {
+                return Err(invalid(
+                    &key,
+                    format!("bound {b}"),
+                    format!(
+                        "bounds of at most {MAX_HISTOGRAM_BOUND} (2^53, exact as the f64 the exports carry)"
+                    ),
+                ));
+            }
         }
 
         for (i, rule) in self.services.iter().enumerate() {
@@ -974,6 +989,14 @@ mod tests {
         );
         let err = Config::from_toml("[histograms]\nx = [5, 5]\n").expect_err("not increasing");
         assert!(err.to_string().contains("strictly increasing"), "{err}");
+        // 2^53 + 1 and 2^53 + 2 would both be exported as the `f64` 2^53 + 2.
+        let err = Config::from_toml("[histograms]\nx = [9007199254740993, 9007199254740994]\n")
+            .expect_err("past 2^53");
+        assert!(
+            err.to_string().contains("bound 9007199254740993") && err.to_string().contains("2^53"),
+            "{err}"
+        );
+        Config::from_toml("[histograms]\nx = [1, 9007199254740992]\n").expect("2^53 is exact");
         let err = Config::from_toml("[[services]]\nname = \"a\"\n").expect_err("no matcher");
         assert!(err.to_string().contains("services[0]"), "{err}");
         let err = Config::from_toml("[[services]]\nname = \"metricsd\"\nuid = 0\n")

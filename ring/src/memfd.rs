@@ -234,3 +234,148 @@ unsafe impl Region for MemfdRegion {
         unsafe { self.region.read_slot(slot) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use rustix::fs::{MemfdFlags, SealFlags};
+    use telemetry_abi::Geometry;
+
+    use super::{MemfdError, MemfdRegion};
+    use crate::{MapError, Region};
+
+    fn geometry() -> Geometry {
+        Geometry::new(16).expect("a valid geometry")
+    }
+
+    /// A fresh memfd of `len` bytes with `seals`.
+    fn memfd(len: u64, seals: SealFlags) -> rustix::fd::OwnedFd {
+        let fd = rustix::fs::memfd_create("test", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .expect("memfd_create");
+        rustix::fs::ftruncate(&fd, len).expect("ftruncate");
+        rustix::fs::fcntl_add_seals(&fd, seals).expect("seal");
+        fd
+    }
+
+    #[test]
+    fn a_region_reports_its_size_and_debug_names_its_parts() {
+        let region = MemfdRegion::create("test", geometry(), 7).expect("create");
+        assert_eq!(region.len(), geometry().region_len());
+        assert!(!region.is_empty());
+        assert_eq!(region.geometry(), geometry());
+        let debug = format!("{region:?}");
+        for part in ["MemfdRegion", "fd", "len", "region"] {
+            assert!(debug.contains(part), "{debug}");
+        }
+        assert!(
+            debug.contains(&geometry().region_len().to_string()),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn attach_refuses_an_unsealed_memfd() {
+        let len = geometry().region_len() as u64;
+        for seals in [SealFlags::empty(), SealFlags::SHRINK, SealFlags::GROW] {
+            let err = MemfdRegion::attach(memfd(len, seals)).expect_err("not sealed");
+            assert!(matches!(err, MemfdError::NotSealed), "{err:?}");
+            assert!(err.to_string().contains("not sealed"), "{err}");
+            assert!(err.source().is_none());
+        }
+    }
+
+    #[test]
+    fn attach_refuses_an_empty_or_oversized_memfd() {
+        let sealed = SealFlags::SHRINK | SealFlags::GROW;
+        let err = MemfdRegion::attach(memfd(0, sealed)).expect_err("empty");
+        assert!(matches!(err, MemfdError::Size { found: 0 }), "{err:?}");
+        assert!(err.to_string().contains("memfd is 0 bytes"), "{err}");
+        assert!(err.source().is_none());
+        let max = Geometry::new(u64::from(telemetry_abi::MAX_CAPACITY))
+            .expect("the largest geometry")
+            .region_len() as u64
+            + 64 * telemetry_abi::LINE_SIZE as u64;
+        // The largest size accepted maps (and then fails on its zero header), one more
+        // byte is refused before mapping.
+        let err = MemfdRegion::attach(memfd(max + 1, sealed)).expect_err("too large");
+        assert!(
+            matches!(err, MemfdError::Size { found } if found == max + 1),
+            "{err:?}"
+        );
+        let err = MemfdRegion::attach(memfd(max, sealed)).expect_err("a zero header");
+        assert!(matches!(err, MemfdError::Map(_)), "{err:?}");
+    }
+
+    #[test]
+    fn attach_refuses_a_bad_header_and_names_why() {
+        let sealed = SealFlags::SHRINK | SealFlags::GROW;
+        let fd = memfd(geometry().region_len() as u64, sealed);
+        let err = MemfdRegion::attach(fd).expect_err("a zero header");
+        let MemfdError::Map(inner) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(matches!(inner, MapError::Header(_)), "{inner:?}");
+        // The message is the map error's own, and the map error is the source.
+        assert_eq!(err.to_string(), inner.to_string());
+        let source = err.source().expect("a source");
+        assert_eq!(source.to_string(), inner.to_string());
+    }
+
+    #[test]
+    fn an_os_error_names_its_step_and_keeps_its_cause() {
+        let err = MemfdError::Os {
+            step: "mmap",
+            source: std::io::Error::other("no memory"),
+        };
+        assert_eq!(err.to_string(), "mmap failed: no memory");
+        assert_eq!(
+            err.source().map(|s| s.to_string()).as_deref(),
+            Some("no memory")
+        );
+    }
+
+    #[test]
+    fn a_created_region_attaches_through_its_fd() {
+        let region = MemfdRegion::create("test", geometry(), 7).expect("create");
+        let fd = region.fd().try_clone_to_owned().expect("dup");
+        let other = MemfdRegion::attach(fd).expect("attach");
+        assert_eq!(other.len(), region.len());
+        assert_eq!(other.geometry(), region.geometry());
+        // Both mappings see one memory.
+        region
+            .write_pos()
+            .store(5, core::sync::atomic::Ordering::Release);
+        assert_eq!(
+            other
+                .write_pos()
+                .load(core::sync::atomic::Ordering::Acquire),
+            5
+        );
+        other
+            .dropped()
+            .store(3, core::sync::atomic::Ordering::Release);
+        assert_eq!(
+            region.dropped().load(core::sync::atomic::Ordering::Acquire),
+            3
+        );
+        other
+            .read_pos()
+            .store(2, core::sync::atomic::Ordering::Release);
+        assert_eq!(
+            region
+                .read_pos()
+                .load(core::sync::atomic::Ordering::Acquire),
+            2
+        );
+        other
+            .consumer_flags()
+            .store(1, core::sync::atomic::Ordering::Release);
+        assert_eq!(
+            region
+                .consumer_flags()
+                .load(core::sync::atomic::Ordering::Acquire),
+            1
+        );
+    }
+}
