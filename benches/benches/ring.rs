@@ -567,11 +567,12 @@ const PRODUCER_CONTENDERS: [Contender; 7] = [
 ];
 
 /// The end-to-end contenders (thread to thread).
-const END_TO_END_CONTENDERS: [Contender; 5] = [
+const END_TO_END_CONTENDERS: [Contender; 6] = [
     ("ours/push", ours_heap_push),
     ("ours/stage_flush_64", ours_heap_stage_flush),
     ("ours/push_all_64", ours_heap_push_all),
     ("rtrb/push", rtrb_push),
+    ("rtrb/write_chunk_uninit_64", rtrb_write_chunk_uninit),
     ("rtrb/write_chunk_64", rtrb_write_chunk),
 ];
 
@@ -1030,12 +1031,21 @@ fn interleaved() {
             .position(|(name, _)| *name == peer)
             .expect("the peer is a contender")
     };
-    let (push, chunk) = (position("rtrb/push"), position("rtrb/write_chunk_64"));
+    let (push, chunk) = (
+        position("rtrb/push"),
+        position("rtrb/write_chunk_uninit_64"),
+    );
     let producer_ratio: Vec<String> = (0..contenders.len())
         .map(|i| paired(&producer[i], &producer[push]))
         .collect();
+    // Each path against rtrb's path of its kind: single pushes against `push`, batches
+    // against rtrb's best batch path.
     let end_to_end_ratio: Vec<String> = (0..contenders.len())
-        .map(|i| paired(&end_to_end[i], &end_to_end[chunk]))
+        .map(|i| {
+            let batch = contenders[i].0.contains("_64");
+            let peer = if batch { chunk } else { push };
+            paired(&end_to_end[i], &end_to_end[peer])
+        })
         .collect();
     println!(
         "producer: Mode::Bursts; end-to-end: Mode::Sustained. Ratios are per round (the \
@@ -1045,7 +1055,8 @@ fn interleaved() {
     );
     println!(
         "| contender | producer ns/record | producer / rtrb push | end-to-end ns/record \
-         | end-to-end / rtrb write_chunk_64 |"
+         | end-to-end / rtrb peer (push for single pushes, write_chunk_uninit_64 for \
+         batches) |"
     );
     println!("| --- | --- | --- | --- | --- |");
     for (i, (name, _)) in contenders.iter().enumerate() {
