@@ -402,7 +402,7 @@ type ProducerRun = fn(&Consumer, &mut Writer<MemfdRegion>, u64) -> Duration;
 
 /// The producer-cost contenders, in the order they run: each of ours next to its
 /// `metrics` counterpart. Name, what the consumer empties, the run.
-const PRODUCER_CONTENDERS: [(&str, u8, ProducerRun); 13] = [
+const PRODUCER_CONTENDERS: [(&str, u8, ProducerRun); 14] = [
     ("ring/Writer::push (floor)", MODE_RINGS, |c, w, n| {
         c.laps(n, LAP, |k| {
             for _ in 0..k {
@@ -519,12 +519,21 @@ const PRODUCER_CONTENDERS: [(&str, u8, ProducerRun); 13] = [
             seq += k;
         })
     }),
-    // Two records per span: half as many calls per lap.
+    // Three records per span: a third as many calls per lap.
     ("nexus/span!_start_end", MODE_RINGS, |c, _, n| {
-        c.laps(n, LAP / 2, |k| {
+        c.laps(n, LAP / 3, |k| {
             for _ in 0..k {
                 let span = nexus_metrics::span!("bench.span");
                 black_box(&span);
+            }
+        })
+    }),
+    // What a span pays its clock: one `CLOCK_MONOTONIC` read of the span clock (a span
+    // takes two, at its start and its end).
+    ("clock/CLOCK_MONOTONIC read", MODE_RINGS, |c, _, n| {
+        c.laps(n, LAP, |k| {
+            for _ in 0..k {
+                black_box(nexus_metrics::Clock::now_ns(&nexus_metrics::MonotonicClock));
             }
         })
     }),
