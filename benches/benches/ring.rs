@@ -84,7 +84,8 @@ fn record(seq: u64) -> Record {
 /// (metricsd) must, and all do the same work: a consumer summing `words[0]` alone
 /// reads 8 of a peer's 32 bytes per record (the compiler drops the rest), while our
 /// `Reader` copies each record out whole to check its kind, and that difference moves
-/// rtrb `push`'s producer cost on this machine (`benches/README.md`, "Runs 1 to 3").
+/// rtrb `push`'s producer cost on this machine (`benches/README.md` as of commit a8cb4ac,
+/// "Runs 1 to 3").
 #[inline(always)]
 fn seq_of(r: &Record) -> u64 {
     let seq = r.words[0];

@@ -364,5 +364,5 @@ impl<R: Region> Writer<R> {
 /// region on x86-64 that is a `PREFETCHW`. Of the distances measured against each other
 /// (16, 32, 64 and 96 records, and no hint), 32 gave the cheapest push where transfers
 /// between the cores were slow, and cost about 0.3 ns where they were fast; the figures
-/// are in `benches/README.md` ("Run 6").
+/// are in `benches/README.md` as of commit a8cb4ac ("Run 6").
 const PREPARE_AHEAD: u64 = 32;
