@@ -428,7 +428,7 @@ impl Spans {
         if self.report(live, Some(end_ns), Outcome::Ended(status), now)
             && matches!(scope, Scope::Connection(_))
         {
-            self.recent.insert(key, self.ready.len() - 1);
+            self.recent.insert((scope, id), self.ready.len() - 1);
         }
         Ok(Some(done))
     }
