@@ -31,6 +31,7 @@
 //! histograms are fed on completion, whether or not the span is exported.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
@@ -177,10 +178,16 @@ enum Early {
     Attr(Arc<str>, String),
 }
 
+/// The tables' hasher: foldhash, seeded at random per table. Span ids are the
+/// producer's, so a table keyed by them needs a seed a producer cannot know; the
+/// standard library's SipHash has one too but cost about a third of each span's work
+/// (three lookups of a 24-byte key per span).
+type TableHasher = foldhash::fast::RandomState;
+
 /// The span tables.
 pub struct Spans {
-    live: HashMap<(Scope, u64), Live>,
-    early: HashMap<(Scope, u64), (Instant, Vec<Early>)>,
+    live: HashMap<(Scope, u64), Live, TableHasher>,
+    early: HashMap<(Scope, u64), (Instant, Vec<Early>), TableHasher>,
     early_len: usize,
     max_live: usize,
     ttl: Duration,
@@ -193,7 +200,7 @@ pub struct Spans {
     ready: Vec<FinishedSpan>,
     /// Where in `ready` each v1.1 span completed since the last export is, for its
     /// late attributes (as many entries as `ready` at most).
-    recent: HashMap<(Scope, u64), usize>,
+    recent: HashMap<(Scope, u64), usize, TableHasher>,
     stats: SpanStats,
 }
 
@@ -242,8 +249,8 @@ impl Spans {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(std::process::id());
         Self {
-            live: HashMap::new(),
-            early: HashMap::new(),
+            live: HashMap::default(),
+            early: HashMap::default(),
             early_len: 0,
             max_live: max_live as usize,
             ttl,
@@ -254,7 +261,7 @@ impl Spans {
             refilled: Instant::now(),
             logd: Bucket::new(u32::MAX),
             ready: Vec::new(),
-            recent: HashMap::new(),
+            recent: HashMap::default(),
             stats: SpanStats::default(),
         }
     }
@@ -277,12 +284,6 @@ impl Spans {
     /// Opens a span; applies any close or attributes that arrived before it.
     pub fn start(&mut self, s: Start, now: Instant) -> Result<Option<Completed>, Reason> {
         let key = (s.scope, s.id);
-        if self.live.contains_key(&key) {
-            return Err(Reason::SpanDuplicate);
-        }
-        if self.live.len() >= self.max_live {
-            return Err(Reason::LiveSpansFull);
-        }
         let (trace_id, span_id, parent_id, flags) = match (s.scope, s.trace) {
             (Scope::Connection(_), Some((trace, flags))) => (trace, s.id, s.parent, flags),
             (Scope::Ring(ring), _) => {
@@ -300,24 +301,32 @@ impl Spans {
             }
             (Scope::Connection(_), None) => return Err(Reason::SpanNoTrace),
         };
-        self.live.insert(
-            key,
-            Live {
-                service: s.service,
-                name_key: s.name_key,
-                name: s.name,
-                duration: s.duration,
-                trace_id,
-                span_id,
-                parent_id,
-                flags,
-                start_ns: s.start_ns,
-                opened: now,
-                attrs: Vec::new(),
-            },
-        );
+        let live = self.live.len();
+        // One lookup for the duplicate check and the insert.
+        let Entry::Vacant(slot) = self.live.entry(key) else {
+            return Err(Reason::SpanDuplicate);
+        };
+        if live >= self.max_live {
+            return Err(Reason::LiveSpansFull);
+        }
+        slot.insert(Live {
+            service: s.service,
+            name_key: s.name_key,
+            name: s.name,
+            duration: s.duration,
+            trace_id,
+            span_id,
+            parent_id,
+            flags,
+            start_ns: s.start_ns,
+            opened: now,
+            attrs: Vec::new(),
+        });
         self.stats.started += 1;
         self.stats.live = self.live.len() as u64;
+        if self.early.is_empty() {
+            return Ok(None);
+        }
         let Some((_, early)) = self.early.remove(&key) else {
             return Ok(None);
         };
@@ -385,9 +394,9 @@ impl Spans {
         end_ns: u64,
         now: Instant,
     ) -> Result<Option<Completed>, Reason> {
-        let key = (scope, id);
-        match self.live.get(&key) {
-            None => {
+        // One lookup for the checks and the removal.
+        let open = match self.live.entry((scope, id)) {
+            Entry::Vacant(_) => {
                 if status.name().is_none() {
                     return Err(Reason::SpanStatus);
                 }
@@ -399,13 +408,13 @@ impl Spans {
                 self.hold(scope, id, e, now)?;
                 return Ok(None);
             }
-            Some(l) if l.name_key != name_key => return Err(Reason::SpanNameMismatch),
-            Some(_) if status.name().is_none() => return Err(Reason::SpanStatus),
-            Some(_) => {}
-        }
-        let Some(live) = self.live.remove(&key) else {
-            return Err(Reason::SpanUnknown);
+            Entry::Occupied(o) if o.get().name_key != name_key => {
+                return Err(Reason::SpanNameMismatch);
+            }
+            Entry::Occupied(_) if status.name().is_none() => return Err(Reason::SpanStatus),
+            Entry::Occupied(o) => o,
         };
+        let live = open.remove();
         self.stats.live = self.live.len() as u64;
         if end_ns < live.start_ns {
             // Ended, but meaninglessly: the span is closed and the end refused.
@@ -416,10 +425,10 @@ impl Spans {
             duration_series: live.duration,
             duration_ns: end_ns - live.start_ns,
         };
-        if self.report(finish(live, Some(end_ns), Outcome::Ended(status)), now)
+        if self.report(live, Some(end_ns), Outcome::Ended(status), now)
             && matches!(scope, Scope::Connection(_))
         {
-            self.recent.insert(key, self.ready.len() - 1);
+            self.recent.insert((scope, id), self.ready.len() - 1);
         }
         Ok(Some(done))
     }
@@ -429,7 +438,7 @@ impl Spans {
         let keys: Vec<(Scope, u64)> = self.live.keys().filter(|k| k.0 == scope).copied().collect();
         for key in &keys {
             if let Some(live) = self.live.remove(key) {
-                self.report(finish(live, None, Outcome::Orphaned), now);
+                self.report(live, None, Outcome::Orphaned, now);
             }
         }
         self.stats.orphaned += keys.len() as u64;
@@ -450,7 +459,7 @@ impl Spans {
             .collect();
         for key in &keys {
             if let Some(live) = self.live.remove(key) {
-                self.report(finish(live, None, Outcome::Expired), now);
+                self.report(live, None, Outcome::Expired, now);
             }
         }
         self.stats.expired += keys.len() as u64;
@@ -472,18 +481,23 @@ impl Spans {
         (keys.len() as u64, dropped)
     }
 
-    /// Queues a finished span for export unless the rate limit says no; whether it did.
-    fn report(&mut self, span: FinishedSpan, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.refilled = self.refilled.max(now);
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+    /// Hands a span that ended (`end_ns`), was orphaned or expired to the exporters, if
+    /// the rate limit allows (whether it did); what it drops is only counted (and never
+    /// built).
+    fn report(&mut self, live: Live, end_ns: Option<u64>, outcome: Outcome, now: Instant) -> bool {
+        // The drain loop passes one `now` per pass: the bucket refills once per pass.
+        if now > self.refilled {
+            let elapsed = now.duration_since(self.refilled).as_secs_f64();
+            self.refilled = now;
+            self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        }
         if self.tokens < 1.0 {
             self.stats.rate_limited += 1;
             return false;
         }
         self.tokens -= 1.0;
         self.stats.exported += 1;
-        self.ready.push(span);
+        self.ready.push(finish(live, end_ns, outcome));
         true
     }
 

@@ -281,8 +281,8 @@ impl Op for DeclareOp {
 /// from the consumer's core and x86 commits stores in order, so any store a record adds
 /// waits behind the ring's. The rest is [`record_slow`], which takes the borrow again.
 /// With the cold path called from inside the borrow instead, a loop recording four
-/// handles in turn cost two to three times as much a record (`benches/README.md`,
-/// "Runs 11 to 13").
+/// handles in turn cost two to three times as much a record (`benches/README.md` as of
+/// commit a8cb4ac, "Runs 11 to 13").
 ///
 /// `try_with`, not `with`: `with` is a separate generic function around `try_with`
 /// that a build without LTO did not inline into the caller's loop, so every record
