@@ -31,6 +31,10 @@ pub struct GrantOp(pub u16);
 impl GrantOp {
     /// Grant one more ring.
     pub const RING: Self = Self(1);
+    /// Return a ring granted by an earlier consumer that ended without closing it
+    /// (ABI 1.2): its memfd travels with the request as `SCM_RIGHTS`, and the consumer
+    /// finishes it from the durable position its own log recorded, then closes it.
+    pub const RETURN: Self = Self(2);
 }
 
 /// A producer's request.
@@ -122,9 +126,19 @@ impl GrantRequest {
         }
     }
 
+    /// A request returning the ring whose memfd is sent with it (ABI 1.2).
+    pub const fn return_ring(hint: u64) -> Self {
+        Self {
+            op: GrantOp::RETURN,
+            ..Self::ring(0, hint)
+        }
+    }
+
     /// Whether magic, version and op are ones this version understands.
     pub fn is_well_formed(&self) -> bool {
-        self.magic == GRANT_MAGIC && self.version == GRANT_VERSION && self.op == GrantOp::RING
+        self.magic == GRANT_MAGIC
+            && self.version == GRANT_VERSION
+            && (self.op == GrantOp::RING || self.op == GrantOp::RETURN)
     }
 
     /// Parses one received frame as a consumer does: exactly [`GRANT_FRAME_SIZE`]
@@ -153,13 +167,16 @@ impl GrantRequest {
         if request.version != GRANT_VERSION {
             return Err(GrantRequestError::Version(request.version));
         }
-        if request.op != GrantOp::RING {
+        if request.op != GrantOp::RING && request.op != GrantOp::RETURN {
             return Err(GrantRequestError::Op(request.op.0));
         }
         if request.flags != 0 || request.reserved != 0 {
             return Err(GrantRequestError::Reserved);
         }
         let c = request.capacity;
+        if request.op == GrantOp::RETURN && c != 0 {
+            return Err(GrantRequestError::Capacity(c));
+        }
         if c != 0 && (c < MIN_CAPACITY || !c.is_power_of_two()) {
             return Err(GrantRequestError::Capacity(c));
         }
@@ -199,7 +216,10 @@ impl fmt::Display for GrantRequestError {
                     "grant protocol version {v} is unknown, expected {GRANT_VERSION}"
                 )
             }
-            Self::Op(op) => write!(f, "grant op {op} is unknown, expected 1 (grant a ring)"),
+            Self::Op(op) => write!(
+                f,
+                "grant op {op} is unknown, expected 1 (grant a ring) or 2 (return a ring)"
+            ),
             Self::Reserved => f.write_str("grant request flags and reserved words must be zero"),
             Self::Capacity(c) => write!(
                 f,

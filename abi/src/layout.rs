@@ -16,7 +16,7 @@ pub const ABI_MAJOR: u16 = 1;
 
 /// The ABI minor version. Minor versions only add meaning to reserved words and to
 /// bytes past the v1.0 header; a reader accepts every minor of its major.
-pub const ABI_MINOR: u16 = 1;
+pub const ABI_MINOR: u16 = 2;
 
 /// The unit of separation between the header, the producer's line and the consumer's
 /// line. 128 bytes, not 64: on x86-64 the spatial prefetcher pulls cache lines in

@@ -100,6 +100,8 @@ fn run(mix: &str, rounds: u64) -> u64 {
             connection: 1,
             service: Arc::from("bench"),
             region,
+            epoch: 1,
+            logged: None,
         });
         writers.push(writer);
     }

@@ -1328,6 +1328,8 @@ fn metricsd_drain(c: &mut Criterion) {
             connection: 1,
             service: Arc::from("bench"),
             region,
+            epoch: 1,
+            logged: None,
         });
         writers.push(writer);
     }
@@ -1414,6 +1416,8 @@ fn metricsd_idle_pass(c: &mut Criterion) {
             connection: 1 + id as u64 / 10,
             service: Arc::from("idle"),
             region,
+            epoch: 1,
+            logged: None,
         });
         writers.push(writer);
     }

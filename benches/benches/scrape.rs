@@ -256,6 +256,8 @@ fn drain_during_scrape(view: Arc<ScrapeView>) {
         connection: 1,
         service: Arc::from("bench"),
         region,
+        epoch: 1,
+        logged: None,
     });
     let mut out = [Record::default(); MAX_REGISTER_RECORDS];
     let n = telemetry_abi::encode_registration(

@@ -68,6 +68,8 @@ pub fn run(data: &[u8]) {
         connection: 1,
         service: Arc::from("fuzz"),
         region,
+        epoch: 1,
+        logged: None,
     });
 
     let mut published: Vec<Record> = Vec::new();

@@ -24,11 +24,14 @@ pub fn run(data: &[u8]) {
     };
     let (magic, version, op) = (word(0, 4), word(4, 2), word(6, 2));
     let (capacity, flags, reserved) = (word(8, 4), word(12, 4), word(24, 8));
-    let capacity_ok =
-        capacity == 0 || (capacity >= u64::from(MIN_CAPACITY) && capacity.is_power_of_two());
+    let returning = op == u64::from(GrantOp::RETURN.0);
+    let known_op = op == u64::from(GrantOp::RING.0) || returning;
+    // A returned ring (op 2) asks for no capacity.
+    let capacity_ok = capacity == 0
+        || (!returning && capacity >= u64::from(MIN_CAPACITY) && capacity.is_power_of_two());
     let valid = magic == u64::from(GRANT_MAGIC)
         && version == u64::from(GRANT_VERSION)
-        && op == u64::from(GrantOp::RING.0)
+        && known_op
         && flags == 0
         && reserved == 0
         && capacity_ok;
@@ -45,7 +48,7 @@ pub fn run(data: &[u8]) {
                 GrantRequestError::Magic(magic as u32)
             } else if version != u64::from(GRANT_VERSION) {
                 GrantRequestError::Version(version as u16)
-            } else if op != u64::from(GrantOp::RING.0) {
+            } else if !known_op {
                 GrantRequestError::Op(op as u16)
             } else if flags != 0 || reserved != 0 {
                 GrantRequestError::Reserved

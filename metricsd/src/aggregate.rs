@@ -41,6 +41,11 @@ impl SeriesId {
     pub const fn index(self) -> u32 {
         self.index
     }
+
+    /// The slot's generation when the id was handed out.
+    pub(crate) const fn generation(self) -> u32 {
+        self.generation
+    }
 }
 
 /// The label every overflow series carries.
@@ -776,6 +781,102 @@ impl Store {
             Some(_) => Ok(true),
             None => Ok(false),
         }
+    }
+
+    /// The series changed since the last export, without clearing anything.
+    pub(crate) fn dirty_ids(&self) -> &[SeriesId] {
+        &self.dirty
+    }
+
+    /// The generation of slot `index` while a series lives in it.
+    pub(crate) fn generation_at(&self, index: u32) -> Option<u32> {
+        let slot = self.slots.get(index as usize)?;
+        slot.series.as_ref().map(|_| slot.generation)
+    }
+
+    /// Every live series' id.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = SeriesId> + '_ {
+        self.slots.iter().enumerate().filter_map(|(i, slot)| {
+            slot.series.as_ref().map(|_| SeriesId {
+                index: i as u32,
+                generation: slot.generation,
+            })
+        })
+    }
+
+    /// Brings back a series the write-ahead log held (labels as stored: redacted,
+    /// renamed, sorted), with its value, creation time and the total last exported;
+    /// marked changed, so the next export carries it. A series already present is
+    /// updated in place. Caps are not applied: the series was admitted under them.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one series' whole logged identity and state"
+    )]
+    pub(crate) fn restore(
+        &mut self,
+        service: &str,
+        kind: MetricKind,
+        name: &str,
+        labels: Labels,
+        overflow: bool,
+        created_ns: u64,
+        value: Value,
+        exported_total: u128,
+    ) -> SeriesId {
+        let svc = self.service(service);
+        let service_name: Arc<str> = match self.services.get(svc as usize) {
+            Some(Some(state)) => state.name.clone(),
+            _ => Arc::from(service),
+        };
+        let name: Arc<str> = Arc::from(name);
+        let existing = if overflow {
+            self.overflow_index.get(&(svc, kind, name.clone())).copied()
+        } else {
+            self.index
+                .get(&SeriesKey {
+                    service: svc,
+                    kind,
+                    name: name.clone(),
+                    labels: labels.clone(),
+                })
+                .copied()
+        };
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let id = self.push(service_name, kind, name.clone(), labels.clone(), overflow);
+                if overflow {
+                    self.overflow_index.insert((svc, kind, name), id);
+                    self.stats.overflow_series += 1;
+                } else {
+                    self.index.insert(
+                        SeriesKey {
+                            service: svc,
+                            kind,
+                            name: name.clone(),
+                            labels,
+                        },
+                        id,
+                    );
+                    self.stats.series += 1;
+                    if let Some(Some(state)) = self.services.get_mut(svc as usize) {
+                        state.series += 1;
+                        *state.per_metric.entry(name).or_insert(0) += 1;
+                    }
+                }
+                id
+            }
+        };
+        if let Some(s) = self.get_mut(id) {
+            s.value = value;
+            s.created_ns = created_ns;
+            s.exported_total = exported_total;
+            if !s.dirty {
+                s.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+        id
     }
 
     /// The series changed since the last call, clearing their changed mark.

@@ -31,6 +31,8 @@ pub enum DaemonError {
     StopSignal(std::io::Error),
     /// The retention directory could not be opened.
     Retention(crate::retention::OpenError),
+    /// The write-ahead log could not be opened.
+    Wal(crate::wal::WalError),
     /// Started as root with `user` set, and the switch to that user failed.
     Privilege(logd::privilege::PrivilegeError),
     /// The drain loop did not answer within the time given.
@@ -49,6 +51,7 @@ impl fmt::Display for DaemonError {
             Self::Spawn(e) => write!(f, "cannot start a thread: {e}"),
             Self::StopSignal(e) => write!(f, "cannot create the stop eventfd: {e}"),
             Self::Retention(e) => write!(f, "{e}"),
+            Self::Wal(e) => write!(f, "{e}"),
             Self::Privilege(e) => write!(f, "{e}"),
             Self::Timeout(what) => write!(f, "timed out waiting for {what}"),
             Self::Stopped => f.write_str("the drain loop has stopped"),
@@ -67,6 +70,7 @@ impl std::error::Error for DaemonError {
             Self::Grant(e) => Some(e),
             Self::Spawn(e) | Self::StopSignal(e) | Self::Prometheus(_, e) => Some(e),
             Self::Retention(e) => Some(e),
+            Self::Wal(e) => Some(e),
             Self::Privilege(e) => Some(e),
             _ => None,
         }
@@ -212,6 +216,13 @@ impl Daemon {
             crate::retention::Retention::open(&config.retention).map_err(DaemonError::Retention)?;
         let mut drainer =
             Drainer::new(&config, queue.clone(), grant_stats).with_retention(retention);
+        let mut server = server;
+        if let (Some(dir), true) = (&config.retention.dir, config.retention.wal) {
+            let base = drainer
+                .open_wal(&dir.join("wal"), config.retention.wal_file_bytes)
+                .map_err(DaemonError::Wal)?;
+            server.set_epoch_base(base);
+        }
         let mut otlp_shared = None;
         if config.otlp.endpoint.is_some() {
             let (handoff, rx) = crate::otlp::channel(&config.otlp);

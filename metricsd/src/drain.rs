@@ -43,12 +43,33 @@ pub struct NewRing {
     pub service: Arc<str>,
     /// The region.
     pub region: MemfdRegion,
+    /// The epoch written in its header.
+    pub epoch: u64,
+    /// Told once the ring is in the write-ahead log (at once without one), so a ring
+    /// is never handed to a producer before a later daemon could know it.
+    pub logged: Option<Sender<()>>,
+}
+
+/// A ring an earlier metricsd granted, handed back by its producer (grant op 2).
+pub struct ReturnedRing {
+    /// The id this daemon gives it while finishing it.
+    pub id: u32,
+    /// The control connection it arrived on.
+    pub connection: u64,
+    /// The service the kernel names that connection's peer.
+    pub service: Arc<str>,
+    /// The region, attached (sealed, header accepted) but otherwise untrusted.
+    pub region: MemfdRegion,
+    /// Where the answer goes.
+    pub reply: Sender<telemetry_abi::GrantStatus>,
 }
 
 /// What the other threads ask of the drain loop.
 pub enum Command {
     /// Start draining a ring.
     AddRing(NewRing),
+    /// Finish a ring an earlier daemon left unclosed, then close it.
+    ReturnRing(ReturnedRing),
     /// A producer disconnected: drain its rings a last time, orphan their spans, free.
     CloseConnection(u64),
     /// Answer with a snapshot after the next full pass.
@@ -71,6 +92,14 @@ struct RingState {
     pending: u64,
     /// A `span_trace` waiting for its `span_open`: (span id, name key, trace, flags).
     trace: Option<(u64, u32, u128, u8)>,
+    /// The epoch written in its header when it was granted.
+    epoch: u64,
+    /// The durable position last logged (and released to the producer).
+    logged_pos: u64,
+    /// The records of the registration being assembled (with a write-ahead log).
+    reg_raw: Vec<Record>,
+    /// Registrations completed and not logged yet, their raw records.
+    reg_done: Vec<Record>,
 }
 
 /// The state the drain loop owns: rings, aggregates, spans, and counts.
@@ -93,6 +122,8 @@ pub struct Drainer {
     otlp: Option<crate::otlp::Handoff>,
     /// Rollup history on disk (`[retention]`), fed at each export.
     retention: Option<crate::retention::Retention>,
+    /// The write-ahead log (with `[retention]`): counters exactly once across a crash.
+    wal: Option<crate::wal::Wal>,
 }
 
 /// One health series: kind, name, labels, value.
@@ -145,6 +176,9 @@ struct RingCtx<'a> {
     service_idx: u32,
     keys: &'a mut KeyTable,
     regbuf: &'a mut RegistrationBuf,
+    /// With a write-ahead log: the raw records of the registration being assembled,
+    /// and of those completed (`None` without a log).
+    reg_log: Option<(&'a mut Vec<Record>, &'a mut Vec<Record>)>,
 }
 
 impl Ctx<'_> {
@@ -282,10 +316,26 @@ impl Ctx<'_> {
             self.reject(Reason::RegistrationInterrupted);
         }
         if kind == RecordKind::REGISTER || kind == RecordKind::REGISTER_DATA {
+            if let Some((raw, _)) = &mut ring.reg_log {
+                if kind == RecordKind::REGISTER {
+                    raw.clear();
+                }
+                raw.push(record);
+            }
+            let before = *self.registrations;
             match ring.regbuf.feed(&record) {
                 Ok(None) => {}
                 Ok(Some(reg)) => register(self, ring.keys, ring.service_idx, &reg),
                 Err(e) => self.reject(register_reason(e)),
+            }
+            if let Some((raw, done)) = &mut ring.reg_log {
+                if *self.registrations != before {
+                    done.append(raw);
+                } else if !ring.regbuf.is_pending() {
+                    // Refused, passed over, or an identical re-registration: nothing
+                    // a replay needs.
+                    raw.clear();
+                }
             }
             return;
         }
@@ -528,7 +578,196 @@ impl Drainer {
             scrape_stats: None,
             otlp: None,
             retention: None,
+            wal: None,
         }
+    }
+
+    /// Opens the write-ahead log in `dir` (rotating files at `file_bytes`), replaying
+    /// what an earlier daemon logged into the store. Returns the epoch base this
+    /// daemon's grants must use.
+    pub fn open_wal(
+        &mut self,
+        dir: &std::path::Path,
+        file_bytes: u64,
+    ) -> Result<u64, crate::wal::WalError> {
+        let crate::wal::Opened {
+            mut wal,
+            epoch_base,
+            windows,
+        } = crate::wal::Wal::open(dir, file_bytes, &mut self.store)?;
+        if let Some(r) = &mut self.retention {
+            // A window the disk has from after the checkpoint that logged it was
+            // closed and written since: the disk's copy is the newer one.
+            let mut from = windows.closed_at;
+            for (_, at) in &windows.open {
+                for (f, a) in from.iter_mut().zip(at) {
+                    *f = (*f).min(*a);
+                }
+            }
+            let on_disk = r.written_since(from);
+            let newer = |p: &crate::rollup::Point, at: &[(u64, u64); 3]| {
+                on_disk
+                    .get(&(p.series.clone(), p.resolution.0, p.start_ns))
+                    .is_some_and(|w| *w >= at[usize::from(p.resolution.0)])
+            };
+            let open = windows
+                .open
+                .into_iter()
+                .filter(|(p, at)| !newer(p, at))
+                .map(|(p, _)| p)
+                .collect();
+            let closed = windows
+                .closed
+                .into_iter()
+                .filter(|p| !newer(p, &windows.closed_at))
+                .collect();
+            for id in self.store.ids().collect::<Vec<_>>() {
+                if let Some(s) = self.store.get(id) {
+                    r.prime(s);
+                }
+            }
+            r.restore(open, closed);
+        }
+        wal.start(&self.store, self.retention.as_ref())?;
+        self.wal = Some(wal);
+        Ok(epoch_base)
+    }
+
+    /// The write-ahead log's totals, if there is one.
+    pub fn wal_stats(&self) -> Option<crate::wal::WalStats> {
+        self.wal.as_ref().map(|w| w.stats().clone())
+    }
+
+    /// Logs every ring's new durable position and the changed series with one
+    /// `write`, then releases the logged positions to the producers. `extra`: rings
+    /// being closed, already out of the list.
+    fn commit_wal(&mut self, extra: &mut [RingState]) {
+        let Some(wal) = &mut self.wal else {
+            return;
+        };
+        let mut positions = Vec::new();
+        for ring in self.rings.iter_mut().chain(extra.iter_mut()) {
+            if !ring.reg_done.is_empty() {
+                wal.registered(ring.epoch, &ring.reg_done);
+                ring.reg_done.clear();
+            }
+            if ring.reader.quarantined().is_some() {
+                continue;
+            }
+            let pos = ring.reader.position();
+            // Inside a registration, the durable position stays at its head: a replay
+            // reads the whole registration again.
+            let durable = if ring.regbuf.is_pending() {
+                pos.wrapping_sub(ring.reg_raw.len() as u64)
+            } else {
+                pos
+            };
+            if durable != ring.logged_pos {
+                positions.push((ring.epoch, durable));
+            }
+        }
+        wal.commit(&self.store, self.store.dirty_ids(), &positions);
+        for ring in self.rings.iter_mut().chain(extra.iter_mut()) {
+            if let Some(&(_, pos)) = positions.iter().find(|(e, _)| *e == ring.epoch) {
+                ring.reader.release(pos);
+                ring.logged_pos = pos;
+            }
+        }
+    }
+
+    /// Finishes a ring an earlier daemon left unclosed and its producer handed back:
+    /// validated like any ring (the header's epoch is only a name to look up; the log
+    /// decides where reading starts, which service it must belong to and its size),
+    /// read from the logged durable position up to its write position (at most one
+    /// capacity), its registrations replayed from the log, then closed.
+    pub fn return_ring(&mut self, r: ReturnedRing) -> telemetry_abi::GrantStatus {
+        use telemetry_abi::GrantStatus;
+        let epoch = r.region.mapped().header_epoch();
+        let capacity = u64::from(telemetry_ring::Region::geometry(&r.region).capacity());
+        let Some(wal) = &mut self.wal else {
+            return GrantStatus::INVALID_ARGS;
+        };
+        let logged = match wal.ring(epoch) {
+            Some(l) if !l.live && l.service == r.service && l.capacity == capacity => l.clone(),
+            _ => {
+                wal.count_return(false);
+                return GrantStatus::INVALID_ARGS;
+            }
+        };
+        wal.ring_taken(epoch);
+        let service_idx = self.store.service(&r.service);
+        self.store.ring_opened(service_idx);
+        let mut reader = Reader::starting_at(r.region, logged.position);
+        reader.defer_release();
+        let mut ring = RingState {
+            id: r.id,
+            connection: r.connection,
+            service: r.service,
+            service_idx,
+            reader,
+            keys: KeyTable::new(self.max_keys),
+            regbuf: Box::new(RegistrationBuf::new()),
+            quarantine_counted: false,
+            pending: 0,
+            trace: None,
+            epoch,
+            logged_pos: logged.position,
+            reg_raw: Vec::new(),
+            reg_done: Vec::new(),
+        };
+        // The registrations, through the same checks as when they first arrived (not
+        // logged again: the log has them).
+        {
+            let mut ctx = Ctx {
+                store: &mut self.store,
+                spans: &mut self.spans,
+                redactor: &self.redactor,
+                rejects: &mut self.rejects,
+                registrations: &mut self.stats.registrations,
+                now: Instant::now(),
+            };
+            let mut rctx = RingCtx {
+                id: ring.id,
+                connection: ring.connection,
+                trace: &mut ring.trace,
+                service: &ring.service,
+                service_idx,
+                keys: &mut ring.keys,
+                regbuf: &mut ring.regbuf,
+                reg_log: None,
+            };
+            for record in &logged.registrations {
+                ctx.record(&mut rctx, *record);
+            }
+        }
+        self.rings.push(ring);
+        let index = self.rings.len() - 1;
+        let now = Instant::now();
+        let mut left = capacity;
+        while left > 0 && self.rings[index].reader.quarantined().is_none() {
+            let n = self.drain_ring(index, left, now);
+            if n == 0 {
+                break;
+            }
+            left -= n;
+        }
+        let mut ring = vec![self.rings.swap_remove(index)];
+        self.commit_wal(&mut ring);
+        if let Some(wal) = &mut self.wal {
+            wal.retired(epoch);
+            wal.count_return(true);
+            wal.commit(&self.store, &[], &[]);
+        }
+        let ring = ring.swap_remove(0);
+        self.spans.orphan(Scope::Ring(ring.id), now);
+        for series in ring.keys.entries().filter_map(|e| e.series()) {
+            self.store.unbind(series);
+        }
+        self.store.ring_closed(ring.service_idx);
+        self.stats.rings_closed += 1;
+        // Dropping the reader releases what it read and raises the ring's CLOSED flag.
+        drop(ring);
+        GrantStatus::OK
     }
 
     /// Keeps rollup history in `retention`, fed at each export.
@@ -554,17 +793,30 @@ impl Drainer {
     pub fn add_ring(&mut self, ring: NewRing) {
         let service_idx = self.store.service(&ring.service);
         self.store.ring_opened(service_idx);
+        let mut reader = Reader::new(ring.region);
+        if let Some(wal) = &mut self.wal {
+            reader.defer_release();
+            wal.ring_granted(ring.epoch, &ring.service, reader.capacity());
+            wal.commit(&self.store, &[], &[]);
+        }
+        if let Some(tx) = &ring.logged {
+            let _ = tx.send(());
+        }
         self.rings.push(RingState {
             id: ring.id,
             connection: ring.connection,
             service: ring.service,
             service_idx,
-            reader: Reader::new(ring.region),
+            reader,
             keys: KeyTable::new(self.max_keys),
             regbuf: Box::new(RegistrationBuf::new()),
             quarantine_counted: false,
             pending: 0,
             trace: None,
+            epoch: ring.epoch,
+            logged_pos: 0,
+            reg_raw: Vec::new(),
+            reg_done: Vec::new(),
         });
         self.stats.rings_open = self.rings.len() as u64;
     }
@@ -595,8 +847,11 @@ impl Drainer {
             regbuf,
             quarantine_counted,
             pending,
+            reg_raw,
+            reg_done,
             ..
         } = ring;
+        let logging = self.wal.is_some();
         let mut ctx = Ctx {
             store,
             spans,
@@ -613,6 +868,7 @@ impl Drainer {
             service_idx: *service_idx,
             keys,
             regbuf,
+            reg_log: logging.then_some((reg_raw, reg_done)),
         };
         let before = reader.stats();
         let result = reader.drain(budget, |record| ctx.record(&mut rctx, record));
@@ -658,6 +914,9 @@ impl Drainer {
             consumed += self.drain_ring(i, self.budget, now);
             lag += self.rings[i].pending;
         }
+        if consumed > 0 {
+            self.commit_wal(&mut []);
+        }
         self.stats.passes += 1;
         self.stats.lag = lag;
         let took = u64::try_from(now.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -670,6 +929,7 @@ impl Drainer {
     /// and free them.
     pub fn close_connection(&mut self, connection: u64) {
         let now = Instant::now();
+        let mut closing = Vec::new();
         let mut i = 0;
         while i < self.rings.len() {
             if self.rings[i].connection != connection {
@@ -685,7 +945,18 @@ impl Drainer {
                 }
                 left -= n;
             }
-            let ring = self.rings.swap_remove(i);
+            closing.push(self.rings.swap_remove(i));
+        }
+        // What the last drains read is logged before the rings are released to their
+        // producer for good (dropping a reader releases everything it read).
+        self.commit_wal(&mut closing);
+        if let Some(wal) = &mut self.wal {
+            for ring in &closing {
+                wal.retired(ring.epoch);
+            }
+            wal.commit(&self.store, &[], &[]);
+        }
+        for ring in closing {
             self.spans.orphan(Scope::Ring(ring.id), now);
             for series in ring.keys.entries().filter_map(|e| e.series()) {
                 self.store.unbind(series);
@@ -717,7 +988,8 @@ impl Drainer {
         self.last_export_ns = end;
         let mut records = Vec::new();
         let mut otlp_series = Vec::new();
-        for id in self.store.take_dirty() {
+        let exported = self.store.take_dirty();
+        for &id in &exported {
             let Some(s) = self.store.get(id) else {
                 continue;
             };
@@ -743,6 +1015,12 @@ impl Drainer {
                 r.forget(&s.id());
             }
         });
+        if let Some(r) = &mut self.retention {
+            r.close_due(end);
+        }
+        if let Some(wal) = &mut self.wal {
+            wal.checkpoint(&self.store, &exported, self.retention.as_ref());
+        }
         if let Some(r) = &mut self.retention {
             r.tick(end);
         }
@@ -981,6 +1259,49 @@ impl Drainer {
             let kind = if counter { c } else { g };
             h.push((kind, name, labels, value));
         }
+        if let Some(w) = &self.wal {
+            let st = w.stats();
+            h.push((c, "metricsd.wal.bytes", vec![], st.bytes.into()));
+            h.push((c, "metricsd.wal.commits", vec![], st.commits.into()));
+            h.push((
+                c,
+                "metricsd.wal.write_errors",
+                vec![],
+                st.write_errors.into(),
+            ));
+            h.push((
+                g,
+                "metricsd.wal.restored_series",
+                vec![],
+                st.restored_series.into(),
+            ));
+            h.push((
+                g,
+                "metricsd.wal.returnable_rings",
+                vec![],
+                st.returnable_rings.into(),
+            ));
+            for (outcome, n) in [("finished", st.returned), ("refused", st.returns_refused)] {
+                h.push((
+                    c,
+                    "metricsd.wal.returned",
+                    vec![("outcome", outcome.into())],
+                    n.into(),
+                ));
+            }
+            h.push((
+                c,
+                "metricsd.wal.lost",
+                vec![("kind", "histogram".into())],
+                st.lost_histogram.into(),
+            ));
+            h.push((
+                c,
+                "metricsd.wal.replay_bad_frames",
+                vec![],
+                st.replay_bad_frames.into(),
+            ));
+        }
         for (reason, n) in &grant.refused_reasons {
             h.push((
                 c,
@@ -1143,6 +1464,11 @@ pub fn run(
      -> bool {
         match cmd {
             Command::AddRing(r) => d.add_ring(r),
+            Command::ReturnRing(r) => {
+                let reply = r.reply.clone();
+                let status = d.return_ring(r);
+                let _ = reply.send(status);
+            }
             Command::CloseConnection(c) => d.close_connection(c),
             Command::Snapshot(tx) => snapshots.push(tx),
             Command::ExportNow(tx) => exports.push(tx),
@@ -1187,6 +1513,9 @@ pub fn run(
         }
         if stop {
             d.close_retention();
+            if let Some(w) = &mut d.wal {
+                w.sync();
+            }
             return;
         }
         if consumed == 0 && !commands {

@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::io::IoSlice;
+use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -29,15 +29,17 @@ use std::time::Instant;
 use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 use rustix::net::{
-    AddressFamily, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix,
-    SocketFlags, SocketType,
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
 };
-use telemetry_abi::{GRANT_FRAME_SIZE, Geometry, GrantRequest, GrantResponse, GrantStatus};
+use telemetry_abi::{
+    GRANT_FRAME_SIZE, Geometry, GrantOp, GrantRequest, GrantResponse, GrantStatus,
+};
 use telemetry_ring::MemfdRegion;
 use zerocopy::IntoBytes;
 
 use crate::config::RingsConfig;
-use crate::drain::{Command, NewRing};
+use crate::drain::{Command, NewRing, ReturnedRing};
 use crate::identity::{Identify, Peer, bound_service};
 use crate::snapshot::{ConnectionStats, GrantStats};
 use crate::wake::StopSignal;
@@ -127,6 +129,9 @@ impl GrantPolicy {
 const REFUSED_POLICY: &str = "policy";
 const REFUSED_TOTAL_BYTES: &str = "total_bytes";
 const REFUSED_UID_BYTES: &str = "uid_bytes";
+const REFUSED_RETURN_NO_FD: &str = "return_without_fd";
+const REFUSED_RETURN_ATTACH: &str = "return_unusable";
+const REFUSED_UNEXPECTED_FD: &str = "unexpected_fd";
 
 /// The control socket server.
 pub struct GrantServer {
@@ -279,6 +284,12 @@ impl GrantServer {
         })
     }
 
+    /// Grants from now on use epochs `base | ring id`: a base above every epoch an
+    /// earlier daemon logged, so a ring handed back is never confused with a new one.
+    pub fn set_epoch_base(&mut self, base: u64) {
+        self.epoch_base = self.epoch_base.max(base);
+    }
+
     fn stats(&self) -> std::sync::MutexGuard<'_, GrantStats> {
         self.stats.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -387,18 +398,28 @@ impl GrantServer {
     fn serve(&mut self, i: usize) -> bool {
         for _ in 0..16 {
             let mut buf = [0u8; 64];
-            let n = match rustix::net::recv(
+            // Room for one fd (a returned ring); any more are closed as they drop.
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let n = match rustix::net::recvmsg(
                 &self.conns[i].fd,
-                &mut buf[..],
-                RecvFlags::DONTWAIT | RecvFlags::TRUNC,
+                &mut [IoSliceMut::new(&mut buf[..])],
+                &mut control,
+                RecvFlags::DONTWAIT | RecvFlags::TRUNC | RecvFlags::CMSG_CLOEXEC,
             ) {
-                Ok((_, 0)) => return false,
-                Ok((_, n)) => n,
+                Ok(msg) if msg.bytes == 0 => return false,
+                Ok(msg) => msg.bytes,
                 Err(Errno::AGAIN) => return true,
                 Err(Errno::INTR) => continue,
                 Err(_) => return false,
             };
-            let response = self.handle(i, &buf[..n.min(buf.len())], n);
+            let mut fd = None;
+            for message in control.drain() {
+                if let RecvAncillaryMessage::ScmRights(mut fds) = message {
+                    fd = fd.or_else(|| fds.next());
+                }
+            }
+            let response = self.handle(i, &buf[..n.min(buf.len())], n, fd);
             self.count(i, &response);
             if !self.reply(i, response) {
                 return false;
@@ -414,6 +435,13 @@ impl GrantServer {
         let status = reply.response.status;
         let mut st = self.stats();
         st.messages += 1;
+        if reply.returned && status == GrantStatus::OK {
+            st.returned += 1;
+            if let Some(c) = st.connections.get_mut(&conn_id) {
+                c.messages += 1;
+            }
+            return;
+        }
         if status == GrantStatus::OK {
             st.granted += 1;
             st.ring_bytes = self.bytes_total;
@@ -434,7 +462,7 @@ impl GrantServer {
         }
     }
 
-    fn handle(&mut self, i: usize, bytes: &[u8], len: usize) -> Reply {
+    fn handle(&mut self, i: usize, bytes: &[u8], len: usize, fd: Option<OwnedFd>) -> Reply {
         let conn_id = self.conns[i].id;
         let rate = f64::from(self.cfg.grant_rate_per_sec);
         let burst = f64::from(self.cfg.grant_burst);
@@ -455,6 +483,13 @@ impl GrantServer {
         };
         if !self.conns[i].allowed {
             return self.refuse_for(GrantStatus::DENIED, REFUSED_POLICY);
+        }
+        if request.op == GrantOp::RETURN {
+            return self.take_back(i, fd);
+        }
+        if fd.is_some() {
+            // Only a returned ring travels with an fd.
+            return self.refuse_for(GrantStatus::INVALID_ARGS, REFUSED_UNEXPECTED_FD);
         }
         let capacity = match request.capacity {
             0 => self.cfg.capacity,
@@ -494,15 +529,22 @@ impl GrantServer {
         self.next_ring = self.next_ring.wrapping_add(1).max(1);
         // The drain loop is told of the ring before the producer has its fd; its reader
         // starts at 0 whatever the producer writes to the consumer line meanwhile.
+        let (logged, is_logged) = std::sync::mpsc::channel();
         let sent = self.tx.send(Command::AddRing(NewRing {
             id,
             connection: conn_id,
             service: service.clone(),
             region,
+            epoch,
+            logged: Some(logged),
         }));
         if sent.is_err() {
             return self.refuse(GrantStatus::UNAVAILABLE);
         }
+        // The ring should be in the write-ahead log before its producer writes to it: a
+        // ring a later daemon does not know cannot be handed back. A drain loop that
+        // does not answer within 5 s (it never blocks that long) is not waited for.
+        let _ = is_logged.recv_timeout(std::time::Duration::from_secs(5));
         self.services.insert(service.clone());
         *self.rings_by_service.entry(service).or_insert(0) += 1;
         self.rings_total += 1;
@@ -514,6 +556,47 @@ impl GrantServer {
             response: GrantResponse::granted(id, capacity, epoch),
             fd: Some(fd),
             reason: None,
+            returned: false,
+        }
+    }
+
+    /// A ring handed back (op 2): attached as any producer-supplied memory must be
+    /// (sealed against resizing, a size its header explains, a header this consumer
+    /// accepts), then finished by the drain loop, which decides from its log whether
+    /// the ring is one it may finish. Waits for the drain loop's answer (it reads at
+    /// most one capacity of records), at most 10 s.
+    fn take_back(&mut self, i: usize, fd: Option<OwnedFd>) -> Reply {
+        let Some(fd) = fd else {
+            return self.refuse_for(GrantStatus::INVALID_ARGS, REFUSED_RETURN_NO_FD);
+        };
+        let region = match MemfdRegion::attach(fd) {
+            Ok(region) => region,
+            Err(e) => {
+                eprintln!("metricsd: a returned ring was refused: {e}");
+                return self.refuse_for(GrantStatus::INVALID_ARGS, REFUSED_RETURN_ATTACH);
+            }
+        };
+        let id = self.next_ring;
+        self.next_ring = self.next_ring.wrapping_add(1).max(1);
+        let (reply, answer) = std::sync::mpsc::channel();
+        let sent = self.tx.send(Command::ReturnRing(ReturnedRing {
+            id,
+            connection: self.conns[i].id,
+            service: self.conns[i].service.clone(),
+            region,
+            reply,
+        }));
+        if sent.is_err() {
+            return self.refuse(GrantStatus::UNAVAILABLE);
+        }
+        match answer.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(status) => Reply {
+                response: GrantResponse::refused(status),
+                fd: None,
+                reason: None,
+                returned: true,
+            },
+            Err(_) => self.refuse(GrantStatus::UNAVAILABLE),
         }
     }
 
@@ -530,6 +613,7 @@ impl GrantServer {
             response: GrantResponse::refused(status),
             fd: None,
             reason: None,
+            returned: false,
         }
     }
 
@@ -592,6 +676,8 @@ struct Reply {
     fd: Option<OwnedFd>,
     /// For a refusal the status alone does not explain: the reason it is counted under.
     reason: Option<&'static str>,
+    /// The answer to a returned ring (op 2), not a grant.
+    returned: bool,
 }
 
 #[cfg(test)]

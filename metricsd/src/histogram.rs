@@ -527,7 +527,7 @@ mod u128_text {
 /// optional ([`TotalsWire`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(from = "TotalsWire", into = "TotalsWire")]
-struct Totals {
+pub(crate) struct Totals {
     count: u64,
     /// Sum of the `u64` observations, exact.
     int_sum: u128,
@@ -1710,6 +1710,45 @@ mod tests {
                 prop_assert!(lo < v && v <= hi, "{} not in ({}, {}]", v, lo, hi);
             } else {
                 prop_assert!(lo * (1.0 - 1e-12) < v && v <= hi * (1.0 + 1e-12));
+            }
+        }
+    }
+}
+
+/// A histogram's whole state in a serializable form, for the write-ahead log
+/// ([`crate::wal`]): what [`Histogram`] holds, field for field.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Saved {
+    /// An exponential histogram.
+    Exponential(Exponential),
+    /// A configured layout: bounds, per-bucket counts, totals.
+    Explicit(Vec<u64>, Vec<u64>, Totals),
+}
+
+impl Histogram {
+    /// The state to log.
+    pub(crate) fn saved(&self) -> Saved {
+        match self {
+            Self::Exponential(e) => Saved::Exponential(e.clone()),
+            Self::Explicit(x) => {
+                Saved::Explicit(x.bounds.to_vec(), x.counts.to_vec(), x.totals.clone())
+            }
+        }
+    }
+
+    /// The histogram a log held; `None` when its parts do not fit together.
+    pub(crate) fn from_saved(saved: Saved) -> Option<Self> {
+        match saved {
+            Saved::Exponential(e) => Some(Self::Exponential(e)),
+            Saved::Explicit(bounds, counts, totals) => {
+                if counts.len() != bounds.len() + 1 || bounds.windows(2).any(|w| w[0] >= w[1]) {
+                    return None;
+                }
+                Some(Self::Explicit(Explicit {
+                    bounds: Arc::from(bounds),
+                    counts: counts.into_boxed_slice(),
+                    totals,
+                }))
             }
         }
     }

@@ -54,6 +54,7 @@ pub mod snapshot;
 pub mod spans;
 pub mod top;
 pub mod wake;
+pub mod wal;
 
 pub use aggregate::{MetricKind, MetricMetadata, Series, Value, series_id};
 pub use config::Config;

@@ -22,10 +22,12 @@
 //! `metricsd.retention.points.dropped{reason}`, `metricsd.retention.write_errors{reason}`,
 //! `metricsd.retention.segments.deleted{reason}`, `metricsd.retention.replay{outcome}`.
 //!
-//! What a crash loses: the windows still open (at most one per series and resolution),
-//! and nothing else: closed windows are written before the next export and the page
-//! cache survives the process; a sealed segment is also synced, so it survives the
-//! machine. A clean stop writes the open windows too (as a first part of each: the
+//! What a crash loses: nothing with the write-ahead log ([`crate::wal`]), which
+//! checkpoints the open windows and those closed but not yet written at every export
+//! ([`Retention::close_due`] runs before the checkpoint, [`Retention::tick`] writes
+//! after it); without it, the windows still open (at most one per series and
+//! resolution). Closed windows are written before the next export and the page cache
+//! survives the process; a sealed segment is also synced, so it survives the machine. A clean stop writes the open windows too (as a first part of each: the
 //! next daemon's part is merged with it when read).
 
 use std::collections::{BTreeMap, VecDeque};
@@ -58,6 +60,11 @@ pub struct RetentionConfig {
     pub ttl_1m_s: u64,
     /// How long 1-hour windows are kept, seconds (default 7776000: 90 days).
     pub ttl_1h_s: u64,
+    /// Keep a write-ahead log in `<dir>/wal` (default true): counters exactly once
+    /// across a crash ([`crate::wal`]).
+    pub wal: bool,
+    /// Bytes a write-ahead log file may reach before a new one starts (default 8 MiB).
+    pub wal_file_bytes: u64,
 }
 
 impl Default for RetentionConfig {
@@ -69,6 +76,8 @@ impl Default for RetentionConfig {
             ttl_10s_s: 86_400,
             ttl_1m_s: 604_800,
             ttl_1h_s: 7_776_000,
+            wal: true,
+            wal_file_bytes: 8 << 20,
         }
     }
 }
@@ -101,6 +110,13 @@ impl RetentionConfig {
                     "at least twice retention.segment_bytes ({})",
                     self.segment_bytes
                 ),
+            ));
+        }
+        if !(1 << 16..=1 << 30).contains(&self.wal_file_bytes) {
+            return Err((
+                "retention.wal_file_bytes",
+                self.wal_file_bytes.to_string(),
+                "bytes, 65536 to 2^30".to_owned(),
             ));
         }
         for (key, v, step) in [
@@ -441,6 +457,96 @@ impl Retention {
     ) -> crate::rollup::Sample {
         self.rollups
             .histogram_sample(series, bounds, count, sum, counts)
+    }
+
+    /// Closes the windows that ended by `now_ns` without writing them yet (the next
+    /// [`tick`](Self::tick) does): the write-ahead log checkpoints in between.
+    pub fn close_due(&mut self, now_ns: u64) {
+        self.rollups.close_due(now_ns, &mut self.closed);
+    }
+
+    /// The open windows of `series`.
+    pub fn open_of(&self, series: &str) -> Vec<Point> {
+        self.rollups.open_of(series)
+    }
+
+    /// Windows closed and not written yet.
+    pub fn pending(&self) -> &[Point] {
+        &self.closed
+    }
+
+    /// Per resolution, where the next window will be written: (segment sequence
+    /// number, frames before it in that segment).
+    pub fn positions(&self) -> [(u64, u64); 3] {
+        let mut out = [(0, 0); 3];
+        for (i, level) in self.levels.iter().enumerate() {
+            out[i] = match &level.current {
+                Some((w, _)) => (w.seq, w.frames + self.pending[i].count),
+                None => (level.next_seq, 0),
+            };
+        }
+        out
+    }
+
+    /// Every window on disk at or after `from` (per resolution), keyed by series,
+    /// resolution and start, with where it is (segment sequence number, frame index).
+    pub fn written_since(
+        &self,
+        from: [(u64, u64); 3],
+    ) -> std::collections::HashMap<(Arc<str>, u8, u64), (u64, u64)> {
+        let mut out = std::collections::HashMap::new();
+        for res in Resolution::ALL {
+            let (seq0, frame0) = from[usize::from(res.0)];
+            let Ok(list) = segment::list(&self.dir, res) else {
+                continue;
+            };
+            for (seq, path) in list.into_iter().filter(|(s, _)| *s >= seq0) {
+                let Ok(scan) = segment::scan(&path) else {
+                    continue;
+                };
+                for (i, p) in scan.points.into_iter().enumerate() {
+                    let at = (seq, i as u64);
+                    if seq == seq0 && at.1 < frame0 {
+                        continue;
+                    }
+                    let e = out.entry((p.series, res.0, p.start_ns)).or_insert(at);
+                    *e = (*e).max(at);
+                }
+            }
+        }
+        out
+    }
+
+    /// Puts back windows a write-ahead log held: open ones, and closed ones not
+    /// written yet (written at the next tick).
+    pub fn restore(&mut self, open: Vec<Point>, closed: Vec<Point>) {
+        for p in open {
+            self.rollups.restore(p);
+        }
+        self.closed.extend(closed);
+    }
+
+    /// Sets a restored series' cumulative state as the one its next export is
+    /// differenced against (the state its last logged export had).
+    pub fn prime(&mut self, series: &Series) {
+        if let Value::Histogram(h) = &series.value {
+            let id = series.id();
+            match h {
+                crate::histogram::Histogram::Exponential(e) => {
+                    self.rollups.exponential_sample(&id, e);
+                }
+                crate::histogram::Histogram::Explicit(x) => {
+                    let sum = h.integer_sum().unwrap_or_else(|| h.sum().max(0.0) as u128);
+                    self.rollups.histogram_sample(
+                        &id,
+                        &x.bounds_text(),
+                        h.count(),
+                        sum,
+                        x.counts(),
+                    );
+                }
+            }
+        }
     }
 
     /// `series` expired: its open windows are closed now and it is forgotten.

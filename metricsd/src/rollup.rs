@@ -459,6 +459,35 @@ impl Rollups {
         }
     }
 
+    /// The open windows of `series`, finest first.
+    pub fn open_of(&self, series: &str) -> Vec<Point> {
+        let Some((id, open)) = self.open.get_key_value(series) else {
+            return Vec::new();
+        };
+        open.windows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| {
+                w.as_ref().map(|(s, a)| Point {
+                    series: id.clone(),
+                    resolution: Resolution(i as u8),
+                    start_ns: *s,
+                    agg: a.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Puts back an open window a write-ahead log held (replacing what is open at its
+    /// resolution).
+    pub fn restore(&mut self, p: Point) {
+        let open = match self.open.get_mut(&*p.series) {
+            Some(open) => open,
+            None => self.open.entry(p.series.clone()).or_default(),
+        };
+        open.windows[usize::from(p.resolution.0)] = Some((p.start_ns, p.agg));
+    }
+
     /// The open (not yet closed) windows of series matching `select` at `res`.
     pub fn open_points(&self, res: Resolution, mut select: impl FnMut(&str) -> bool) -> Vec<Point> {
         let mut out = Vec::new();

@@ -103,6 +103,8 @@ pub struct GrantStats {
     pub messages: u64,
     /// Rings granted.
     pub granted: u64,
+    /// Rings an earlier daemon left unclosed, handed back and finished (grant op 2).
+    pub returned: u64,
     /// Refused requests by status name (`invalid_args`, `over_limit`, `rate_limited`,
     /// `unavailable`).
     pub refused: BTreeMap<&'static str, u64>,

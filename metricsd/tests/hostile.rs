@@ -128,6 +128,8 @@ fn ring(id: u32, capacity: u64) -> (NewRing, Writer<MemfdRegion>) {
         connection: u64::from(id),
         service: Arc::from(format!("s{id}")),
         region,
+        epoch: 1,
+        logged: None,
     };
     (ring, writer)
 }

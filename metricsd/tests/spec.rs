@@ -313,3 +313,84 @@ fn unknown_record_kinds_are_rejected_one_by_one_and_the_ring_carries_on() {
     assert_eq!(snap.drain.rings_quarantined, 0);
     daemon.shutdown();
 }
+
+/// Sends `request` with `fd` attached (`SCM_RIGHTS`) and reads the one answer.
+fn send_with_fd(
+    c: &Control,
+    request: &GrantRequest,
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> GrantStatus {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::mem::MaybeUninit;
+    let fds = [fd];
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+    rustix::net::sendmsg(
+        &c.fd,
+        &[std::io::IoSlice::new(request.as_bytes())],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )
+    .expect("sendmsg");
+    let mut buf = [0u8; 64];
+    let (n, _) = rustix::net::recv(&c.fd, &mut buf, rustix::net::RecvFlags::empty()).expect("recv");
+    assert_eq!(n, 32, "one answer frame");
+    <telemetry_abi::GrantResponse as zerocopy::FromBytes>::read_from_bytes(&buf[..32])
+        .expect("32 bytes")
+        .status
+}
+
+#[test]
+fn a_returned_ring_is_refused_unless_the_log_knows_it_as_a_dead_daemons() {
+    watchdog();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.retention.dir = Some(dir.path().join("history"));
+    let (daemon, _sink) = start(cfg, &["web"]);
+    let c = Control::connect(daemon.socket_path());
+    let ret = GrantRequest::return_ring(0);
+    // Without an fd, and with a capacity: refused, the connection still usable.
+    let (resp, fd) = c.raw(ret.as_bytes());
+    assert_eq!(resp.status, GrantStatus::INVALID_ARGS);
+    assert!(fd.is_none());
+    let with_capacity = GrantRequest {
+        capacity: 1024,
+        ..ret
+    };
+    assert_eq!(
+        c.raw(with_capacity.as_bytes()).0.status,
+        GrantStatus::INVALID_ARGS
+    );
+    // A ring of this very daemon, still live: refused (it is being drained).
+    let live = c.ring(1024);
+    assert_eq!(
+        send_with_fd(&c, &ret, live.writer.region().fd()),
+        GrantStatus::INVALID_ARGS
+    );
+    // A ring nobody granted (the producer made the memfd itself): refused.
+    let forged = telemetry_ring::MemfdRegion::create(
+        "forged",
+        telemetry_abi::Geometry::new(1024).expect("pow2"),
+        live.writer.region().mapped().header_epoch() + 1,
+    )
+    .expect("memfd");
+    assert_eq!(
+        send_with_fd(&c, &ret, forged.fd()),
+        GrantStatus::INVALID_ARGS
+    );
+    // A grant request with an fd attached: refused.
+    assert_eq!(
+        send_with_fd(&c, &GrantRequest::ring(0, 0), forged.fd()),
+        GrantStatus::INVALID_ARGS
+    );
+    let snap = daemon.snapshot().expect("snapshot");
+    assert_eq!(snap.grant.refused.get("invalid_args"), Some(&5));
+    assert_eq!(
+        snap.grant.refused_reasons.get("return_without_fd"),
+        Some(&1)
+    );
+    assert_eq!(snap.grant.refused_reasons.get("unexpected_fd"), Some(&1));
+    assert_eq!(snap.grant.returned, 0);
+    daemon.shutdown();
+}

@@ -662,6 +662,14 @@ impl Local {
             // ORDERING: Relaxed: a unique number, nothing published with it.
             self.thread = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
         }
+        // A ring whose consumer died without closing it goes back first: a consumer
+        // that logged it finishes it from its durable position and closes it, so what
+        // it held is counted once and nothing is left unconfirmed.
+        if let Some(old) = self.retired.as_ref().filter(|w| !w.is_closed()) {
+            if global.source.hand_back(old.region(), self.thread) {
+                self.check_retired();
+            }
+        }
         match global.source.claim(self.thread) {
             Ok((writer, info)) => {
                 let table = self.table.take().unwrap_or_else(new_table);

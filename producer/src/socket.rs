@@ -10,7 +10,7 @@
 //! child process after `fork()` opens a connection of its own, so metricsd sees the
 //! child's identity and grants it its own rings.
 
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, poll};
 use rustix::io::Errno;
 use rustix::net::{
-    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendFlags,
-    Shutdown, SocketAddrUnix, SocketFlags, SocketType, socket_with, sockopt,
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, Shutdown, SocketAddrUnix, SocketFlags,
+    SocketType, socket_with, sockopt,
 };
 use telemetry_abi::{
     GRANT_FRAME_SIZE, GRANT_MAGIC, GRANT_VERSION, GrantRequest, GrantResponse, GrantStatus,
@@ -304,7 +305,71 @@ impl SocketSource {
     }
 }
 
+impl SocketSource {
+    /// Sends a return request (op 2) with `ring`'s memfd and reads the answer: `Ok(true)`
+    /// when the consumer finished the ring, `Ok(false)` when it refused; `Err` when the
+    /// connection broke.
+    fn give_back(&self, sock: &OwnedFd, ring: &MemfdRegion, hint: u64) -> io::Result<bool> {
+        let request = GrantRequest::return_ring(hint);
+        let fds = [ring.fd()];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(io::Error::other("no room for the fd"));
+        }
+        let sent = retry_intr(|| {
+            rustix::net::sendmsg(
+                sock,
+                &[IoSlice::new(request.as_bytes())],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            )
+        })?;
+        if sent != GRANT_FRAME_SIZE {
+            return Err(io::Error::other("short send"));
+        }
+        let mut frame = [0u8; GRANT_FRAME_SIZE + 1];
+        let n = retry_intr(|| rustix::net::recv(sock, &mut frame, RecvFlags::empty()))?.0;
+        if n != GRANT_FRAME_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "return answer is not one 32-byte frame",
+            ));
+        }
+        let response = GrantResponse::read_from_bytes(&frame[..GRANT_FRAME_SIZE])
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "unreadable answer"))?;
+        if response.magic != GRANT_MAGIC || response.version != GRANT_VERSION {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "return answer has a bad magic or version",
+            ));
+        }
+        Ok(response.status == GrantStatus::OK)
+    }
+}
+
 impl RingSource for SocketSource {
+    fn hand_back(&self, ring: &MemfdRegion, hint: u64) -> bool {
+        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if conn.forks != forks() {
+            conn.forget_parent();
+        }
+        let sock = match conn.sock.clone() {
+            Some(sock) => sock,
+            None => match self.connect(&mut conn) {
+                Ok(sock) => sock,
+                Err(_) => return false,
+            },
+        };
+        match self.give_back(&sock, ring, hint) {
+            Ok(ok) => ok,
+            Err(_) => {
+                conn.close();
+                false
+            }
+        }
+    }
+
     fn claim(&self, hint: u64) -> Result<(Writer<MemfdRegion>, RingInfo), ClaimError> {
         let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         if conn.forks != forks() {

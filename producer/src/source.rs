@@ -24,6 +24,15 @@ pub trait RingSource: Send + Sync {
     /// One new ring for the calling thread. `hint` is a diagnostic label (the thread's
     /// serial number in this process), never trusted by the consumer.
     fn claim(&self, hint: u64) -> Result<(Writer<MemfdRegion>, RingInfo), ClaimError>;
+
+    /// Hands `ring` back to the consumer: a ring granted on an earlier connection
+    /// whose consumer ended without closing it (it crashed). A consumer that logged the
+    /// ring finishes it from the position it made durable and closes it; `true` when
+    /// it answered that it did. The default source cannot: `false`.
+    fn hand_back(&self, ring: &MemfdRegion, hint: u64) -> bool {
+        let _ = (ring, hint);
+        false
+    }
 }
 
 /// What is known about a granted ring.

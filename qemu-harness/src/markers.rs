@@ -86,6 +86,11 @@ pub const FULL: &[Step] = &[
         "SELFTEST: lossless counters under backpressure FAIL",
         120,
     ),
+    Step::new(
+        "SELFTEST: metrics retention ok",
+        "SELFTEST: metrics retention FAIL",
+        240,
+    ),
     Step::new(SELFTEST_DONE, SELFTEST_FAIL, 30),
 ];
 
@@ -142,6 +147,6 @@ mod tests {
         let ok: Vec<_> = FULL.iter().map(|s| s.ok).collect();
         assert_eq!(ok[1..3], [LOGD_READY, METRICSD_READY]);
         assert_eq!(ok.last(), Some(&SELFTEST_DONE));
-        assert_eq!(ok.len(), 13);
+        assert_eq!(ok.len(), 14);
     }
 }

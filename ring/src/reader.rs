@@ -63,6 +63,11 @@ pub struct Reader<R: Region> {
     last_dropped: u64,
     quarantine: Option<Violation>,
     stats: ReaderStats,
+    /// Whether the shared read position waits for [`release`](Self::release) instead
+    /// of following each drain.
+    deferred: bool,
+    /// The position last released to the producer while release is deferred.
+    released: u64,
 }
 
 impl<R: Region> Reader<R> {
@@ -91,7 +96,33 @@ impl<R: Region> Reader<R> {
             last_dropped: 0,
             quarantine: None,
             stats: ReaderStats::default(),
+            deferred: false,
+            released: read,
         }
+    }
+
+    /// Makes the shared read position wait for [`release`](Self::release): a
+    /// consumer that persists what it reads (a write-ahead log) releases slots to the
+    /// producer only once what they held is durable, so the producer never overwrites
+    /// a record the consumer would need again after a crash. Dropping the reader still
+    /// releases everything read (a clean close).
+    pub fn defer_release(&mut self) {
+        self.deferred = true;
+    }
+
+    /// Releases the slots below `position` to the producer. A position beyond what
+    /// was read, or behind an earlier release, is ignored: the producer only ever sees
+    /// the read position move forward, and never past what was read.
+    pub fn release(&mut self, position: u64) {
+        let behind_read = self.read.wrapping_sub(position);
+        let past_released = position.wrapping_sub(self.released);
+        if behind_read > self.capacity || past_released > self.capacity {
+            return;
+        }
+        self.released = position;
+        // ORDERING: Release pairs with the writer's Acquire reload of the read
+        // position: our copies of these slots happen-before it overwrites them.
+        self.region.read_pos().store(position, Ordering::Release);
     }
 
     /// Copies out up to `budget` published records, oldest first, and hands each one
@@ -128,6 +159,12 @@ impl<R: Region> Reader<R> {
         drained.consumed = take;
         if take > 0 {
             self.read = self.read.wrapping_add(take);
+            if self.deferred {
+                self.stats.consumed += drained.consumed;
+                self.stats.delivered += drained.delivered;
+                self.stats.unknown_kind += drained.unknown_kind;
+                return Ok(drained);
+            }
             // ORDERING: Release pairs with the writer's Acquire reload of the read
             // position: our copies above happen-before it overwrites these slots.
             self.region.read_pos().store(self.read, Ordering::Release);
@@ -219,6 +256,16 @@ impl<R: Region> Reader<R> {
         self.stats
     }
 
+    /// The position last released to the producer (the read position unless release
+    /// is deferred).
+    pub fn released(&self) -> u64 {
+        if self.deferred {
+            self.released
+        } else {
+            self.read
+        }
+    }
+
     /// The reader's own read position.
     pub fn position(&self) -> u64 {
         self.read
@@ -237,6 +284,10 @@ impl<R: Region> Reader<R> {
 
 impl<R: Region> Drop for Reader<R> {
     fn drop(&mut self) {
+        if self.deferred && self.quarantine.is_none() {
+            // A clean close: everything read is accounted for by the consumer.
+            self.release(self.read);
+        }
         // ORDERING: Release pairs with `Writer::is_closed`'s Acquire load: a producer
         // that sees the flag also sees our final read position (stored before it), so
         // it knows exactly which records were never read.

@@ -411,6 +411,34 @@ fn a_closed_ring_tells_the_writer_what_was_never_read() {
     assert_eq!(visited, 0);
 }
 
+#[test]
+fn a_deferred_release_bounds_what_the_writer_may_overwrite() {
+    let (mut w, mut r) = pair(4);
+    r.defer_release();
+    for i in 0..4 {
+        w.push(Record::counter(1, i)).expect("room");
+    }
+    assert_eq!(drain_values(&mut r, 64), [0, 1, 2, 3]);
+    // Read but not released: the slots still hold what a restarted consumer needs.
+    assert_eq!(w.push(Record::counter(1, 4)), Err(Full));
+    assert_eq!(r.released(), 0);
+    r.release(2);
+    assert_eq!(r.released(), 2);
+    w.push(Record::counter(1, 4)).expect("two slots released");
+    w.push(Record::counter(1, 5)).expect("two slots released");
+    assert_eq!(w.push(Record::counter(1, 6)), Err(Full));
+    // Behind an earlier release, or past what was read: ignored.
+    r.release(1);
+    r.release(9);
+    assert_eq!(r.released(), 2);
+    assert_eq!(drain_values(&mut r, 64), [4, 5]);
+    assert_eq!(r.released(), 2, "draining alone releases nothing");
+    // A clean close releases everything read before raising the flag.
+    drop(r);
+    assert!(w.is_closed());
+    assert_eq!(w.for_each_unconsumed(|_| {}), 0);
+}
+
 /// A heap region that checks every `prepare_write` hint against the consumer's read
 /// position: the hinted slot must be one the consumer has released.
 struct HintChecked {

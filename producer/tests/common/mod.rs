@@ -18,8 +18,8 @@ use rustix::net::{
     SocketAddrUnix, SocketFlags, SocketType,
 };
 use telemetry_abi::{
-    GRANT_FRAME_SIZE, Geometry, GrantRequest, GrantResponse, GrantStatus, Record, RecordKind,
-    RegisterKind, RegistrationBuf,
+    GRANT_FRAME_SIZE, Geometry, GrantOp, GrantRequest, GrantResponse, GrantStatus, Record,
+    RecordKind, RegisterKind, RegistrationBuf,
 };
 use telemetry_ring::{MemfdRegion, Reader};
 use zerocopy::{FromBytes, IntoBytes};
@@ -147,6 +147,7 @@ struct Inner {
     next_ring: AtomicU32,
     connections: AtomicUsize,
     messages: AtomicUsize,
+    returns: AtomicUsize,
     conns: Mutex<Vec<Arc<OwnedFd>>>,
     rings: Mutex<Vec<RingLog>>,
 }
@@ -185,6 +186,7 @@ impl Server {
             next_ring: AtomicU32::new(1),
             connections: AtomicUsize::new(0),
             messages: AtomicUsize::new(0),
+            returns: AtomicUsize::new(0),
             conns: Mutex::new(Vec::new()),
             rings: Mutex::new(Vec::new()),
         });
@@ -263,9 +265,14 @@ impl Server {
         self.inner.connections.load(Ordering::SeqCst)
     }
 
-    /// Messages received on all connections.
+    /// Grant requests (op 1) received on all connections.
     pub fn messages(&self) -> usize {
         self.inner.messages.load(Ordering::SeqCst)
+    }
+
+    /// Rings handed back (op 2), each refused: this server keeps no log.
+    pub fn returns(&self) -> usize {
+        self.inner.returns.load(Ordering::SeqCst)
     }
 
     /// Rings granted.
@@ -325,10 +332,18 @@ fn serve(conn: &OwnedFd, state: &Inner) {
         if n == 0 || state.stop.load(Ordering::SeqCst) {
             return;
         }
-        state.messages.fetch_add(1, Ordering::SeqCst);
         let request = GrantRequest::read_from_bytes(&frame[..GRANT_FRAME_SIZE]).expect("32 bytes");
         assert_eq!(n, GRANT_FRAME_SIZE);
         assert!(request.is_well_formed(), "library sent {request:?}");
+        if request.op == GrantOp::RETURN {
+            // A ring of a dead consumer handed back: this server keeps no log, so it
+            // refuses as a consumer without one does.
+            state.returns.fetch_add(1, Ordering::SeqCst);
+            let response = GrantResponse::refused(GrantStatus::INVALID_ARGS);
+            let _ = rustix::net::send(conn, response.as_bytes(), SendFlags::NOSIGNAL);
+            continue;
+        }
+        state.messages.fetch_add(1, Ordering::SeqCst);
         if let Some(status) = state.refuse {
             let response = GrantResponse::refused(status);
             let _ = rustix::net::send(conn, response.as_bytes(), SendFlags::NOSIGNAL);

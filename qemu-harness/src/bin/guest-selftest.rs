@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use qemu_harness::markers::SELFTEST_FAIL;
-use qemu_harness::selftest::{self, Options, backpressure, hardening, security};
+use qemu_harness::selftest::{self, Options, backpressure, hardening, retention, security};
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +64,14 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         metricsd: PathBuf,
     },
+    /// The retention step's recording child (started by `run`; stops at a line on
+    /// stdin).
+    #[command(name = "retention-child")]
+    RetentionChild {
+        /// The step's own metricsd's control socket.
+        #[arg(long, value_name = "PATH")]
+        metricsd: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -97,6 +105,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 println!("{SELFTEST_FAIL}: backpressure child: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::RetentionChild { metricsd } => match retention::child(&metricsd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("{SELFTEST_FAIL}: retention child: {e:#}");
                 ExitCode::FAILURE
             }
         },

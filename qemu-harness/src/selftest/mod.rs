@@ -22,6 +22,7 @@ pub mod hostile;
 pub mod ipc;
 pub mod metrics;
 pub mod prometheus;
+pub mod retention;
 pub mod security;
 pub mod spans;
 
@@ -110,6 +111,10 @@ pub const STEPS: &[Step] = &[
     Step {
         name: "lossless counters under backpressure",
         run: backpressure::run,
+    },
+    Step {
+        name: "metrics retention",
+        run: retention::run,
     },
 ];
 
