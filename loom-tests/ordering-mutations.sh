@@ -30,7 +30,7 @@ change() {
        file=ring/src/writer.rs
        find="position.store(next, Ordering::Release)"
        replace="position.store(next, Ordering::Relaxed)" ;;
-    2) name="Writer::publish (flush, push_all): write position store Release -> Relaxed"
+    2) name="Writer::publish (flush): write position store Release -> Relaxed"
        file=ring/src/writer.rs
        find="self.region.write_pos().store(self.write, Ordering::Release)"
        replace="self.region.write_pos().store(self.write, Ordering::Relaxed)" ;;
@@ -58,10 +58,14 @@ change() {
        file=ring/src/reader.rs
        find="if let Some(violation) = self.quarantine {"
        replace="if let Some(violation) = self.quarantine.filter(|_| false) {" ;;
+    9) name="Writer::write_run (push_all, push_with): write position store Release -> Relaxed"
+       file=ring/src/writer.rs
+       find="position.store(write, Ordering::Release)"
+       replace="position.store(write, Ordering::Relaxed)" ;;
     *) return 1 ;;
   esac
 }
-changes=8
+changes=9
 
 selected=("$@")
 if [ ${#selected[@]} -eq 0 ]; then

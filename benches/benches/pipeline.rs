@@ -402,7 +402,7 @@ type ProducerRun = fn(&Consumer, &mut Writer<MemfdRegion>, u64) -> Duration;
 
 /// The producer-cost contenders, in the order they run: each of ours next to its
 /// `metrics` counterpart. Name, what the consumer empties, the run.
-const PRODUCER_CONTENDERS: [(&str, u8, ProducerRun); 12] = [
+const PRODUCER_CONTENDERS: [(&str, u8, ProducerRun); 14] = [
     ("ring/Writer::push (floor)", MODE_RINGS, |c, w, n| {
         c.laps(n, LAP, |k| {
             for _ in 0..k {
@@ -410,6 +410,23 @@ const PRODUCER_CONTENDERS: [(&str, u8, ProducerRun); 12] = [
             }
         })
     }),
+    // The floor with the write position published once every 8 records instead of once
+    // a record: what publishing less often would save the producer.
+    (
+        "ring/Writer::stage, flush every 8",
+        MODE_RINGS,
+        |c, w, n| {
+            c.laps(n, LAP, |k| {
+                for i in 0..k {
+                    let _ = w.stage(Record::counter(1, black_box(1)));
+                    if i % 8 == 7 {
+                        w.flush();
+                    }
+                }
+                w.flush();
+            })
+        },
+    ),
     ("nexus/counter!.increment", MODE_RINGS, |c, _, n| {
         c.laps(n, LAP, |k| {
             for _ in 0..k {
@@ -502,12 +519,21 @@ const PRODUCER_CONTENDERS: [(&str, u8, ProducerRun); 12] = [
             seq += k;
         })
     }),
-    // Two records per span: half as many calls per lap.
+    // Three records per span: a third as many calls per lap.
     ("nexus/span!_start_end", MODE_RINGS, |c, _, n| {
-        c.laps(n, LAP / 2, |k| {
+        c.laps(n, LAP / 3, |k| {
             for _ in 0..k {
                 let span = nexus_metrics::span!("bench.span");
                 black_box(&span);
+            }
+        })
+    }),
+    // What a span pays its clock: one `CLOCK_MONOTONIC` read of the span clock (a span
+    // takes two, at its start and its end).
+    ("clock/CLOCK_MONOTONIC read", MODE_RINGS, |c, _, n| {
+        c.laps(n, LAP, |k| {
+            for _ in 0..k {
+                black_box(nexus_metrics::Clock::now_ns(&nexus_metrics::MonotonicClock));
             }
         })
     }),
@@ -573,6 +599,9 @@ fn print_producer_rounds(ns: &[Vec<f64>]) {
 }
 
 fn producer_cost(c: &mut Criterion) {
+    if !wanted("producer_cost") {
+        return;
+    }
     pin(PRODUCER_CPU);
     let rec = recorders();
     let consumer = &rec.consumer;
@@ -991,6 +1020,9 @@ fn statsd_round(
 }
 
 fn end_to_end(c: &mut Criterion) {
+    if !wanted("end_to_end") {
+        return;
+    }
     // metricsd's threads, and the StatsD receiver, run on the consumer CPU.
     pin(CONSUMER_CPU);
     let dir = std::env::temp_dir().join(format!("pipeline-bench-{}", std::process::id()));
@@ -1126,7 +1158,9 @@ enum Mix {
     Histograms,
     /// Half counters, 3/8 histograms, 1/8 gauges.
     Mixed,
-    /// Span start and end pairs (each end also observes the span's duration histogram).
+    /// Whole spans of the W3C model, three records each: `span_trace`, `span_open`,
+    /// `span_close` (each close also observes the span's duration histogram). A fill
+    /// holds 5461 spans and one gauge set (16384 is not a multiple of three).
     Spans,
 }
 
@@ -1165,9 +1199,11 @@ fn register_all(writer: &mut Writer<MemfdRegion>) {
     register(SPAN_KEY, RegisterKind::SPAN, "drain.span", &[]);
 }
 
-/// Record `j` of `mix` in a ring whose span ids continue from `span_base`.
+/// Record `j` of `mix` in ring `ring` (0-based), whose span ids continue from
+/// `span_base`. The rings share one producer connection, so span ids carry the ring in
+/// their top bits to stay unique across them, as a producer's thread-mixed ids do.
 #[inline]
-fn mix_record(mix: Mix, j: u64, span_base: u64) -> Record {
+fn mix_record(mix: Mix, ring: u64, j: u64, span_base: u64) -> Record {
     let series = (j % u64::from(SERIES)) as u32;
     match mix {
         Mix::Counters => Record::counter(COUNTER_KEY + series, 1),
@@ -1178,11 +1214,15 @@ fn mix_record(mix: Mix, j: u64, span_base: u64) -> Record {
             _ => Record::gauge(GAUGE_KEY + series, j as i64),
         },
         Mix::Spans => {
-            let id = span_base + j / 2 + 1;
-            if j & 1 == 0 {
-                Record::span_start(SPAN_KEY, id, 0, 1_000 * id)
-            } else {
-                Record::span_end(SPAN_KEY, id, 1_000 * id + sample_value(j), SpanStatus::OK)
+            let id = (ring + 1) << 40 | (span_base + j / 3 + 1);
+            let start = 1_000 * (span_base + j / 3);
+            match j % 3 {
+                _ if j >= DRAIN_FILL - DRAIN_FILL % 3 => {
+                    Record::gauge(GAUGE_KEY + series, j as i64)
+                }
+                0 => Record::span_trace(SPAN_KEY, id, u128::from(id) << 64 | 1, 1),
+                1 => Record::span_open(SPAN_KEY, id, 0, start),
+                _ => Record::span_close(SPAN_KEY, id, start + sample_value(j), SpanStatus::OK),
             }
         }
     }
@@ -1215,10 +1255,10 @@ impl Filler {
             let _ = done_tx.send(());
             let mut span_base = 0u64;
             while let Ok(mix) = rx.recv() {
-                for w in &mut writers {
+                for (ring, w) in (0u64..).zip(&mut writers) {
                     for j in 0..DRAIN_FILL {
                         // The drainer emptied the ring before asking: there is room.
-                        let _ = w.stage(mix_record(mix, j, span_base));
+                        let _ = w.stage(mix_record(mix, ring, j, span_base));
                     }
                     w.flush();
                 }
@@ -1270,6 +1310,9 @@ fn drain_round(drainer: &mut Drainer, filler: &Filler, mix: Mix) -> Duration {
 }
 
 fn metricsd_drain(c: &mut Criterion) {
+    if !wanted("metricsd_drain") {
+        return;
+    }
     pin(CONSUMER_CPU);
     let config = metricsd::Config::default();
     let mut drainer = Drainer::new(
@@ -1352,6 +1395,9 @@ const IDLE_RINGS: usize = 1000;
 /// an idle metricsd's wake-ups (one load of each ring's write position, compared with
 /// the reader's own read position).
 fn metricsd_idle_pass(c: &mut Criterion) {
+    if !wanted("metricsd_idle_pass") {
+        return;
+    }
     pin(CONSUMER_CPU);
     let config = metricsd::Config::default();
     let mut drainer = Drainer::new(
@@ -1388,6 +1434,49 @@ fn metricsd_idle_pass(c: &mut Criterion) {
 
 /// Rounds of the interleaved passes.
 const INTERLEAVED_ROUNDS: usize = 15;
+
+/// The groups, as criterion names them.
+const GROUPS: [&str; 4] = [
+    "producer_cost",
+    "end_to_end",
+    "metricsd_drain",
+    "metricsd_idle_pass",
+];
+
+/// Whether `group` should set up at all: false only when every filter given names
+/// another group (`-- metricsd_drain/spans`), so a run under `valgrind --tool=callgrind`
+/// of one group does not also set up the others (their producers, child processes and
+/// clock reads). Any other filter is criterion's to match, and every group sets up.
+fn wanted(group: &str) -> bool {
+    // Criterion's options that take a value as the next argument.
+    const WITH_VALUE: [&str; 10] = [
+        "--profile-time",
+        "--warm-up-time",
+        "--measurement-time",
+        "--sample-size",
+        "--save-baseline",
+        "--baseline",
+        "--noise-threshold",
+        "--significance-level",
+        "--confidence-level",
+        "--nresamples",
+    ];
+    let mut filters: Vec<String> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if WITH_VALUE.contains(&arg.as_str()) {
+            args.next();
+        } else if !arg.starts_with("--") {
+            filters.push(arg);
+        }
+    }
+    filters.is_empty()
+        || !filters.iter().all(|f| {
+            GROUPS
+                .iter()
+                .any(|g| *g != group && (f == g || f.starts_with(&format!("{g}/"))))
+        })
+}
 /// Set to `1` to run the interleaved passes even when criterion got arguments (a
 /// filter), or to `0` to skip them.
 const INTERLEAVED_ENV: &str = "TELEMETRY_BENCH_INTERLEAVED";

@@ -1,7 +1,8 @@
 //! The ring benchmarks, every contender in the same run:
 //!
 //! - `ring_producer`: producer cost per record with a consumer draining on the other
-//!   core: our `Writer` (single push, `stage` x 64 + `flush`, `push_all` of 64) against
+//!   core: our `Writer` (single push, `stage` x 64 + `flush`, `push_all` of 64,
+//!   `push_with` of 64) against
 //!   rtrb (`push`, `write_chunk_uninit`, `write_chunk`) and crossbeam-queue `ArrayQueue`.
 //!   Timed as [`Mode::Bursts`]: the producer's own time for bursts into a ring with room,
 //!   while the consumer drains them.
@@ -83,7 +84,8 @@ fn record(seq: u64) -> Record {
 /// (metricsd) must, and all do the same work: a consumer summing `words[0]` alone
 /// reads 8 of a peer's 32 bytes per record (the compiler drops the rest), while our
 /// `Reader` copies each record out whole to check its kind, and that difference moves
-/// rtrb `push`'s producer cost on this machine (`benches/README.md`, "Runs 1 to 3").
+/// rtrb `push`'s producer cost on this machine (`benches/README.md` as of commit a8cb4ac,
+/// "Runs 1 to 3").
 #[inline(always)]
 fn seq_of(r: &Record) -> u64 {
     let seq = r.words[0];
@@ -392,6 +394,24 @@ fn ours_push_all<R: Region>(writer: &mut Writer<R>, first: u64, n: u64) {
     }
 }
 
+/// Our closure batch path: `push_with` of `BATCH` records, each built straight into its
+/// slot, as rtrb's `write_chunk_uninit` + `fill_from_iter` does.
+#[inline(always)]
+fn ours_push_with<R: Region>(writer: &mut Writer<R>, first: u64, n: u64) {
+    let mut room = 0u64;
+    let mut seq = first;
+    while seq < first + n {
+        let len = (BATCH as u64).min(first + n - seq);
+        if room < len {
+            room = wait_room(writer, len);
+        }
+        let base = seq;
+        let _ = writer.push_with(len, |i| record(base + i));
+        room -= len;
+        seq += len;
+    }
+}
+
 fn heap_ring() -> (Writer<Arc<HeapRegion>>, Reader<Arc<HeapRegion>>) {
     let region = Arc::new(HeapRegion::new(CAPACITY as u64).expect("a valid capacity"));
     (Writer::new(Arc::clone(&region)), Reader::new(region))
@@ -555,11 +575,16 @@ fn ours_heap_push_all(n: u64, mode: Mode) -> Timing {
     ours_heap("ours/push_all_64", n, mode, ours_push_all)
 }
 
+fn ours_heap_push_with(n: u64, mode: Mode) -> Timing {
+    ours_heap("ours/push_with_64", n, mode, ours_push_with)
+}
+
 /// The producer-cost contenders, in the order they run.
-const PRODUCER_CONTENDERS: [Contender; 7] = [
+const PRODUCER_CONTENDERS: [Contender; 8] = [
     ("ours/push", ours_heap_push),
     ("ours/stage_flush_64", ours_heap_stage_flush),
     ("ours/push_all_64", ours_heap_push_all),
+    ("ours/push_with_64", ours_heap_push_with),
     ("rtrb/push", rtrb_push),
     ("rtrb/write_chunk_uninit_64", rtrb_write_chunk_uninit),
     ("rtrb/write_chunk_64", rtrb_write_chunk),
@@ -567,11 +592,13 @@ const PRODUCER_CONTENDERS: [Contender; 7] = [
 ];
 
 /// The end-to-end contenders (thread to thread).
-const END_TO_END_CONTENDERS: [Contender; 5] = [
+const END_TO_END_CONTENDERS: [Contender; 7] = [
     ("ours/push", ours_heap_push),
     ("ours/stage_flush_64", ours_heap_stage_flush),
     ("ours/push_all_64", ours_heap_push_all),
+    ("ours/push_with_64", ours_heap_push_with),
     ("rtrb/push", rtrb_push),
+    ("rtrb/write_chunk_uninit_64", rtrb_write_chunk_uninit),
     ("rtrb/write_chunk_64", rtrb_write_chunk),
 ];
 
@@ -1030,12 +1057,21 @@ fn interleaved() {
             .position(|(name, _)| *name == peer)
             .expect("the peer is a contender")
     };
-    let (push, chunk) = (position("rtrb/push"), position("rtrb/write_chunk_64"));
+    let (push, chunk) = (
+        position("rtrb/push"),
+        position("rtrb/write_chunk_uninit_64"),
+    );
     let producer_ratio: Vec<String> = (0..contenders.len())
         .map(|i| paired(&producer[i], &producer[push]))
         .collect();
+    // Each path against rtrb's path of its kind: single pushes against `push`, batches
+    // against rtrb's best batch path.
     let end_to_end_ratio: Vec<String> = (0..contenders.len())
-        .map(|i| paired(&end_to_end[i], &end_to_end[chunk]))
+        .map(|i| {
+            let batch = contenders[i].0.contains("_64");
+            let peer = if batch { chunk } else { push };
+            paired(&end_to_end[i], &end_to_end[peer])
+        })
         .collect();
     println!(
         "producer: Mode::Bursts; end-to-end: Mode::Sustained. Ratios are per round (the \
@@ -1045,7 +1081,8 @@ fn interleaved() {
     );
     println!(
         "| contender | producer ns/record | producer / rtrb push | end-to-end ns/record \
-         | end-to-end / rtrb write_chunk_64 |"
+         | end-to-end / rtrb peer (push for single pushes, write_chunk_uninit_64 for \
+         batches) |"
     );
     println!("| --- | --- | --- | --- | --- |");
     for (i, (name, _)) in contenders.iter().enumerate() {

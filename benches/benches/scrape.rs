@@ -1,7 +1,9 @@
-//! Rendering one scrape of 100 000 series: metricsd's exposition (through the official
-//! `prometheus-client` encoder) in OpenMetrics text, Prometheus text and protobuf, against
-//! `metrics-exporter-prometheus` rendering the same series (Prometheus text; its
-//! protobuf output needs `protoc` at build time, which this workspace does not require).
+//! Rendering one scrape of 100 000 series: metricsd's exposition in OpenMetrics text,
+//! Prometheus text and protobuf, from the view the drain loop publishes (what a scrape
+//! renders), against `metrics-exporter-prometheus` rendering the same series (Prometheus
+//! text; its protobuf output needs `protoc` at build time, which this workspace does not
+//! require), and against `prometheus-client`'s own encoders rendering the same
+//! exposition (`render_reference`: the same bytes, asserted before the group).
 //!
 //! The series: 60 000 counters, 30 000 gauges and 10 000 histograms (20 observations
 //! each, 1 to 2^20) over two services; the peer's histograms have power-of-two buckets
@@ -10,8 +12,8 @@
 //!
 //! After the group, `drain_during_scrape` measures what a scrape costs the drain loop:
 //! `Drainer::pass` latency over a ring of counter records, quiet and while another
-//! thread renders the 100 000-series exposition in a loop, plus the one copy of the
-//! series store the drain loop makes per export interval for scrapes.
+//! thread renders the 100 000-series exposition in a loop; `publish_cost` times the
+//! drain loop's own share, bringing its scrape table up to date and publishing a view.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -19,15 +21,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
+use criterion::{Criterion, SamplingMode, criterion_group};
 use metrics::{Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use metricsd::aggregate::{MetricKind, Resolved, Store};
+use metricsd::aggregate::{MetricKind, Resolved, SeriesId, Store};
 use metricsd::config::{RedactionConfig, SeriesConfig};
 use metricsd::drain::{Drainer, NewRing};
 use metricsd::export::ExportQueue;
-use metricsd::prometheus::{Format, render};
+use metricsd::prometheus::{Format, render_reference, render_view};
 use metricsd::redact::Redactor;
+use metricsd::scrape::{ScrapeTable, ScrapeView};
 use metricsd::snapshot::{GrantStats, Snapshot};
 use telemetry_abi::{Geometry, MAX_REGISTER_RECORDS, Record, RegisterKind};
 use telemetry_benches::{CONSUMER_CPU, PRODUCER_CPU, pin};
@@ -44,8 +47,9 @@ fn observation(i: u64, j: u64) -> u64 {
     1 + x % (1 << 20)
 }
 
-/// The workload in metricsd's store, and in the peer's recorder.
-fn workload() -> (Arc<Snapshot>, PrometheusHandle) {
+/// The workload in metricsd's store, and in the peer's recorder (left empty unless
+/// `peer`).
+fn workload(peer: bool) -> (Arc<Snapshot>, PrometheusHandle, Store) {
     let caps = SeriesConfig {
         max_total: 1_000_000,
         max_per_metric: 1_000_000,
@@ -92,16 +96,18 @@ fn workload() -> (Arc<Snapshot>, PrometheusHandle) {
         );
         let v = u64::from(i) * 7 + 1;
         store.add(id, v);
-        recorder
-            .register_counter(
-                &key(
-                    "bench_requests",
-                    svc,
-                    &[("route", route), ("status", status)],
-                ),
-                &meta,
-            )
-            .increment(v);
+        if peer {
+            recorder
+                .register_counter(
+                    &key(
+                        "bench_requests",
+                        svc,
+                        &[("route", route), ("status", status)],
+                    ),
+                    &meta,
+                )
+                .increment(v);
+        }
     }
     for i in 0..GAUGES {
         let (svc, worker) = ((i % 2) as usize, i.to_string());
@@ -114,9 +120,11 @@ fn workload() -> (Arc<Snapshot>, PrometheusHandle) {
         );
         let v = i64::from(i % 1000) - 500;
         store.set(id, v);
-        recorder
-            .register_gauge(&key("bench_queue_depth", svc, &[("worker", worker)]), &meta)
-            .set(v as f64);
+        if peer {
+            recorder
+                .register_gauge(&key("bench_queue_depth", svc, &[("worker", worker)]), &meta)
+                .set(v as f64);
+        }
     }
     for i in 0..HISTOGRAMS {
         let (svc, route) = ((i % 2) as usize, format!("/r{i}"));
@@ -127,31 +135,45 @@ fn workload() -> (Arc<Snapshot>, PrometheusHandle) {
             svc,
             &[("route", &route)],
         );
-        let h = recorder.register_histogram(&key("bench_latency", svc, &[("route", route)]), &meta);
+        let h = peer.then(|| {
+            recorder.register_histogram(&key("bench_latency", svc, &[("route", route)]), &meta)
+        });
         for j in 0..OBSERVATIONS {
             let v = observation(u64::from(i), j);
             store.observe(id, v);
-            h.record(v as f64);
+            if let Some(h) = &h {
+                h.record(v as f64);
+            }
         }
     }
     let snapshot = Snapshot {
         series: store.all().cloned().collect(),
         ..Snapshot::default()
     };
-    (Arc::new(snapshot), recorder.handle())
+    (Arc::new(snapshot), recorder.handle(), store)
 }
 
 fn scrape_render(c: &mut Criterion) {
     pin(CONSUMER_CPU);
-    let (snapshot, handle) = workload();
+    let (snapshot, handle, mut store) = workload(true);
     let series = snapshot.series.len();
+    // What the drain loop publishes for scrapes (untimed here; `publish_cost` below).
+    let mut table = ScrapeTable::new();
+    table.update(&mut store);
+    let view = Arc::new(table.view(Vec::new()));
+    assert_eq!(view.series().count(), series);
     assert_eq!(series, (COUNTERS + GAUGES + HISTOGRAMS) as usize);
     for (name, format) in [
         ("openmetrics", Format::OpenMetrics),
         ("prometheus_text", Format::Text),
         ("protobuf", Format::Protobuf),
     ] {
-        let r = render(snapshot.clone(), Vec::new(), format).expect("renders");
+        let r = render_view(&view, format).expect("renders");
+        let reference = render_reference(snapshot.clone(), Vec::new(), format).expect("renders");
+        assert_eq!(
+            r.body, reference.body,
+            "the same bytes as prometheus-client's"
+        );
         eprintln!(
             "scrape_render: metricsd {name}: {} bytes for {series} series",
             r.body.len()
@@ -180,9 +202,19 @@ fn scrape_render(c: &mut Criterion) {
         ("metricsd_prometheus_text", Format::Text),
     ] {
         group.bench_function(name, |b| {
+            b.iter(|| black_box(render_view(&view, format).expect("renders").body.len()))
+        });
+    }
+    // The same expositions through `prometheus-client`'s own encoders (the bytes are
+    // the same: `render` is checked against `render_reference` in metricsd's tests).
+    for (name, format) in [
+        ("prometheus_client_openmetrics", Format::OpenMetrics),
+        ("prometheus_client_protobuf", Format::Protobuf),
+    ] {
+        group.bench_function(name, |b| {
             b.iter(|| {
                 black_box(
-                    render(snapshot.clone(), Vec::new(), format)
+                    render_reference(snapshot.clone(), Vec::new(), format)
                         .expect("renders")
                         .body
                         .len(),
@@ -195,7 +227,8 @@ fn scrape_render(c: &mut Criterion) {
     });
     group.finish();
 
-    drain_during_scrape(snapshot);
+    drain_during_scrape(view);
+    publish_cost(store);
 }
 
 /// Counter records per round (four passes of the default budget).
@@ -207,7 +240,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted.get(i).copied().unwrap_or_default()
 }
 
-fn drain_during_scrape(snapshot: Arc<Snapshot>) {
+fn drain_during_scrape(view: Arc<ScrapeView>) {
     let config = metricsd::Config::default();
     let mut drainer = Drainer::new(
         &config,
@@ -268,11 +301,11 @@ fn drain_during_scrape(snapshot: Arc<Snapshot>) {
     };
     measure("quiet", 0);
     let stop = Arc::new(AtomicBool::new(false));
-    let (s, snap, n) = (stop.clone(), snapshot.clone(), renders.clone());
+    let (s, view, n) = (stop.clone(), view.clone(), renders.clone());
     let scraper = std::thread::spawn(move || {
         pin(PRODUCER_CPU);
         while !s.load(Ordering::Relaxed) {
-            black_box(render(snap.clone(), Vec::new(), Format::OpenMetrics).expect("renders"));
+            black_box(render_view(&view, Format::OpenMetrics).expect("renders"));
             n.fetch_add(1, Ordering::Relaxed);
         }
     });
@@ -283,21 +316,75 @@ fn drain_during_scrape(snapshot: Arc<Snapshot>) {
         "drain_during_scrape: {} scrapes rendered meanwhile",
         renders.load(Ordering::Relaxed)
     );
-    // The drain loop's own share of serving scrapes: one copy of the store per export.
-    let mut copies = Vec::new();
-    for _ in 0..20 {
-        let start = Instant::now();
-        black_box(snapshot.series.to_vec());
-        copies.push(start.elapsed());
-    }
-    copies.sort();
-    eprintln!(
-        "drain_during_scrape: publishing 100k series for scrapes (once per export interval, on the drain thread): median {:?}, max {:?}",
-        percentile(&copies, 0.5),
-        copies.last().copied().unwrap_or_default()
-    );
     let _ = writer;
 }
 
+/// The drain loop's own share of serving scrapes: bringing its scrape table up to date
+/// after an export and publishing a view. The first update copies all 100 000 series;
+/// later ones copy the series the export found changed (1 % and all of them here), while
+/// a scrape still holds the previous view (as a scrape in progress would).
+fn publish_cost(mut store: Store) {
+    let ids: Vec<SeriesId> = store.take_dirty();
+    let mut table = ScrapeTable::new();
+    let start = Instant::now();
+    table.update(&mut store);
+    let mut view = Arc::new(table.view(Vec::new()));
+    eprintln!(
+        "publish_cost: first update (every series copied): {:?} for {} series",
+        start.elapsed(),
+        view.series().count()
+    );
+    for (label, every) in [("1 % changed", 100), ("all changed", 1)] {
+        let mut times = Vec::new();
+        for round in 0..20u64 {
+            for id in ids.iter().step_by(every) {
+                store.add(*id, round + 1);
+            }
+            store.take_dirty(); // as the export does
+            let held = view.clone(); // a scrape in progress
+            let start = Instant::now();
+            table.update(&mut store);
+            view = Arc::new(table.view(Vec::new()));
+            times.push(start.elapsed());
+            drop(held);
+        }
+        times.sort();
+        eprintln!(
+            "publish_cost: update and publish, {label}: median {:?}, max {:?}",
+            percentile(&times, 0.5),
+            times.last().copied().unwrap_or_default()
+        );
+    }
+}
+
 criterion_group!(benches, scrape_render);
-criterion_main!(benches);
+
+/// `SCRAPE_PROFILE=openmetrics|text|protobuf` renders that format `SCRAPE_PROFILE_N`
+/// times (default 1) from metricsd's workload and exits: for profilers
+/// (`valgrind --tool=callgrind --toggle-collect='*prometheus*render*'`), without the
+/// peer's fill or the criterion loop.
+fn main() {
+    if let Ok(format) = std::env::var("SCRAPE_PROFILE") {
+        let format = match format.as_str() {
+            "openmetrics" => Format::OpenMetrics,
+            "text" => Format::Text,
+            "protobuf" => Format::Protobuf,
+            other => panic!("SCRAPE_PROFILE={other}: expected openmetrics, text or protobuf"),
+        };
+        let n: usize = std::env::var("SCRAPE_PROFILE_N")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        let (_, _, mut store) = workload(false);
+        let mut table = ScrapeTable::new();
+        table.update(&mut store);
+        let view = table.view(Vec::new());
+        for _ in 0..n {
+            let r = render_view(&view, format).expect("renders");
+            eprintln!("{} bytes", r.body.len());
+        }
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

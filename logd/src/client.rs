@@ -2,7 +2,7 @@
 //! send queue with batching and reconnects.
 
 use std::collections::VecDeque;
-use std::io::{self, Write};
+use std::io::{self, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -138,7 +138,9 @@ impl ClientError {
 /// # Ok::<(), logd::client::ClientError>(())
 /// ```
 pub struct Client {
-    stream: UnixStream,
+    /// Replies are read through a buffer (several at once when requests were pipelined);
+    /// requests are written to the stream itself.
+    stream: BufReader<UnixStream>,
     opts: ClientOptions,
     buf: Vec<u8>,
 }
@@ -166,7 +168,7 @@ impl Client {
             .set_read_timeout(opts.timeout)
             .map_err(ClientError::Io)?;
         Ok(Client {
-            stream,
+            stream: BufReader::with_capacity(PIPELINE_READ_BUF, stream),
             opts,
             buf: Vec::new(),
         })
@@ -205,6 +207,49 @@ impl Client {
         Ok(report)
     }
 
+    /// Appends each record in its own APPEND frame, pipelined: up to [`PIPELINE_FRAMES`]
+    /// frames are written at once before their replies are read (in order, as the
+    /// protocol allows), so a frame costs no round trip of its own. The report has one
+    /// status per record, in order. Checks every record's size first, as
+    /// [`Client::append`] does; on another error, the frames already acknowledged stay
+    /// stored.
+    pub fn append_each(&mut self, records: &[Record]) -> Result<AppendReport, ClientError> {
+        let max = self.opts.max_frame_bytes;
+        for (index, r) in records.iter().enumerate() {
+            let len = frame::append_frame_len(core::slice::from_ref(r));
+            if len > max {
+                return Err(ClientError::RecordTooLarge { index, len, max });
+            }
+        }
+        let mut report = AppendReport::default();
+        let mut out = Vec::new();
+        for window in records.chunks(PIPELINE_FRAMES) {
+            out.clear();
+            for r in window {
+                out.extend_from_slice(&frame::encode_append(core::slice::from_ref(r)));
+            }
+            self.stream
+                .get_ref()
+                .write_all(&out)
+                .map_err(io_or_closed)?;
+            for _ in window {
+                match self.read_reply()? {
+                    Reply::Append(r) if r.statuses.len() == 1 => {
+                        report.statuses.extend(r.statuses);
+                    }
+                    Reply::Append(r) => {
+                        return Err(ClientError::Protocol(format!(
+                            "{} statuses for 1 record",
+                            r.statuses.len()
+                        )));
+                    }
+                    other => return Err(unexpected("APPEND_OK", &other)),
+                }
+            }
+        }
+        Ok(report)
+    }
+
     /// Sends exactly one APPEND frame with these records (no splitting, no size check):
     /// for exercising logd's own limits.
     pub fn append_frame(&mut self, records: &[Record]) -> Result<AppendReport, ClientError> {
@@ -219,11 +264,15 @@ impl Client {
         let extra = Duration::from_millis(u64::from(q.wait_ms));
         if q.wait_ms > 0 {
             let t = self.opts.timeout.map(|t| t + extra);
-            self.stream.set_read_timeout(t).map_err(ClientError::Io)?;
+            self.stream
+                .get_ref()
+                .set_read_timeout(t)
+                .map_err(ClientError::Io)?;
         }
         let result = self.request_raw(&frame::encode_query(q));
         if q.wait_ms > 0 {
             self.stream
+                .get_ref()
                 .set_read_timeout(self.opts.timeout)
                 .map_err(ClientError::Io)?;
         }
@@ -269,7 +318,10 @@ impl Client {
     /// Sends arbitrary bytes as one request and reads one reply: for protocol tests and
     /// diagnostics. An ERROR reply is returned as [`Reply::Error`], not as an error.
     pub fn request_raw(&mut self, bytes: &[u8]) -> Result<Reply, ClientError> {
-        self.stream.write_all(bytes).map_err(io_or_closed)?;
+        self.stream
+            .get_ref()
+            .write_all(bytes)
+            .map_err(io_or_closed)?;
         self.read_reply()
     }
 
@@ -302,6 +354,13 @@ fn unexpected(expected: &str, got: &Reply) -> ClientError {
         other => ClientError::Protocol(format!("expected {expected}, got {other:?}")),
     }
 }
+
+/// Frames [`Client::append_each`] writes before reading their replies: their replies
+/// (a few dozen bytes each) fit the socket's buffer, so logd never blocks writing them
+/// while the client is still writing.
+pub const PIPELINE_FRAMES: usize = 256;
+/// The client's read buffer for replies.
+const PIPELINE_READ_BUF: usize = 16 << 10;
 
 /// Splits records into runs that each fit one frame.
 fn batches(records: &[Record], max_frame: usize, max_records: usize) -> Vec<&[Record]> {

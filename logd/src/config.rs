@@ -189,8 +189,9 @@ pub struct JournalConfig {
     /// Oldest segments are retired (their still-held records copied forward) once all
     /// segments exceed this (default 512 MiB; at least `2 * max_bytes + 2 * segment_bytes`).
     pub disk_max_bytes: u64,
-    /// `fdatasync` the segment before acknowledging each APPEND (default false: a crash
-    /// of logd loses nothing acknowledged, a crash of the machine can lose what the kernel
+    /// Acknowledge an APPEND only once an `fdatasync` of the segment covers its records,
+    /// shared by the APPENDs written meanwhile (group commit; default false: a crash of
+    /// logd loses nothing acknowledged, a crash of the machine can lose what the kernel
     /// had not written back).
     pub fsync: bool,
 }

@@ -4,12 +4,15 @@
 //! A segment is `<first id, 20 digits>.seg`: the 8-byte magic `LOGDSEG1`, then entries
 //! `u32 len, u32 crc32(payload), payload` where the payload is a stored record encoded as
 //! in QUERY_OK. Records are written (one `write` per APPEND) before the APPEND is
-//! acknowledged.
+//! acknowledged. With `fsync`, the server makes them durable after the write and before
+//! the reply, outside its lock, one `fdatasync` for every APPEND written meanwhile
+//! ([`Disk::sync_point`]; group commit).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::config::JournalConfig;
 use crate::frame::{self, Dec};
@@ -24,6 +27,8 @@ struct Segment {
     first_id: u64,
     path: PathBuf,
     bytes: u64,
+    /// The largest record id written to it (`u64::MAX`: unknown, a recovered segment).
+    max_id: u64,
 }
 
 /// What recovery found.
@@ -39,7 +44,10 @@ pub struct Recovered {
 pub struct Disk {
     dir: PathBuf,
     segments: VecDeque<Segment>,
-    active: Option<File>,
+    /// Shared with the syncing thread of a group commit (see [`Disk::sync_point`]).
+    active: Option<Arc<File>>,
+    /// Bytes written since open, in all segments: the position a sync point names.
+    written: u64,
     segment_bytes: u64,
     max_bytes: u64,
     max_entry: u64,
@@ -133,22 +141,24 @@ impl Disk {
                 first_id,
                 path,
                 bytes,
+                max_id: u64::MAX,
             });
         }
         // Append to the newest segment if it has a valid header and room.
         let mut active = None;
         if let Some(last) = segments.back() {
             if last.bytes >= MAGIC.len() as u64 && last.bytes < cfg.segment_bytes {
-                active = Some(ctx(
+                active = Some(Arc::new(ctx(
                     OpenOptions::new().append(true).open(&last.path),
                     || format!("cannot open {}", last.path.display()),
-                )?);
+                )?));
             }
         }
         let disk = Disk {
             dir: dir.to_owned(),
             segments,
             active,
+            written: 0,
             segment_bytes: cfg.segment_bytes,
             max_bytes: cfg.disk_max_bytes,
             max_entry,
@@ -168,8 +178,9 @@ impl Disk {
         self.segments.len() as u64
     }
 
-    /// Writes records (one `write`), syncing if configured. On error nothing may be
-    /// acknowledged; a partial write is a torn tail that recovery skips.
+    /// Writes records (one `write`); with `fsync` the caller then waits for a sync past
+    /// [`Disk::sync_point`]. On error nothing may be acknowledged; a partial write is a
+    /// torn tail that recovery skips.
     pub fn append(&mut self, recs: &[StoredRecord]) -> Result<(), DiskError> {
         let Some(first) = recs.first() else {
             return Ok(());
@@ -194,21 +205,33 @@ impl Disk {
                 h[4..].copy_from_slice(&crc.to_le_bytes());
             }
         }
-        let (Some(f), Some(seg)) = (self.active.as_mut(), self.segments.back_mut()) else {
+        let (Some(f), Some(seg)) = (self.active.as_deref(), self.segments.back_mut()) else {
             return Err(DiskError {
                 what: "no active segment".into(),
                 source: io::Error::other("rotation left no segment"),
             });
         };
         let path = &seg.path;
+        let mut f = f;
         ctx(f.write_all(&self.buf), || {
             format!("cannot write {}", path.display())
         })?;
-        if self.fsync {
-            ctx(f.sync_data(), || format!("cannot sync {}", path.display()))?;
-        }
         seg.bytes += self.buf.len() as u64;
+        seg.max_id = recs.iter().fold(seg.max_id, |m, r| m.max(r.id));
+        self.written += self.buf.len() as u64;
         Ok(())
+    }
+
+    /// Whether every APPEND waits for an `fdatasync` (`journal.fsync`).
+    pub fn fsync(&self) -> bool {
+        self.fsync
+    }
+
+    /// The active segment and the bytes written so far: an `fdatasync` of that file
+    /// makes everything written up to that count durable (a segment is synced whole
+    /// when it is rotated out, before anything is written to the next).
+    pub fn sync_point(&self) -> Option<(Arc<File>, u64)> {
+        self.active.as_ref().map(|f| (Arc::clone(f), self.written))
     }
 
     fn rotate(&mut self, first_id: u64) -> Result<(), DiskError> {
@@ -235,8 +258,9 @@ impl Disk {
             first_id,
             path,
             bytes: MAGIC.len() as u64,
+            max_id: 0,
         });
-        self.active = Some(f);
+        self.active = Some(Arc::new(f));
         Ok(())
     }
 
@@ -250,6 +274,14 @@ impl Disk {
             let Some(oldest) = self.segments.pop_front() else {
                 break;
             };
+            // If memory holds no id as old as the segment's newest, nothing in it is
+            // copied forward and the file need not be read.
+            if journal.first_id().is_none_or(|held| held > oldest.max_id) {
+                ctx(fs::remove_file(&oldest.path), || {
+                    format!("cannot remove {}", oldest.path.display())
+                })?;
+                continue;
+            }
             let data = ctx(fs::read(&oldest.path), || {
                 format!("cannot read {}", oldest.path.display())
             })?;
@@ -261,7 +293,14 @@ impl Disk {
                 .filter(|r| journal.contains(r.id))
                 .collect();
             if !live.is_empty() {
-                if let Err(e) = self.append(&live) {
+                let copied = self.append(&live).and_then(|()| match &self.active {
+                    // With fsync, the copies are durable before their old segment goes.
+                    Some(f) if self.fsync => {
+                        ctx(f.sync_data(), || "cannot sync the active segment".into())
+                    }
+                    _ => Ok(()),
+                });
+                if let Err(e) = copied {
                     self.segments.push_front(oldest);
                     return Err(e);
                 }
@@ -406,5 +445,42 @@ mod tests {
         assert_eq!(r.records.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
         assert_eq!(r.corrupt, 2);
         assert_eq!(fs::metadata(&path).unwrap().len() as usize, data.len() - 6);
+    }
+
+    #[test]
+    fn retention_copies_forward_what_memory_holds_and_drops_the_rest_unread() {
+        use crate::quota::SenderKey;
+        let dir = tempfile::tempdir().unwrap();
+        let one = (ENTRY_HEADER + frame::stored_record_len(&rec(1))) as u64;
+        let cfg = JournalConfig {
+            segment_bytes: 10 * one,
+            disk_max_bytes: 30 * one,
+            ..JournalConfig::default()
+        };
+        let (mut d, _) = Disk::open(dir.path(), &cfg, 1 << 20).unwrap();
+        let key = SenderKey {
+            service: "s".into(),
+            pid: Some(1),
+        };
+        // Memory holds record 1 and the newest ten, as fair-share eviction may leave it.
+        let mut journal = Journal::new(11, u64::MAX);
+        journal.insert(key.clone(), rec(1));
+        for id in 1..=100 {
+            d.append(&[rec(id)]).unwrap();
+            if id > 90 {
+                journal.insert(key.clone(), rec(id));
+            }
+            d.enforce_retention(&journal).unwrap();
+        }
+        assert!(d.bytes() <= 30 * one + 10 * one, "{} bytes", d.bytes());
+        drop(d);
+        let (_d, r) = Disk::open(dir.path(), &cfg, 1 << 20).unwrap();
+        let ids: Vec<u64> = r.records.keys().copied().collect();
+        assert!(ids.contains(&1), "record 1 was copied forward: {ids:?}");
+        assert!((91..=100).all(|id| ids.contains(&id)), "{ids:?}");
+        assert!(
+            !ids.contains(&2),
+            "what memory does not hold is retired: {ids:?}"
+        );
     }
 }

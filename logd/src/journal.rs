@@ -79,6 +79,11 @@ impl Journal {
         self.max_evicted
     }
 
+    /// The smallest id held, if any.
+    pub fn first_id(&self) -> Option<u64> {
+        self.records.first_key_value().map(|(&id, _)| id)
+    }
+
     /// Whether a record id is held.
     pub fn contains(&self, id: u64) -> bool {
         self.records.contains_key(&id)

@@ -207,14 +207,16 @@ pub fn is_identity_key(key: &str) -> bool {
 /// `keys` or starts with one of `prefixes`: the matching rule of [`is_identity_key`],
 /// for callers that guard their own lists of identity keys (metricsd's label rules).
 pub fn key_in_lists(key: &str, keys: &[&str], prefixes: &[&str]) -> bool {
-    let norm: String = key
-        .chars()
-        .map(|c| match c {
-            '-' | '.' => '_',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect();
-    keys.contains(&norm.as_str()) || prefixes.iter().any(|p| norm.starts_with(p))
+    // Byte by byte, without building the normalised key: the bytes of a non-ASCII
+    // character are left as they are, as their character would be.
+    let norm = |b: u8| match b {
+        b'-' | b'.' => b'_',
+        b => b.to_ascii_lowercase(),
+    };
+    let starts = |p: &str| {
+        key.len() >= p.len() && key.bytes().zip(p.bytes()).all(|(k, want)| norm(k) == want)
+    };
+    keys.iter().any(|k| k.len() == key.len() && starts(k)) || prefixes.iter().any(|p| starts(p))
 }
 
 #[cfg(test)]

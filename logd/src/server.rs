@@ -125,7 +125,29 @@ struct Shared {
     shutdown: AtomicBool,
     state: Mutex<State>,
     appended: Condvar,
+    /// Group commit of the disk journal (`journal.fsync`).
+    sync: Mutex<SyncState>,
+    synced: Condvar,
 }
+
+/// Group commit: APPENDs that wrote to the disk journal wait, outside the server's
+/// lock, until an `fdatasync` that started after their write has finished. One of them
+/// (the leader) syncs for all written so far; the others wait for it, so concurrent
+/// APPENDs share one `fdatasync`.
+#[derive(Default)]
+struct SyncState {
+    /// The latest write: the active segment and bytes written up to there.
+    latest: Option<(Arc<std::fs::File>, u64)>,
+    /// Bytes known durable.
+    synced: u64,
+    /// The end of the last sync that failed: writes up to there are never acknowledged.
+    failed: u64,
+    /// A leader is syncing now.
+    syncing: bool,
+}
+
+/// Why a group commit failed.
+struct SyncFailed(io::Error);
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -136,6 +158,48 @@ impl Shared {
     fn stopping(&self) -> bool {
         // ORDERING: pairs with the Release store in `ShutdownHandle::shutdown`.
         self.shutdown.load(Ordering::Acquire)
+    }
+
+    fn sync_lock(&self) -> MutexGuard<'_, SyncState> {
+        self.sync.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Returns once the disk journal is durable up to `upto` bytes written: leads an
+    /// `fdatasync` if none is running, else waits for the running one (and leads the
+    /// next if that one began before `upto` was written). Fails if the sync that covered
+    /// `upto` failed: those writes are never acknowledged, even if a later sync succeeds.
+    fn durable(&self, upto: u64) -> Result<(), SyncFailed> {
+        let mut g = self.sync_lock();
+        loop {
+            if g.failed >= upto {
+                return Err(SyncFailed(io::Error::other(
+                    "an fdatasync covering these records failed",
+                )));
+            }
+            if g.synced >= upto {
+                return Ok(());
+            }
+            if g.syncing {
+                g = self.synced.wait(g).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let Some((file, target)) = g.latest.clone() else {
+                return Ok(());
+            };
+            g.syncing = true;
+            drop(g);
+            let result = file.sync_data();
+            g = self.sync_lock();
+            g.syncing = false;
+            match &result {
+                Ok(()) => g.synced = g.synced.max(target),
+                Err(_) => g.failed = g.failed.max(target),
+            }
+            self.synced.notify_all();
+            if let Err(e) = result {
+                return Err(SyncFailed(e));
+            }
+        }
     }
 }
 
@@ -342,6 +406,8 @@ impl Server {
                 shutdown: AtomicBool::new(false),
                 state: Mutex::new(state),
                 appended: Condvar::new(),
+                sync: Mutex::new(SyncState::default()),
+                synced: Condvar::new(),
             }),
         })
     }
@@ -461,14 +527,7 @@ impl Server {
         let spawned = thread::Builder::new()
             .name("logd-conn".into())
             .spawn(move || {
-                let mut conn = Conn {
-                    stream,
-                    shared,
-                    key: key2,
-                    identity,
-                    reads_all,
-                    frame_deadline: None,
-                };
+                let mut conn = Conn::new(stream, shared, key2, identity, reads_all);
                 conn.serve();
                 conn.shared.lock().disconnect(&conn.key);
             });
@@ -499,9 +558,54 @@ struct Conn {
     /// Root or listed in `[access]`: reads every sender's records and STATS rows.
     reads_all: bool,
     frame_deadline: Option<Instant>,
+    /// Bytes read ahead from the stream: `rbuf[rstart..rend]` not consumed yet. A client
+    /// that sends several requests before reading the replies (in order, as the
+    /// protocol allows) has them read with one `read(2)`.
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    /// Replies not written yet: written before the connection blocks to read, or once
+    /// they pass [`CONN_BUF`].
+    wbuf: Vec<u8>,
 }
 
+/// Bytes of read-ahead and of held replies per connection.
+const CONN_BUF: usize = 16 << 10;
+/// Most APPEND frames of a pipelined burst stored together.
+const BURST_FRAMES: usize = 64;
+
 impl Conn {
+    fn new(
+        stream: UnixStream,
+        shared: Arc<Shared>,
+        key: SenderKey,
+        identity: Identity,
+        reads_all: bool,
+    ) -> Self {
+        Self {
+            stream,
+            shared,
+            key,
+            identity,
+            reads_all,
+            frame_deadline: None,
+            rbuf: vec![0; CONN_BUF].into_boxed_slice(),
+            rstart: 0,
+            rend: 0,
+            wbuf: Vec::new(),
+        }
+    }
+
+    /// Writes the held replies.
+    fn flush(&mut self) -> io::Result<()> {
+        let r = self.stream.write_all(&self.wbuf);
+        self.wbuf.clear();
+        if self.wbuf.capacity() > 4 * CONN_BUF {
+            self.wbuf.shrink_to(CONN_BUF);
+        }
+        r
+    }
+
     fn serve(&mut self) {
         let l = &self.shared.config.limits;
         let setup = self
@@ -543,8 +647,16 @@ impl Conn {
             }
             let reply = match frame::decode_request(&h, &body, &self.shared.config.limits) {
                 Ok(Request::Append(raws)) => {
-                    let statuses = self.append(&raws);
-                    frame::encode_append_reply(&statuses)
+                    let mut burst = Vec::new();
+                    self.appends_ahead(max_frame, &mut burst);
+                    if burst.is_empty() {
+                        let statuses = self.append(&[&raws]);
+                        statuses
+                            .first()
+                            .map_or_else(Vec::new, |s| frame::encode_append_reply(s))
+                    } else {
+                        self.append_burst(&raws, &burst)
+                    }
                 }
                 Ok(Request::Query(q)) => self.query(&q),
                 Ok(Request::Stats) => frame::encode_stats_reply(&self.stats()),
@@ -557,10 +669,62 @@ impl Conn {
                     frame::encode_error(class, reason, &message)
                 }
             };
-            if self.stream.write_all(&reply).is_err() {
+            // A large reply (a query page) is written as it is, after those held.
+            if reply.len() >= CONN_BUF {
+                if self.flush().is_err() || self.stream.write_all(&reply).is_err() {
+                    return;
+                }
+                continue;
+            }
+            self.wbuf.extend_from_slice(&reply);
+            if self.wbuf.len() >= CONN_BUF && self.flush().is_err() {
                 return;
             }
         }
+    }
+
+    /// Stores `first` and the frames pipelined behind it together, and returns their
+    /// replies, in order (a frame that does not decode gets its error, as alone).
+    fn append_burst(
+        &mut self,
+        first: &[frame::RawRecord<'_>],
+        burst: &[(Header, Vec<u8>)],
+    ) -> Vec<u8> {
+        let limits = &self.shared.config.limits;
+        let decoded: Vec<_> = burst
+            .iter()
+            .map(|(h, body)| frame::decode_request(h, body, limits))
+            .collect();
+        let mut frames = vec![first];
+        for d in &decoded {
+            if let Ok(Request::Append(raws)) = d {
+                frames.push(raws);
+            }
+        }
+        let mut statuses = self.append(&frames).into_iter();
+        let mut replies = frame::encode_append_reply(&statuses.next().unwrap_or_default());
+        for d in decoded {
+            let reply = match d {
+                Ok(Request::Append(_)) => {
+                    frame::encode_append_reply(&statuses.next().unwrap_or_default())
+                }
+                Ok(_) => frame::encode_error(
+                    Reject::InvalidArgs,
+                    Reason::Malformed,
+                    "expected an APPEND frame",
+                ),
+                Err(FrameReject {
+                    class,
+                    reason,
+                    message,
+                }) => {
+                    self.shared.lock().count_reject(Some(&self.key), class, 1);
+                    frame::encode_error(class, reason, &message)
+                }
+            };
+            replies.extend_from_slice(&reply);
+        }
+        replies
     }
 
     fn timed_out(&mut self) {
@@ -575,35 +739,61 @@ impl Conn {
     /// to be in sync; the caller then closes it.
     fn refuse(&mut self, class: Reject, reason: Reason, msg: &str) {
         self.shared.lock().count_reject(Some(&self.key), class, 1);
+        let _ignored = self.flush();
         let _ignored = self
             .stream
             .write_all(&frame::encode_error(class, reason, msg));
         let _ignored = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
-    /// Fills `dst`, honouring the idle timeout before a frame starts, the frame timeout
-    /// once it has, and shutdown.
+    /// Fills `dst`, from the read-ahead first, honouring the idle timeout before a frame
+    /// starts, the frame timeout once it has, and shutdown. Held replies are written
+    /// before it blocks on the stream.
     fn fill(&mut self, dst: &mut [u8]) -> Result<(), Stop> {
         let l = &self.shared.config.limits;
         let idle_until = Instant::now() + Duration::from_millis(l.idle_timeout_ms);
         let frame_timeout = Duration::from_millis(l.frame_timeout_ms);
         let mut got = 0;
         while got < dst.len() {
+            let (Some(rest), Some(ahead)) =
+                (dst.get_mut(got..), self.rbuf.get(self.rstart..self.rend))
+            else {
+                break;
+            };
+            if !ahead.is_empty() {
+                let n = ahead.len().min(rest.len());
+                rest[..n].copy_from_slice(&ahead[..n]);
+                self.rstart += n;
+                got += n;
+                if self.frame_deadline.is_none() {
+                    self.frame_deadline = Some(Instant::now() + frame_timeout);
+                }
+                continue;
+            }
+            if !self.wbuf.is_empty() && self.flush().is_err() {
+                return Err(Stop::Io);
+            }
             if self.shared.stopping() {
                 return Err(Stop::Shutdown);
             }
-            let Some(rest) = dst.get_mut(got..) else {
-                break;
+            // A large remainder goes straight into `dst`; a small one through the
+            // read-ahead, which may bring the next requests along.
+            let direct = rest.len() >= self.rbuf.len();
+            let read = if direct {
+                self.stream.read(rest)
+            } else {
+                self.stream.read(&mut self.rbuf)
             };
-            match self.stream.read(rest) {
+            match read {
                 Ok(0) if got == 0 && self.frame_deadline.is_none() => return Err(Stop::Closed),
                 Ok(0) => return Err(Stop::Io),
-                Ok(n) => {
+                Ok(n) if direct => {
                     got += n;
                     if self.frame_deadline.is_none() {
                         self.frame_deadline = Some(Instant::now() + frame_timeout);
                     }
                 }
+                Ok(n) => (self.rstart, self.rend) = (0, n),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -623,9 +813,15 @@ impl Conn {
         Ok(())
     }
 
-    fn append(&mut self, raws: &[frame::RawRecord<'_>]) -> Vec<RecordStatus> {
+    /// Stores the records of one or more APPEND frames (a pipelined burst already read)
+    /// together: one lock, one write to the disk journal, one sync wait; the statuses
+    /// come back per frame, in order.
+    fn append(&mut self, frames: &[&[frame::RawRecord<'_>]]) -> Vec<Vec<RecordStatus>> {
         let limits = &self.shared.config.limits;
-        let validated: Vec<_> = raws.iter().map(|r| r.validate(limits)).collect();
+        let validated: Vec<_> = frames
+            .iter()
+            .flat_map(|raws| raws.iter().map(|r| r.validate(limits)))
+            .collect();
         let received_ns = time::now_ns();
         let now = Instant::now();
         let mut statuses = Vec::with_capacity(validated.len());
@@ -671,17 +867,28 @@ impl Conn {
                 }
             }
         }
+        let mut sync_upto = None;
         if let Some(disk) = &mut st.disk {
-            if let Err(e) = disk.append(&to_store) {
-                eprintln!("logd: {e}; refusing the batch as internal");
-                st.disk_errors += 1;
-                for s in &mut statuses {
-                    if matches!(s, RecordStatus::Accepted(_)) {
-                        *s = RecordStatus::Rejected(Reject::Internal, Reason::Storage);
-                        rejected.add(Reject::Internal, 1);
+            match disk.append(&to_store) {
+                Ok(()) if disk.fsync() && !to_store.is_empty() => {
+                    if let Some((file, written)) = disk.sync_point() {
+                        sync_upto = Some(written);
+                        // Lock order: the state, then the sync state.
+                        self.shared.sync_lock().latest = Some((file, written));
                     }
                 }
-                to_store.clear();
+                Ok(()) => {}
+                Err(e) => {
+                    eprintln!("logd: {e}; refusing the batch as internal");
+                    st.disk_errors += 1;
+                    for s in &mut statuses {
+                        if matches!(s, RecordStatus::Accepted(_)) {
+                            *s = RecordStatus::Rejected(Reject::Internal, Reason::Storage);
+                            rejected.add(Reject::Internal, 1);
+                        }
+                    }
+                    to_store.clear();
+                }
             }
         }
         let n = to_store.len() as u64;
@@ -714,7 +921,56 @@ impl Conn {
         if n > 0 {
             self.shared.appended.notify_all();
         }
-        statuses
+        if let Some(upto) = sync_upto {
+            if let Err(SyncFailed(e)) = self.shared.durable(upto) {
+                // Stored and readable, but not known durable: not acknowledged.
+                eprintln!("logd: cannot sync the journal: {e}; refusing the batch as internal");
+                let mut st = self.shared.lock();
+                st.disk_errors += 1;
+                let mut refused = RejectCounts::default();
+                for s in &mut statuses {
+                    if matches!(s, RecordStatus::Accepted(_)) {
+                        *s = RecordStatus::Rejected(Reject::Internal, Reason::Storage);
+                        refused.add(Reject::Internal, 1);
+                    }
+                }
+                st.accepted = st.accepted.saturating_sub(n);
+                st.rejected.merge(&refused);
+                if let Some(s) = st.senders.get_mut(key) {
+                    s.accepted = s.accepted.saturating_sub(n);
+                    s.rejected.merge(&refused);
+                }
+            }
+        }
+        let mut statuses = statuses.into_iter();
+        frames
+            .iter()
+            .map(|raws| statuses.by_ref().take(raws.len()).collect())
+            .collect()
+    }
+
+    /// Moves the APPEND frames complete in the read-ahead (a client's pipelined burst)
+    /// into `out`, at most [`BURST_FRAMES`] in all, stopping at the first frame of
+    /// another kind, too large, or not complete yet.
+    fn appends_ahead(&mut self, max_frame: usize, out: &mut Vec<(Header, Vec<u8>)>) {
+        while out.len() + 1 < BURST_FRAMES {
+            let Some(ahead) = self.rbuf.get(self.rstart..self.rend) else {
+                return;
+            };
+            let Some(hb) = ahead.get(..HEADER_LEN).and_then(|b| b.try_into().ok()) else {
+                return;
+            };
+            let h = Header::parse(hb);
+            let len = h.frame_len();
+            if h.kind != frame::KIND_APPEND || len > max_frame as u64 {
+                return;
+            }
+            let Some(body) = ahead.get(HEADER_LEN..len as usize) else {
+                return;
+            };
+            out.push((h, body.to_vec()));
+            self.rstart += len as usize;
+        }
     }
 
     /// Refuses a query that names another service than the peer's own when the peer

@@ -140,3 +140,45 @@ fn rotation_and_retention_by_size_keep_the_memory_window() {
     let mut c = Client::connect(server.path()).unwrap();
     assert_eq!(all(&mut c), before);
 }
+
+#[test]
+fn group_commit_acknowledges_concurrent_appends_that_all_come_back() {
+    let _w = watchdog(120, "group_commit");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.journal_dir = Some(dir.path().join("journal"));
+    cfg.journal.fsync = true;
+    let server = start(cfg.clone());
+    let socket = server.path().to_owned();
+    // Eight clients at once: their APPENDs wait for shared fdatasyncs.
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&socket).unwrap();
+                let mut ids = Vec::new();
+                for i in 0..25 {
+                    let report = c.append(&records(&format!("t{t}.b{i}"), 4)).unwrap();
+                    assert_eq!(report.accepted(), 4, "{report:?}");
+                    ids.extend(report.ids());
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut acked: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    acked.sort_unstable();
+    assert_eq!(acked.len(), 8 * 25 * 4);
+    let mut c = Client::connect(&socket).unwrap();
+    assert_eq!(c.stats().unwrap().disk.errors, 0);
+    drop(c);
+    server.shutdown().unwrap();
+    // Everything acknowledged is on disk.
+    let server = start(cfg);
+    let mut c = Client::connect(server.path()).unwrap();
+    let got: Vec<u64> = all(&mut c).iter().map(|r| r.id).collect();
+    assert_eq!(got, acked);
+}

@@ -310,6 +310,9 @@ pub struct Store {
     free_services: Vec<u32>,
     service_index: HashMap<Arc<str>, u32>,
     dirty: Vec<SeriesId>,
+    /// Slots created, changed or freed since the last `take_slot_changes`, while a
+    /// scrape table follows the store (`None` otherwise: nothing is recorded).
+    slot_changes: Option<Vec<u32>>,
     sweep_cursor: usize,
     generation_floor: u32,
     expired_keys: HashSet<u64>,
@@ -348,6 +351,7 @@ impl Store {
             free_services: Vec::new(),
             service_index: HashMap::new(),
             dirty: Vec::new(),
+            slot_changes: None,
             sweep_cursor: 0,
             generation_floor: 0,
             expired_keys: HashSet::new(),
@@ -627,7 +631,7 @@ impl Store {
             bindings: 0,
             dirty: false,
         };
-        match self.free.pop() {
+        let id = match self.free.pop() {
             Some(index) => {
                 let slot = &mut self.slots[index as usize];
                 slot.series = Some(series);
@@ -645,7 +649,11 @@ impl Store {
                 });
                 SeriesId { index, generation }
             }
+        };
+        if let Some(changes) = &mut self.slot_changes {
+            changes.push(id.index);
         }
+        id
     }
 
     // `touch`, `add`, `set` and `observe` are always inlined into the drain loop's
@@ -773,6 +781,9 @@ impl Store {
     /// The series changed since the last call, clearing their changed mark.
     pub fn take_dirty(&mut self) -> Vec<SeriesId> {
         let ids = std::mem::take(&mut self.dirty);
+        if let Some(changes) = &mut self.slot_changes {
+            changes.extend(ids.iter().map(|id| id.index));
+        }
         for &id in &ids {
             if let Some(s) = self.get_mut(id) {
                 s.dirty = false;
@@ -807,6 +818,33 @@ impl Store {
             }
             s.last_active_ns = end_ns;
         }
+    }
+
+    /// Starts (or stops) recording which slots change, for [`Store::take_slot_changes`]:
+    /// slots created or freed, and those [`Store::take_dirty`] reports. Recording costs
+    /// nothing on the per-record path (changed series are already listed for export);
+    /// what is recorded between two takes is bounded by the slots created, freed and
+    /// exported in between.
+    pub fn track_slot_changes(&mut self, on: bool) {
+        self.slot_changes = on.then(Vec::new);
+    }
+
+    /// The slots recorded since the last call (in no order, possibly repeated).
+    pub fn take_slot_changes(&mut self) -> Vec<u32> {
+        self.slot_changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Slots in the table (live or free).
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The series in slot `index`, if one lives there.
+    pub fn series_at(&self, index: u32) -> Option<&Series> {
+        self.slots.get(index as usize)?.series.as_ref()
     }
 
     /// Every live series, in slot order.
@@ -875,6 +913,9 @@ impl Store {
         };
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(index as u32);
+        if let Some(changes) = &mut self.slot_changes {
+            changes.push(index as u32);
+        }
         let service = self.service_index.get(&s.service).copied();
         if s.overflow {
             if let Some(svc) = service {

@@ -1047,6 +1047,16 @@ impl Drainer {
         s
     }
 
+    /// Brings `table` up to date with the series store (copying only the series that
+    /// changed since its last update) and returns the view scrapes render.
+    pub fn scrape_view(
+        &mut self,
+        table: &mut crate::scrape::ScrapeTable,
+    ) -> crate::scrape::ScrapeView {
+        table.update(&mut self.store);
+        table.view(self.health_rows())
+    }
+
     /// Rejects counted in `class`.
     pub fn rejects_in(&self, class: Class) -> u64 {
         self.rejects.class_total(class)
@@ -1118,9 +1128,10 @@ pub fn run(
     let mut backoff = policy.min;
     let mut idle_since: Option<Instant> = None;
     let mut next_export = Instant::now() + policy.interval;
+    let mut table = crate::scrape::ScrapeTable::new();
     if let Some(p) = &published {
         // Scrapes before the first export see the (empty) start.
-        p.publish(Arc::new(d.snapshot()));
+        p.publish(Arc::new(d.scrape_view(&mut table)));
     }
     let mut snapshots: Vec<Sender<Snapshot>> = Vec::new();
     let mut exports: Vec<Sender<()>> = Vec::new();
@@ -1159,8 +1170,9 @@ pub fn run(
         if now >= next_export || !exports.is_empty() || stop {
             d.export();
             if let Some(p) = &published {
-                // Once per export, never per scrape: scrapes render from this copy.
-                p.publish(Arc::new(d.snapshot()));
+                // Once per export, never per scrape: scrapes render from this view,
+                // which copies only the series the export found changed.
+                p.publish(Arc::new(d.scrape_view(&mut table)));
             }
             next_export = now + policy.interval;
             for tx in exports.drain(..) {

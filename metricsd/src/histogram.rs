@@ -52,7 +52,7 @@
 //! buckets with `+Inf`). A value lands in the first bucket whose bound is `>= v`.
 
 use std::fmt;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -183,6 +183,70 @@ pub mod table {
 static TABLE: LazyLock<Box<[u64]>> =
     LazyLock::new(|| (1..=table::LEN as u32).map(table::floor_entry).collect());
 
+/// Steps of the fast lookup per octave: `2^FAST_BITS` equal steps of the mantissa.
+const FAST_BITS: u32 = 11;
+
+/// The lookup that places a mantissa at [`MAX_SCALE`] with one table read and one
+/// comparison, instead of a bisection over [`TABLE`].
+///
+/// The octave `[2^63, 2^64)` is cut into `2^FAST_BITS` equal steps of `2^52`. Two
+/// neighbouring boundaries of [`MAX_SCALE`] are a factor `2^(1/1024)` apart, so at least
+/// `2^63 * (2^(1/1024) - 1) > 0.00067 * 2^63` (one less for the floors), more than a
+/// step (`2^63 / 2048 < 0.00049 * 2^63`): a step holds at most one boundary. `below[f]`
+/// counts the boundaries under step `f`'s start; the count under a mantissa in step `f`
+/// is that, plus one if the next boundary is under the mantissa too.
+struct Fast {
+    /// Boundaries below the start of each step.
+    below: [u16; 1 << FAST_BITS],
+    /// [`TABLE`], then `u64::MAX` (no mantissa is above it).
+    bounds: [u64; 1 << MAX_SCALE],
+}
+
+static FAST: OnceLock<Box<Fast>> = OnceLock::new();
+
+/// The fast lookup, built on first use.
+#[inline(always)]
+fn fast() -> &'static Fast {
+    match FAST.get() {
+        Some(fast) => fast,
+        None => fast_init(),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn fast_init() -> &'static Fast {
+    FAST.get_or_init(build_fast)
+}
+
+fn build_fast() -> Box<Fast> {
+    let table = table::get();
+    let mut fast = Box::new(Fast {
+        below: [0; 1 << FAST_BITS],
+        bounds: [u64::MAX; 1 << MAX_SCALE],
+    });
+    for (slot, &t) in fast.bounds.iter_mut().zip(table) {
+        *slot = t;
+    }
+    for (f, below) in fast.below.iter_mut().enumerate() {
+        let start = (1u64 << 63) | ((f as u64) << (63 - FAST_BITS));
+        // At most 1023: fits.
+        *below = table.partition_point(|&t| t < start) as u16;
+    }
+    fast
+}
+
+/// How many boundaries of [`MAX_SCALE`] (table entries) are below `mantissa` (bit 63
+/// set): 0 to `2^MAX_SCALE - 1`.
+#[inline(always)]
+fn boundaries_below(mantissa: u64) -> u32 {
+    let fast = fast();
+    let step = ((mantissa << 1) >> (64 - FAST_BITS)) as usize;
+    let below = fast.below[step & ((1 << FAST_BITS) - 1)];
+    let next = fast.bounds[usize::from(below) & ((1 << MAX_SCALE) - 1)];
+    u32::from(below) + u32::from(next < mantissa)
+}
+
 /// A positive value as `m * 2^e`, `m` a 64-bit mantissa with bit 63 set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Normalized {
@@ -224,6 +288,7 @@ impl Normalized {
         }
     }
 
+    #[inline(always)]
     fn index(self, scale: i32) -> i32 {
         let power_of_two = self.mantissa == 1 << 63;
         if scale <= 0 {
@@ -233,7 +298,24 @@ impl Normalized {
             return (self.exponent << scale) - 1;
         }
         // Boundaries of this scale are table entries k = j * 2^(MAX_SCALE - scale),
-        // j in 1..2^scale: count those below the mantissa.
+        // j in 1..2^scale. The entries below the mantissa are k = 1..=K (the table
+        // increases), so the count of j with j * 2^(MAX_SCALE - scale) <= K is
+        // K >> (MAX_SCALE - scale).
+        let k = boundaries_below(self.mantissa);
+        (self.exponent << scale) + (k >> (MAX_SCALE - scale)) as i32
+    }
+
+    /// [`Normalized::index`] by bisection over the table at `scale` (the reference the
+    /// fast lookup is tested against).
+    #[cfg(test)]
+    fn index_bisect(self, scale: i32) -> i32 {
+        let power_of_two = self.mantissa == 1 << 63;
+        if scale <= 0 {
+            return (self.exponent - i32::from(power_of_two)) >> -scale;
+        }
+        if power_of_two {
+            return (self.exponent << scale) - 1;
+        }
         let table = table::get();
         let stride = 1usize << (MAX_SCALE - scale);
         let (mut lo, mut hi) = (0usize, (1usize << scale) - 1);
@@ -336,19 +418,21 @@ impl Buckets {
     /// `(index, count)` at a scale `steps` lower, without copying: neighbours merged as
     /// [`Exponential::downscaled`] would merge them.
     fn grouped(&self, steps: i32) -> impl Iterator<Item = (i32, u64)> + '_ {
-        let steps = steps.max(0);
-        let mut it = self.iter().peekable();
+        let steps = steps.clamp(0, 31);
+        let offset = i64::from(self.offset);
+        let counts = &self.counts[..];
+        let mut at = 0usize;
         std::iter::from_fn(move || {
-            let (i, mut c) = it.next()?;
-            let group = i >> steps;
-            while let Some(&(j, d)) = it.peek() {
-                if j >> steps != group {
-                    break;
-                }
-                c += d;
-                it.next();
+            if at >= counts.len() {
+                return None;
             }
-            Some((group, c))
+            // The group of bucket `offset + at`, and the first bucket of the next group.
+            let group = (offset + at as i64) >> steps;
+            let next = (((group + 1) << steps) - offset).clamp(0, counts.len() as i64) as usize;
+            let end = next.max(at + 1);
+            let c = counts.get(at..end).map_or(0, |g| g.iter().sum());
+            at = end;
+            Some((group as i32, c))
         })
     }
 
@@ -437,32 +521,128 @@ mod u128_text {
 }
 
 /// Count, sum, min and max of the observations (shared by both histogram kinds).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+///
+/// The extremes start past each other (`min > max`: no observation), so recording one
+/// is two comparisons rather than an `Option` update; the serialized form keeps them
+/// optional ([`TotalsWire`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "TotalsWire", into = "TotalsWire")]
 struct Totals {
     count: u64,
-    /// Sum of the `u64` observations, exact (text in serialized form: JSON has no u128).
-    #[serde(with = "u128_text")]
+    /// Sum of the `u64` observations, exact.
     int_sum: u128,
     /// Sum of the `f64` observations.
     float_sum: f64,
     /// Whether any `f64` observation was recorded.
     floats: bool,
+    /// Extremes of the `f64` observations (`+inf`, `-inf` while there are none).
+    min: f64,
+    max: f64,
+    /// Extremes of the `u64` observations (`u64::MAX`, 0 while there are none), kept
+    /// apart so that recording an integer converts nothing.
+    int_min: u64,
+    int_max: u64,
+}
+
+/// [`Totals`] as serialized: the sum as text (JSON has no u128), the extremes optional
+/// (`None` where nothing of that kind was recorded).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TotalsWire {
+    count: u64,
+    #[serde(with = "u128_text")]
+    int_sum: u128,
+    float_sum: f64,
+    floats: bool,
     min: Option<f64>,
     max: Option<f64>,
+    #[serde(default)]
+    int_min: Option<u64>,
+    #[serde(default)]
+    int_max: Option<u64>,
+}
+
+impl From<TotalsWire> for Totals {
+    fn from(w: TotalsWire) -> Self {
+        Self {
+            count: w.count,
+            int_sum: w.int_sum,
+            float_sum: w.float_sum,
+            floats: w.floats,
+            min: w.min.unwrap_or(f64::INFINITY),
+            max: w.max.unwrap_or(f64::NEG_INFINITY),
+            int_min: w.int_min.unwrap_or(u64::MAX),
+            int_max: w.int_max.unwrap_or(0),
+        }
+    }
+}
+
+impl From<Totals> for TotalsWire {
+    fn from(t: Totals) -> Self {
+        let floats = t.min <= t.max;
+        let ints = t.int_min <= t.int_max;
+        Self {
+            count: t.count,
+            int_sum: t.int_sum,
+            float_sum: t.float_sum,
+            floats: t.floats,
+            min: floats.then_some(t.min),
+            max: floats.then_some(t.max),
+            int_min: ints.then_some(t.int_min),
+            int_max: ints.then_some(t.int_max),
+        }
+    }
+}
+
+impl Default for Totals {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            int_sum: 0,
+            float_sum: 0.0,
+            floats: false,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            int_min: u64::MAX,
+            int_max: 0,
+        }
+    }
 }
 
 impl Totals {
-    fn extremes(&mut self, v: f64) {
-        self.min = Some(self.min.map_or(v, |m| m.min(v)));
-        self.max = Some(self.max.map_or(v, |m| m.max(v)));
+    /// Totals from exported parts: a float sum, min and max as given.
+    fn from_parts(count: u64, sum: f64, min_max: Option<(f64, f64)>) -> Self {
+        let (min, max) = min_max.unwrap_or((f64::INFINITY, f64::NEG_INFINITY));
+        Self {
+            count,
+            int_sum: 0,
+            float_sum: sum,
+            floats: true,
+            min,
+            max,
+            int_min: u64::MAX,
+            int_max: 0,
+        }
     }
 
+    #[inline(always)]
+    fn extremes(&mut self, v: f64) {
+        if v < self.min {
+            self.min = v;
+        }
+        if v > self.max {
+            self.max = v;
+        }
+    }
+
+    #[inline(always)]
     fn record_u64(&mut self, v: u64) {
         self.count += 1;
         self.int_sum += u128::from(v);
-        self.extremes(v as f64);
+        self.int_min = self.int_min.min(v);
+        self.int_max = self.int_max.max(v);
     }
 
+    #[inline(always)]
     fn record_f64(&mut self, v: f64) {
         self.count += 1;
         self.float_sum += v;
@@ -475,11 +655,32 @@ impl Totals {
         self.int_sum += o.int_sum;
         self.float_sum += o.float_sum;
         self.floats |= o.floats;
-        if let Some(m) = o.min {
-            self.extremes(m);
+        if o.min <= o.max {
+            self.extremes(o.min);
+            self.extremes(o.max);
         }
-        if let Some(m) = o.max {
-            self.extremes(m);
+        self.int_min = self.int_min.min(o.int_min);
+        self.int_max = self.int_max.max(o.int_max);
+    }
+
+    /// The integer extremes as `f64`, if any integer was recorded.
+    fn int_extremes(&self) -> Option<(f64, f64)> {
+        (self.int_min <= self.int_max).then_some((self.int_min as f64, self.int_max as f64))
+    }
+
+    fn min(&self) -> Option<f64> {
+        let floats = (self.min <= self.max).then_some(self.min);
+        match (floats, self.int_extremes()) {
+            (Some(f), Some((i, _))) => Some(f.min(i)),
+            (f, i) => f.or(i.map(|i| i.0)),
+        }
+    }
+
+    fn max(&self) -> Option<f64> {
+        let floats = (self.min <= self.max).then_some(self.max);
+        match (floats, self.int_extremes()) {
+            (Some(f), Some((_, i))) => Some(f.max(i)),
+            (f, i) => f.or(i.map(|i| i.1)),
         }
     }
 
@@ -555,19 +756,12 @@ impl Exponential {
             zero_count,
             positive,
             negative,
-            totals: Totals {
-                count,
-                int_sum: 0,
-                float_sum: sum,
-                floats: true,
-                min: min_max.map(|m| m.0),
-                max: min_max.map(|m| m.1),
-            },
+            totals: Totals::from_parts(count, sum, min_max),
         })
     }
 
     /// Records `v`.
-    #[inline]
+    #[inline(always)]
     pub fn record(&mut self, v: u64) {
         self.totals.record_u64(v);
         match Normalized::from_u64(v) {
@@ -590,8 +784,29 @@ impl Exponential {
         Ok(())
     }
 
+    /// Adds `count` at `n`'s bucket: in place when the bucket is held (the common case),
+    /// else through [`Exponential::place_new`].
+    #[inline(always)]
     fn place(&mut self, n: Normalized, negative: bool, count: u64) {
-        let mut index = n.index(self.scale);
+        let index = n.index(self.scale);
+        let side = if negative {
+            &mut self.negative
+        } else {
+            &mut self.positive
+        };
+        // Negative (below the offset) wraps to a large index: not held.
+        let held = index.wrapping_sub(side.offset) as u32 as usize;
+        match side.counts.get_mut(held) {
+            Some(c) => *c += count,
+            None => self.place_new(index, negative, count),
+        }
+    }
+
+    /// [`Exponential::place`] for a bucket not held yet: the range widens, downscaling
+    /// if it would pass [`MAX_BUCKETS`].
+    #[cold]
+    #[inline(never)]
+    fn place_new(&mut self, mut index: i32, negative: bool, count: u64) {
         let side = if negative {
             &self.negative
         } else {
@@ -689,12 +904,12 @@ impl Exponential {
 
     /// The smallest observation (as `f64`: integers above 2^53 are rounded).
     pub fn min(&self) -> Option<f64> {
-        self.totals.min
+        self.totals.min()
     }
 
     /// The largest observation (as `f64`: integers above 2^53 are rounded).
     pub fn max(&self) -> Option<f64> {
-        self.totals.max
+        self.totals.max()
     }
 
     /// As a Prometheus native histogram.
@@ -703,8 +918,8 @@ impl Exponential {
         Native {
             schema: (self.scale - steps).max(NATIVE_MIN_SCHEMA),
             zero_count: self.zero_count,
-            positive: NativeBuckets::from_pairs(self.positive.grouped(steps)),
-            negative: NativeBuckets::from_pairs(self.negative.grouped(steps)),
+            positive: NativeBuckets::from_buckets(&self.positive, steps),
+            negative: NativeBuckets::from_buckets(&self.negative, steps),
         }
     }
 
@@ -739,8 +954,23 @@ pub struct NativeBuckets {
 }
 
 impl NativeBuckets {
-    fn from_pairs(pairs: impl Iterator<Item = (i32, u64)>) -> Self {
-        let mut out = Self::default();
+    /// `b` at a scale `steps` lower (no grouping pass when `steps` is 0, the usual case
+    /// at schemas up to 8).
+    fn from_buckets(b: &Buckets, steps: i32) -> Self {
+        // At most one delta, and one span, per bucket held.
+        let most = b.counts.iter().filter(|&&c| c > 0).count();
+        if steps <= 0 {
+            Self::from_pairs(b.iter(), most)
+        } else {
+            Self::from_pairs(b.grouped(steps), most)
+        }
+    }
+
+    fn from_pairs(pairs: impl Iterator<Item = (i32, u64)>, most: usize) -> Self {
+        let mut out = Self {
+            spans: Vec::with_capacity(most),
+            deltas: Vec::with_capacity(most),
+        };
         let mut prev_count: i64 = 0;
         let mut prev_index: Option<i32> = None;
         for (i, c) in pairs.filter(|&(_, c)| c > 0) {
@@ -829,14 +1059,7 @@ impl Explicit {
         Some(Self {
             bounds: Arc::from(bounds),
             counts: counts.into_boxed_slice(),
-            totals: Totals {
-                count,
-                int_sum: 0,
-                float_sum: sum,
-                floats: true,
-                min: min_max.map(|m| m.0),
-                max: min_max.map(|m| m.1),
-            },
+            totals: Totals::from_parts(count, sum, min_max),
         })
     }
 
@@ -977,12 +1200,12 @@ impl Histogram {
 
     /// The smallest observation.
     pub fn min(&self) -> Option<f64> {
-        self.totals().min
+        self.totals().min()
     }
 
     /// The largest observation.
     pub fn max(&self) -> Option<f64> {
-        self.totals().max
+        self.totals().max()
     }
 
     /// Classic cumulative `le` buckets, `+Inf` last. Explicit layouts give their bounds.
@@ -990,7 +1213,10 @@ impl Histogram {
     /// are powers of two and so exact as `f64` (finer detail is in the native buckets);
     /// negative observations count in every bucket, as `le` means.
     pub fn classic(&self) -> Vec<Classic> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(match self {
+            Self::Explicit(h) => h.counts.len(),
+            Self::Exponential(h) => h.positive.counts.len() + 2,
+        });
         match self {
             Self::Explicit(h) => {
                 let mut acc = 0;
@@ -1095,6 +1321,36 @@ mod tests {
         assert!(t.windows(2).all(|w| w[0] < w[1]));
         // sqrt(2) * 2^63 = 13043817825332782212.349...
         assert_eq!(t[(1 << (MAX_SCALE - 1)) - 1], 13_043_817_825_332_782_212);
+    }
+
+    #[test]
+    fn the_fast_lookup_agrees_with_bisection_at_every_boundary() {
+        let t = table::get();
+        // Each step of the fast lookup holds at most one boundary (what it relies on).
+        for w in t.windows(2) {
+            assert!(w[1] - w[0] > 1 << (63 - FAST_BITS));
+        }
+        let mut mantissas = vec![(1 << 63) + 1, u64::MAX, u64::MAX - 1];
+        for &b in t {
+            mantissas.extend([b - 1, b, b + 1]);
+        }
+        for f in 0..1u64 << FAST_BITS {
+            let start = (1 << 63) | (f << (63 - FAST_BITS));
+            mantissas.extend([start, start.wrapping_sub(1).max((1 << 63) + 1)]);
+        }
+        for mantissa in mantissas {
+            let n = Normalized {
+                mantissa,
+                exponent: 7,
+            };
+            for scale in 1..=MAX_SCALE {
+                assert_eq!(
+                    n.index(scale),
+                    n.index_bisect(scale),
+                    "mantissa {mantissa:#x} at scale {scale}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -1259,6 +1515,31 @@ mod tests {
     }
 
     #[test]
+    fn extremes_span_integers_and_floats_and_survive_serialization() {
+        let mut h = Exponential::new();
+        assert_eq!((h.min(), h.max()), (None, None));
+        h.record(7);
+        assert_eq!((h.min(), h.max()), (Some(7.0), Some(7.0)));
+        h.record(u64::MAX);
+        h.record_f64(3.5).expect("finite");
+        assert_eq!((h.min(), h.max()), (Some(3.5), Some(u64::MAX as f64)));
+        h.record_f64(1e30).expect("finite");
+        h.record(0);
+        assert_eq!((h.min(), h.max()), (Some(0.0), Some(1e30)));
+        let text = serde_json::to_string(&h).expect("serializes");
+        let back: Exponential = serde_json::from_str(&text).expect("deserializes");
+        assert_eq!(back, h);
+        let mut merged = Exponential::new();
+        merged.merge(&back);
+        assert_eq!((merged.min(), merged.max()), (Some(0.0), Some(1e30)));
+        let mut ints = Explicit::new(Arc::from(vec![10u64, 20]));
+        ints.record(15);
+        ints.record(3);
+        let ints = Histogram::Explicit(ints);
+        assert_eq!((ints.min(), ints.max()), (Some(3.0), Some(15.0)));
+    }
+
+    #[test]
     fn native_buckets_shift_by_one_and_clamp_the_schema() {
         let mut h = Exponential::new();
         for v in [1u64, 2, 2, 3, 1 << 20] {
@@ -1345,6 +1626,12 @@ mod tests {
 
     proptest! {
         #[test]
+        fn the_fast_lookup_agrees_with_bisection(mantissa in (1u64 << 63).., scale in 1i32..=MAX_SCALE) {
+            let n = Normalized { mantissa, exponent: -3 };
+            prop_assert_eq!(n.index(scale), n.index_bisect(scale));
+        }
+
+        #[test]
         fn every_value_is_in_its_bucket_at_the_final_scale(
             values in proptest::collection::vec(any::<u64>(), 1..200),
             small in proptest::collection::vec(0u64..5000, 0..200),
@@ -1404,7 +1691,7 @@ mod tests {
                 let d = h.downscaled(NATIVE_MAX_SCHEMA);
                 let n = h.native();
                 prop_assert_eq!(n.schema, d.scale());
-                prop_assert_eq!(n.positive, NativeBuckets::from_pairs(d.positive.iter()));
+                prop_assert_eq!(n.positive, NativeBuckets::from_pairs(d.positive.iter(), 0));
                 // Classic: cumulative counts at the scale-0 boundaries, checked value by value.
                 for b in Histogram::Exponential(h.clone()).classic() {
                     let want = set.iter().filter(|&&v| (v as f64) <= b.le).count() as u64;

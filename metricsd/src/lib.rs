@@ -42,6 +42,7 @@ pub mod listen;
 pub mod otlp;
 pub mod probe;
 pub mod prometheus;
+mod protowire;
 pub mod redact;
 pub mod retention;
 pub mod rollup;

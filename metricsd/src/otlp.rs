@@ -5,8 +5,11 @@
 //! this module's thread through a bounded channel (`otlp.queue_batches`; when it is
 //! full the batch is dropped and its points counted, so a collector that never answers
 //! costs the drain loop nothing). The thread encodes them as the official
-//! `opentelemetry-proto` messages with prost and `POST`s them to `<endpoint>/v1/metrics`
-//! and `<endpoint>/v1/traces` (`Content-Type: application/x-protobuf`):
+//! `opentelemetry-proto` messages ([`metrics_request`], [`traces_request`]) and `POST`s
+//! them to `<endpoint>/v1/metrics` and `<endpoint>/v1/traces` (`Content-Type:
+//! application/x-protobuf`). The bytes are what prost writes for those messages; the
+//! exporter writes them directly ([`encode_metrics`], [`encode_traces`]), which unit
+//! tests compare with prost's encoding byte for byte:
 //!
 //! - one `ResourceMetrics` / `ResourceSpans` per producer service, with the resource
 //!   attributes `service.name` (the kernel-derived service) and `service.instance.id`
@@ -63,6 +66,8 @@ use crate::aggregate::{MetricKind, Series, Value};
 use crate::config::OtlpConfig;
 use crate::histogram::Histogram as Hist;
 use crate::spans::{FinishedSpan, Outcome};
+
+mod wire;
 
 /// The instrumentation scope every metric and span is exported under.
 pub const SCOPE_NAME: &str = "metricsd";
@@ -388,31 +393,53 @@ fn histogram_data(group: &[&Series], start: u64, time: u64) -> metric::Data {
     })
 }
 
+/// What a reported span's OTLP fields are, beyond what it carries as is.
+struct SpanFields<'a> {
+    start: u64,
+    end: u64,
+    /// `status::StatusCode` as its number.
+    code: i32,
+    message: &'a str,
+    /// The `nexus.span.outcome` attribute of an orphaned or expired span.
+    outcome: Option<&'static str>,
+}
+
+impl SpanFields<'_> {
+    fn of(s: &FinishedSpan, mono_to_unix_ns: i128, reported_unix_ns: u64) -> Self {
+        let to_unix = |mono: u64| -> u64 {
+            u64::try_from((i128::from(mono) + mono_to_unix_ns).max(0)).unwrap_or(u64::MAX)
+        };
+        let start = to_unix(s.start_ns);
+        match s.outcome {
+            Outcome::Ended(st) => SpanFields {
+                start,
+                end: to_unix(s.end_ns.unwrap_or(s.start_ns)),
+                code: match st {
+                    SpanStatus::OK => status::StatusCode::Ok,
+                    SpanStatus::ERROR => status::StatusCode::Error,
+                    _ => status::StatusCode::Unset,
+                } as i32,
+                message: "",
+                outcome: None,
+            },
+            Outcome::Orphaned | Outcome::Expired => SpanFields {
+                start,
+                end: reported_unix_ns.max(start),
+                code: status::StatusCode::Error as i32,
+                message: s.outcome.as_str(),
+                outcome: Some(s.outcome.as_str()),
+            },
+        }
+    }
+}
+
 /// The OTLP span of a reported span.
 pub fn otlp_span(s: &FinishedSpan, mono_to_unix_ns: i128, reported_unix_ns: u64) -> Span {
-    let to_unix = |mono: u64| -> u64 {
-        u64::try_from((i128::from(mono) + mono_to_unix_ns).max(0)).unwrap_or(u64::MAX)
-    };
+    let f = SpanFields::of(s, mono_to_unix_ns, reported_unix_ns);
     let mut attributes: Vec<KeyValue> = s.attrs.iter().map(|(k, v)| kv(k, v)).collect();
-    let (code, message, end) = match s.outcome {
-        Outcome::Ended(st) => (
-            match st {
-                SpanStatus::OK => status::StatusCode::Ok,
-                SpanStatus::ERROR => status::StatusCode::Error,
-                _ => status::StatusCode::Unset,
-            },
-            String::new(),
-            to_unix(s.end_ns.unwrap_or(s.start_ns)),
-        ),
-        Outcome::Orphaned | Outcome::Expired => {
-            attributes.push(kv("nexus.span.outcome", s.outcome.as_str()));
-            (
-                status::StatusCode::Error,
-                s.outcome.as_str().to_owned(),
-                reported_unix_ns.max(to_unix(s.start_ns)),
-            )
-        }
-    };
+    if let Some(outcome) = f.outcome {
+        attributes.push(kv("nexus.span.outcome", outcome));
+    }
     Span {
         trace_id: s.trace_id.to_be_bytes().to_vec(),
         span_id: s.span_id.to_be_bytes().to_vec(),
@@ -424,12 +451,12 @@ pub fn otlp_span(s: &FinishedSpan, mono_to_unix_ns: i128, reported_unix_ns: u64)
         flags: u32::from(s.flags),
         name: s.name.to_string(),
         kind: span::SpanKind::Internal as i32,
-        start_time_unix_nano: to_unix(s.start_ns),
-        end_time_unix_nano: end,
+        start_time_unix_nano: f.start,
+        end_time_unix_nano: f.end,
         attributes,
         status: Some(Status {
-            message,
-            code: code as i32,
+            message: f.message.to_owned(),
+            code: f.code,
         }),
         ..Default::default()
     }
@@ -464,6 +491,32 @@ pub fn traces_request(
             })
             .collect(),
     }
+}
+
+/// Appends to `out` the protobuf encoding of
+/// `metrics_request(series, instance, start_unix_ns, time_unix_ns)`, byte for byte what
+/// prost writes for it, without building the messages.
+pub fn encode_metrics(
+    series: &[&Series],
+    instance: &str,
+    start_unix_ns: u64,
+    time_unix_ns: u64,
+    out: &mut Vec<u8>,
+) {
+    wire::metrics(series, instance, start_unix_ns, time_unix_ns, out);
+}
+
+/// Appends to `out` the protobuf encoding of
+/// `traces_request(spans, instance, mono_to_unix_ns, reported_unix_ns)`, byte for byte
+/// what prost writes for it, without building the messages.
+pub fn encode_traces(
+    spans: &[&FinishedSpan],
+    instance: &str,
+    mono_to_unix_ns: i128,
+    reported_unix_ns: u64,
+    out: &mut Vec<u8>,
+) {
+    wire::traces(spans, instance, mono_to_unix_ns, reported_unix_ns, out);
 }
 
 /// An encoded request.
@@ -525,7 +578,9 @@ pub fn encode(
         max_items,
         max_bytes,
         &|c: &[&Series]| {
-            metrics_request(c, instance, start_unix_ns, batch.time_unix_ns).encode_to_vec()
+            let mut body = Vec::new();
+            encode_metrics(c, instance, start_unix_ns, batch.time_unix_ns, &mut body);
+            body
         },
         &mut bodies,
         &mut big_points,
@@ -542,7 +597,15 @@ pub fn encode(
         max_items,
         max_bytes,
         &|c: &[&FinishedSpan]| {
-            traces_request(c, instance, batch.mono_to_unix_ns, batch.time_unix_ns).encode_to_vec()
+            let mut body = Vec::new();
+            encode_traces(
+                c,
+                instance,
+                batch.mono_to_unix_ns,
+                batch.time_unix_ns,
+                &mut body,
+            );
+            body
         },
         &mut bodies,
         &mut big_spans,
@@ -715,5 +778,237 @@ pub fn run(
             send(&agent, &base, req, &config, &shared, &*stopping);
         }
         shared.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::histogram::{Exponential, Histogram as H};
+
+    fn series() -> Vec<Series> {
+        let c = MetricKind::Counter;
+        let g = MetricKind::Gauge;
+        let mut exp = Exponential::new();
+        for v in [0u64, 1, 2, 3, 1000, 1 << 40, u64::MAX] {
+            exp.record(v);
+        }
+        for v in [-2.5, -1e-9, 0.0, 7.0] {
+            exp.record_f64(v).expect("finite");
+        }
+        let mut small = Exponential::new();
+        small.record(5);
+        let mut explicit = H::new(Some(std::sync::Arc::from(&[10u64, 100, 1 << 60][..])));
+        for v in [1u64, 10, 11, 5000] {
+            explicit.record(v);
+        }
+        let mut created = Series::new("web", c, "late", &[], Value::Counter { total: 1 });
+        created.created_ns = 123_456_789;
+        vec![
+            Series::new(
+                "web",
+                c,
+                "http.requests",
+                &[("route", "/a"), ("status", "200")],
+                Value::Counter { total: 42 },
+            ),
+            Series::new(
+                "web",
+                c,
+                "http.requests",
+                &[("route", ""), ("", "x")],
+                Value::Counter { total: 0 },
+            ),
+            Series::new(
+                "api",
+                c,
+                "http.requests",
+                &[("é", "\"q\"")],
+                Value::Counter { total: u128::MAX },
+            ),
+            created,
+            Series::new(
+                "web",
+                g,
+                "queue.depth",
+                &[],
+                Value::Gauge { value: Some(-17) },
+            ),
+            Series::new(
+                "web",
+                g,
+                "queue.depth",
+                &[("w", "0")],
+                Value::Gauge { value: Some(0) },
+            ),
+            Series::new(
+                "web",
+                g,
+                "queue.depth",
+                &[("w", "1")],
+                Value::Gauge { value: None },
+            ),
+            Series::new("web", g, "temp", &[], Value::FloatGauge { value: 0.5 }),
+            Series::new(
+                "web",
+                MetricKind::Histogram,
+                "lat",
+                &[("k", "v")],
+                Value::Histogram(H::Exponential(exp)),
+            ),
+            Series::new(
+                "web",
+                MetricKind::Histogram,
+                "lat",
+                &[],
+                Value::Histogram(H::Exponential(Exponential::new())),
+            ),
+            Series::new(
+                "web",
+                MetricKind::Histogram,
+                "lat",
+                &[("k", "w")],
+                Value::Histogram(H::Exponential(small)),
+            ),
+            Series::new(
+                "api",
+                MetricKind::Histogram,
+                "size",
+                &[],
+                Value::Histogram(explicit),
+            ),
+            Series::new(
+                "api",
+                MetricKind::Histogram,
+                "size",
+                &[("x", "y")],
+                Value::Histogram(H::new(Some(std::sync::Arc::from(&[1u64][..])))),
+            ),
+            Series::new(
+                "api",
+                MetricKind::SpanDuration,
+                "GET /",
+                &[("status", "ok")],
+                Value::Histogram(H::Exponential(Exponential::new())),
+            ),
+        ]
+    }
+
+    fn spans() -> Vec<FinishedSpan> {
+        let base = FinishedSpan {
+            service: std::sync::Arc::from("web"),
+            name: std::sync::Arc::from("GET /"),
+            trace_id: 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
+            span_id: 0x00f0_67aa_0ba9_02b7,
+            parent_id: 0,
+            flags: 1,
+            start_ns: 1_000,
+            end_ns: Some(2_500),
+            outcome: Outcome::Ended(SpanStatus::OK),
+            attrs: vec![(std::sync::Arc::from("route"), "/a".to_owned())],
+        };
+        vec![
+            base.clone(),
+            FinishedSpan {
+                parent_id: 7,
+                flags: 0,
+                outcome: Outcome::Ended(SpanStatus::ERROR),
+                attrs: Vec::new(),
+                ..base.clone()
+            },
+            FinishedSpan {
+                service: std::sync::Arc::from("api"),
+                name: std::sync::Arc::from(""),
+                outcome: Outcome::Ended(SpanStatus::UNSET),
+                start_ns: 0,
+                end_ns: Some(0),
+                attrs: vec![(std::sync::Arc::from(""), String::new())],
+                ..base.clone()
+            },
+            FinishedSpan {
+                outcome: Outcome::Orphaned,
+                end_ns: None,
+                ..base.clone()
+            },
+            FinishedSpan {
+                outcome: Outcome::Expired,
+                end_ns: None,
+                start_ns: u64::MAX,
+                ..base
+            },
+        ]
+    }
+
+    #[test]
+    fn direct_metrics_encoding_is_prosts_byte_for_byte() {
+        let all = series();
+        let refs: Vec<&Series> = all.iter().collect();
+        for (start, time) in [(1, 2), (0, 0), (u64::MAX, 1 << 40)] {
+            let mut ours = Vec::new();
+            encode_metrics(&refs, "host-1", start, time, &mut ours);
+            assert_eq!(
+                ours,
+                metrics_request(&refs, "host-1", start, time).encode_to_vec()
+            );
+        }
+        // Each series alone, and none.
+        for s in &refs {
+            let mut ours = Vec::new();
+            encode_metrics(&[*s], "", 5, 6, &mut ours);
+            assert_eq!(
+                ours,
+                metrics_request(&[*s], "", 5, 6).encode_to_vec(),
+                "{s:?}"
+            );
+        }
+        let mut ours = Vec::new();
+        encode_metrics(&[], "h", 1, 2, &mut ours);
+        assert_eq!(ours, metrics_request(&[], "h", 1, 2).encode_to_vec());
+        // Big enough for multi-byte lengths at every level.
+        let many: Vec<Series> = (0..3000)
+            .map(|i| {
+                Series::new(
+                    ["a", "b"][i % 2],
+                    MetricKind::Counter,
+                    "n",
+                    &[("worker", &i.to_string()), ("pad", &"x".repeat(i % 300))],
+                    Value::Counter { total: i as u128 },
+                )
+            })
+            .collect();
+        let refs: Vec<&Series> = many.iter().collect();
+        let mut ours = Vec::new();
+        encode_metrics(&refs, "host", 1, 2, &mut ours);
+        assert_eq!(ours, metrics_request(&refs, "host", 1, 2).encode_to_vec());
+    }
+
+    #[test]
+    fn direct_traces_encoding_is_prosts_byte_for_byte() {
+        let all = spans();
+        let refs: Vec<&FinishedSpan> = all.iter().collect();
+        for (offset, reported) in [
+            (0, 0),
+            (1_700_000_000_000_000_000, 1_700_000_000_000_000_500),
+            (-5_000, 3),
+            (i128::from(u64::MAX), u64::MAX),
+        ] {
+            let mut ours = Vec::new();
+            encode_traces(&refs, "host-1", offset, reported, &mut ours);
+            assert_eq!(
+                ours,
+                traces_request(&refs, "host-1", offset, reported).encode_to_vec()
+            );
+        }
+        let many: Vec<FinishedSpan> = (0..3000u64)
+            .map(|i| FinishedSpan {
+                span_id: i + 1,
+                attrs: vec![(std::sync::Arc::from("pad"), "y".repeat(i as usize % 200))],
+                ..all[(i % 5) as usize].clone()
+            })
+            .collect();
+        let refs: Vec<&FinishedSpan> = many.iter().collect();
+        let mut ours = Vec::new();
+        encode_traces(&refs, "host", 10, 20, &mut ours);
+        assert_eq!(ours, traces_request(&refs, "host", 10, 20).encode_to_vec());
     }
 }

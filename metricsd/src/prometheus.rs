@@ -1,11 +1,14 @@
-//! The Prometheus exposition: every series of a [`Snapshot`], rendered through the
-//! official `prometheus-client` encoder in the format a scraper asks for.
+//! The Prometheus exposition: every series of a [`Snapshot`] (or of a scrape view), in
+//! the format a scraper asks for, as the official `prometheus-client` encoder writes it.
 //!
 //! - [`Format::negotiate`] reads `Accept`: Prometheus protobuf (delimited
 //!   `io.prometheus.client.MetricFamily`, with native histograms), OpenMetrics 1.0 text
 //!   (ends in `# EOF`), or Prometheus text 0.0.4 (the default, also for no `Accept`).
-//! - [`render`] registers one `Collector` over the snapshot (no second copy of the
-//!   values: the collector walks the snapshot while the encoder writes) and encodes.
+//! - [`render_reference`] registers one `Collector` over the snapshot and encodes with
+//!   `prometheus-client`: the definition of the bytes.
+//! - [`render`] and [`render_view`] write the same bytes directly (the `writer` module
+//!   says why), from one plan shared with the collector; unit tests compare the two
+//!   byte for byte.
 //!
 //! What is exposed:
 //!
@@ -44,8 +47,9 @@
 //! `min(scale, 8)` with zero threshold 0. Histogram sums are `f64`.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
@@ -54,6 +58,8 @@ use prometheus_client::encoding::{
 };
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+
+mod writer;
 
 use crate::aggregate::{MetricKind, Series, Value};
 use crate::histogram::Histogram;
@@ -166,7 +172,7 @@ pub struct Rendered {
     pub label_renames: u64,
 }
 
-/// Where a sample comes from.
+/// Where a sample comes from: an index into [`Plan::series`] or [`Plan::health`].
 #[derive(Clone, Copy, Debug)]
 enum Source {
     Series(usize),
@@ -183,15 +189,96 @@ struct Family {
 }
 
 /// The plan of an exposition: families with their names, and the translated label sets
-/// of the series whose keys needed more than borrowing.
+/// of the series whose keys needed more than borrowing. It borrows the series.
 #[derive(Debug)]
-struct Plan {
-    snapshot: Arc<Snapshot>,
-    extra: Vec<HealthSeries>,
+struct Plan<'a> {
+    series: Vec<&'a Series>,
+    /// Per series (same index), its exposed labels.
+    prepared: Vec<Cow<'a, Prepared>>,
+    health: Vec<&'a HealthSeries>,
+    health_prepared: Vec<Prepared>,
     families: Vec<Family>,
-    labels: HashMap<(bool, usize), Vec<(String, String)>>,
     metric_renames: u64,
     label_renames: u64,
+}
+
+/// What a series exposes besides its values: its labels as exposed (translated when a
+/// key needed it), the renames that took, a hash of the exposed set (for the clash
+/// check), and the labels as the formats write them: the text formats'
+/// `service="…",k="v",…` (escaped) and protobuf's `LabelPair` fields.
+/// A series' service and labels never change, so a [`crate::scrape::ScrapeView`] keeps
+/// this with each series and a scrape only reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    translated: Option<Vec<(String, String)>>,
+    renames: u64,
+    hash: u64,
+    text: String,
+    /// The protobuf `label` fields of a `Metric` (`LabelPair`s, keys and lengths
+    /// included).
+    pb: Vec<u8>,
+}
+
+impl Prepared {
+    /// The exposed labels of a series of `service` labelled `labels`.
+    pub fn of(service: &str, labels: &[(String, String)]) -> Self {
+        let (translated, renames) = match translate_labels(labels) {
+            Some((t, n)) => (Some(t), n),
+            None => (None, 0),
+        };
+        let exposed = translated.as_deref().unwrap_or(labels);
+        let mut text = String::with_capacity(
+            16 + exposed
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>(),
+        );
+        text.push_str("service=\"");
+        writer::push_escaped(&mut text, service);
+        text.push('"');
+        let mut pb = Vec::new();
+        writer::label_pair(&mut pb, "service", service);
+        for (k, v) in exposed {
+            text.push(',');
+            text.push_str(k);
+            text.push_str("=\"");
+            writer::push_escaped(&mut text, v);
+            text.push('"');
+            writer::label_pair(&mut pb, k, v);
+        }
+        Self {
+            hash: label_hash(service, exposed),
+            translated,
+            renames,
+            text,
+            pb,
+        }
+    }
+
+    /// The exposed labels of a series whose own labels are `own`.
+    fn labels<'s>(&'s self, own: &'s [(String, String)]) -> &'s [(String, String)] {
+        self.translated.as_deref().unwrap_or(own)
+    }
+}
+
+/// One sample as the encoders are asked to write it.
+#[derive(Clone, Copy, Debug)]
+enum Sample<'a> {
+    CounterU64(u64),
+    CounterF64(f64),
+    GaugeI64(i64),
+    GaugeF64(f64),
+    Histogram(&'a Histogram),
+    /// A gauge never set: nothing is written.
+    Nothing,
+}
+
+/// One member of a family, resolved: its service, its exposed labels and its sample.
+struct Member<'p> {
+    service: &'p str,
+    labels: &'p [(String, String)],
+    prepared: &'p Prepared,
+    sample: Sample<'p>,
 }
 
 const RESERVED_SUFFIXES: [&str; 6] = ["_total", "_created", "_count", "_sum", "_bucket", "_info"];
@@ -252,6 +339,30 @@ pub fn label_key(key: &str) -> Cow<'_, str> {
     k
 }
 
+/// Whether [`label_key`] leaves `key` as it is (the common case, checked without
+/// building anything).
+fn plain_key(key: &str) -> bool {
+    const NAME: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut c = 0;
+        while c < 256 {
+            t[c] = (c as u8).is_ascii_alphanumeric() || c == b'_' as usize;
+            c += 1;
+        }
+        t
+    };
+    let b = key.as_bytes();
+    match b.first() {
+        None => false,
+        Some(c) if c.is_ascii_digit() => false,
+        Some(_) => {
+            b.iter().all(|&c| NAME[usize::from(c)])
+                && !b.starts_with(b"__")
+                && !matches!(key, "service" | "le" | "quantile")
+        }
+    }
+}
+
 /// The sample names a family of `kind` named `name` writes.
 fn sample_names(name: &str, kind: MetricKind) -> Vec<String> {
     match kind {
@@ -285,10 +396,8 @@ fn help_text(kind: MetricKind, name: &str) -> String {
 
 /// Translated labels of one series: `None` if every key can be borrowed as is.
 fn translate_labels(labels: &[(String, String)]) -> Option<(Vec<(String, String)>, u64)> {
-    let simple = labels
-        .iter()
-        .all(|(k, _)| matches!(label_key(k), Cow::Borrowed(_)))
-        && labels.windows(2).all(|w| w[0].0 != w[1].0);
+    let simple =
+        labels.iter().all(|(k, _)| plain_key(k)) && labels.windows(2).all(|w| w[0].0 != w[1].0);
     if simple {
         return None;
     }
@@ -310,48 +419,73 @@ fn translate_labels(labels: &[(String, String)]) -> Option<(Vec<(String, String)
     Some((out, renames))
 }
 
-impl Plan {
-    fn new(snapshot: Arc<Snapshot>, extra: Vec<HealthSeries>) -> Self {
-        let mut groups: BTreeMap<(&str, MetricKind), Vec<Source>> = BTreeMap::new();
-        for (i, s) in snapshot.series.iter().enumerate() {
+/// The name of the two health rows every exposition adds: the renames it made.
+const RENAMED: &str = "metricsd.prometheus.renamed";
+
+impl<'a> Plan<'a> {
+    /// The plan over `series` and `health`, whose last two rows are the renamed-count
+    /// rows [`renamed_rows`] makes (their values are filled in from the plan).
+    fn new(
+        series: Vec<&'a Series>,
+        prepared: Vec<Option<&'a Prepared>>,
+        health: Vec<&'a HealthSeries>,
+    ) -> Self {
+        let mut index: HashMap<(&str, MetricKind), usize> = HashMap::new();
+        let mut groups: Vec<((&str, MetricKind), Vec<Source>)> = Vec::new();
+        let mut last: Option<((&str, MetricKind), usize)> = None;
+        let mut add = |key: (&'a str, MetricKind), src: Source| {
+            let g = match last {
+                Some((k, g)) if k == key => g,
+                _ => {
+                    let g = *index.entry(key).or_insert_with(|| {
+                        groups.push((key, Vec::new()));
+                        groups.len() - 1
+                    });
+                    last = Some((key, g));
+                    g
+                }
+            };
+            if let Some((_, members)) = groups.get_mut(g) {
+                members.push(src);
+            }
+        };
+        for (i, s) in series.iter().enumerate() {
             if matches!(s.value, Value::Gauge { value: None }) {
                 continue;
             }
-            groups
-                .entry((&s.name, s.kind))
-                .or_default()
-                .push(Source::Series(i));
+            add((&s.name, s.kind), Source::Series(i));
         }
-        for (i, h) in snapshot.health.iter().chain(&extra).enumerate() {
-            groups
-                .entry((h.name, h.kind))
-                .or_default()
-                .push(Source::Health(i));
+        for (i, h) in health.iter().enumerate() {
+            add((h.name, h.kind), Source::Health(i));
         }
-        let mut labels = HashMap::new();
-        let mut label_renames = 0;
-        for (i, s) in snapshot.series.iter().enumerate() {
-            // A gauge never set is not exposed: nothing of it is renamed.
-            if matches!(s.value, Value::Gauge { value: None }) {
-                continue;
-            }
-            if let Some((l, n)) = translate_labels(&s.labels) {
-                labels.insert((false, i), l);
-                label_renames += n;
-            }
-        }
-        for (i, h) in snapshot.health.iter().chain(&extra).enumerate() {
-            if let Some((l, n)) = translate_labels(&h.labels) {
-                labels.insert((true, i), l);
-                label_renames += n;
-            }
-        }
+        let prepared: Vec<Cow<'a, Prepared>> = series
+            .iter()
+            .zip(prepared.into_iter().chain(std::iter::repeat(None)))
+            .map(|(s, p)| match p {
+                Some(p) => Cow::Borrowed(p),
+                None => Cow::Owned(Prepared::of(&s.service, &s.labels)),
+            })
+            .collect();
+        let health_prepared: Vec<Prepared> = health
+            .iter()
+            .map(|h| Prepared::of(HEALTH_SERVICE, &h.labels))
+            .collect();
+        // A gauge never set is not exposed: nothing of it is renamed.
+        let label_renames = series
+            .iter()
+            .zip(&prepared)
+            .filter(|(s, _)| !matches!(s.value, Value::Gauge { value: None }))
+            .map(|(_, p)| p.renames)
+            .chain(health_prepared.iter().map(|p| p.renames))
+            .sum();
         let mut taken: HashSet<String> = HashSet::new();
         let mut families = Vec::with_capacity(groups.len());
         let mut metric_renames = 0;
+        // In order of original name and kind, as the rename rule says.
+        groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for ((name, kind), members) in groups {
             let base = family_name(name, kind);
-            for members in split_clashes(&snapshot, &extra, &labels, members) {
+            for members in split_clashes(&prepared, &health_prepared, members) {
                 let mut chosen = base.clone();
                 let mut n = 2;
                 while sample_names(&chosen, kind)
@@ -374,23 +508,83 @@ impl Plan {
             }
         }
         Self {
-            snapshot,
-            extra,
+            series,
+            prepared,
+            health,
+            health_prepared,
             families,
-            labels,
             metric_renames,
             label_renames,
         }
     }
 
-    fn health(&self, i: usize) -> Option<&HealthSeries> {
-        let n = self.snapshot.health.len();
-        if i < n {
-            self.snapshot.health.get(i)
-        } else {
-            self.extra.get(i - n)
+    /// The value of health row `i`: its own, but for the two renamed-count rows last.
+    fn health_value(&self, i: usize, h: &HealthSeries) -> i128 {
+        let n = self.health.len();
+        if h.name == RENAMED && i + 2 >= n {
+            let count = if i + 2 == n {
+                self.metric_renames
+            } else {
+                self.label_renames
+            };
+            return i128::from(count);
+        }
+        h.value
+    }
+
+    /// Member `src`, resolved (`None` for an index out of range, which the plan never
+    /// makes).
+    fn member(&self, src: Source) -> Option<Member<'_>> {
+        match src {
+            Source::Series(i) => {
+                let s = *self.series.get(i)?;
+                let prepared: &Prepared = self.prepared.get(i)?;
+                let labels = prepared.labels(&s.labels);
+                let sample = match &s.value {
+                    Value::Counter { total } => match u64::try_from(*total) {
+                        Ok(v) => Sample::CounterU64(v),
+                        Err(_) => Sample::CounterF64(*total as f64),
+                    },
+                    Value::Gauge { value: Some(v) } => Sample::GaugeI64(*v),
+                    Value::Gauge { value: None } => Sample::Nothing,
+                    Value::FloatGauge { value } => Sample::GaugeF64(*value),
+                    Value::Histogram(h) => Sample::Histogram(h),
+                };
+                Some(Member {
+                    service: &s.service,
+                    labels,
+                    prepared,
+                    sample,
+                })
+            }
+            Source::Health(i) => {
+                let h = *self.health.get(i)?;
+                let prepared = self.health_prepared.get(i)?;
+                let labels = prepared.labels(&h.labels);
+                let value = self.health_value(i, h);
+                let sample = match h.kind {
+                    MetricKind::Counter => Sample::CounterU64(u64::try_from(value).unwrap_or(0)),
+                    _ => Sample::GaugeI64(i64::try_from(value).unwrap_or(i64::MAX)),
+                };
+                Some(Member {
+                    service: HEALTH_SERVICE,
+                    labels,
+                    prepared,
+                    sample,
+                })
+            }
         }
     }
+}
+
+/// The two rows counting this exposition's renames (values filled in by the plan).
+fn renamed_rows() -> [HealthSeries; 2] {
+    ["metric", "label"].map(|what| HealthSeries {
+        kind: MetricKind::Gauge,
+        name: RENAMED,
+        labels: crate::schema::labels(&[("what", what)]),
+        value: 0,
+    })
 }
 
 /// The members of one group split so that no two in a part expose the same label set
@@ -398,39 +592,41 @@ impl Plan {
 /// renamed onto an existing `exported_service`): each member goes to the first part
 /// that does not have its labels yet, so without a clash there is one part.
 fn split_clashes(
-    snapshot: &Snapshot,
-    extra: &[HealthSeries],
-    translated: &HashMap<(bool, usize), Vec<(String, String)>>,
+    prepared: &[Cow<'_, Prepared>],
+    health: &[Prepared],
     members: Vec<Source>,
 ) -> Vec<Vec<Source>> {
     if members.len() < 2 {
         return vec![members];
     }
-    let exposed = |member: Source| -> Option<Vec<(&str, &str)>> {
-        let (key, service, own) = match member {
-            Source::Series(i) => {
-                let s = snapshot.series.get(i)?;
-                ((false, i), &*s.service, &s.labels[..])
-            }
-            Source::Health(i) => {
-                let h = snapshot.health.iter().chain(extra).nth(i)?;
-                ((true, i), HEALTH_SERVICE, &h.labels[..])
-            }
-        };
-        let labels = translated.get(&key).map_or(own, |t| &t[..]);
-        let mut out = Vec::with_capacity(labels.len() + 1);
-        out.push(("service", service));
-        out.extend(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        Some(out)
+    let hash = |member: Source| -> Option<u64> {
+        match member {
+            Source::Series(i) => prepared.get(i).map(|p| p.hash),
+            Source::Health(i) => health.get(i).map(|p| p.hash),
+        }
     };
-    // Each part: the label sets it has, and its members.
-    type Part<'a> = (HashSet<Vec<(&'a str, &'a str)>>, Vec<Source>);
-    let mut parts: Vec<Part<'_>> = Vec::new();
+    // Usually no two members clash, which the hashes of their exposed label sets show:
+    // only two equal hashes call for the exact split.
+    let mut hashes: HashSet<u64, BuildHasherDefault<Prehashed>> =
+        HashSet::with_capacity_and_hasher(members.len(), BuildHasherDefault::default());
+    let distinct = members
+        .iter()
+        .all(|&m| hash(m).is_none_or(|h| hashes.insert(h)));
+    if distinct {
+        return vec![members];
+    }
+    let mut parts: Vec<(HashSet<&str>, Vec<Source>)> = Vec::new();
     for member in members {
-        let Some(key) = exposed(member) else {
+        // The label text is the exposed set, written out (keys are names, values
+        // escaped): equal texts, equal sets.
+        let key = match member {
+            Source::Series(i) => prepared.get(i).map(|p| p.text.as_str()),
+            Source::Health(i) => health.get(i).map(|p| p.text.as_str()),
+        };
+        let Some(key) = key else {
             continue;
         };
-        match parts.iter_mut().find(|(seen, _)| !seen.contains(&key)) {
+        match parts.iter_mut().find(|(seen, _)| !seen.contains(key)) {
             Some((seen, part)) => {
                 seen.insert(key);
                 part.push(member);
@@ -441,9 +637,52 @@ fn split_clashes(
     parts.into_iter().map(|(_, part)| part).collect()
 }
 
-/// The collector the registry calls at encode time: it walks the snapshot.
-#[derive(Debug)]
-struct SnapshotCollector(Arc<Plan>);
+/// The hasher of a set of [`label_hash`] values: they are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// A hash of an exposed label set (service, then each key and value), for the clash
+/// check: equal sets hash equal; unequal sets that happen to hash equal only cost the
+/// exact check.
+fn label_hash(service: &str, labels: &[(String, String)]) -> u64 {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut h: u64 = 0;
+    let mut add = |s: &str| {
+        let b = s.as_bytes();
+        let mut chunks = b.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        let mut w = [0u8; 8];
+        w[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        h = (h.rotate_left(5) ^ b.len() as u64).wrapping_mul(K);
+    };
+    add(service);
+    for (k, v) in labels {
+        add(k);
+        add(v);
+    }
+    h
+}
 
 fn metric_type(kind: MetricKind) -> MetricType {
     match kind {
@@ -453,9 +692,27 @@ fn metric_type(kind: MetricKind) -> MetricType {
     }
 }
 
+/// The reference encoder's collector: `prometheus-client` calls it at encode time and
+/// it walks the snapshot through the same [`Plan`] as the direct writer.
+#[derive(Debug)]
+struct SnapshotCollector {
+    snapshot: Arc<Snapshot>,
+    extra: Vec<HealthSeries>,
+}
+
+impl SnapshotCollector {
+    fn plan(&self) -> Plan<'_> {
+        Plan::new(
+            self.snapshot.series.iter().collect(),
+            Vec::new(),
+            self.snapshot.health.iter().chain(&self.extra).collect(),
+        )
+    }
+}
+
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let plan = &*self.0;
+        let plan = self.plan();
         let mut labels: Vec<(&str, &str)> = Vec::new();
         let mut classic: Vec<(f64, u64)> = Vec::new();
         for family in &plan.families {
@@ -465,50 +722,21 @@ impl Collector for SnapshotCollector {
                 None,
                 metric_type(family.kind),
             )?;
-            for &member in &family.members {
-                labels.clear();
-                let (service, own, translated) = match member {
-                    Source::Series(i) => {
-                        let Some(s) = plan.snapshot.series.get(i) else {
-                            continue;
-                        };
-                        (&*s.service, &s.labels, plan.labels.get(&(false, i)))
-                    }
-                    Source::Health(i) => {
-                        let Some(h) = plan.health(i) else {
-                            continue;
-                        };
-                        (HEALTH_SERVICE, &h.labels, plan.labels.get(&(true, i)))
-                    }
+            for &src in &family.members {
+                let Some(member) = plan.member(src) else {
+                    continue;
                 };
-                labels.push(("service", service));
-                match translated {
-                    Some(t) => labels.extend(t.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
-                    None => labels.extend(own.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
-                }
+                labels.clear();
+                labels.push(("service", member.service));
+                labels.extend(member.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                 let mut m = metric.encode_family(&labels)?;
-                match member {
-                    Source::Series(i) => {
-                        let Some(s) = plan.snapshot.series.get(i) else {
-                            continue;
-                        };
-                        encode_series(&mut m, s, &mut classic)?;
-                    }
-                    Source::Health(i) => {
-                        let Some(h) = plan.health(i) else {
-                            continue;
-                        };
-                        match h.kind {
-                            MetricKind::Counter => {
-                                let v = u64::try_from(h.value).unwrap_or(0);
-                                m.encode_counter::<NoLabelSet, _, f64>(&v, None)?;
-                            }
-                            _ => {
-                                let v = i64::try_from(h.value).unwrap_or(i64::MAX);
-                                m.encode_gauge(&v)?;
-                            }
-                        }
-                    }
+                match member.sample {
+                    Sample::CounterU64(v) => m.encode_counter::<NoLabelSet, _, f64>(&v, None)?,
+                    Sample::CounterF64(v) => m.encode_counter::<NoLabelSet, _, f64>(&v, None)?,
+                    Sample::GaugeI64(v) => m.encode_gauge(&v)?,
+                    Sample::GaugeF64(v) => m.encode_gauge(&v)?,
+                    Sample::Histogram(h) => encode_histogram(&mut m, h, &mut classic)?,
+                    Sample::Nothing => {}
                 }
             }
         }
@@ -516,57 +744,43 @@ impl Collector for SnapshotCollector {
     }
 }
 
-fn encode_series(
+/// `h`'s classic buckets as `(le, count in that bucket)`, into `out`.
+fn classic_buckets(h: &Histogram, out: &mut Vec<(f64, u64)>) {
+    out.clear();
+    let mut prev = 0;
+    for b in h.classic() {
+        out.push((b.le, b.cumulative - prev));
+        prev = b.cumulative;
+    }
+}
+
+fn encode_histogram(
     m: &mut prometheus_client::encoding::MetricEncoder<'_>,
-    s: &Series,
+    h: &Histogram,
     classic: &mut Vec<(f64, u64)>,
 ) -> Result<(), fmt::Error> {
-    match &s.value {
-        Value::Counter { total } => match u64::try_from(*total) {
-            Ok(v) => m.encode_counter::<NoLabelSet, _, f64>(&v, None),
-            Err(_) => m.encode_counter::<NoLabelSet, _, f64>(&(*total as f64), None),
-        },
-        Value::Gauge { value } => match value {
-            Some(v) => m.encode_gauge(v),
-            None => Ok(()),
-        },
-        Value::FloatGauge { value } => m.encode_gauge(value),
-        Value::Histogram(h) => {
-            classic.clear();
-            let mut prev = 0;
-            for b in h.classic() {
-                classic.push((b.le, b.cumulative - prev));
-                prev = b.cumulative;
-            }
-            match h {
-                Histogram::Exponential(e) => {
-                    let n = e.native();
-                    let native = NativeHistogram {
-                        schema: n.schema,
-                        zero_threshold: 0.0,
-                        zero_count: n.zero_count,
-                        negative: NativeHistogramBuckets {
-                            spans: &n.negative.spans,
-                            deltas: &n.negative.deltas,
-                        },
-                        positive: NativeHistogramBuckets {
-                            spans: &n.positive.spans,
-                            deltas: &n.positive.deltas,
-                        },
-                        created: None,
-                    };
-                    m.encode_histogram_with_native::<NoLabelSet>(
-                        h.sum(),
-                        h.count(),
-                        classic,
-                        None,
-                        native,
-                    )
-                }
-                Histogram::Explicit(_) => {
-                    m.encode_histogram::<NoLabelSet>(h.sum(), h.count(), classic, None)
-                }
-            }
+    classic_buckets(h, classic);
+    match h {
+        Histogram::Exponential(e) => {
+            let n = e.native();
+            let native = NativeHistogram {
+                schema: n.schema,
+                zero_threshold: 0.0,
+                zero_count: n.zero_count,
+                negative: NativeHistogramBuckets {
+                    spans: &n.negative.spans,
+                    deltas: &n.negative.deltas,
+                },
+                positive: NativeHistogramBuckets {
+                    spans: &n.positive.spans,
+                    deltas: &n.positive.deltas,
+                },
+                created: None,
+            };
+            m.encode_histogram_with_native::<NoLabelSet>(h.sum(), h.count(), classic, None, native)
+        }
+        Histogram::Explicit(_) => {
+            m.encode_histogram::<NoLabelSet>(h.sum(), h.count(), classic, None)
         }
     }
 }
@@ -585,32 +799,74 @@ pub fn decode(mut body: &[u8]) -> Result<Vec<proto::MetricFamily>, prost::Decode
     Ok(out)
 }
 
-/// Renders `snapshot` and the `extra` health series (the endpoint's own) in `format`.
+/// Renders `snapshot` and the `extra` health series (the endpoint's own) in `format`,
+/// with the direct writer: the bytes [`render_reference`] gives.
 pub fn render(
+    snapshot: Arc<Snapshot>,
+    extra: Vec<HealthSeries>,
+    format: Format,
+) -> Result<Rendered, RenderError> {
+    let renamed = renamed_rows();
+    let plan = Plan::new(
+        snapshot.series.iter().collect(),
+        Vec::new(),
+        snapshot
+            .health
+            .iter()
+            .chain(&extra)
+            .chain(&renamed)
+            .collect(),
+    );
+    render_plan(&plan, format)
+}
+
+/// Renders the series and health rows a [`crate::scrape::ScrapeView`] holds.
+pub fn render_view(
+    view: &crate::scrape::ScrapeView,
+    format: Format,
+) -> Result<Rendered, RenderError> {
+    let renamed = renamed_rows();
+    let (series, prepared) = view.entries().map(|(s, p)| (s, Some(p))).unzip();
+    let plan = Plan::new(
+        series,
+        prepared,
+        view.health().iter().chain(&renamed).collect(),
+    );
+    render_plan(&plan, format)
+}
+
+fn render_plan(plan: &Plan<'_>, format: Format) -> Result<Rendered, RenderError> {
+    let body = match format {
+        Format::Text => writer::text(plan, false)?,
+        Format::OpenMetrics => writer::text(plan, true)?,
+        Format::Protobuf => writer::protobuf(plan),
+    };
+    Ok(Rendered {
+        body,
+        metric_renames: plan.metric_renames,
+        label_renames: plan.label_renames,
+    })
+}
+
+/// Renders like [`render`], through the official `prometheus-client` encoder (a
+/// `Collector` over the snapshot, encoded by its OpenMetrics, Prometheus text or
+/// protobuf encoder). The exposition's format is defined by this encoder; [`render`]
+/// writes the same bytes without building the encoder's intermediate values (its
+/// protobuf encoder builds every message, label strings included, before writing).
+/// Tests and fuzzing compare the two byte for byte.
+pub fn render_reference(
     snapshot: Arc<Snapshot>,
     mut extra: Vec<HealthSeries>,
     format: Format,
 ) -> Result<Rendered, RenderError> {
-    // The renames are known before encoding, so they are part of this exposition: two
-    // gauges, filled in once the plan has counted them.
-    for what in ["metric", "label"] {
-        extra.push(HealthSeries {
-            kind: MetricKind::Gauge,
-            name: "metricsd.prometheus.renamed",
-            labels: crate::schema::labels(&[("what", what)]),
-            value: 0,
-        });
-    }
-    let mut plan = Plan::new(snapshot, extra);
-    let counts = [plan.metric_renames, plan.label_renames];
-    let n = plan.extra.len();
-    for (row, count) in plan.extra[n - 2..].iter_mut().zip(counts) {
-        row.value = i128::from(count);
-    }
-    let plan = Arc::new(plan);
-    let (metric_renames, label_renames) = (plan.metric_renames, plan.label_renames);
+    extra.extend(renamed_rows());
+    let collector = SnapshotCollector { snapshot, extra };
+    let (metric_renames, label_renames) = {
+        let plan = collector.plan();
+        (plan.metric_renames, plan.label_renames)
+    };
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(SnapshotCollector(plan)));
+    registry.register_collector(Box::new(collector));
     let body = match format {
         Format::Text => {
             let mut out = String::new();
@@ -639,6 +895,382 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::histogram::Exponential;
+
+    /// A histogram of `values` (`u64`) and `floats`, exponential or over `bounds`.
+    fn hist(bounds: Option<&[u64]>, values: &[u64], floats: &[f64]) -> Value {
+        let mut h = Histogram::new(bounds.map(Arc::from));
+        for &v in values {
+            h.record(v);
+        }
+        for &v in floats {
+            h.record_f64(v).expect("finite");
+        }
+        Value::Histogram(h)
+    }
+
+    fn health(
+        kind: MetricKind,
+        name: &'static str,
+        labels: &[(&str, &str)],
+        value: i128,
+    ) -> HealthSeries {
+        HealthSeries {
+            kind,
+            name,
+            labels: crate::schema::labels(labels),
+            value,
+        }
+    }
+
+    /// Every format through the direct writer and through `prometheus-client`: the same
+    /// bytes, and the same rename counts.
+    fn assert_identical(snapshot: Snapshot, extra: Vec<HealthSeries>) {
+        let snapshot = Arc::new(snapshot);
+        for format in [Format::OpenMetrics, Format::Text, Format::Protobuf] {
+            let ours = render(snapshot.clone(), extra.clone(), format).expect("renders");
+            let theirs =
+                render_reference(snapshot.clone(), extra.clone(), format).expect("renders");
+            if ours.body != theirs.body {
+                let first = ours
+                    .body
+                    .iter()
+                    .zip(&theirs.body)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(ours.body.len().min(theirs.body.len()));
+                let at = first.saturating_sub(200);
+                panic!(
+                    "{format:?} differs at byte {first} of {} / {}:\nours:   {:?}\ntheirs: {:?}",
+                    ours.body.len(),
+                    theirs.body.len(),
+                    String::from_utf8_lossy(&ours.body[at..(first + 200).min(ours.body.len())]),
+                    String::from_utf8_lossy(&theirs.body[at..(first + 200).min(theirs.body.len())]),
+                );
+            }
+            assert_eq!(ours.metric_renames, theirs.metric_renames);
+            assert_eq!(ours.label_renames, theirs.label_renames);
+        }
+    }
+
+    #[test]
+    fn the_direct_writer_writes_what_prometheus_client_writes() {
+        let c = MetricKind::Counter;
+        let g = MetricKind::Gauge;
+        let h = MetricKind::Histogram;
+        let wide: Vec<u64> = (0..64)
+            .map(|k| 1u64 << k)
+            .chain([u64::MAX, 3, 5, 1000])
+            .collect();
+        let series = vec![
+            Series::new(
+                "web",
+                c,
+                "http.requests",
+                &[("route", "/a"), ("status", "200")],
+                Value::Counter { total: 42 },
+            ),
+            Series::new(
+                "web",
+                c,
+                "http.requests",
+                &[("route", "/b\"q\"\\\n"), ("status", "500")],
+                Value::Counter { total: 0 },
+            ),
+            Series::new(
+                "api",
+                c,
+                "http.requests",
+                &[("route", "/a")],
+                Value::Counter {
+                    total: u128::from(u64::MAX) + 1,
+                },
+            ),
+            Series::new("api", c, "jobs.done", &[], Value::Counter { total: 3 }),
+            Series::new("api", c, "jobs_done", &[], Value::Counter { total: 4 }),
+            Series::new(
+                "api",
+                c,
+                "jobs_total",
+                &[
+                    ("service", "fake"),
+                    ("le", "x"),
+                    ("__name__", "y"),
+                    ("a.b", "1"),
+                    ("a_b", "2"),
+                    ("9x", ""),
+                ],
+                Value::Counter { total: 5 },
+            ),
+            // Two series whose labels coincide once translated: kept apart.
+            Series::new(
+                "api",
+                c,
+                "clash",
+                &[("a.b", "1")],
+                Value::Counter { total: 1 },
+            ),
+            Series::new(
+                "api",
+                c,
+                "clash",
+                &[("a_b", "1")],
+                Value::Counter { total: 2 },
+            ),
+            Series::new(
+                "api",
+                c,
+                "clash",
+                &[("a-b", "1")],
+                Value::Counter { total: 3 },
+            ),
+            Series::new(
+                "api",
+                c,
+                "over",
+                &[("otel.metric.overflow", "true")],
+                Value::Counter { total: 7 },
+            ),
+            Series::new(
+                "web",
+                g,
+                "queue.depth",
+                &[],
+                Value::Gauge { value: Some(-17) },
+            ),
+            Series::new(
+                "web",
+                g,
+                "queue.depth",
+                &[("w", "1")],
+                Value::Gauge { value: None },
+            ),
+            Series::new(
+                "web",
+                g,
+                "queue.depth",
+                &[("w", "2")],
+                Value::Gauge {
+                    value: Some(i64::MIN),
+                },
+            ),
+            Series::new(
+                "web",
+                g,
+                "temp_total",
+                &[],
+                Value::FloatGauge { value: 0.25 },
+            ),
+            Series::new(
+                "web",
+                g,
+                "temp_total",
+                &[("w", "z")],
+                Value::FloatGauge { value: -0.0 },
+            ),
+            Series::new(
+                "web",
+                g,
+                "temp_total",
+                &[("w", "b")],
+                Value::FloatGauge { value: 1e300 },
+            ),
+            Series::new(
+                "web",
+                g,
+                "temp_total",
+                &[("w", "c")],
+                Value::FloatGauge { value: -1.5e-7 },
+            ),
+            Series::new(
+                "web",
+                g,
+                "temp_total",
+                &[("w", "d")],
+                Value::FloatGauge {
+                    value: f64::INFINITY,
+                },
+            ),
+            Series::new(
+                "web",
+                g,
+                "tab\there é",
+                &[],
+                Value::Gauge { value: Some(0) },
+            ),
+            Series::new(
+                "web",
+                h,
+                "payload.bytes",
+                &[("k", "v")],
+                hist(None, &[0, 1, 2, 3, 4, 1000, 1024, 1025, 1 << 40], &[]),
+            ),
+            Series::new(
+                "web",
+                h,
+                "payload.bytes",
+                &[("k", "w")],
+                hist(None, &[], &[]),
+            ),
+            Series::new(
+                "web",
+                h,
+                "payload.bytes",
+                &[("k", "x")],
+                hist(None, &wide, &[]),
+            ),
+            Series::new(
+                "web",
+                h,
+                "payload.bytes",
+                &[("k", "y")],
+                hist(None, &[], &[-3.5, -0.25, 0.0, 0.5, 1e-9, 7.75]),
+            ),
+            Series::new(
+                "web",
+                h,
+                "payload.bytes",
+                &[("k", "z")],
+                hist(None, &[5, 5, 5], &[]),
+            ),
+            Series::new(
+                "web",
+                h,
+                "size_bucket",
+                &[],
+                hist(
+                    Some(&[10, 100, 1_000_000, 10_000_000, 1 << 53]),
+                    &[5, 10, 11, 1000, 20_000_000, u64::MAX],
+                    &[],
+                ),
+            ),
+            Series::new(
+                "web",
+                h,
+                "size_bucket",
+                &[("e", "1")],
+                hist(Some(&[1]), &[], &[]),
+            ),
+            Series::new(
+                "web",
+                MetricKind::SpanDuration,
+                "GET /",
+                &[("status", "ok")],
+                hist(None, &[1_000, 2_000_000], &[]),
+            ),
+        ];
+        let mut exp = Exponential::new();
+        exp.record(9);
+        let snapshot = Snapshot {
+            series,
+            health: vec![
+                health(c, "metricsd.records.drained", &[], 123),
+                health(
+                    c,
+                    "metricsd.rejects",
+                    &[("class", "invalid_args"), ("reason", "unknown_kind")],
+                    -1,
+                ),
+                health(g, "metricsd.drain.lag", &[], i128::from(i64::MAX) + 1),
+                health(g, "metricsd.series", &[], -5),
+            ],
+            ..Snapshot::default()
+        };
+        let extra = vec![health(c, "metricsd.scrape.served", &[], 2)];
+        let families = decode(
+            &render(Arc::new(snapshot.clone()), extra.clone(), Format::Protobuf)
+                .expect("renders")
+                .body,
+        )
+        .expect("decodes");
+        let clash: Vec<&str> = families
+            .iter()
+            .filter(|f| f.name.starts_with("clash"))
+            .map(|f| f.name.as_str())
+            .collect();
+        assert_eq!(clash, ["clash_total", "clash_2_total", "clash_3_total"]);
+        assert_identical(snapshot, extra);
+        // Nothing at all.
+        assert_identical(Snapshot::default(), Vec::new());
+    }
+
+    #[test]
+    fn the_direct_writer_matches_on_random_series() {
+        // xorshift: reproducible, no dependency.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let names = ["a.b", "a_b", "c", "d_total", "e_count", "f:g", "h-i", "1j"];
+        let keys = ["k", "route", "service", "le", "x.y", "x_y", "__z"];
+        let values = ["", "v", "\"", "\\", "\n", "é", "a b"];
+        let layouts: [Option<&[u64]>; 3] = [
+            None,
+            Some(&[1, 2, 4]),
+            Some(&[999_999, 1_000_000, 123_456_789]),
+        ];
+        for round in 0..20 {
+            let mut series = Vec::new();
+            for _ in 0..60 {
+                let r = next();
+                let kind = [
+                    MetricKind::Counter,
+                    MetricKind::Gauge,
+                    MetricKind::Histogram,
+                    MetricKind::SpanDuration,
+                ][(r % 4) as usize];
+                let name = names[(r >> 8) as usize % names.len()];
+                let n_labels = (r >> 16) as usize % 4;
+                let labels: Vec<(&str, &str)> = (0..n_labels)
+                    .map(|i| {
+                        let q = next();
+                        (
+                            keys[(q as usize + i) % keys.len()],
+                            values[(q >> 32) as usize % values.len()],
+                        )
+                    })
+                    .collect();
+                let value = match kind {
+                    MetricKind::Counter => Value::Counter {
+                        total: u128::from(next() >> (next() % 64)),
+                    },
+                    MetricKind::Gauge => match next() % 3 {
+                        0 => Value::Gauge {
+                            value: Some(next() as i64),
+                        },
+                        1 => Value::Gauge { value: None },
+                        _ => Value::FloatGauge {
+                            value: f64::from_bits(next() >> 2) - 0.5,
+                        },
+                    },
+                    _ => {
+                        let vs: Vec<u64> =
+                            (0..next() % 30).map(|_| next() >> (next() % 64)).collect();
+                        let fs: Vec<f64> = (0..next() % 3)
+                            .map(|_| (next() % 10_000) as f64 / 7.0 - 700.0)
+                            .collect();
+                        hist(layouts[(next() % 3) as usize], &vs, &fs)
+                    }
+                };
+                series.push(Series::new(
+                    ["web", "api", "a\"b"][round % 3],
+                    kind,
+                    name,
+                    &labels,
+                    value,
+                ));
+            }
+            assert_identical(
+                Snapshot {
+                    series,
+                    ..Snapshot::default()
+                },
+                Vec::new(),
+            );
+        }
+    }
 
     #[test]
     fn negotiation_follows_q_and_defaults_to_text() {

@@ -1,12 +1,14 @@
 //! The scrape endpoint: `GET /metrics` over HTTP/1.1, off unless `[prometheus] listen`
 //! (or `metricsd serve --prometheus-listen ADDR`) names an address.
 //!
-//! The drain thread publishes a snapshot into a [`Published`] slot at every export
+//! The drain thread publishes a [`ScrapeView`] into a [`Published`] slot at every export
 //! interval (and on `flush`); a scrape takes the latest one (an `Arc`, under a lock held
 //! only to clone the pointer) and renders it on the scrape's own thread through
 //! [`crate::prometheus`]. So a scrape never waits for the drain thread and the drain
 //! thread never waits for a scrape; values are as of the last export (at most
-//! `export.interval_ms` old).
+//! `export.interval_ms` old). Publishing is incremental: the drain thread keeps a
+//! [`ScrapeTable`] and copies into it only the series that changed since the last
+//! export, which the export walks anyway; unchanged series are shared between views.
 //!
 //! Bounds (all in `[prometheus]`, see `metricsd/README.md`):
 //!
@@ -37,16 +39,162 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::aggregate::MetricKind;
+use crate::aggregate::{MetricKind, Series, Store};
 use crate::config::PrometheusConfig;
-use crate::prometheus::{Format, render};
+use crate::prometheus::{Format, Prepared, render_view};
 use crate::schema::labels;
-use crate::snapshot::{HealthSeries, Snapshot};
+use crate::snapshot::HealthSeries;
 
-/// The latest snapshot the drain thread published for scrapes.
+/// What a scrape renders: every series as of the last export, and the health series.
+///
+/// The series are shared, not copied, between consecutive views: they sit in chunks of
+/// [`CHUNK`] slots, each series behind its own `Arc`, and a view holds the chunks by
+/// `Arc` as well. Publishing a view after an export copies only the series that changed
+/// (and the pointer arrays of the chunks they are in).
+#[derive(Clone, Debug, Default)]
+pub struct ScrapeView {
+    chunks: Vec<Arc<Chunk>>,
+    health: Vec<HealthSeries>,
+}
+
+/// Slots per chunk of a [`ScrapeView`].
+pub const CHUNK: usize = 1024;
+
+type Chunk = Vec<Option<Arc<Entry>>>;
+
+/// A series and what it exposes besides its values (its labels never change).
+#[derive(Clone, Debug)]
+struct Entry {
+    series: Series,
+    prepared: Arc<Prepared>,
+}
+
+impl Entry {
+    fn new(s: &Series) -> Self {
+        Self {
+            prepared: Arc::new(Prepared::of(&s.service, &s.labels)),
+            series: s.clone(),
+        }
+    }
+
+    /// Whether `s` has this entry's identity (so its prepared labels still hold).
+    fn same_labels(&self, s: &Series) -> bool {
+        self.series.service == s.service
+            && (Arc::ptr_eq(&self.series.labels, &s.labels) || self.series.labels == s.labels)
+    }
+}
+
+impl ScrapeView {
+    /// Every series, in slot order.
+    pub fn series(&self) -> impl Iterator<Item = &Series> {
+        self.entries().map(|(s, _)| s)
+    }
+
+    /// Every series with its prepared labels, in slot order.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&Series, &Prepared)> {
+        self.chunks
+            .iter()
+            .flat_map(|c| c.iter().flatten().map(|e| (&e.series, &*e.prepared)))
+    }
+
+    /// The health series.
+    pub fn health(&self) -> &[HealthSeries] {
+        &self.health
+    }
+}
+
+/// The drain thread's copy of the series store for scrapes, kept up to date per
+/// export from the slots that changed ([`Store::take_slot_changes`]).
+///
+/// Memory: one copy of every live series (as much as the store's own series), plus,
+/// while a scrape still renders an older view, the older copies of the series that
+/// changed since (at most one view per concurrent scrape, `prometheus.max_connections`,
+/// and the one published).
+#[derive(Debug, Default)]
+pub struct ScrapeTable {
+    chunks: Vec<Arc<Chunk>>,
+    tracking: bool,
+}
+
+impl ScrapeTable {
+    /// An empty table; the first [`ScrapeTable::update`] fills it from the whole store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Brings the table up to date with `store`: the first call copies every series
+    /// and starts the store recording its slot changes; later calls copy only the
+    /// slots recorded since.
+    pub fn update(&mut self, store: &mut Store) {
+        let slots = store.slot_count();
+        let changed: Vec<u32> = if self.tracking {
+            store.take_slot_changes()
+        } else {
+            store.track_slot_changes(true);
+            self.tracking = true;
+            (0..slots as u32).collect()
+        };
+        let chunks = slots.div_ceil(CHUNK);
+        self.chunks.truncate(chunks);
+        while self.chunks.len() < chunks {
+            self.chunks.push(Arc::new(Vec::new()));
+        }
+        for index in changed {
+            let (c, i) = (index as usize / CHUNK, index as usize % CHUNK);
+            let Some(chunk) = self.chunks.get_mut(c) else {
+                continue; // a slot dropped from the table's end since
+            };
+            // Copies the chunk's pointers only if a published view still holds it.
+            let chunk = Arc::make_mut(chunk);
+            if chunk.len() <= i {
+                chunk.resize(i + 1, None);
+            }
+            let Some(entry) = chunk.get_mut(i) else {
+                continue;
+            };
+            let Some(s) = store.series_at(index) else {
+                *entry = None;
+                continue;
+            };
+            match entry.as_mut().and_then(Arc::get_mut) {
+                // Not shared with a view: overwritten in place.
+                Some(old) if old.same_labels(s) => old.series.clone_from(s),
+                Some(old) => *old = Entry::new(s),
+                None => {
+                    let fresh = match entry.as_deref() {
+                        // Shared: a new entry, with the labels prepared before.
+                        Some(old) if old.same_labels(s) => Entry {
+                            series: s.clone(),
+                            prepared: old.prepared.clone(),
+                        },
+                        _ => Entry::new(s),
+                    };
+                    *entry = Some(Arc::new(fresh));
+                }
+            }
+        }
+        // The last chunk holds no slot past the store's end.
+        if let Some(last) = self.chunks.last_mut() {
+            let keep = slots - (chunks - 1) * CHUNK;
+            if last.len() > keep {
+                Arc::make_mut(last).truncate(keep);
+            }
+        }
+    }
+
+    /// A view of the table as it is, with these health series.
+    pub fn view(&self, health: Vec<HealthSeries>) -> ScrapeView {
+        ScrapeView {
+            chunks: self.chunks.clone(),
+            health,
+        }
+    }
+}
+
+/// The latest view the drain thread published for scrapes.
 #[derive(Debug, Default)]
 pub struct Published {
-    latest: Mutex<Option<Arc<Snapshot>>>,
+    latest: Mutex<Option<Arc<ScrapeView>>>,
 }
 
 impl Published {
@@ -55,13 +203,19 @@ impl Published {
         Self::default()
     }
 
-    /// Replaces the published snapshot.
-    pub fn publish(&self, snapshot: Arc<Snapshot>) {
-        *self.latest.lock().unwrap_or_else(PoisonError::into_inner) = Some(snapshot);
+    /// Replaces the published view.
+    pub fn publish(&self, view: Arc<ScrapeView>) {
+        // The old view is dropped outside the lock.
+        let old = self
+            .latest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(view);
+        drop(old);
     }
 
-    /// The latest snapshot.
-    pub fn latest(&self) -> Option<Arc<Snapshot>> {
+    /// The latest view.
+    pub fn latest(&self) -> Option<Arc<ScrapeView>> {
         self.latest
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -341,14 +495,14 @@ fn serve(mut stream: TcpStream, stats: &ScrapeStats, limits: &Limits, published:
         .find(|h| h.name.eq_ignore_ascii_case("accept"))
         .and_then(|h| std::str::from_utf8(h.value).ok());
     let format = Format::negotiate(accept);
-    let Some(snapshot) = published.latest() else {
+    let Some(view) = published.latest() else {
         stats.refuse("not_ready");
         respond_empty(&stream, 503, "Service Unavailable", &[("Retry-After", "1")]);
         return;
     };
     // The endpoint's own counters are health series of the snapshot (as of the last
     // export, like every other series).
-    let body = match render(snapshot, Vec::new(), format) {
+    let body = match render_view(&view, format) {
         Ok(r) if r.body.len() as u64 <= limits.max_response => r.body,
         _ => {
             stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -424,4 +578,124 @@ pub fn get(
         return Err(bad("HTTP body shorter than its Content-Length"));
     }
     Ok((code, content_type, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::aggregate::{Resolved, SeriesId};
+    use crate::config::{RedactionConfig, SeriesConfig};
+    use crate::redact::Redactor;
+
+    fn store() -> Store {
+        let caps = SeriesConfig {
+            max_total: 10_000,
+            max_per_metric: 10_000,
+            max_per_service: 10_000,
+            expiry_scan: 100_000,
+            idle_ttl_ms: 1,
+            idle_ttl_bound_ms: 1,
+            ..SeriesConfig::default()
+        };
+        Store::new(
+            caps,
+            Redactor::new(&RedactionConfig::default().patterns),
+            &BTreeMap::new(),
+        )
+    }
+
+    fn create(store: &mut Store, from: usize, to: usize) -> Vec<SeriesId> {
+        let svc = store.service("web");
+        (from..to)
+            .map(|i| {
+                let kind = [
+                    MetricKind::Counter,
+                    MetricKind::Gauge,
+                    MetricKind::Histogram,
+                ][i % 3];
+                let label = i.to_string();
+                match store.resolve(svc, kind, "m", &[("i", &label)]) {
+                    Resolved::Series(id) => id,
+                    Resolved::Refused => panic!("within the caps"),
+                }
+            })
+            .collect()
+    }
+
+    fn touch(store: &mut Store, ids: &[SeriesId], v: u64) {
+        for &id in ids {
+            store.add(id, v);
+            store.set(id, v as i64);
+            store.observe(id, v);
+        }
+    }
+
+    fn series(view: &ScrapeView) -> Vec<Series> {
+        view.series().cloned().collect()
+    }
+
+    /// After every kind of change, the incrementally updated view holds exactly the
+    /// store's series, and a view taken earlier is left as it was.
+    #[test]
+    fn the_table_follows_the_store_and_old_views_stay_as_they_were() {
+        let mut store = store();
+        let mut table = ScrapeTable::new();
+        let ids = create(&mut store, 0, 3000); // three chunks
+        touch(&mut store, &ids, 5);
+        store.take_dirty();
+        table.update(&mut store);
+        let first = table.view(Vec::new());
+        let want: Vec<Series> = store.all().cloned().collect();
+        assert_eq!(series(&first), want);
+        assert_eq!(want.len(), 3000);
+
+        // Some change, some are created (one never sampled: exposed at zero).
+        touch(&mut store, &ids[1000..1010], 7);
+        let more = create(&mut store, 3000, 3100);
+        touch(&mut store, &more[1..], 1);
+        store.take_dirty();
+        table.update(&mut store);
+        let second = table.view(Vec::new());
+        assert_eq!(series(&second), store.all().cloned().collect::<Vec<_>>());
+        assert_eq!(series(&first), want, "an older view is not changed");
+        // Unchanged series are shared with the older view, not copied.
+        let shared = first
+            .series()
+            .zip(second.series())
+            .filter(|(a, b)| std::ptr::eq(*a, *b))
+            .count();
+        assert_eq!(shared, 3000 - 10);
+
+        // Every series expires (the slot table then shrinks), then new ones come.
+        store.take_dirty();
+        store.sweep(u64::MAX, |_| {});
+        assert!(store.is_empty());
+        table.update(&mut store);
+        assert!(series(&table.view(Vec::new())).is_empty());
+        let again = create(&mut store, 5000, 5500);
+        touch(&mut store, &again, 3);
+        store.take_dirty();
+        table.update(&mut store);
+        assert_eq!(
+            series(&table.view(Vec::new())),
+            store.all().cloned().collect::<Vec<_>>()
+        );
+        assert_eq!(series(&second).len(), 3100, "still as it was");
+
+        // A view renders what its series, rendered from a snapshot, render.
+        for view in [&first, &second, &table.view(Vec::new())] {
+            let snapshot = Arc::new(crate::snapshot::Snapshot {
+                series: series(view),
+                ..Default::default()
+            });
+            for format in [Format::OpenMetrics, Format::Text, Format::Protobuf] {
+                let a = render_view(view, format).expect("renders");
+                let b = crate::prometheus::render(snapshot.clone(), Vec::new(), format)
+                    .expect("renders");
+                assert_eq!(a.body, b.body, "{format:?}");
+            }
+        }
+    }
 }

@@ -20,12 +20,18 @@
 //! open on a connection whose producer disconnected are orphaned. Expired and orphaned
 //! spans are reported like completed ones, with their outcome.
 //!
+//! Late attributes: a v1.1 span's attribute may be written in one ring (the thread
+//! that opened it) and its close in another (the thread it moved to), and the close
+//! may be drained first. An attribute for a span that completed since the last export
+//! is added to the completed span while it waits to be exported, so it is not lost.
+//!
 //! Export: every reported span is exported unless the rate limit
 //! (`export.spans_per_second`, a token bucket holding one second's worth) is exhausted;
 //! what it drops is counted by reason ([`SpanStats::rate_limited`]). The span-duration
 //! histograms are fed on completion, whether or not the span is exported.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
@@ -172,10 +178,16 @@ enum Early {
     Attr(Arc<str>, String),
 }
 
+/// The tables' hasher: foldhash, seeded at random per table. Span ids are the
+/// producer's, so a table keyed by them needs a seed a producer cannot know; the
+/// standard library's SipHash has one too but cost about a third of each span's work
+/// (three lookups of a 24-byte key per span).
+type TableHasher = foldhash::fast::RandomState;
+
 /// The span tables.
 pub struct Spans {
-    live: HashMap<(Scope, u64), Live>,
-    early: HashMap<(Scope, u64), (Instant, Vec<Early>)>,
+    live: HashMap<(Scope, u64), Live, TableHasher>,
+    early: HashMap<(Scope, u64), (Instant, Vec<Early>), TableHasher>,
     early_len: usize,
     max_live: usize,
     ttl: Duration,
@@ -186,6 +198,9 @@ pub struct Spans {
     refilled: Instant,
     logd: Bucket,
     ready: Vec<FinishedSpan>,
+    /// Where in `ready` each v1.1 span completed since the last export is, for its
+    /// late attributes (as many entries as `ready` at most).
+    recent: HashMap<(Scope, u64), usize, TableHasher>,
     stats: SpanStats,
 }
 
@@ -234,8 +249,8 @@ impl Spans {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(std::process::id());
         Self {
-            live: HashMap::new(),
-            early: HashMap::new(),
+            live: HashMap::default(),
+            early: HashMap::default(),
             early_len: 0,
             max_live: max_live as usize,
             ttl,
@@ -246,6 +261,7 @@ impl Spans {
             refilled: Instant::now(),
             logd: Bucket::new(u32::MAX),
             ready: Vec::new(),
+            recent: HashMap::default(),
             stats: SpanStats::default(),
         }
     }
@@ -268,12 +284,6 @@ impl Spans {
     /// Opens a span; applies any close or attributes that arrived before it.
     pub fn start(&mut self, s: Start, now: Instant) -> Result<Option<Completed>, Reason> {
         let key = (s.scope, s.id);
-        if self.live.contains_key(&key) {
-            return Err(Reason::SpanDuplicate);
-        }
-        if self.live.len() >= self.max_live {
-            return Err(Reason::LiveSpansFull);
-        }
         let (trace_id, span_id, parent_id, flags) = match (s.scope, s.trace) {
             (Scope::Connection(_), Some((trace, flags))) => (trace, s.id, s.parent, flags),
             (Scope::Ring(ring), _) => {
@@ -291,24 +301,32 @@ impl Spans {
             }
             (Scope::Connection(_), None) => return Err(Reason::SpanNoTrace),
         };
-        self.live.insert(
-            key,
-            Live {
-                service: s.service,
-                name_key: s.name_key,
-                name: s.name,
-                duration: s.duration,
-                trace_id,
-                span_id,
-                parent_id,
-                flags,
-                start_ns: s.start_ns,
-                opened: now,
-                attrs: Vec::new(),
-            },
-        );
+        let live = self.live.len();
+        // One lookup for the duplicate check and the insert.
+        let Entry::Vacant(slot) = self.live.entry(key) else {
+            return Err(Reason::SpanDuplicate);
+        };
+        if live >= self.max_live {
+            return Err(Reason::LiveSpansFull);
+        }
+        slot.insert(Live {
+            service: s.service,
+            name_key: s.name_key,
+            name: s.name,
+            duration: s.duration,
+            trace_id,
+            span_id,
+            parent_id,
+            flags,
+            start_ns: s.start_ns,
+            opened: now,
+            attrs: Vec::new(),
+        });
         self.stats.started += 1;
         self.stats.live = self.live.len() as u64;
+        if self.early.is_empty() {
+            return Ok(None);
+        }
         let Some((_, early)) = self.early.remove(&key) else {
             return Ok(None);
         };
@@ -352,13 +370,17 @@ impl Spans {
         now: Instant,
     ) -> Result<(), Reason> {
         let Some(span) = self.live.get_mut(&(scope, id)) else {
+            if let Some(done) = self
+                .recent
+                .get(&(scope, id))
+                .and_then(|&i| self.ready.get_mut(i))
+            {
+                // Completed already (its close was drained first): still added.
+                return add_attr(&mut done.attrs, key, value, self.max_attrs);
+            }
             return self.hold(scope, id, Early::Attr(key, value), now);
         };
-        if span.attrs.len() >= self.max_attrs {
-            return Err(Reason::AttrsFull);
-        }
-        span.attrs.push((key, value));
-        Ok(())
+        add_attr(&mut span.attrs, key, value, self.max_attrs)
     }
 
     /// Ends an open span. `Ok(None)`: its open has not been drained yet (a v1.1 span
@@ -372,9 +394,9 @@ impl Spans {
         end_ns: u64,
         now: Instant,
     ) -> Result<Option<Completed>, Reason> {
-        let key = (scope, id);
-        match self.live.get(&key) {
-            None => {
+        // One lookup for the checks and the removal.
+        let open = match self.live.entry((scope, id)) {
+            Entry::Vacant(_) => {
                 if status.name().is_none() {
                     return Err(Reason::SpanStatus);
                 }
@@ -386,13 +408,13 @@ impl Spans {
                 self.hold(scope, id, e, now)?;
                 return Ok(None);
             }
-            Some(l) if l.name_key != name_key => return Err(Reason::SpanNameMismatch),
-            Some(_) if status.name().is_none() => return Err(Reason::SpanStatus),
-            Some(_) => {}
-        }
-        let Some(live) = self.live.remove(&key) else {
-            return Err(Reason::SpanUnknown);
+            Entry::Occupied(o) if o.get().name_key != name_key => {
+                return Err(Reason::SpanNameMismatch);
+            }
+            Entry::Occupied(_) if status.name().is_none() => return Err(Reason::SpanStatus),
+            Entry::Occupied(o) => o,
         };
+        let live = open.remove();
         self.stats.live = self.live.len() as u64;
         if end_ns < live.start_ns {
             // Ended, but meaninglessly: the span is closed and the end refused.
@@ -403,7 +425,11 @@ impl Spans {
             duration_series: live.duration,
             duration_ns: end_ns - live.start_ns,
         };
-        self.report(finish(live, Some(end_ns), Outcome::Ended(status)), now);
+        if self.report(live, Some(end_ns), Outcome::Ended(status), now)
+            && matches!(scope, Scope::Connection(_))
+        {
+            self.recent.insert((scope, id), self.ready.len() - 1);
+        }
         Ok(Some(done))
     }
 
@@ -412,7 +438,7 @@ impl Spans {
         let keys: Vec<(Scope, u64)> = self.live.keys().filter(|k| k.0 == scope).copied().collect();
         for key in &keys {
             if let Some(live) = self.live.remove(key) {
-                self.report(finish(live, None, Outcome::Orphaned), now);
+                self.report(live, None, Outcome::Orphaned, now);
             }
         }
         self.stats.orphaned += keys.len() as u64;
@@ -433,7 +459,7 @@ impl Spans {
             .collect();
         for key in &keys {
             if let Some(live) = self.live.remove(key) {
-                self.report(finish(live, None, Outcome::Expired), now);
+                self.report(live, None, Outcome::Expired, now);
             }
         }
         self.stats.expired += keys.len() as u64;
@@ -455,17 +481,24 @@ impl Spans {
         (keys.len() as u64, dropped)
     }
 
-    fn report(&mut self, span: FinishedSpan, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.refilled = self.refilled.max(now);
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+    /// Hands a span that ended (`end_ns`), was orphaned or expired to the exporters, if
+    /// the rate limit allows (whether it did); what it drops is only counted (and never
+    /// built).
+    fn report(&mut self, live: Live, end_ns: Option<u64>, outcome: Outcome, now: Instant) -> bool {
+        // The drain loop passes one `now` per pass: the bucket refills once per pass.
+        if now > self.refilled {
+            let elapsed = now.duration_since(self.refilled).as_secs_f64();
+            self.refilled = now;
+            self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        }
         if self.tokens < 1.0 {
             self.stats.rate_limited += 1;
-            return;
+            return false;
         }
         self.tokens -= 1.0;
         self.stats.exported += 1;
-        self.ready.push(span);
+        self.ready.push(finish(live, end_ns, outcome));
+        true
     }
 
     /// Limits the spans [`take_ready`](Self::take_ready) marks for logd to
@@ -478,6 +511,7 @@ impl Spans {
     /// many of the first of them go to logd (the rest are past logd's span rate).
     pub fn take_ready(&mut self, now: Instant) -> (Vec<FinishedSpan>, usize) {
         let ready = std::mem::take(&mut self.ready);
+        self.recent.clear();
         let logged = self.logd.take(ready.len() as u64, now);
         self.stats.logged += logged;
         self.stats.not_logged += ready.len() as u64 - logged;
@@ -518,6 +552,25 @@ impl Bucket {
         self.tokens -= got as f64;
         got
     }
+}
+
+/// Sets attribute `key` of a span: a key it has already gets the new value (the latest
+/// wins); a new one is refused past `max` attributes.
+fn add_attr(
+    attrs: &mut Vec<(Arc<str>, String)>,
+    key: Arc<str>,
+    value: String,
+    max: usize,
+) -> Result<(), Reason> {
+    if let Some(slot) = attrs.iter_mut().find(|(k, _)| *k == key) {
+        slot.1 = value;
+        return Ok(());
+    }
+    if attrs.len() >= max {
+        return Err(Reason::AttrsFull);
+    }
+    attrs.push((key, value));
+    Ok(())
 }
 
 fn finish(live: Live, end_ns: Option<u64>, outcome: Outcome) -> FinishedSpan {
@@ -616,6 +669,8 @@ mod tests {
         let trace = 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736u128;
         // The close and an attribute (another thread's ring) are drained first.
         let c = Scope::Connection(7);
+        s.attr(c, 0xaa, Arc::from("k"), "old".into(), now)
+            .expect("held");
         s.attr(c, 0xaa, Arc::from("k"), "v".into(), now)
             .expect("held");
         assert!(
@@ -623,7 +678,7 @@ mod tests {
                 .expect("held")
                 .is_none()
         );
-        assert_eq!(s.stats().early, 2);
+        assert_eq!(s.stats().early, 3);
         let done = s
             .start(v11(7, trace, 0xaa, 0x00f0_67aa_0ba9_02b7, 200), now)
             .expect("opens")
@@ -636,9 +691,56 @@ mod tests {
             (spans[0].trace_id, spans[0].span_id, spans[0].parent_id),
             (trace, 0xaa, 0x00f0_67aa_0ba9_02b7)
         );
-        assert_eq!(spans[0].attrs, vec![(Arc::from("k"), "v".to_owned())]);
+        assert_eq!(
+            spans[0].attrs,
+            vec![(Arc::from("k"), "v".to_owned())],
+            "a key set twice: the latest value"
+        );
         assert_eq!(span_hex(0xaa), "00000000000000aa");
         assert_eq!(trace_hex(trace), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn an_attribute_drained_after_its_close_joins_the_completed_span() {
+        let now = Instant::now();
+        let mut s = Spans::new(10, Duration::from_secs(60), 2, 1000);
+        let trace = 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736u128;
+        let c = Scope::Connection(3);
+        // Opened (thread A's ring), closed (thread B's ring, drained first: held), and
+        // the open completes it; then A's attribute written before the close.
+        assert!(
+            s.end(c, 0xbb, 1, SpanStatus::OK, 900, now)
+                .expect("held")
+                .is_none()
+        );
+        s.start(v11(3, trace, 0xbb, 0, 100), now)
+            .expect("opens")
+            .expect("and completes");
+        s.attr(c, 0xbb, Arc::from("k"), "late".into(), now)
+            .expect("joins the completed span");
+        s.attr(c, 0xbb, Arc::from("k"), "later".into(), now)
+            .expect("the latest wins");
+        s.attr(c, 0xbb, Arc::from("j"), "1".into(), now)
+            .expect("a second key");
+        assert_eq!(
+            s.attr(c, 0xbb, Arc::from("x"), "2".into(), now).err(),
+            Some(Reason::AttrsFull),
+            "the attribute bound holds for late ones too"
+        );
+        let (spans, _) = s.take_ready(now);
+        assert_eq!(spans.len(), 1);
+        assert_eq!(
+            spans[0].attrs,
+            vec![
+                (Arc::from("k"), "later".to_owned()),
+                (Arc::from("j"), "1".to_owned())
+            ]
+        );
+        assert_eq!(s.stats().early, 0, "nothing left held");
+        // After the export the span is gone: a later attribute waits as an early one.
+        s.attr(c, 0xbb, Arc::from("k"), "gone".into(), now)
+            .expect("held");
+        assert_eq!(s.stats().early, 1);
     }
 
     #[test]

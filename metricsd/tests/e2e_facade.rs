@@ -62,15 +62,26 @@ mod service {
     pub async fn handle_request(request: u64, phases: Arc<Phases>) -> Vec<std::thread::ThreadId> {
         let route = if request % 2 == 0 { "/a" } else { "/b" };
         let token = "s3cr3t";
+        // Every third request arrives with a `traceparent`: its span continues it.
+        let incoming = super::incoming(request);
         let span = info_span!(
             "request",
             id = request,
             route,
             api_token = token,
-            error = tracing::field::Empty
+            error = tracing::field::Empty,
+            outgoing = tracing::field::Empty,
+            traceparent = incoming.as_deref()
         );
         async move {
             let mut threads = vec![std::thread::current().id()];
+            if request % 4 == 1 {
+                // What an outgoing call would carry.
+                let current = tracing::Span::current();
+                if let Some(ctx) = nexus_metrics::TracingLayer::context(&current) {
+                    current.record("outgoing", ctx.traceparent().as_str());
+                }
+            }
             gauge!("svc.inflight").increment(1.0);
             phases.step().await; // phase 1: the query starts
             threads.push(std::thread::current().id());
@@ -101,6 +112,17 @@ mod service {
         counter!("svc.generation").absolute(5);
         counter!("svc.generation").absolute(9);
     }
+}
+
+/// The `traceparent` an incoming request carries (every third one has one).
+fn incoming(request: u64) -> Option<String> {
+    (request % 3 == 2).then(|| {
+        format!(
+            "00-{:032x}-{:016x}-01",
+            0xfeed_0000 + request,
+            0xbeef_0000 + request
+        )
+    })
 }
 
 static CLOCK: nexus_metrics::ManualClock = nexus_metrics::ManualClock::new(PHASES[0]);
@@ -165,11 +187,7 @@ fn child_facade_service() {
     let s = nexus_metrics::stats();
     child::report(
         "done",
-        &[
-            ("moved", &moved),
-            ("dropped", &s.dropped_total()),
-            ("split", &nexus_metrics::TracingLayer::split_trees()),
-        ],
+        &[("moved", &moved), ("dropped", &s.dropped_total())],
     );
 }
 
@@ -196,7 +214,6 @@ fn facade_service_on_tokio_reads_back_exactly_from_logd() {
     let done = producer.expect("done");
     producer.finish();
     assert_eq!(done.u64("dropped"), 0, "{done:?}");
-    assert_eq!(done.u64("split"), 0, "{done:?}");
     assert!(
         done.u64("moved") > 0,
         "no request moved between worker threads: {done:?}"
@@ -365,9 +382,33 @@ fn facade_service_on_tokio_reads_back_exactly_from_logd() {
         .collect();
     assert_eq!(requests.len() as u64, REQUESTS, "one span per request");
     let mut seen = BTreeMap::new();
+    let mut traces = std::collections::HashSet::new();
     for r in &requests {
         let request: u64 = num(r, "attr.id");
-        assert_eq!(r.record.get("parent_id"), None, "a root: {r:?}");
+        match incoming(request) {
+            // The incoming trace continued: its span is the parent.
+            Some(_) => {
+                assert_eq!(
+                    r.record.get("trace_id"),
+                    Some(&*format!("{:032x}", 0xfeed_0000 + request)),
+                    "{r:?}"
+                );
+                assert_eq!(
+                    r.record.get("parent_id"),
+                    Some(&*format!("{:016x}", 0xbeef_0000 + request)),
+                    "{r:?}"
+                );
+            }
+            None => assert_eq!(r.record.get("parent_id"), None, "a root: {r:?}"),
+        }
+        if request % 4 == 1 {
+            let want = format!(
+                "00-{}-{}-01",
+                r.record.get("trace_id").expect("trace_id"),
+                r.record.get("span_id").expect("span_id")
+            );
+            assert_eq!(r.record.get("attr.outgoing"), Some(&*want), "{r:?}");
+        }
         assert_eq!(num(r, "start_ns"), PHASES[0]);
         assert_eq!(num(r, "duration_ns"), PHASES[3] - PHASES[0], "{r:?}");
         let route = if request % 2 == 0 { "/a" } else { "/b" };
@@ -379,7 +420,10 @@ fn facade_service_on_tokio_reads_back_exactly_from_logd() {
         );
         let status = if request % 5 == 0 { "error" } else { "unset" };
         assert_eq!(r.record.get("status"), Some(status), "{r:?}");
-        assert_eq!(r.record.get("trace_id"), r.record.get("span_id"));
+        assert!(
+            traces.insert(r.record.get("trace_id").expect("trace_id").to_owned()),
+            "one trace per request: {r:?}"
+        );
         seen.insert(
             request,
             r.record.get("span_id").expect("span_id").to_owned(),

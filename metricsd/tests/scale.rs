@@ -12,8 +12,11 @@ use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use e2e_support::{Producer, Serving, child, query, rss_kb, start_logd, wait_for, watchdog};
+use e2e_support::{
+    Control, Producer, Ring, Serving, child, query, rss_kb, start_logd, wait_for, watchdog,
+};
 use nexus_metrics::{Config, DropReason, counter, histogram};
+use telemetry_abi::{Record, RegisterKind};
 
 const PROCESSES: u64 = 100;
 const THREADS: u64 = 10;
@@ -25,6 +28,11 @@ const RING: u32 = 1024;
 /// reader, key table and registration buffer, the grant server's entry): the bound the
 /// README states.
 const PER_RING_OVERHEAD_KB: u64 = 64;
+/// What metricsd may hold per counter series (its slot, index entries, labels, the
+/// copies the export and scrape snapshots keep): the bound the README states.
+const PER_COUNTER_SERIES_BYTES: u64 = 4096;
+/// The same per histogram series with all 160 buckets of one side in use.
+const PER_HISTOGRAM_SERIES_BYTES: u64 = 8192;
 
 /// The latest value of each series of `metric` in logd, by series without its service.
 fn latest(logd: &Path, metric: &str, field: &str) -> HashMap<String, u64> {
@@ -154,6 +162,114 @@ fn scale_1000_rings_every_total_exact() {
     for p in &mut producers {
         p.finish();
     }
+}
+
+/// The latest value of metricsd's own gauge or counter `name` in logd.
+fn health_last(logd: &Path, name: &str) -> u64 {
+    query(
+        logd,
+        &logd::Query::new()
+            .field("producer_service", "metricsd")
+            .field("metric", name),
+    )
+    .last()
+    .and_then(|r| r.record.get("value")?.parse().ok())
+    .unwrap_or(0)
+}
+
+/// How many bytes the real metricsd's RSS grows by per series when `series` series are
+/// registered on fresh rings (`KEYS_PER_RING` keys each), each fed `samples(key)`, and
+/// the records are drained: measured from a fresh daemon whose rings are granted.
+fn bytes_per_series(
+    series: u32,
+    what: RegisterKind,
+    samples: impl Fn(u32) -> Vec<Record>,
+) -> (u64, String) {
+    const KEYS_PER_RING: u32 = 2000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logd_path = dir.path().join("logd.sock");
+    let _logd = start_logd(&logd_path);
+    let daemon = Serving::start(
+        dir.path(),
+        "[rings]\ncapacity = 4096\n\n\
+         [series]\nmax_total = 20000\nmax_per_service = 20000\nmax_per_metric = 20000\n\n\
+         [export]\ninterval_ms = 250\nqueue_records = 100000\n",
+    );
+    let pid = daemon.pid();
+    let control = Control::connect(&dir.path().join("metricsd.sock"));
+    let mut rings: Vec<Ring> = (0..series.div_ceil(KEYS_PER_RING))
+        .map(|_| control.ring(0))
+        .collect();
+    // Every ring granted and an export or two done: what grows from here is series.
+    std::thread::sleep(Duration::from_millis(600));
+    let before = rss_kb(pid);
+    let mut records = 0;
+    for (i, ring) in rings.iter_mut().enumerate() {
+        let first = 1 + i as u32 * KEYS_PER_RING;
+        let keys = KEYS_PER_RING.min(series - i as u32 * KEYS_PER_RING);
+        for key in first..first + keys {
+            let id = format!("{key:06}");
+            ring.register_wait(
+                key,
+                what,
+                "mem.series",
+                &[("id", &id), ("zone", "eu-west-1")],
+            );
+            for r in samples(key) {
+                ring.push_wait(r);
+                records += 1;
+            }
+        }
+    }
+    wait_for("every series created and every sample drained", || {
+        let created = health_last(&logd_path, "metricsd.series");
+        let drained = health_last(&logd_path, "metricsd.records.drained");
+        (created >= u64::from(series) && drained >= records).then_some(())
+    });
+    // Two more exports: their buffers are part of what a series costs.
+    std::thread::sleep(Duration::from_millis(600));
+    let after = rss_kb(pid);
+    let per_series = after.saturating_sub(before) * 1024 / u64::from(series);
+    (
+        per_series,
+        format!(
+            "RSS {before} kB with {} rings, {after} kB with {series} series",
+            rings.len()
+        ),
+    )
+}
+
+/// Memory per series, checked against the stated bounds: the real metricsd's RSS grows
+/// by at most [`PER_COUNTER_SERIES_BYTES`] for each of 8000 counter series (two labels)
+/// and by at most [`PER_HISTOGRAM_SERIES_BYTES`] for each of 2000 exponential histogram
+/// series whose 160 positive buckets are all in use, each kind in a fresh daemon.
+#[test]
+fn scale_memory_per_series_within_the_stated_bounds() {
+    let _dog = watchdog("the memory-per-series test", Duration::from_secs(240));
+    let (per_counter, counters) = bytes_per_series(8000, RegisterKind::COUNTER, |key| {
+        vec![Record::counter(key, 1)]
+    });
+    // 160 values a factor 1.09 apart: at scale 3 (8 buckets per power of two, a factor
+    // 1.0905 each) they take 160 neighbouring buckets, the most a side holds.
+    let values: Vec<u64> = (0..160)
+        .map(|i| (1000.0 * 1.09f64.powi(i)) as u64)
+        .collect();
+    let (per_histogram, histograms) = bytes_per_series(2000, RegisterKind::HISTOGRAM, |key| {
+        values.iter().map(|&v| Record::histogram(key, v)).collect()
+    });
+    println!(
+        "metricsd, counters: {counters}: {per_counter} bytes per series (bound \
+         {PER_COUNTER_SERIES_BYTES}); histograms of 160 buckets: {histograms}: \
+         {per_histogram} bytes per series (bound {PER_HISTOGRAM_SERIES_BYTES})"
+    );
+    assert!(
+        per_counter <= PER_COUNTER_SERIES_BYTES,
+        "{per_counter} bytes per counter series; the bound is {PER_COUNTER_SERIES_BYTES}"
+    );
+    assert!(
+        per_histogram <= PER_HISTOGRAM_SERIES_BYTES,
+        "{per_histogram} bytes per histogram series; the bound is {PER_HISTOGRAM_SERIES_BYTES}"
+    );
 }
 
 /// Child: ten threads, each its own ring, counter `scale.ops{proc, thread}` and the

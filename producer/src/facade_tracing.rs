@@ -8,12 +8,15 @@
 //! from creation to close. Its parent is the one the registry gives it (explicit, or
 //! the span current when it was created).
 //!
-//! A finished span waits in its parent, and a tree is written whole into the ring of
-//! the thread that closes its root ([`local::emit_tree`]): every span of a trace in
-//! one ring, with the ring's ids, whatever threads its spans lived on. Bounds: a tree
-//! holds at most [`TracingLayer::MAX_TREE_SPANS`] finished spans; a span whose subtree
-//! would pass that is written at once as a tree of its own (counted by
-//! [`TracingLayer::split_trees`]). Field values become attributes: integers and bools
+//! A span is the span model's own (W3C ids, see [`SpanContext`]): its open record is
+//! written when it is created, in the ring of the creating thread, and its attributes
+//! and close record when it closes, in the ring of the closing thread. Its parent is
+//! the registry's parent span; a span with none continues the trace of a
+//! `traceparent` field if it has one (`info_span!("request", traceparent = %header)`,
+//! a W3C value; a malformed one is ignored), else it hangs under the thread's innermost
+//! open [`Span`](crate::Span), else it starts a trace. [`TracingLayer::context`] gives a
+//! span's context, whose [`traceparent`](SpanContext::traceparent) goes on an outgoing
+//! request. Field values become attributes: integers and bools
 //! as integers, strings (and anything formatted with `Debug` or `Display`, cut to 96
 //! bytes) as interned strings, at most [`TracingLayer::MAX_STRING_VALUES`] distinct
 //! ones for the process; at most [`MAX_SPAN_ATTRS`] per span. A field named `error`
@@ -23,7 +26,7 @@
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use telemetry_abi::{RegisterKind, SpanStatus};
 use tracing_core::field::{Field, Visit};
@@ -36,10 +39,11 @@ use crate::facade_names::{clean_label_key, clean_name, cut};
 use crate::global::global;
 use crate::handles::{Counter, Handle};
 use crate::key::Key;
-use crate::local::{self, FinishedSpan};
+use crate::local::{self, NO_SPAN, Parent, Started};
 use crate::recorder::AttrValue;
 use crate::span::MAX_SPAN_ATTRS;
 use crate::stats::DropReason;
+use crate::trace::SpanContext;
 
 /// The `tracing` backend: add it to a `tracing_subscriber::Registry`.
 ///
@@ -59,12 +63,8 @@ pub struct TracingLayer {
 
 /// Distinct string values the layer interned.
 static STRINGS: AtomicU32 = AtomicU32::new(0);
-/// Subtrees written apart from their root because the tree was full.
-static SPLIT: AtomicU64 = AtomicU64::new(0);
 
 impl TracingLayer {
-    /// Finished spans one tree holds until its root closes.
-    pub const MAX_TREE_SPANS: usize = 256;
     /// Distinct string attribute values the layer interns for the process; further
     /// ones are dropped and counted ([`DropReason::KeyLimit`]).
     pub const MAX_STRING_VALUES: u32 = 1024;
@@ -74,10 +74,19 @@ impl TracingLayer {
         Self { _private: () }
     }
 
-    /// Subtrees written as trees of their own because their tree was full.
-    pub fn split_trees() -> u64 {
-        // ORDERING: Relaxed: a counter.
-        SPLIT.load(Ordering::Relaxed)
+    /// The trace context of `span`: its W3C ids, to continue its trace elsewhere
+    /// (`TracingLayer::context(&span).map(|c| c.traceparent())` is the header value for
+    /// an outgoing request). `None` for a disabled span, one this layer dropped, or a
+    /// subscriber not built on `tracing_subscriber`'s `Registry`.
+    pub fn context(span: &tracing::Span) -> Option<SpanContext> {
+        span.with_subscriber(|(id, dispatch)| {
+            let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+            let data = registry.span(id)?;
+            let extensions = data.extensions();
+            let ctx = extensions.get::<SpanData>()?.started.ctx;
+            (ctx.span_id != 0).then_some(ctx)
+        })
+        .flatten()
     }
 }
 
@@ -266,18 +275,47 @@ fn string_key(s: &str) -> Result<u32, DropReason> {
     Ok(key)
 }
 
+/// What a span's fields gave: its attributes, its status and a `traceparent`.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    status: SpanStatus,
+    /// Attributes: (attribute key, value).
+    attrs: [(u32, AttrValue); MAX_SPAN_ATTRS],
+    attr_count: u8,
+    /// The remote parent a `traceparent` field named.
+    traceparent: Option<SpanContext>,
+}
+
+impl Pending {
+    const fn new() -> Self {
+        Self {
+            status: SpanStatus::UNSET,
+            attrs: [(0, AttrValue::U64(0)); MAX_SPAN_ATTRS],
+            attr_count: 0,
+            traceparent: None,
+        }
+    }
+}
+
 /// A span's state while it is open, kept in the registry's extensions.
+///
+/// Its attributes wait here and are written just before its close record, in the same
+/// ring: metricsd may read a close written on another thread before the open (and
+/// holds it until the open comes), and attributes that travel with the close are
+/// never read after it.
+#[derive(Clone, Copy, Debug)]
 struct SpanData {
-    span: FinishedSpan,
-    /// Its finished descendants, each after its parent (parent indices into this list,
-    /// `u32::MAX` for this span).
-    tree: Vec<FinishedSpan>,
+    /// The span name's key.
+    name: u32,
+    /// Its open record's context (span id 0: dropped, counted then).
+    started: Started,
+    fields: Pending,
 }
 
 /// Records a span's fields as attributes.
 struct Fields<'a> {
     keys: &'a CallsiteKeys,
-    span: &'a mut FinishedSpan,
+    span: &'a mut Pending,
 }
 
 impl Fields<'_> {
@@ -316,6 +354,11 @@ impl Fields<'_> {
     }
 
     fn push_str(&mut self, field: &Field, s: &str) {
+        if field.name() == "traceparent" {
+            // The trace context an incoming request carried, not an attribute.
+            self.span.traceparent = SpanContext::from_traceparent(s).ok();
+            return;
+        }
         let s = cut(s, telemetry_abi::MAX_NAME_LEN);
         let value = if s.is_empty() {
             Err(DropReason::Invalid)
@@ -386,19 +429,6 @@ impl Visit for Fields<'_> {
     }
 }
 
-/// A span's finished record to be, as it starts.
-fn start(keys: &CallsiteKeys) -> FinishedSpan {
-    FinishedSpan {
-        name: keys.name,
-        parent: u32::MAX,
-        start_ns: global().now_ns(),
-        end_ns: 0,
-        status: SpanStatus::UNSET,
-        attrs: [(0, AttrValue::U64(0)); MAX_SPAN_ATTRS],
-        attr_count: 0,
-    }
-}
-
 impl<S> Layer<S> for TracingLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
@@ -408,15 +438,34 @@ where
             return;
         };
         let keys = span_keys(attrs.metadata());
-        let mut data = SpanData {
-            span: start(&keys),
-            tree: Vec::new(),
-        };
+        let mut fields = Pending::new();
         attrs.record(&mut Fields {
             keys: &keys,
-            span: &mut data.span,
+            span: &mut fields,
         });
-        span.extensions_mut().insert(data);
+        let started = if keys.name == 0 {
+            // A refused name: counted, its children start traces of their own.
+            local::count_noop(DropReason::Invalid);
+            Started::NONE
+        } else {
+            let parent = span
+                .parent()
+                .and_then(|p| p.extensions().get::<SpanData>().map(|d| d.started.ctx))
+                .filter(|c| c.span_id != 0);
+            let parent = match (fields.traceparent, parent) {
+                (Some(remote), _) => Parent::Of(remote),
+                (None, Some(local)) => Parent::Of(local),
+                // `parent: None` asked for a new trace.
+                (None, None) if attrs.is_root() => Parent::Of(NO_SPAN),
+                (None, None) => Parent::Current,
+            };
+            local::span_open_detached(keys.name, parent)
+        };
+        span.extensions_mut().insert(SpanData {
+            name: keys.name,
+            started,
+            fields,
+        });
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
@@ -428,7 +477,7 @@ where
         if let Some(data) = extensions.get_mut::<SpanData>() {
             values.record(&mut Fields {
                 keys: &keys,
-                span: &mut data.span,
+                span: &mut data.fields,
             });
         }
     }
@@ -442,75 +491,25 @@ where
         let Some(span) = ctx.span(&id) else {
             return;
         };
-        let Some(mut data) = span.extensions_mut().remove::<SpanData>() else {
-            return;
-        };
-        data.span.end_ns = global().now_ns();
-        if data.span.name == 0 {
-            // A refused name: its subtree has no span to hang from.
-            return local::count_noop(DropReason::Invalid);
-        }
-        if let Some(parent) = span.parent() {
-            let mut extensions = parent.extensions_mut();
-            if let Some(parent) = extensions.get_mut::<SpanData>() {
-                if parent.tree.len() + 1 + data.tree.len() <= TracingLayer::MAX_TREE_SPANS {
-                    adopt(&mut parent.tree, data);
-                    return;
-                }
-                // ORDERING: Relaxed: a counter.
-                SPLIT.fetch_add(1, Ordering::Relaxed);
+        let mut extensions = span.extensions_mut();
+        // Read in place: the state is not copied out of its box.
+        if let Some(data) = extensions.get_mut::<SpanData>() {
+            if data.started.ctx.span_id != 0 {
+                let fields = &data.fields;
+                local::span_notes(
+                    data.started,
+                    &fields.attrs[..usize::from(fields.attr_count)],
+                );
+                local::span_end(data.name, data.started, fields.status);
             }
         }
-        local::emit_tree(&data.span, &data.tree);
+        // The registry clears a closed span's extensions when it reuses the slot.
     }
-}
-
-/// Appends the finished `child` and its tree to `tree`, keeping each span after its
-/// parent.
-fn adopt(tree: &mut Vec<FinishedSpan>, mut child: SpanData) {
-    child.span.parent = u32::MAX;
-    tree.push(child.span);
-    let at = (tree.len() - 1) as u32;
-    let base = tree.len() as u32;
-    tree.extend(child.tree.into_iter().map(|mut s| {
-        s.parent = match s.parent {
-            u32::MAX => at,
-            p => p + base,
-        };
-        s
-    }));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn span(name: u32, parent: u32) -> FinishedSpan {
-        FinishedSpan {
-            name,
-            parent,
-            start_ns: 0,
-            end_ns: 0,
-            status: SpanStatus::UNSET,
-            attrs: [(0, AttrValue::U64(0)); MAX_SPAN_ATTRS],
-            attr_count: 0,
-        }
-    }
-
-    #[test]
-    fn adopted_trees_keep_parents_before_children() {
-        // child (2) with its own child (3) closes into root's tree, which already
-        // holds a leaf (1).
-        let mut root_tree = vec![span(1, u32::MAX)];
-        let child = SpanData {
-            span: span(2, 7),
-            tree: vec![span(3, u32::MAX), span(4, 0)],
-        };
-        adopt(&mut root_tree, child);
-        let shape: Vec<(u32, u32)> = root_tree.iter().map(|s| (s.name, s.parent)).collect();
-        // 1 under the root; 2 under the root; 3 under 2 (index 1); 4 under 3 (index 2).
-        assert_eq!(shape, [(1, u32::MAX), (2, u32::MAX), (3, 1), (4, 2)]);
-    }
 
     #[test]
     fn text_is_cut_at_a_character_boundary() {

@@ -25,7 +25,7 @@ use crate::trace::{SpanContext, next_ids};
 type GlobalRecorder = Recorder<MemfdRegion, Box<[u64]>, GlobalRegistry>;
 
 /// No span: the thread's innermost open span when it has none.
-const NO_SPAN: SpanContext = SpanContext {
+pub(crate) const NO_SPAN: SpanContext = SpanContext {
     trace_id: 0,
     span_id: 0,
     flags: 0,
@@ -281,8 +281,8 @@ impl Op for DeclareOp {
 /// from the consumer's core and x86 commits stores in order, so any store a record adds
 /// waits behind the ring's. The rest is [`record_slow`], which takes the borrow again.
 /// With the cold path called from inside the borrow instead, a loop recording four
-/// handles in turn cost two to three times as much a record (`benches/README.md`,
-/// "Runs 11 to 13").
+/// handles in turn cost two to three times as much a record (`benches/README.md` as of
+/// commit a8cb4ac, "Runs 11 to 13").
 ///
 /// `try_with`, not `with`: `with` is a separate generic function around `try_with`
 /// that a build without LTO did not inline into the caller's loop, so every record
@@ -390,43 +390,31 @@ pub(crate) enum Parent {
 /// Opens span `name` under `parent`.
 pub(crate) fn span_start(name: u32, parent: Parent) -> Started {
     let now = global().now_ns();
-    with_local(|local| local.span_start(name, parent, now)).unwrap_or(Started::NONE)
+    with_local(|local| local.span_start(name, parent, now, true)).unwrap_or(Started::NONE)
+}
+
+/// Opens span `name` under `parent` without making it the thread's implicit parent:
+/// a `tracing` span's children are the ones its registry names.
+#[cfg(feature = "tracing")]
+pub(crate) fn span_open_detached(name: u32, parent: Parent) -> Started {
+    let now = global().now_ns();
+    with_local(|local| local.span_start(name, parent, now, false)).unwrap_or(Started::NONE)
+}
+
+/// Writes the attributes `attrs` (interned keys and values) of a started span, in the
+/// calling thread's ring (any ring of the connection the span was opened on).
+#[cfg(feature = "tracing")]
+pub(crate) fn span_notes(started: Started, attrs: &[(u32, AttrValue)]) {
+    if started.ctx.span_id == 0 || attrs.is_empty() {
+        return;
+    }
+    with_local(|local| local.span_notes(started, attrs));
 }
 
 /// Closes a started span (on any thread).
 pub(crate) fn span_end(name: u32, started: Started, status: SpanStatus) {
     let now = global().now_ns();
     with_local(|local| local.span_end(name, started, status, now));
-}
-
-/// A finished span of a tree written whole ([`emit_tree`]): its keys are interned, its
-/// times taken.
-#[cfg(feature = "tracing")]
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct FinishedSpan {
-    /// The span name's key.
-    pub(crate) name: u32,
-    /// Index of the parent in the tree's list (`rest` of [`emit_tree`]), or `u32::MAX`
-    /// for the tree's root.
-    pub(crate) parent: u32,
-    pub(crate) start_ns: u64,
-    pub(crate) end_ns: u64,
-    pub(crate) status: SpanStatus,
-    /// Attributes: (attribute key, value).
-    pub(crate) attrs: [(u32, AttrValue); crate::span::MAX_SPAN_ATTRS],
-    pub(crate) attr_count: u8,
-}
-
-/// Writes a finished tree of spans into the calling thread's ring: `root`, then
-/// `rest` (each after its parent), every start first, then the attributes, then every
-/// end (children before parents), so each span's parent is open in the ring when the
-/// span starts. Ids are the ring's own sequence; what does not fit is counted.
-///
-/// This is the one place the tracing layer makes spans: a span model whose start and
-/// end may be written in different rings replaces it.
-#[cfg(feature = "tracing")]
-pub(crate) fn emit_tree(root: &FinishedSpan, rest: &[FinishedSpan]) {
-    with_local(|local| local.emit_tree(root, rest));
 }
 
 /// A span attribute value before interning.
@@ -519,6 +507,25 @@ impl Local {
     /// backoff allows. Every slow path comes through here, so this is also where a
     /// retired ring is looked at again.
     fn ring(&mut self) -> Result<&mut Ring, DropReason> {
+        // The common case, a current ring with nothing to look after, skips the checks
+        // below, each of which would find nothing to do.
+        let current = !self.exited
+            && self.retired.is_none()
+            && self.forks == forks()
+            && matches!(&self.slot, Slot::Ready(ring) if ring.generation == generation());
+        if !current {
+            self.ring_slow()?;
+        }
+        match &mut self.slot {
+            Slot::Ready(ring) => Ok(ring),
+            _ => Err(DropReason::NoMetricsd),
+        }
+    }
+
+    /// [`ring`](Self::ring) when the thread has no current ring, a retired one to
+    /// account for, or is a forked child: makes the slot ready or says why not.
+    #[cold]
+    fn ring_slow(&mut self) -> Result<(), DropReason> {
         if self.exited {
             return Err(DropReason::Unavailable);
         }
@@ -549,10 +556,7 @@ impl Local {
         if !matches!(self.slot, Slot::Ready(_)) {
             self.claim(backoff_ns)?;
         }
-        match &mut self.slot {
-            Slot::Ready(ring) => Ok(ring),
-            _ => Err(DropReason::NoMetricsd),
-        }
+        Ok(())
     }
 
     /// In a child process after `fork()`, the thread's first slow path finds state made
@@ -740,7 +744,7 @@ impl Local {
         }
     }
 
-    fn span_start(&mut self, name: u32, parent: Parent, now: u64) -> Started {
+    fn span_start(&mut self, name: u32, parent: Parent, now: u64, implicit: bool) -> Started {
         let current = match self.depth {
             0 => NO_SPAN,
             d => self.open[d - 1],
@@ -780,7 +784,7 @@ impl Local {
         };
         match result {
             Ok(()) => {
-                if self.depth < MAX_NESTED {
+                if implicit && self.depth < MAX_NESTED {
                     self.open[self.depth] = ctx;
                     self.depth += 1;
                 }
@@ -858,74 +862,34 @@ impl Local {
     }
 
     #[cfg(feature = "tracing")]
-    fn emit_tree(&mut self, root: &FinishedSpan, rest: &[FinishedSpan]) {
-        let n = 1 + rest.len();
+    fn span_notes(&mut self, started: Started, attrs: &[(u32, AttrValue)]) {
         let ring = match self.ring() {
-            Ok(ring) => ring,
-            Err(reason) => return self.count(Event::Dropped(reason), n as u64),
+            Ok(ring) if ring.generation == started.generation => ring,
+            // The connection it was opened on is gone (metricsd restarted).
+            Ok(_) => {
+                return self.count(Event::Dropped(DropReason::NoMetricsd), attrs.len() as u64);
+            }
+            Err(reason) => return self.count(Event::Dropped(reason), attrs.len() as u64),
         };
-        // Ids by position (0: the root, k + 1: `rest[k]`); on the stack for small trees.
-        let mut small = [None; 32];
-        let mut big = Vec::new();
-        let ids: &mut [Option<SpanId>] = if n <= small.len() {
-            &mut small[..n]
-        } else {
-            big.resize(n, None);
-            &mut big
+        let Some(id) = SpanId::new(started.ctx.span_id) else {
+            return;
         };
         let (mut full, mut unknown) = (0u64, 0u64);
-        let mut fail = |e: Dropped| match e {
-            Dropped::RingFull => full += 1,
-            Dropped::UnknownKey => unknown += 1,
-        };
-        let span_at = |i: usize| if i == 0 { root } else { &rest[i - 1] };
-        for i in 0..n {
-            let span = span_at(i);
-            // The root has no parent here; in `rest`, `u32::MAX` is the root.
-            let parent = match (i, span.parent) {
-                (0, _) => None,
-                (_, p) => match ids.get(p.wrapping_add(1) as usize).copied().flatten() {
-                    Some(id) => Some(id),
-                    None => {
-                        // The parent was dropped: this span would claim to be a root.
-                        fail(Dropped::RingFull);
-                        continue;
-                    }
-                },
+        for (attr, value) in attrs {
+            let result = match Key::new(*attr) {
+                Some(attr) => ring.recorder.span_note(id, attr, *value),
+                None => Err(Dropped::UnknownKey),
             };
-            match Key::new(span.name) {
-                Some(name) => match ring.recorder.span_start(name, parent, span.start_ns) {
-                    Ok(id) => ids[i] = Some(id),
-                    Err(e) => fail(e),
-                },
-                None => fail(Dropped::UnknownKey),
-            }
-        }
-        for (i, id) in ids.iter().enumerate() {
-            let (Some(id), span) = (id, span_at(i)) else {
-                continue;
-            };
-            for (attr, value) in &span.attrs[..usize::from(span.attr_count)] {
-                let result = match Key::new(*attr) {
-                    Some(attr) => ring.recorder.span_attr(*id, attr, *value),
-                    None => Err(Dropped::UnknownKey),
-                };
-                if let Err(e) = result {
-                    fail(e);
-                }
-            }
-        }
-        for (i, id) in ids.iter().enumerate().rev() {
-            let span = span_at(i);
-            let (Some(id), Some(name)) = (id, Key::new(span.name)) else {
-                continue;
-            };
-            if let Err(e) = ring.recorder.span_end(name, *id, span.end_ns, span.status) {
-                fail(e);
+            match result {
+                Ok(()) => {}
+                Err(Dropped::RingFull) => full += 1,
+                Err(Dropped::UnknownKey) => unknown += 1,
             }
         }
         if full > 0 {
-            self.count(Event::Dropped(DropReason::RingFull), full);
+            // Once through `settle`, which also notices a ring metricsd let go.
+            self.settle(Err(Dropped::RingFull));
+            self.count(Event::Dropped(DropReason::RingFull), full - 1);
         }
         if unknown > 0 {
             self.count(Event::Dropped(DropReason::Invalid), unknown);

@@ -221,10 +221,10 @@ where
         self.sample_raw(Record::span_end(name.get(), span.get(), end_ns, status))
     }
 
-    /// Sets attribute `attr` of the open span `span` to `value`. A string value's key
-    /// is registered in the ring first, like `attr`'s.
-    pub fn span_attr(&mut self, span: SpanId, attr: Key, value: AttrValue) -> Result<(), Dropped> {
-        let (value_type, raw) = match value {
+    /// An attribute value's wire type and word; a string value's key is registered in
+    /// the ring first.
+    fn attr_wire(&mut self, value: AttrValue) -> Result<(AttrValueType, u64), Dropped> {
+        Ok(match value {
             AttrValue::U64(v) => (AttrValueType::U64, v),
             AttrValue::I64(v) => (AttrValueType::I64, v as u64),
             AttrValue::Str(k) => {
@@ -233,7 +233,13 @@ where
                 }
                 (AttrValueType::STRING, u64::from(k.get()))
             }
-        };
+        })
+    }
+
+    /// Sets attribute `attr` of the open span `span` to `value`. A string value's key
+    /// is registered in the ring first, like `attr`'s.
+    pub fn span_attr(&mut self, span: SpanId, attr: Key, value: AttrValue) -> Result<(), Dropped> {
+        let (value_type, raw) = self.attr_wire(value)?;
         self.sample_raw(Record::span_attr(attr.get(), span.get(), value_type, raw))
     }
 
@@ -287,16 +293,7 @@ where
         attr: Key,
         value: AttrValue,
     ) -> Result<(), Dropped> {
-        let (value_type, raw) = match value {
-            AttrValue::U64(v) => (AttrValueType::U64, v),
-            AttrValue::I64(v) => (AttrValueType::I64, v as u64),
-            AttrValue::Str(k) => {
-                if !self.table.is_registered(k.get()) {
-                    self.register_cold(k.get())?;
-                }
-                (AttrValueType::STRING, u64::from(k.get()))
-            }
-        };
+        let (value_type, raw) = self.attr_wire(value)?;
         self.sample_raw(Record::span_note(
             attr.get(),
             span_id.get(),

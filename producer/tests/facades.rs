@@ -1,6 +1,7 @@
 //! The facades' backends against the in-test grant server, record by record: the
 //! `metrics` recorder's names, no-ops and `absolute`, metadata sent once per ring, and
-//! the `tracing` layer's trees, split when they outgrow their bound.
+//! the `tracing` layer's spans: parents, trace ids, a span closed on another thread,
+//! `traceparent` in and out.
 //!
 //! One test, so nothing else in this process installs a recorder or a subscriber.
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use common::{Server, sum, watchdog};
 use nexus_metrics::{Config, DropReason, RegisterKind, TracingLayer};
-use telemetry_abi::{RecordKind, SpanEnd, SpanStart};
+use telemetry_abi::{RecordKind, SpanEnd, SpanStart, SpanTrace};
 use tracing_subscriber::layer::SubscriberExt;
 
 #[test]
@@ -47,9 +48,11 @@ fn metrics_and_tracing_through_the_facades_record_by_record() {
         "a label value over 64 bytes: one counted drop"
     );
 
-    // tracing: a root with more children than a tree holds.
-    let children = TracingLayer::MAX_TREE_SPANS + 44;
-    {
+    // tracing: a root with children; one child closes on another thread; a span
+    // continues an incoming `traceparent`.
+    let children = 300;
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (root_ctx, remote_ctx) = {
         let secret = "s3cr3t";
         let root = tracing::info_span!("f.root", job = 7u64, route = "/a", api_token = secret);
         let _in_root = root.enter();
@@ -57,8 +60,24 @@ fn metrics_and_tracing_through_the_facades_record_by_record() {
             let child = tracing::info_span!("f.child", i = i as u64);
             let _in_child = child.enter();
         }
-    }
-    assert_eq!(TracingLayer::split_trees(), 44, "each child past the bound");
+        let moved = tracing::info_span!("f.moved");
+        std::thread::spawn(move || drop(moved))
+            .join()
+            .expect("the closing thread");
+        let remote = tracing::info_span!(parent: None, "f.remote", traceparent = incoming);
+        let root_ctx = TracingLayer::context(&root).expect("the root's context");
+        (root_ctx, TracingLayer::context(&remote).expect("a context"))
+    };
+    assert_eq!(
+        (remote_ctx.trace_id, remote_ctx.flags),
+        (0x4bf92f3577b34da6a3ce929d0e0e4736, 1),
+        "the incoming trace continued"
+    );
+    assert_eq!(
+        TracingLayer::context(&tracing::Span::none()),
+        None,
+        "a disabled span has none"
+    );
     assert!(nexus_metrics::flush());
     server.drain();
 
@@ -99,7 +118,7 @@ fn metrics_and_tracing_through_the_facades_record_by_record() {
             .events
             .iter()
             .filter_map(|e| match e {
-                common::Event::Record(r) if r.kind == RecordKind::SPAN_ATTR => {
+                common::Event::Record(r) if r.kind == RecordKind::SPAN_NOTE => {
                     ring.keys.get(&r.key).map(|reg| reg.name.clone())
                 }
                 _ => None,
@@ -108,46 +127,80 @@ fn metrics_and_tracing_through_the_facades_record_by_record() {
         for want in ["job", "route", "api_token"] {
             assert!(attrs.iter().any(|a| a == want), "{want} in {attrs:?}");
         }
+        assert_eq!(
+            attrs.iter().filter(|a| *a == "i").count(),
+            children,
+            "each child's attribute"
+        );
     });
 
-    // Every span started once and ended once; the root's tree holds the first children,
-    // the rest are trees of their own.
+    // Every span opened once (its trace record just before) and closed once, in
+    // whichever ring its thread had; children under the root, in its trace.
     server.with_rings(|rings| {
-        let mut starts = Vec::new();
-        let mut ends = Vec::new();
+        let mut opens = Vec::new();
+        let mut closes = Vec::new();
         for ring in rings {
-            let root_key = ring.key_of(RegisterKind::SPAN, "f.root");
-            let child_key = ring.key_of(RegisterKind::SPAN, "f.child");
+            let name_of = |key| {
+                ring.keys
+                    .get(&key)
+                    .map_or_else(String::new, |r| r.name.clone())
+            };
+            let mut trace: Option<SpanTrace> = None;
             for e in &ring.events {
                 let common::Event::Record(r) = e else {
                     continue;
                 };
                 match r.kind {
-                    RecordKind::SPAN_START => {
-                        let s: SpanStart = r.view();
-                        starts.push((Some(s.name) == root_key, Some(s.name) == child_key, s));
+                    RecordKind::SPAN_TRACE => trace = Some(r.view()),
+                    RecordKind::SPAN_OPEN => {
+                        let o: SpanStart = r.view();
+                        let t = trace.take().expect("a trace record before each open");
+                        assert_eq!(t.span_id, o.span_id);
+                        opens.push((name_of(o.name), t.trace_id(), o));
                     }
-                    RecordKind::SPAN_END => ends.push(r.view::<SpanEnd>()),
+                    RecordKind::SPAN_CLOSE => {
+                        let c: SpanEnd = r.view();
+                        closes.push((name_of(c.name), c));
+                    }
                     _ => {}
                 }
             }
         }
-        assert_eq!(starts.len(), children + 1);
-        assert_eq!(ends.len(), children + 1);
-        let root = starts
+        assert_eq!(opens.len(), children + 3, "root, children, moved, remote");
+        assert_eq!(closes.len(), children + 3);
+        let mut ids: Vec<u64> = opens.iter().map(|(_, _, o)| o.span_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), opens.len(), "distinct span ids");
+        for (_, c) in &closes {
+            assert!(
+                ids.binary_search(&c.span_id).is_ok(),
+                "closes an opened span"
+            );
+        }
+        let (_, root_trace, root) = opens
             .iter()
-            .find(|(is_root, _, _)| *is_root)
-            .map(|(_, _, s)| s.span_id)
+            .find(|(n, _, _)| n == "f.root")
             .expect("the root");
-        let under_root = starts
-            .iter()
-            .filter(|(_, is_child, s)| *is_child && s.parent_id == root)
-            .count();
-        let alone = starts
-            .iter()
-            .filter(|(_, is_child, s)| *is_child && s.parent_id == 0)
-            .count();
-        assert_eq!(under_root, TracingLayer::MAX_TREE_SPANS);
-        assert_eq!(alone, 44);
+        assert_eq!(root.parent_id, 0, "a root");
+        assert_eq!(
+            (root.span_id, *root_trace),
+            (root_ctx.span_id, root_ctx.trace_id),
+            "TracingLayer::context names the root"
+        );
+        for (name, trace, o) in &opens {
+            match name.as_str() {
+                "f.child" | "f.moved" => {
+                    assert_eq!((o.parent_id, *trace), (root.span_id, *root_trace));
+                }
+                "f.remote" => {
+                    assert_eq!(o.parent_id, 0x00f0_67aa_0ba9_02b7, "the remote parent");
+                    assert_eq!(*trace, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+                    assert_eq!(o.span_id, remote_ctx.span_id);
+                }
+                "f.root" => {}
+                other => panic!("an unexpected span {other}"),
+            }
+        }
     });
 }

@@ -80,6 +80,37 @@ fn push_all_is_all_or_nothing_and_publishes_once() {
 }
 
 #[test]
+fn push_with_builds_each_record_in_place_all_or_nothing_with_staged_ones() {
+    let (mut w, mut r) = pair(8);
+    w.stage(Record::counter(1, 100)).expect("room");
+    let mut asked = Vec::new();
+    w.push_with(3, |i| {
+        asked.push(i);
+        Record::counter(1, i)
+    })
+    .expect("fits");
+    assert_eq!(asked, [0, 1, 2], "each record asked for once, in order");
+    assert_eq!(w.staged(), 0, "the staged record went out with the batch");
+    // Four records unread: a batch of five does not fit, and nothing of it is asked for.
+    let mut called = false;
+    let refused = w.push_with(5, |_| {
+        called = true;
+        Record::counter(1, 9)
+    });
+    assert_eq!(refused, Err(Full));
+    assert!(!called);
+    assert_eq!((w.dropped(), w.free()), (5, 4));
+    assert_eq!(drain_values(&mut r, 64), [100, 0, 1, 2]);
+    // Around the end of the slots: positions 4..11 land in slots 4..7 and 0..3.
+    w.push_with(8, |i| Record::counter(1, 10 + i))
+        .expect("the reader released everything");
+    assert_eq!(drain_values(&mut r, 64), (10..18).collect::<Vec<_>>());
+    w.push_with(0, |_| Record::counter(1, 0))
+        .expect("nothing to write");
+    assert_eq!(r.pending(), Ok(0));
+}
+
+#[test]
 fn staged_records_are_invisible_until_flush() {
     let (mut w, mut r) = pair(8);
     w.stage(Record::counter(1, 1)).expect("room");

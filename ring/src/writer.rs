@@ -114,15 +114,40 @@ impl<R: Region> Writer<R> {
     /// or, if they do not all fit, writes none of them, counts them all as dropped and
     /// returns `Err(Full)`. Publication is all or nothing for the slice.
     pub fn push_all(&mut self, records: &[Record]) -> Result<(), Full> {
-        if !self.has_room(records.len() as u64) {
-            self.count_dropped(records.len() as u64);
+        let n = records.len() as u64;
+        if !self.has_room(n) {
+            self.count_dropped(n);
             return Err(Full);
         }
-        for record in records {
-            let roomy = self.roomy();
-            self.write = self.write_next(*record, roomy);
+        self.write_run(n, records.iter().copied());
+        Ok(())
+    }
+
+    /// Writes `n` records, the `i`th being `record(i)`, straight into their slots and
+    /// publishes them (and anything staged) with one store: the batch path with no
+    /// copy through the caller's memory. If they do not all fit, `record` is not
+    /// called, nothing is written, the `n` records are counted as dropped and
+    /// `Err(Full)` returned. Publication is all or nothing for the batch.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use telemetry_abi::Record;
+    /// use telemetry_ring::{HeapRegion, Reader, Writer};
+    ///
+    /// let region = Arc::new(HeapRegion::new(8).expect("8 is a valid capacity"));
+    /// let (mut writer, mut reader) = (Writer::new(region.clone()), Reader::new(region));
+    /// writer.push_with(3, |i| Record::counter(1, 10 + i)).expect("room for three");
+    /// let mut seen = Vec::new();
+    /// reader.drain(8, |r| seen.push(r.words[0])).expect("not quarantined");
+    /// assert_eq!(seen, [10, 11, 12]);
+    /// ```
+    #[inline]
+    pub fn push_with(&mut self, n: u64, mut record: impl FnMut(u64) -> Record) -> Result<(), Full> {
+        if !self.has_room(n) {
+            self.count_dropped(n);
+            return Err(Full);
         }
-        self.flush();
+        self.write_run(n, (0..n).map(&mut record));
         Ok(())
     }
 
@@ -264,6 +289,38 @@ impl<R: Region> Writer<R> {
         self.cached_read = self.region.read_pos().load(Ordering::Acquire);
     }
 
+    /// The batch paths' loop once `has_room(n)` said yes: writes the first `n` of
+    /// `records` (fewer if it yields fewer) from the write position on, then publishes
+    /// them with anything staged by one store. The position is kept in a local and every
+    /// field loaded before the slots' stores, so the loop stores each record and
+    /// nothing else (a position kept in `self` is stored and loaded again around every
+    /// record: the compiler cannot tell that the slots' stores leave it alone). The slot
+    /// [`PREPARE_AHEAD`] records on is hinted to the region while the cached read
+    /// position shows it released, as a single push does.
+    #[inline(always)]
+    fn write_run(&mut self, n: u64, records: impl Iterator<Item = Record>) {
+        let position = self.region.write_pos();
+        let (mask, cached_read, roomy_below) = (self.mask, self.cached_read, self.roomy_below);
+        let mut write = self.write;
+        for record in records.take(n as usize) {
+            if write.wrapping_sub(cached_read) < roomy_below {
+                let ahead = write.wrapping_add(PREPARE_AHEAD);
+                self.region.prepare_write((ahead & mask) as usize);
+            }
+            let slot = (write & mask) as usize;
+            // SAFETY: masked by the private geometry, `slot < capacity`; `has_room(n)`
+            // showed `n` records fit from `self.write`, and at most `n` are written (the
+            // `take`), so this slot is not among those published and unread; we are the
+            // only writer (`&mut self`).
+            unsafe { self.region.write_slot(slot, record) };
+            write = write.wrapping_add(1);
+        }
+        self.write = write;
+        // ORDERING: Release pairs with the reader's Acquire load of the write position:
+        // the slot writes before it happen-before the reader's copies.
+        position.store(write, Ordering::Release);
+    }
+
     /// The pushes' path once `roomy` or `has_room` said yes (`hint`: `roomy` did):
     /// writes `record` and publishes it with anything staged. The write position's
     /// address is taken before the slot's stores and the new position kept in a
@@ -307,5 +364,5 @@ impl<R: Region> Writer<R> {
 /// region on x86-64 that is a `PREFETCHW`. Of the distances measured against each other
 /// (16, 32, 64 and 96 records, and no hint), 32 gave the cheapest push where transfers
 /// between the cores were slow, and cost about 0.3 ns where they were fast; the figures
-/// are in `benches/README.md` ("Run 6").
+/// are in `benches/README.md` as of commit a8cb4ac ("Run 6").
 const PREPARE_AHEAD: u64 = 32;

@@ -157,6 +157,23 @@ impl Ring {
         self.writer.push_all(&out[..n]).expect("room");
     }
 
+    /// [`Ring::register`], waiting for room (the daemon drains meanwhile).
+    pub fn register_wait(
+        &mut self,
+        key: u32,
+        what: RegisterKind,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) {
+        let mut out = [Record::default(); MAX_REGISTER_RECORDS];
+        let n = encode_registration(key, what, name, labels, &mut out).expect("valid registration");
+        let deadline = std::time::Instant::now() + WAIT;
+        while self.writer.push_all(&out[..n]).is_err() {
+            assert!(std::time::Instant::now() < deadline, "ring never drained");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     pub fn push(&mut self, r: Record) {
         self.writer.push(r).expect("room");
     }
