@@ -13,7 +13,8 @@
 #   SANITIZER=address TOOLCHAIN=nightly fuzz/campaign.sh ring_reader
 #
 # BUILD=0 runs the binaries already in target/fuzz without rebuilding them; BIN=<dir>
-# runs those in <dir> instead (a copy, so that a rebuild does not replace them mid-run).
+# runs those in <dir> instead (a copy, so that a rebuild does not replace them mid-run);
+# LOG_DIR=<dir> puts the logs there instead of target/fuzz/campaign/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,7 @@ max_seconds="${MAX_SECONDS:-0}"
 sanitizer="${SANITIZER:-none}"
 toolchain="${TOOLCHAIN:-stable}"
 root="$PWD/target/fuzz"
-dir="$root/campaign"
+dir="${LOG_DIR:-$root/campaign}"
 mkdir -p "$dir"
 
 if [ "${BUILD:-1}" != 0 ]; then

@@ -336,6 +336,22 @@ mod tests {
     }
 
     #[test]
+    fn dropping_a_region_unmaps_it() {
+        // More regions, one after another, than the process may have mappings at once
+        // (`vm.max_map_count`): each must be unmapped when dropped, or `mmap` fails.
+        let max: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(65_530);
+        // A machine that allows millions of mappings would make this slow: cap it.
+        for i in 0..max.min(1 << 20) + 1_000 {
+            let region = MemfdRegion::create("test", geometry(), i)
+                .unwrap_or_else(|e| panic!("region {i}: {e}"));
+            drop(region);
+        }
+    }
+
+    #[test]
     fn a_created_region_attaches_through_its_fd() {
         let region = MemfdRegion::create("test", geometry(), 7).expect("create");
         let fd = region.fd().try_clone_to_owned().expect("dup");

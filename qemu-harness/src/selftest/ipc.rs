@@ -31,15 +31,10 @@ const INCREMENTS: u64 = 40_000;
 /// Histogram observations per thread.
 const OBSERVATIONS: u64 = 10_000;
 
-/// Iterations of the sealed producer in the guest (the host test records a million of
-/// each kind). Kept at 20,000 (120,000 records): with the merged Prometheus and
-/// exponential-histogram changes, metricsd in the guest stops making progress partway
-/// through larger runs (at 100,000 the counter stayed at 202,069 of 399,995 and the
-/// gauge at iteration 517; at 250,000 the step passed but the next step's counter then
-/// stayed short), while before them a million passed. The kernel argument
-/// `SEALED_SAMPLES=<n>` (`--kernel-arg`, which the init passes on in the environment)
-/// sets another count.
-pub const SEALED_SAMPLES: u64 = 20_000;
+/// Iterations of the sealed producer in the guest: a million of each kind (six million
+/// records), as in the host test. The kernel argument `SEALED_SAMPLES=<n>`
+/// (`--kernel-arg`, which the init passes on in the environment) sets another count.
+pub const SEALED_SAMPLES: u64 = 1_000_000;
 /// How long the sealed producer's totals may take to arrive; with the step's other
 /// waits this stays inside the ladder's 240 s for the step, so a failure is reported
 /// by the step itself.
