@@ -373,7 +373,8 @@ where
         {
             return Ok(Delivery::Written);
         }
-        self.counter_cold(key, n)
+        // A pending sum that would overflow a u64: `add_pending` refuses it.
+        self.delta_cold(Record::counter(key, n), |t| t.add_pending(key, n))
     }
 
     /// A float gauge set on a raw key.
@@ -411,34 +412,10 @@ where
         {
             return Ok(Delivery::Written);
         }
-        self.gauge_add_cold(key, delta)
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn gauge_add_cold(&mut self, key: u32, delta: f64) -> Result<Delivery, Dropped> {
-        if !self.table.contains(key) {
-            self.stats.unknown_key += 1;
-            return Err(Dropped::UnknownKey);
-        }
-        self.flush_pending();
-        if self.table.pending_keys() == 0
-            && self.ensure_registered(key)?
-            && self
-                .writer
-                .try_push(Record::gauge_f64_add(key, delta))
-                .is_ok()
-        {
-            return Ok(Delivery::Written);
-        }
-        if self.table.add_pending_f64(key, delta) {
-            self.stats.coalesced += 1;
-            Ok(Delivery::Coalesced)
-        } else {
-            // Not finite, or the key holds a counter's delta: no way to hold it back.
-            self.writer.count_dropped(1);
-            self.full()
-        }
+        // Not finite, or the key holds a counter's delta: `add_pending_f64` refuses it.
+        self.delta_cold(Record::gauge_f64_add(key, delta), |t| {
+            t.add_pending_f64(key, delta)
+        })
     }
 
     /// Holds back the float gauge increment `delta` of `key`, as a full ring's are.
@@ -480,9 +457,18 @@ where
         self.sample_cold(record)
     }
 
+    /// The cold path of a delta a full ring may hold back (a counter or float gauge
+    /// increment): written after the pending deltas if there is room, else held back
+    /// by `hold`; when it cannot be held (an overflowing or non-finite sum, a key holding
+    /// the other kind), dropped and counted.
     #[cold]
     #[inline(never)]
-    fn counter_cold(&mut self, key: u32, n: u64) -> Result<Delivery, Dropped> {
+    fn delta_cold(
+        &mut self,
+        record: Record,
+        hold: impl FnOnce(&mut KeyTable<S>) -> bool,
+    ) -> Result<Delivery, Dropped> {
+        let key = record.key;
         if !self.table.contains(key) {
             self.stats.unknown_key += 1;
             return Err(Dropped::UnknownKey);
@@ -490,15 +476,14 @@ where
         self.flush_pending();
         if self.table.pending_keys() == 0
             && self.ensure_registered(key)?
-            && self.writer.try_push(Record::counter(key, n)).is_ok()
+            && self.writer.try_push(record).is_ok()
         {
             return Ok(Delivery::Written);
         }
-        if self.table.add_pending(key, n) {
+        if hold(&mut self.table) {
             self.stats.coalesced += 1;
             Ok(Delivery::Coalesced)
         } else {
-            // The pending sum would overflow a u64: no way to hold it back.
             self.writer.count_dropped(1);
             self.full()
         }
