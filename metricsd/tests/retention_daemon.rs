@@ -314,8 +314,9 @@ fn retention_query_reads_windows_back_from_disk() {
     );
 }
 
-/// Runs `metricsd query` and sums `field` over every point it answers (JSON).
-fn queried_sum(dir: &Path, name: &str, logd: Option<&Path>, field: &str) -> u128 {
+/// Runs `metricsd query` over the last hour at 10 s steps and returns every point it
+/// answers (JSON).
+fn queried_points(dir: &Path, name: &str, logd: Option<&Path>) -> Vec<serde_json::Value> {
     let mut cmd = Command::new(BIN);
     cmd.args(["query", "--dir"])
         .arg(dir)
@@ -334,6 +335,13 @@ fn queried_sum(dir: &Path, name: &str, logd: Option<&Path>, field: &str) -> u128
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON"))
         .flat_map(|v| v["points"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// Runs `metricsd query` and sums `field` over every point it answers.
+fn queried_sum(dir: &Path, name: &str, logd: Option<&Path>, field: &str) -> u128 {
+    queried_points(dir, name, logd)
+        .iter()
         .map(|p| match &p[field] {
             serde_json::Value::String(s) => s.parse::<u128>().expect("a number"),
             v => u128::from(v.as_u64().expect("a number")),
@@ -341,26 +349,10 @@ fn queried_sum(dir: &Path, name: &str, logd: Option<&Path>, field: &str) -> u128
         .sum()
 }
 
-/// Runs `metricsd query` and sums the counter deltas it answers (JSON).
+/// Runs `metricsd query` and sums the counter deltas it answers.
 fn queried_total(dir: &Path, name: &str, logd: Option<&Path>) -> u128 {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["query", "--dir"])
-        .arg(dir)
-        .args(["--select", name, "--since", "1h", "--step", "10s", "--json"]);
-    if let Some(l) = logd {
-        cmd.arg("--logd-socket").arg(l);
-    }
-    let out = cmd.output().expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON"))
-        .flat_map(|v| v["points"].as_array().cloned().unwrap_or_default())
+    queried_points(dir, name, logd)
+        .iter()
         .map(|p| {
             p["delta"]
                 .as_str()
