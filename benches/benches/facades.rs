@@ -41,10 +41,9 @@ use telemetry_benches::{CONSUMER_CPU, PRODUCER_CPU, pin};
 use telemetry_ring::{MemfdRegion, Reader, Writer};
 use tracing_subscriber::layer::SubscriberExt;
 
-/// Records per ring, metricsd's default.
-/// Ring bytes: room for a whole lap ([`LAP`] calls) of the dearest contender, a span
-/// (three 32-byte records), so no contender is measured on a full ring's drop path.
-const RING: u32 = 1 << 20;
+/// Records per ring, metricsd's default: room for a whole lap ([`LAP`] calls) of the dearest
+/// contender, a span (three records), so no contender is measured on a full ring.
+const RING: u32 = 65536;
 
 /// Grants memfd rings without a daemon and hands their readers to the drain thread.
 struct BenchSource {
@@ -88,7 +87,7 @@ impl RingSource for BenchSource {
 /// empties every ring, so each call finds room and the ring's lines must come back from
 /// the consumer's core, as in production.
 const LAP: u64 = 4096;
-const _: () = assert!(LAP * 3 * 32 <= RING as u64, "a lap of spans fits the ring");
+const _: () = assert!(LAP * 3 <= RING as u64, "a lap of spans fits the ring");
 
 /// The lap handshake between the producer and the drain thread.
 struct Laps {
