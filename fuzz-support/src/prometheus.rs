@@ -298,7 +298,7 @@ impl<'a> Model<'a> {
             Expect::Float(v) => {
                 assert_eq!(samples.len(), 1, "{}", ctx());
                 assert_eq!(samples[0].name, f.name, "{}", ctx());
-                assert_same_float(number(&samples[0].value), v, &ctx());
+                assert_same_float(number(&samples[0].value), v, &ctx);
             }
             Expect::Renamed(_) => unreachable!("resolved by `value`"),
             Expect::Histogram(i) => {
@@ -310,7 +310,7 @@ impl<'a> Model<'a> {
                     number(&found[0].value)
                 };
                 assert_eq!(one("_count"), observations.len() as f64, "{}", ctx());
-                assert_same_float(one("_sum"), h.sum(), &ctx());
+                assert_same_float(one("_sum"), h.sum(), &ctx);
                 let buckets: Vec<(f64, f64)> = samples
                     .iter()
                     .filter(|s| s.name == format!("{}_bucket", f.name))
@@ -326,7 +326,7 @@ impl<'a> Model<'a> {
                     "only _count, _sum and _bucket: {}",
                     ctx()
                 );
-                check_classic(h, observations, &buckets, &ctx());
+                check_classic(h, observations, &buckets, &ctx);
             }
         }
     }
@@ -370,21 +370,21 @@ impl<'a> Model<'a> {
                     }
                     Expect::Float(v) => {
                         let g = pm.gauge.as_ref().unwrap_or_else(|| panic!("{}", ctx()));
-                        assert_same_float(g.value, v, &ctx());
+                        assert_same_float(g.value, v, &ctx);
                     }
                     Expect::Renamed(_) => unreachable!("resolved by `value`"),
                     Expect::Histogram(i) => {
                         let (h, observations) = self.histogram(i);
                         let ph = pm.histogram.as_ref().unwrap_or_else(|| panic!("{}", ctx()));
                         assert_eq!(ph.sample_count, observations.len() as u64, "{}", ctx());
-                        assert_same_float(ph.sample_sum, h.sum(), &ctx());
+                        assert_same_float(ph.sample_sum, h.sum(), &ctx);
                         let buckets: Vec<(f64, f64)> = ph
                             .bucket
                             .iter()
                             .map(|b| (b.upper_bound, b.cumulative_count as f64))
                             .collect();
-                        check_classic(h, observations, &buckets, &ctx());
-                        check_native(h, observations, ph, &ctx());
+                        check_classic(h, observations, &buckets, &ctx);
+                        check_native(h, observations, ph, &ctx);
                     }
                 }
             }
@@ -401,25 +401,37 @@ fn assert_counter_text(text: &str, total: u128) {
     }
 }
 
-fn assert_same_float(got: f64, want: f64, ctx: &str) {
+fn assert_same_float(got: f64, want: f64, ctx: &dyn Fn() -> String) {
     assert!(
         got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
-        "{got} for {want}: {ctx}"
+        "{got} for {want}: {}",
+        ctx()
     );
 }
 
 /// Classic buckets: strictly increasing `le`, `+Inf` last, each cumulative count the
 /// observations at most `le`, and the same list metricsd's histogram gives.
-fn check_classic(h: &Histogram, observations: &[Observation], buckets: &[(f64, f64)], ctx: &str) {
-    assert_eq!(buckets.last().map(|b| b.0), Some(f64::INFINITY), "{ctx}");
-    assert!(buckets.windows(2).all(|w| w[0].0 < w[1].0), "{ctx}");
+fn check_classic(
+    h: &Histogram,
+    observations: &[Observation],
+    buckets: &[(f64, f64)],
+    ctx: &dyn Fn() -> String,
+) {
+    assert_eq!(
+        buckets.last().map(|b| b.0),
+        Some(f64::INFINITY),
+        "{}",
+        ctx()
+    );
+    assert!(buckets.windows(2).all(|w| w[0].0 < w[1].0), "{}", ctx());
     for &(le, cumulative) in buckets {
         let want = observations.iter().filter(|o| o.at_most(le)).count();
-        assert_eq!(cumulative, want as f64, "le {le}: {ctx}");
+        assert_eq!(cumulative, want as f64, "le {le}: {}", ctx());
         if let Histogram::Exponential(_) = h {
             assert!(
                 le.is_infinite() || le == 0.0 || (le > 0.0 && le.log2().fract() == 0.0),
-                "an exponential histogram's classic bound {le} is a power of two: {ctx}"
+                "an exponential histogram's classic bound {le} is a power of two: {}",
+                ctx()
             );
         }
     }
@@ -428,23 +440,29 @@ fn check_classic(h: &Histogram, observations: &[Observation], buckets: &[(f64, f
         .iter()
         .map(|c| (c.le, c.cumulative as f64))
         .collect();
-    assert_eq!(buckets, classic, "{ctx}");
+    assert_eq!(buckets, classic, "{}", ctx());
 }
 
 /// Native buckets (protobuf): schema `min(scale, 8)`, zero threshold 0, and every
 /// observation in the bucket its value falls in at that schema (Prometheus' index is
 /// one more than the OpenTelemetry index metricsd uses).
-fn check_native(h: &Histogram, observations: &[Observation], ph: &proto::Histogram, ctx: &str) {
+fn check_native(
+    h: &Histogram,
+    observations: &[Observation],
+    ph: &proto::Histogram,
+    ctx: &dyn Fn() -> String,
+) {
     let Histogram::Exponential(e) = h else {
         assert!(
             ph.positive_span.is_empty() && ph.negative_span.is_empty(),
-            "{ctx}"
+            "{}",
+            ctx()
         );
         return;
     };
     let schema = e.scale().min(8);
-    assert_eq!(ph.schema, schema, "{ctx}");
-    assert_eq!(ph.zero_threshold, 0.0, "{ctx}");
+    assert_eq!(ph.schema, schema, "{}", ctx());
+    assert_eq!(ph.zero_threshold, 0.0, "{}", ctx());
     let mut zero = 0;
     let mut positive: BTreeMap<i32, u64> = BTreeMap::new();
     let mut negative: BTreeMap<i32, u64> = BTreeMap::new();
@@ -462,10 +480,10 @@ fn check_native(h: &Histogram, observations: &[Observation], ph: &proto::Histogr
             Observation::Float(v) if v < 0.0 => (&mut negative, index(-v, schema)),
             Observation::Float(v) => (&mut positive, index(v, schema)),
         };
-        let i = i.unwrap_or_else(|| panic!("no index for {o:?}: {ctx}"));
+        let i = i.unwrap_or_else(|| panic!("no index for {o:?}: {}", ctx()));
         *side.entry(i + 1).or_insert(0) += 1;
     }
-    assert_eq!(ph.zero_count, zero, "{ctx}");
+    assert_eq!(ph.zero_count, zero, "{}", ctx());
     let decode = |spans: &[proto::BucketSpan], deltas: &[i64]| -> BTreeMap<i32, u64> {
         let mut out = BTreeMap::new();
         let mut at = 0i32;
@@ -473,30 +491,32 @@ fn check_native(h: &Histogram, observations: &[Observation], ph: &proto::Histogr
         let mut deltas = deltas.iter();
         for (n, span) in spans.iter().enumerate() {
             at += span.offset;
-            assert!(n == 0 || span.offset >= 0, "a span going back: {ctx}");
+            assert!(n == 0 || span.offset >= 0, "a span going back: {}", ctx());
             for _ in 0..span.length {
                 count += deltas
                     .next()
-                    .unwrap_or_else(|| panic!("too few deltas: {ctx}"));
-                assert!(count >= 0, "a negative bucket count: {ctx}");
+                    .unwrap_or_else(|| panic!("too few deltas: {}", ctx()));
+                assert!(count >= 0, "a negative bucket count: {}", ctx());
                 if count > 0 {
                     out.insert(at, count as u64);
                 }
                 at += 1;
             }
         }
-        assert!(deltas.next().is_none(), "too many deltas: {ctx}");
+        assert!(deltas.next().is_none(), "too many deltas: {}", ctx());
         out
     };
     assert_eq!(
         decode(&ph.positive_span, &ph.positive_delta),
         positive,
-        "{ctx}"
+        "{}",
+        ctx()
     );
     assert_eq!(
         decode(&ph.negative_span, &ph.negative_delta),
         negative,
-        "{ctx}"
+        "{}",
+        ctx()
     );
 }
 
@@ -543,8 +563,12 @@ fn parse_openmetrics(text: &str) -> Result<Vec<TextFamily>, String> {
     let mut seen: HashSet<(String, Vec<(String, String)>)> = HashSet::new();
     for line in body.split_terminator('\n') {
         if let Some(rest) = line.strip_prefix("# ") {
-            let (what, rest) = rest.split_once(' ').ok_or(format!("bad line {line:?}"))?;
-            let (name, arg) = rest.split_once(' ').ok_or(format!("bad line {line:?}"))?;
+            let (what, rest) = rest
+                .split_once(' ')
+                .ok_or_else(|| format!("bad line {line:?}"))?;
+            let (name, arg) = rest
+                .split_once(' ')
+                .ok_or_else(|| format!("bad line {line:?}"))?;
             if !valid_name(name) {
                 return Err(format!("bad metric name in {line:?}"));
             }
@@ -572,7 +596,7 @@ fn parse_openmetrics(text: &str) -> Result<Vec<TextFamily>, String> {
         }
         let family = families
             .last_mut()
-            .ok_or(format!("a sample before any family: {line:?}"))?;
+            .ok_or_else(|| format!("a sample before any family: {line:?}"))?;
         let (name, labels, value) = sample_line(line)?;
         let suffixes: &[&str] = match family.kind.as_str() {
             "counter" => &["_total", "_created"],
@@ -609,7 +633,7 @@ type SampleLine = (String, Vec<(String, String)>, String);
 fn sample_line(line: &str) -> Result<SampleLine, String> {
     let end = line
         .find(['{', ' '])
-        .ok_or(format!("no value in {line:?}"))?;
+        .ok_or_else(|| format!("no value in {line:?}"))?;
     let name = &line[..end];
     if !valid_name(name) {
         return Err(format!("bad sample name in {line:?}"));
@@ -624,7 +648,7 @@ fn sample_line(line: &str) -> Result<SampleLine, String> {
             }
             let (key, after) = inner
                 .split_once("=\"")
-                .ok_or(format!("bad label in {line:?}"))?;
+                .ok_or_else(|| format!("bad label in {line:?}"))?;
             // The value runs to the first unescaped quote.
             let mut escaped = false;
             let close = after
@@ -635,7 +659,7 @@ fn sample_line(line: &str) -> Result<SampleLine, String> {
                     end
                 })
                 .map(|(i, _)| i)
-                .ok_or(format!("unterminated label value in {line:?}"))?;
+                .ok_or_else(|| format!("unterminated label value in {line:?}"))?;
             labels.push((key.to_owned(), unescape(&after[..close], true)?));
             inner = &after[close + 1..];
             if let Some(after) = inner.strip_prefix(',') {
@@ -650,7 +674,7 @@ fn sample_line(line: &str) -> Result<SampleLine, String> {
     }
     let value = rest
         .strip_prefix(' ')
-        .ok_or(format!("no space before the value in {line:?}"))?;
+        .ok_or_else(|| format!("no space before the value in {line:?}"))?;
     if value.contains(' ') {
         return Err(format!("more than a value in {line:?}"));
     }
