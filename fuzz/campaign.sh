@@ -11,6 +11,12 @@
 #   fuzz/campaign.sh                       # every target, stable, no sanitizer
 #   MAX_SECONDS=600 fuzz/campaign.sh metricsd_drain
 #   SANITIZER=address TOOLCHAIN=nightly fuzz/campaign.sh ring_reader
+#   TRACE_COMPARES=0 fuzz/campaign.sh prometheus_roundtrip
+#
+# TRACE_COMPARES=0 builds without libFuzzer's comparison tracing (`--no-trace-compares`,
+# into target/fuzz-ntc): about twice the inputs a second for the targets that turn the
+# input into choices (the drain loop, the exporters' round trips), whose comparisons
+# with magic values the tracing would otherwise help the fuzzer to pass.
 #
 # BUILD=0 runs the binaries already in target/fuzz without rebuilding them; BIN=<dir>
 # runs those in <dir> instead (a copy, so that a rebuild does not replace them mid-run);
@@ -23,18 +29,24 @@ max_seconds="${MAX_SECONDS:-0}"
 sanitizer="${SANITIZER:-none}"
 toolchain="${TOOLCHAIN:-stable}"
 root="$PWD/target/fuzz"
+build_root="$root"
+trace_flag=()
+if [ "${TRACE_COMPARES:-1}" = 0 ]; then
+  build_root="$PWD/target/fuzz-ntc"
+  trace_flag=(--no-trace-compares)
+fi
 dir="${LOG_DIR:-$root/campaign}"
 mkdir -p "$dir"
 
 if [ "${BUILD:-1}" != 0 ]; then
-  (cd fuzz && cargo "+$toolchain" fuzz build -s "$sanitizer" --target-dir "$root")
+  (cd fuzz && cargo "+$toolchain" fuzz build -s "$sanitizer" "${trace_flag[@]}" --target-dir "$build_root")
 fi
-bin="${BIN:-$root/x86_64-unknown-linux-gnu/release}"
+bin="${BIN:-$build_root/x86_64-unknown-linux-gnu/release}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=($(cd fuzz && cargo fuzz list))
 fi
-echo "commit $(git rev-parse --short HEAD) (binaries built $(date -u -r "$bin" '+%H:%M UTC')), $(date -u '+%Y-%m-%d %H:%M UTC'), sanitizer $sanitizer, $(rustc "+$toolchain" --version)"
+echo "commit $(git rev-parse --short HEAD) (binaries built $(date -u -r "$bin" '+%H:%M UTC')), $(date -u '+%Y-%m-%d %H:%M UTC'), sanitizer $sanitizer, trace compares ${TRACE_COMPARES:-1}, $(rustc "+$toolchain" --version)"
 for t in "${targets[@]}"; do
   mkdir -p "$root/corpus/$t" "$root/artifacts/$t"
   log="$dir/$t.log"
