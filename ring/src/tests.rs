@@ -440,10 +440,23 @@ fn a_deferred_release_bounds_what_the_writer_may_overwrite() {
 }
 
 /// A heap region that checks every `prepare_write` hint against the consumer's read
-/// position: the hinted slot must be one the consumer has released.
+/// position (the hinted slot must be one the consumer has released) and against the
+/// write that follows it (the hinted slot is the one 32 records past it).
 struct HintChecked {
     inner: HeapRegion,
     hints: std::cell::Cell<u64>,
+    /// The slot of the last hint, until the write it precedes.
+    pending: std::cell::Cell<Option<usize>>,
+}
+
+impl HintChecked {
+    fn new(capacity: u64) -> Self {
+        Self {
+            inner: HeapRegion::new(capacity).expect("valid capacity"),
+            hints: std::cell::Cell::new(0),
+            pending: std::cell::Cell::new(None),
+        }
+    }
 }
 
 // SAFETY: forwards every data access to `inner`, which upholds the contract; the hint
@@ -465,11 +478,24 @@ unsafe impl Region for HintChecked {
         self.inner.consumer_flags()
     }
     unsafe fn write_slot(&self, slot: usize, record: Record) {
+        if let Some(hinted) = self.pending.take() {
+            let capacity = self.geometry().capacity() as usize;
+            assert_eq!(
+                hinted,
+                (slot + 32) % capacity,
+                "the hint before slot {slot}"
+            );
+        }
         // SAFETY: the caller's guarantees are passed on unchanged.
         unsafe { self.inner.write_slot(slot, record) }
     }
     fn prepare_write(&self, slot: usize) {
         let capacity = u64::from(self.geometry().capacity());
+        assert!((slot as u64) < capacity, "hinted slot {slot} of {capacity}");
+        assert!(
+            self.pending.replace(Some(slot)).is_none(),
+            "two hints, one write"
+        );
         let read = self.read_pos().load(Ordering::Relaxed);
         let published = self.write_pos().load(Ordering::Relaxed);
         // The slots the consumer has not released: positions read..published (and the
@@ -491,10 +517,7 @@ unsafe impl Region for HintChecked {
 
 #[test]
 fn the_write_hint_never_names_a_slot_the_consumer_has_not_released() {
-    let region = HintChecked {
-        inner: HeapRegion::new(64).expect("valid capacity"),
-        hints: std::cell::Cell::new(0),
-    };
+    let region = HintChecked::new(64);
     let mut w = Writer::new(&region);
     let mut r = Reader::new(&region);
     let mut next = 0u64;
@@ -508,6 +531,56 @@ fn the_write_hint_never_names_a_slot_the_consumer_has_not_released() {
         assert_eq!(got.len() as u64, round % 7 + 1);
     }
     assert!(next > 64 * 10, "many laps: {next}");
+    assert!(region.hints.get() > 0, "the writer did hint");
+}
+
+#[test]
+fn the_batch_paths_hint_only_released_slots_each_32_records_ahead() {
+    let region = HintChecked::new(64);
+    let mut w = Writer::new(&region);
+    let mut r = Reader::new(&region);
+    let mut next = 0u64;
+    // Batches of 1 to 9 records (both batch paths) into a ring drained a little at a
+    // time, so batches start at every distance behind the reader, full included.
+    for round in 0..400u64 {
+        let n = round % 9 + 1;
+        let pushed = if round % 2 == 0 {
+            let batch: Vec<Record> = (next..next + n).map(|v| Record::counter(1, v)).collect();
+            w.push_all(&batch).is_ok()
+        } else {
+            w.push_with(n, |i| Record::counter(1, next + i)).is_ok()
+        };
+        if pushed {
+            next += n;
+        }
+        let _ = drain_values(&mut r, round % 5 + 1);
+    }
+    let _ = drain_values(&mut r, 64);
+    // The reader close behind a writer whose view of it is fresh: the ring filled (so
+    // the next batch reloads the read position), drained to `unread` records, then a
+    // batch that reaches the hint's distance, 32 records past the read position.
+    for unread in 1..=31u64 {
+        while w.try_push(Record::counter(1, next)).is_ok() {
+            next += 1;
+        }
+        let _ = drain_values(&mut r, 64 - unread);
+        let n = 33 - unread;
+        if unread % 2 == 0 {
+            let batch: Vec<Record> = (next..next + n).map(|v| Record::counter(1, v)).collect();
+            w.push_all(&batch).expect("room");
+        } else {
+            w.push_with(n, |i| Record::counter(1, next + i))
+                .expect("room");
+        }
+        next += n;
+        let rest = drain_values(&mut r, 64);
+        assert_eq!(
+            rest.last().copied(),
+            Some(next - 1),
+            "every record in order"
+        );
+    }
+    assert!(next > 64 * 5, "many laps: {next}");
     assert!(region.hints.get() > 0, "the writer did hint");
 }
 
