@@ -1269,6 +1269,26 @@ mod tests {
     }
 
     #[test]
+    fn only_a_series_that_comes_back_after_expiring_counts_as_recreated() {
+        let mut s = ttl_store(10, 100);
+        let svc = s.service("web");
+        s.ring_opened(svc);
+        let a = series(&mut s, svc, "req", "a");
+        s.unbind(a);
+        let t0 = s.get(a).expect("live").created_ns;
+        s.take_dirty();
+        s.exported(a, None, t0);
+        s.sweep(t0 + 10 * MS, |_| {});
+        assert!(s.get(a).is_none(), "expired");
+        // Other series, of the same name or another, are new ones.
+        let _ = series(&mut s, svc, "req", "b");
+        let _ = series(&mut s, svc, "other", "a");
+        assert_eq!(s.stats().recreated, 0);
+        let _ = series(&mut s, svc, "req", "a");
+        assert_eq!(s.stats().recreated, 1);
+    }
+
+    #[test]
     fn a_bound_series_keeps_the_longer_ttl_and_a_changed_one_never_expires() {
         let mut s = ttl_store(10, 100);
         let svc = s.service("web");
