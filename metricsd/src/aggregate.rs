@@ -1269,6 +1269,55 @@ mod tests {
     }
 
     #[test]
+    fn a_description_is_kept_per_service_and_metric_under_the_series_cap() {
+        use crate::health::Reason;
+        let mut s = store(2, 2, 2, 2);
+        let web = s.service("web");
+        let described = |s: &Store, svc: &str, name: &str| {
+            s.metadata(svc, name).map(|m| {
+                (
+                    m.kind,
+                    m.unit.as_deref().map(str::to_owned),
+                    m.description.as_deref().map(str::to_owned),
+                )
+            })
+        };
+        let labels = [
+            ("kind", "counter"),
+            ("unit", "bytes"),
+            ("description", "Sent."),
+        ];
+        assert_eq!(s.describe(web, "sent", &labels), Ok(()));
+        let want = (
+            Some(MetricKind::Counter),
+            Some("bytes".into()),
+            Some("Sent.".into()),
+        );
+        assert_eq!(described(&s, "web", "sent"), Some(want));
+        assert_eq!(described(&s, "db", "sent"), None, "per service");
+        // Described again: the latest wins; an empty unit or description is none.
+        let again = [("kind", "gauge"), ("unit", ""), ("description", "")];
+        assert_eq!(s.describe(web, "sent", &again), Ok(()));
+        assert_eq!(
+            described(&s, "web", "sent"),
+            Some((Some(MetricKind::Gauge), None, None))
+        );
+        // Metrics described count against the series cap (2 here); a metric described
+        // again does not.
+        assert_eq!(s.describe(web, "recv", &[("kind", "histogram")]), Ok(()));
+        assert_eq!(s.describe(web, "third", &[]), Err(Reason::MetadataCap));
+        assert_eq!(described(&s, "web", "third"), None);
+        assert_eq!(s.describe(web, "recv", &[("kind", "nonsense")]), Ok(()));
+        assert_eq!(described(&s, "web", "recv").map(|d| d.0), Some(None));
+        assert_eq!(s.all_metadata().len(), 2);
+        // A service that was never opened: refused.
+        assert_eq!(
+            s.describe(99, "sent", &labels),
+            Err(Reason::BadRegistration)
+        );
+    }
+
+    #[test]
     fn only_a_series_that_comes_back_after_expiring_counts_as_recreated() {
         let mut s = ttl_store(10, 100);
         let svc = s.service("web");
