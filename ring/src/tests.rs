@@ -534,6 +534,17 @@ fn the_write_hint_never_names_a_slot_the_consumer_has_not_released() {
     assert!(region.hints.get() > 0, "the writer did hint");
 }
 
+/// Pushes counters `first..first + n` as one batch, by `push_all` (`all`) or
+/// `push_with`; whether they fit.
+fn push_batch<R: Region>(w: &mut Writer<R>, first: u64, n: u64, all: bool) -> bool {
+    if all {
+        let batch: Vec<Record> = (first..first + n).map(|v| Record::counter(1, v)).collect();
+        w.push_all(&batch).is_ok()
+    } else {
+        w.push_with(n, |i| Record::counter(1, first + i)).is_ok()
+    }
+}
+
 #[test]
 fn the_batch_paths_hint_only_released_slots_each_32_records_ahead() {
     let region = HintChecked::new(64);
@@ -544,13 +555,7 @@ fn the_batch_paths_hint_only_released_slots_each_32_records_ahead() {
     // time, so batches start at every distance behind the reader, full included.
     for round in 0..400u64 {
         let n = round % 9 + 1;
-        let pushed = if round % 2 == 0 {
-            let batch: Vec<Record> = (next..next + n).map(|v| Record::counter(1, v)).collect();
-            w.push_all(&batch).is_ok()
-        } else {
-            w.push_with(n, |i| Record::counter(1, next + i)).is_ok()
-        };
-        if pushed {
+        if push_batch(&mut w, next, n, round % 2 == 0) {
             next += n;
         }
         let _ = drain_values(&mut r, round % 5 + 1);
@@ -565,13 +570,7 @@ fn the_batch_paths_hint_only_released_slots_each_32_records_ahead() {
         }
         let _ = drain_values(&mut r, 64 - unread);
         let n = 33 - unread;
-        if unread % 2 == 0 {
-            let batch: Vec<Record> = (next..next + n).map(|v| Record::counter(1, v)).collect();
-            w.push_all(&batch).expect("room");
-        } else {
-            w.push_with(n, |i| Record::counter(1, next + i))
-                .expect("room");
-        }
+        assert!(push_batch(&mut w, next, n, unread % 2 == 0), "room");
         next += n;
         let rest = drain_values(&mut r, 64);
         assert_eq!(
