@@ -427,10 +427,13 @@ fn a_deferred_release_bounds_what_the_writer_may_overwrite() {
     w.push(Record::counter(1, 4)).expect("two slots released");
     w.push(Record::counter(1, 5)).expect("two slots released");
     assert_eq!(w.push(Record::counter(1, 6)), Err(Full));
-    // Behind an earlier release, or past what was read: ignored.
+    // Behind an earlier release, or past what was read (even by one, within a ring
+    // of the last release): ignored.
     r.release(1);
     r.release(9);
+    r.release(5);
     assert_eq!(r.released(), 2);
+    assert_eq!(r.region().read_pos().load(Ordering::Relaxed), 2);
     assert_eq!(drain_values(&mut r, 64), [4, 5]);
     assert_eq!(r.released(), 2, "draining alone releases nothing");
     // A clean close releases everything read before raising the flag.
