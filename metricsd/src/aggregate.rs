@@ -1305,6 +1305,10 @@ mod tests {
         // Metrics described count against the series cap (2 here); a metric described
         // again does not.
         assert_eq!(s.describe(web, "recv", &[("kind", "histogram")]), Ok(()));
+        assert_eq!(
+            described(&s, "web", "recv").map(|d| d.0),
+            Some(Some(MetricKind::Histogram))
+        );
         assert_eq!(s.describe(web, "third", &[]), Err(Reason::MetadataCap));
         assert_eq!(described(&s, "web", "third"), None);
         assert_eq!(s.describe(web, "recv", &[("kind", "nonsense")]), Ok(()));
