@@ -436,6 +436,17 @@ fn a_deferred_release_bounds_what_the_writer_may_overwrite() {
     assert_eq!(r.region().read_pos().load(Ordering::Relaxed), 2);
     assert_eq!(drain_values(&mut r, 64), [4, 5]);
     assert_eq!(r.released(), 2, "draining alone releases nothing");
+    // What a deferring reader read is counted as it is read.
+    r.release(6);
+    w.push(Record {
+        kind: RecordKind(0x4242),
+        ..Record::counter(1, 6)
+    })
+    .expect("room");
+    w.push(Record::counter(1, 7)).expect("room");
+    assert_eq!(drain_values(&mut r, 64), [7]);
+    let st = r.stats();
+    assert_eq!((st.consumed, st.delivered, st.unknown_kind), (8, 7, 1));
     // A clean close releases everything read before raising the flag.
     drop(r);
     assert!(w.is_closed());
