@@ -453,6 +453,25 @@ fn a_deferred_release_bounds_what_the_writer_may_overwrite() {
     assert_eq!(w.for_each_unconsumed(|_| {}), 0);
 }
 
+#[test]
+fn a_quarantined_deferring_reader_releases_nothing_more_when_dropped() {
+    let (mut w, mut r) = pair(8);
+    r.defer_release();
+    for i in 0..3 {
+        w.push(Record::counter(1, i)).expect("room");
+    }
+    assert_eq!(drain_values(&mut r, 64), [0, 1, 2]);
+    r.release(1);
+    // The producer breaks the protocol: what was read after the release is not
+    // accounted for, so it stays unreleased.
+    r.region().write_pos().store(1 << 40, Ordering::Release);
+    assert!(r.drain(64, |_| {}).is_err());
+    let region = r.region().clone();
+    drop(r);
+    assert_eq!(region.read_pos().load(Ordering::Relaxed), 1);
+    assert!(w.is_closed());
+}
+
 /// A heap region that checks every `prepare_write` hint against the consumer's read
 /// position (the hinted slot must be one the consumer has released) and against the
 /// write that follows it (the hinted slot is the one 32 records past it).
