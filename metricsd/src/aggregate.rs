@@ -1196,6 +1196,23 @@ mod tests {
             s.resolve(svc, MetricKind::Counter, "other", &[("a", "3")]),
             Resolved::Refused
         );
+        assert_eq!(s.stats().refused_registrations, 1);
+    }
+
+    #[test]
+    fn the_total_cap_holds_across_metrics_and_services() {
+        let mut s = store(2, 10, 10, 10);
+        let (web, db) = (s.service("web"), s.service("db"));
+        let fresh = |s: &mut Store, svc, name| match s.resolve(svc, MetricKind::Counter, name, &[])
+        {
+            Resolved::Series(id) => !s.get(id).expect("live").overflow,
+            Resolved::Refused => panic!("overflow has room"),
+        };
+        assert!(fresh(&mut s, web, "a"));
+        assert!(fresh(&mut s, db, "b"));
+        assert!(!fresh(&mut s, web, "c"), "a third series overflows");
+        assert!(!fresh(&mut s, db, "d"));
+        assert_eq!((s.stats().series, s.stats().overflow_series), (2, 2));
     }
 
     #[test]
