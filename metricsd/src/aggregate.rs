@@ -1189,6 +1189,11 @@ mod tests {
         assert_eq!(s.stats().series, 2);
         assert_eq!(s.stats().overflowed_registrations, 3);
         assert_eq!(s.stats().overflow_samples, 3);
+        let samples = |id: SeriesId| s.get(id).expect("live").samples;
+        assert_eq!(
+            (samples(ids[0]), samples(ids[1]), samples(ids[2])),
+            (1, 1, 3)
+        );
         // The overflow cap (1) is used by "req": a second metric is refused.
         s.resolve(svc, MetricKind::Counter, "other", &[("a", "1")]);
         s.resolve(svc, MetricKind::Counter, "other", &[("a", "2")]);
