@@ -1344,6 +1344,78 @@ mod tests {
     }
 
     #[test]
+    fn float_gauges_and_float_observations() {
+        let mut s = store(10, 10, 10, 10);
+        let svc = s.service("web");
+        let one = |s: &mut Store, kind, name| match s.resolve(svc, kind, name, &[]) {
+            Resolved::Series(id) => id,
+            Resolved::Refused => panic!("fits"),
+        };
+        let value = |s: &Store, id| s.get(id).expect("live").value.clone();
+        let float = |value| Value::FloatGauge { value };
+        // An unset gauge counts from zero; an integer gauge's value carries over.
+        let g = one(&mut s, MetricKind::Gauge, "g");
+        assert!(s.add_f64(g, 1.5));
+        assert!(s.add_f64(g, 2.25));
+        assert_eq!(value(&s, g), float(3.75));
+        assert!(s.set_f64(g, -0.5));
+        assert_eq!(value(&s, g), float(-0.5));
+        let i = one(&mut s, MetricKind::Gauge, "i");
+        assert!(s.set(i, 4));
+        assert!(s.add_f64(i, 0.5));
+        assert_eq!(value(&s, i), float(4.5));
+        let j = one(&mut s, MetricKind::Gauge, "j");
+        assert!(s.set(j, 4));
+        assert!(s.set_f64(j, 0.25));
+        assert_eq!(value(&s, j), float(0.25));
+        // A float aimed at a counter leaves it alone.
+        let c = one(&mut s, MetricKind::Counter, "c");
+        assert!(s.add(c, 3));
+        assert!(s.add_f64(c, 1.0) && s.set_f64(c, 2.0));
+        assert_eq!(value(&s, c), Value::Counter { total: 3 });
+        // Finite float observations are recorded; NaN and infinities refused.
+        let h = one(&mut s, MetricKind::Histogram, "h");
+        assert_eq!(s.observe_f64(h, 0.25), Ok(true));
+        assert_eq!(s.observe_f64(h, f64::NAN), Err(NotFinite));
+        assert_eq!(s.observe_f64(h, f64::INFINITY), Err(NotFinite));
+        let Value::Histogram(hist) = value(&s, h) else {
+            panic!("a histogram");
+        };
+        assert_eq!((hist.count(), hist.sum()), (1, 0.25));
+        assert_eq!(s.observe_f64(c, 1.0), Ok(true), "not a histogram: ignored");
+        // Every series touched is waiting for the next export.
+        let mut dirty = s.dirty_ids().to_vec();
+        dirty.sort_by_key(|id| id.index());
+        assert_eq!(dirty, [g, i, j, c, h]);
+    }
+
+    #[test]
+    fn an_expired_id_takes_no_float_and_its_slot_has_no_generation() {
+        let mut s = ttl_store(10, 100);
+        let svc = s.service("web");
+        s.ring_opened(svc);
+        let mut ids = Vec::new();
+        for kind in [MetricKind::Gauge, MetricKind::Histogram] {
+            let Resolved::Series(id) = s.resolve(svc, kind, "x", &[]) else {
+                panic!("fits");
+            };
+            assert_eq!(s.generation_at(id.index()), Some(id.generation()));
+            s.unbind(id);
+            ids.push(id);
+        }
+        let t0 = s.get(ids[0]).expect("live").created_ns;
+        s.take_dirty();
+        for &id in &ids {
+            s.exported(id, None, t0);
+        }
+        s.sweep(t0 + 10 * MS, |_| {});
+        assert!(!s.set_f64(ids[0], 1.0));
+        assert!(!s.add_f64(ids[0], 1.0));
+        assert_eq!(s.observe_f64(ids[1], 1.0), Ok(false));
+        assert_eq!(s.generation_at(ids[0].index()), None);
+    }
+
+    #[test]
     fn only_a_series_that_comes_back_after_expiring_counts_as_recreated() {
         let mut s = ttl_store(10, 100);
         let svc = s.service("web");
