@@ -1416,6 +1416,79 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_series_counts_once_and_is_updated_in_place() {
+        let mut s = store(10, 10, 10, 10);
+        let labels = |l: &[(&str, &str)]| -> Labels {
+            Arc::from(
+                l.iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let counter = |total| Value::Counter { total };
+        let plain = s.restore(
+            "web",
+            MetricKind::Counter,
+            "req",
+            labels(&[("l", "a")]),
+            false,
+            5,
+            counter(9),
+            7,
+        );
+        let over = s.restore(
+            "web",
+            MetricKind::Counter,
+            "req",
+            labels(&[OVERFLOW_LABEL]),
+            true,
+            6,
+            counter(4),
+            0,
+        );
+        assert_eq!((s.stats().series, s.stats().overflow_series), (1, 1));
+        // Logged again (a later frame of the same series): the same series, updated.
+        let again = s.restore(
+            "web",
+            MetricKind::Counter,
+            "req",
+            labels(&[("l", "a")]),
+            false,
+            5,
+            counter(12),
+            9,
+        );
+        assert_eq!(again, plain);
+        assert_eq!(
+            s.restore(
+                "web",
+                MetricKind::Counter,
+                "req",
+                labels(&[OVERFLOW_LABEL]),
+                true,
+                6,
+                counter(8),
+                0
+            ),
+            over
+        );
+        assert_eq!((s.stats().series, s.stats().overflow_series), (1, 1));
+        let got = s.get(plain).expect("live");
+        assert_eq!(
+            (got.value.clone(), got.exported_total, got.created_ns),
+            (counter(12), 9, 5)
+        );
+        assert!(s.get(over).expect("live").overflow);
+        assert_eq!(s.take_dirty().len(), 2, "both wait for the next export");
+        // A registration of the same identity finds the restored series.
+        let svc = s.service("web");
+        assert_eq!(
+            s.resolve(svc, MetricKind::Counter, "req", &[("l", "a")]),
+            Resolved::Series(plain)
+        );
+    }
+
+    #[test]
     fn only_a_series_that_comes_back_after_expiring_counts_as_recreated() {
         let mut s = ttl_store(10, 100);
         let svc = s.service("web");
