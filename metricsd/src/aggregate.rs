@@ -1486,6 +1486,26 @@ mod tests {
             s.resolve(svc, MetricKind::Counter, "req", &[("l", "a")]),
             Resolved::Series(plain)
         );
+        // A restored series fills its metric's and its service's caps (one each here).
+        for (per_metric, per_service, name) in [(1, 10, "req"), (10, 1, "other")] {
+            let mut s = store(10, per_metric, per_service, 10);
+            s.restore(
+                "web",
+                MetricKind::Counter,
+                "req",
+                labels(&[("l", "a")]),
+                false,
+                5,
+                counter(9),
+                7,
+            );
+            let svc = s.service("web");
+            let Resolved::Series(id) = s.resolve(svc, MetricKind::Counter, name, &[("l", "b")])
+            else {
+                panic!("overflow has room");
+            };
+            assert!(s.get(id).expect("live").overflow, "{name}");
+        }
     }
 
     #[test]
