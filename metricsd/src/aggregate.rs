@@ -1509,6 +1509,44 @@ mod tests {
     }
 
     #[test]
+    fn a_sweep_reports_its_work_and_compacts_only_past_1024_free_slots() {
+        let mut s = ttl_store(3, 100);
+        assert!(s.is_empty());
+        assert_eq!(s.len(), 0);
+        let svc = s.service("web");
+        s.ring_opened(svc);
+        let ids: Vec<SeriesId> = ["a", "b", "c"]
+            .iter()
+            .map(|l| series(&mut s, svc, "req", l))
+            .collect();
+        let Resolved::Series(over) = s.resolve(svc, MetricKind::Gauge, "g", &[]) else {
+            panic!("overflow has room");
+        };
+        assert!(
+            s.get(over).expect("live").overflow,
+            "past the total cap of 3"
+        );
+        assert_eq!(s.len(), 4);
+        assert!(!s.is_empty());
+        // The first stays bound (a longer TTL); the other two expire.
+        let t0 = s.get(ids[0]).expect("live").created_ns;
+        for &id in &ids[1..] {
+            s.unbind(id);
+        }
+        s.take_dirty();
+        for &id in ids.iter().chain([&over]) {
+            s.exported(id, None, t0);
+        }
+        s.unbind(over);
+        let swept = s.sweep(t0 + 10 * MS, |_| {});
+        assert_eq!((swept.scanned, swept.expired), (4, 3));
+        assert_eq!(s.len(), 1);
+        // Three free slots of four: far below the 1024 free slots that make a sweep give
+        // memory back, so the slot table keeps its length.
+        assert_eq!(s.slots.len(), 4);
+    }
+
+    #[test]
     fn only_a_series_that_comes_back_after_expiring_counts_as_recreated() {
         let mut s = ttl_store(10, 100);
         let svc = s.service("web");
