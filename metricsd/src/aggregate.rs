@@ -1547,6 +1547,34 @@ mod tests {
     }
 
     #[test]
+    fn a_sweep_that_frees_most_of_a_large_table_gives_the_tail_back() {
+        let mut s = ttl_store(4000, 4000);
+        let svc = s.service("web");
+        s.ring_opened(svc);
+        let ids: Vec<SeriesId> = (0..2100)
+            .map(|i| series(&mut s, svc, "req", &i.to_string()))
+            .collect();
+        let t0 = s.get(ids[0]).expect("live").created_ns;
+        s.take_dirty();
+        // All but the first 100 expire: 2000 free slots of 2100, the whole tail.
+        for &id in &ids[100..] {
+            s.unbind(id);
+            s.exported(id, None, t0);
+        }
+        let swept = s.sweep(t0 + 10 * MS, |_| {});
+        assert_eq!(swept.expired, 2000);
+        assert_eq!(s.slots.len(), 100, "the free tail is dropped");
+        assert_eq!(s.len(), 100);
+        // A new series after the compaction gets a fresh id; the old ones stay stale.
+        let fresh = series(&mut s, svc, "req", "new");
+        assert!(
+            ids[100..]
+                .iter()
+                .all(|&old| old != fresh && s.get(old).is_none())
+        );
+    }
+
+    #[test]
     fn only_a_series_that_comes_back_after_expiring_counts_as_recreated() {
         let mut s = ttl_store(10, 100);
         let svc = s.service("web");
