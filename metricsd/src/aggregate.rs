@@ -1575,6 +1575,28 @@ mod tests {
     }
 
     #[test]
+    fn a_sweep_gives_memory_back_only_past_1024_free_slots_and_half_the_table() {
+        // (slots, expired at the tail): exactly 1024 free of 1500, and 1050 free of
+        // 2100 (exactly half): neither is past both bounds, so nothing is given back.
+        for (slots, expire) in [(1500usize, 1024usize), (2100, 1050)] {
+            let mut s = ttl_store(4000, 4000);
+            let svc = s.service("web");
+            s.ring_opened(svc);
+            let ids: Vec<SeriesId> = (0..slots)
+                .map(|i| series(&mut s, svc, "req", &i.to_string()))
+                .collect();
+            let t0 = s.get(ids[0]).expect("live").created_ns;
+            s.take_dirty();
+            for &id in &ids[slots - expire..] {
+                s.unbind(id);
+                s.exported(id, None, t0);
+            }
+            assert_eq!(s.sweep(t0 + 10 * MS, |_| {}).expired as usize, expire);
+            assert_eq!(s.slots.len(), slots, "{expire} free of {slots}");
+        }
+    }
+
+    #[test]
     fn only_a_series_that_comes_back_after_expiring_counts_as_recreated() {
         let mut s = ttl_store(10, 100);
         let svc = s.service("web");
