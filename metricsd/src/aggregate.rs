@@ -1597,6 +1597,57 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_series_frees_its_place_under_the_per_metric_cap_only() {
+        let mut s = Store::new(
+            SeriesConfig {
+                max_per_metric: 2,
+                idle_ttl_ms: 10,
+                idle_ttl_bound_ms: 1000,
+                ..SeriesConfig::default()
+            },
+            Redactor::new(&RedactionConfig::default().patterns),
+            &BTreeMap::new(),
+        );
+        let svc = s.service("web");
+        s.ring_opened(svc);
+        let a = series(&mut s, svc, "req", "a");
+        let _b = series(&mut s, svc, "req", "b");
+        s.unbind(a);
+        let t0 = s.get(a).expect("live").created_ns;
+        s.take_dirty();
+        s.exported(a, None, t0);
+        assert_eq!(s.sweep(t0 + 10 * MS, |_| {}).expired, 1);
+        // "b" still holds one of the metric's two places.
+        let c = series(&mut s, svc, "req", "c");
+        let d = series(&mut s, svc, "req", "d");
+        assert!(!s.get(c).expect("live").overflow);
+        assert!(s.get(d).expect("live").overflow);
+    }
+
+    #[test]
+    fn the_identities_remembered_after_expiring_are_the_latest_65536() {
+        let mut s = ttl_store(70_000, 70_000);
+        let svc = s.service("web");
+        s.ring_opened(svc);
+        let n = EXPIRED_REMEMBERED + 1;
+        let ids: Vec<SeriesId> = (0..n)
+            .map(|i| series(&mut s, svc, "req", &i.to_string()))
+            .collect();
+        let t0 = s.get(ids[0]).expect("live").created_ns;
+        s.take_dirty();
+        for &id in &ids {
+            s.unbind(id);
+            s.exported(id, None, t0);
+        }
+        assert_eq!(s.sweep(t0 + 10 * MS, |_| {}).expired as usize, n);
+        // The first to expire is forgotten, the second still remembered.
+        let _ = series(&mut s, svc, "req", "0");
+        assert_eq!(s.stats().recreated, 0);
+        let _ = series(&mut s, svc, "req", "1");
+        assert_eq!(s.stats().recreated, 1);
+    }
+
+    #[test]
     fn only_a_series_that_comes_back_after_expiring_counts_as_recreated() {
         let mut s = ttl_store(10, 100);
         let svc = s.service("web");
