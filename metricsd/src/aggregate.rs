@@ -1753,6 +1753,27 @@ mod tests {
     }
 
     #[test]
+    fn a_service_is_kept_while_its_overflow_series_lives() {
+        let mut s = ttl_store(1, 100);
+        let keep = s.service("keep");
+        s.ring_opened(keep);
+        let own = series(&mut s, keep, "req", "a");
+        let over = series(&mut s, keep, "req", "b");
+        assert!(s.get(over).expect("live").overflow);
+        let idle = s.service("idle");
+        s.ring_opened(idle);
+        s.ring_closed(idle);
+        // Its own series expires; the overflow series is still bound (the longer TTL).
+        s.unbind(own);
+        s.ring_closed(keep);
+        let t = s.get(own).expect("live").created_ns + 100 * MS;
+        s.sweep(t, |_| {});
+        assert!(s.get(own).is_none() && s.get(over).is_some());
+        assert_eq!((s.stats().services, s.stats().services_released), (1, 1));
+        assert_eq!(s.service("keep"), keep, "the same service");
+    }
+
+    #[test]
     fn a_stale_id_never_names_a_slot_made_again_after_compaction() {
         let mut s = ttl_store(5000, 5000);
         let svc = s.service("web");
