@@ -1770,6 +1770,8 @@ mod tests {
         s.sweep(t, |_| {});
         assert!(s.get(own).is_none() && s.get(over).is_some());
         assert_eq!((s.stats().services, s.stats().services_released), (1, 1));
+        assert!(s.service_index.contains_key("keep"), "kept");
+        assert!(!s.service_index.contains_key("idle"), "released");
         assert_eq!(s.service("keep"), keep, "the same service");
     }
 
