@@ -1262,6 +1262,29 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
+    /// `n` counters `req{l="0"}`, `req{l="1"}`, ... of service `web` (its ring open),
+    /// in slot order.
+    fn numbered(s: &mut Store, n: usize) -> (u32, Vec<SeriesId>) {
+        let svc = s.service("web");
+        s.ring_opened(svc);
+        let ids = (0..n)
+            .map(|i| series(s, svc, "req", &i.to_string()))
+            .collect();
+        (svc, ids)
+    }
+
+    /// Lets `ids` expire: unbound, exported at the first one's creation (after the
+    /// store's changes are taken), then a sweep 10 ms later; others stay as they are.
+    fn expire(s: &mut Store, ids: &[SeriesId]) -> Swept {
+        let t0 = s.get(ids[0]).expect("live").created_ns;
+        s.take_dirty();
+        for &id in ids {
+            s.unbind(id);
+            s.exported(id, None, t0);
+        }
+        s.sweep(t0 + 10 * MS, |_| {})
+    }
+
     #[test]
     fn an_idle_series_expires_with_its_final_value_and_frees_its_cap() {
         let mut s = ttl_store(2, 100);
@@ -1400,15 +1423,9 @@ mod tests {
                 panic!("fits");
             };
             assert_eq!(s.generation_at(id.index()), Some(id.generation()));
-            s.unbind(id);
             ids.push(id);
         }
-        let t0 = s.get(ids[0]).expect("live").created_ns;
-        s.take_dirty();
-        for &id in &ids {
-            s.exported(id, None, t0);
-        }
-        s.sweep(t0 + 10 * MS, |_| {});
+        assert_eq!(expire(&mut s, &ids).expired, 2);
         assert!(!s.set_f64(ids[0], 1.0));
         assert!(!s.add_f64(ids[0], 1.0));
         assert_eq!(s.observe_f64(ids[1], 1.0), Ok(false));
@@ -1549,20 +1566,9 @@ mod tests {
     #[test]
     fn a_sweep_that_frees_most_of_a_large_table_gives_the_tail_back() {
         let mut s = ttl_store(4000, 4000);
-        let svc = s.service("web");
-        s.ring_opened(svc);
-        let ids: Vec<SeriesId> = (0..2100)
-            .map(|i| series(&mut s, svc, "req", &i.to_string()))
-            .collect();
-        let t0 = s.get(ids[0]).expect("live").created_ns;
-        s.take_dirty();
+        let (svc, ids) = numbered(&mut s, 2100);
         // All but the first 100 expire: 2000 free slots of 2100, the whole tail.
-        for &id in &ids[100..] {
-            s.unbind(id);
-            s.exported(id, None, t0);
-        }
-        let swept = s.sweep(t0 + 10 * MS, |_| {});
-        assert_eq!(swept.expired, 2000);
+        assert_eq!(expire(&mut s, &ids[100..]).expired, 2000);
         assert_eq!(s.slots.len(), 100, "the free tail is dropped");
         assert_eq!(s.len(), 100);
         // A new series after the compaction gets a fresh id; the old ones stay stale.
@@ -1578,21 +1584,11 @@ mod tests {
     fn a_sweep_gives_memory_back_only_past_1024_free_slots_and_half_the_table() {
         // (slots, expired at the tail): exactly 1024 free of 1500, and 1050 free of
         // 2100 (exactly half): neither is past both bounds, so nothing is given back.
-        for (slots, expire) in [(1500usize, 1024usize), (2100, 1050)] {
+        for (slots, free) in [(1500usize, 1024usize), (2100, 1050)] {
             let mut s = ttl_store(4000, 4000);
-            let svc = s.service("web");
-            s.ring_opened(svc);
-            let ids: Vec<SeriesId> = (0..slots)
-                .map(|i| series(&mut s, svc, "req", &i.to_string()))
-                .collect();
-            let t0 = s.get(ids[0]).expect("live").created_ns;
-            s.take_dirty();
-            for &id in &ids[slots - expire..] {
-                s.unbind(id);
-                s.exported(id, None, t0);
-            }
-            assert_eq!(s.sweep(t0 + 10 * MS, |_| {}).expired as usize, expire);
-            assert_eq!(s.slots.len(), slots, "{expire} free of {slots}");
+            let (_, ids) = numbered(&mut s, slots);
+            assert_eq!(expire(&mut s, &ids[slots - free..]).expired as usize, free);
+            assert_eq!(s.slots.len(), slots, "{free} free of {slots}");
         }
     }
 
@@ -1612,11 +1608,7 @@ mod tests {
         s.ring_opened(svc);
         let a = series(&mut s, svc, "req", "a");
         let _b = series(&mut s, svc, "req", "b");
-        s.unbind(a);
-        let t0 = s.get(a).expect("live").created_ns;
-        s.take_dirty();
-        s.exported(a, None, t0);
-        assert_eq!(s.sweep(t0 + 10 * MS, |_| {}).expired, 1);
+        assert_eq!(expire(&mut s, &[a]).expired, 1);
         // "b" still holds one of the metric's two places.
         let c = series(&mut s, svc, "req", "c");
         let d = series(&mut s, svc, "req", "d");
@@ -1627,19 +1619,9 @@ mod tests {
     #[test]
     fn the_identities_remembered_after_expiring_are_the_latest_65536() {
         let mut s = ttl_store(70_000, 70_000);
-        let svc = s.service("web");
-        s.ring_opened(svc);
         let n = EXPIRED_REMEMBERED + 1;
-        let ids: Vec<SeriesId> = (0..n)
-            .map(|i| series(&mut s, svc, "req", &i.to_string()))
-            .collect();
-        let t0 = s.get(ids[0]).expect("live").created_ns;
-        s.take_dirty();
-        for &id in &ids {
-            s.unbind(id);
-            s.exported(id, None, t0);
-        }
-        assert_eq!(s.sweep(t0 + 10 * MS, |_| {}).expired as usize, n);
+        let (svc, ids) = numbered(&mut s, n);
+        assert_eq!(expire(&mut s, &ids).expired as usize, n);
         // The first to expire is forgotten, the second still remembered.
         let _ = series(&mut s, svc, "req", "0");
         assert_eq!(s.stats().recreated, 0);
@@ -1653,12 +1635,7 @@ mod tests {
         let svc = s.service("web");
         s.ring_opened(svc);
         let a = series(&mut s, svc, "req", "a");
-        s.unbind(a);
-        let t0 = s.get(a).expect("live").created_ns;
-        s.take_dirty();
-        s.exported(a, None, t0);
-        s.sweep(t0 + 10 * MS, |_| {});
-        assert!(s.get(a).is_none(), "expired");
+        assert_eq!(expire(&mut s, &[a]).expired, 1);
         // Other series, of the same name or another, are new ones.
         let _ = series(&mut s, svc, "req", "b");
         let _ = series(&mut s, svc, "other", "a");
