@@ -294,25 +294,19 @@ impl<R: Region> Writer<R> {
     /// them with anything staged by one store. The position is kept in a local and every
     /// field loaded before the slots' stores, so the loop stores each record and
     /// nothing else (a position kept in `self` is stored and loaded again around every
-    /// record: the compiler cannot tell that the slots' stores leave it alone). The slot
-    /// [`PREPARE_AHEAD`] records on is hinted to the region while the cached read
-    /// position shows it released, as a single push does.
+    /// record: the compiler cannot tell that the slots' stores leave it alone). Each
+    /// record is hinted as a single push's is ([`Self::put`]), whenever the cached read
+    /// position shows the slot [`PREPARE_AHEAD`] records on released.
     #[inline(always)]
     fn write_run(&mut self, n: u64, records: impl Iterator<Item = Record>) {
         let position = self.region.write_pos();
         let (mask, cached_read, roomy_below) = (self.mask, self.cached_read, self.roomy_below);
         let mut write = self.write;
         for record in records.take(n as usize) {
-            if write.wrapping_sub(cached_read) < roomy_below {
-                let ahead = write.wrapping_add(PREPARE_AHEAD);
-                self.region.prepare_write((ahead & mask) as usize);
-            }
-            let slot = (write & mask) as usize;
-            // SAFETY: masked by the private geometry, `slot < capacity`; `has_room(n)`
-            // showed `n` records fit from `self.write`, and at most `n` are written (the
-            // `take`), so this slot is not among those published and unread; we are the
-            // only writer (`&mut self`).
-            unsafe { self.region.write_slot(slot, record) };
+            let hint = write.wrapping_sub(cached_read) < roomy_below;
+            // SAFETY: `has_room(n)` showed `n` records fit from `self.write`, and at most
+            // `n` are written (the `take`); we are the only writer (`&mut self`).
+            unsafe { Self::put(&self.region, mask, write, record, hint) };
             write = write.wrapping_add(1);
         }
         self.write = write;
@@ -337,25 +331,39 @@ impl<R: Region> Writer<R> {
         position.store(next, Ordering::Release);
     }
 
-    /// Stores `record` in the slot of the write position and returns the next
-    /// position, once `has_room` or `roomy` showed `write - read < capacity`. With
-    /// `hint` (`roomy` said yes), first hints the slot [`PREPARE_AHEAD`] records on to
-    /// the region: the cached read position showed the consumer has released it, so
-    /// the hint never pulls a line the consumer is about to read away from it. Every
-    /// field is loaded before the slot's stores.
+    /// Stores `record` in the slot of the write position, hinting ahead when `hint`
+    /// (`roomy` said yes; see [`Self::put`]), and returns the next position, once
+    /// `has_room` or `roomy` showed `write - read < capacity`. Every field is loaded
+    /// before the slot's stores.
     #[inline(always)]
     fn write_next(&self, record: Record, hint: bool) -> u64 {
-        let write = self.write;
+        // SAFETY: `roomy` or `has_room` showed `write - read < capacity`; we are the only
+        // writer (the callers hold `&mut self`).
+        unsafe { Self::put(&self.region, self.mask, self.write, record, hint) };
+        self.write.wrapping_add(1)
+    }
+
+    /// Stores `record` in the slot of position `write` (`mask`: the geometry's), first
+    /// hinting the slot [`PREPARE_AHEAD`] records on to the region when `hint`: the
+    /// caller's cached read position showed the consumer has released it, so the hint
+    /// never pulls a line the consumer is about to read away from it. The one store of
+    /// a record, for the single and the batch paths; `mask` and `write` come in as
+    /// values so that a loop keeps them in registers.
+    ///
+    /// # Safety
+    ///
+    /// `mask` is this writer's geometry's, the caller showed `write - read < capacity`
+    /// (the slot is not among those published and unread) and is the only writer.
+    #[inline(always)]
+    unsafe fn put(region: &R, mask: u64, write: u64, record: Record, hint: bool) {
         if hint {
             let ahead = write.wrapping_add(PREPARE_AHEAD);
-            self.region.prepare_write((ahead & self.mask) as usize);
+            region.prepare_write((ahead & mask) as usize);
         }
-        let slot = (write & self.mask) as usize;
-        // SAFETY: masked by the private geometry, `slot < capacity`; `roomy` or
-        // `has_room` showed `write - read < capacity`, so this slot is not among those
-        // published and unread; we are the only writer (the callers hold `&mut self`).
-        unsafe { self.region.write_slot(slot, record) };
-        write.wrapping_add(1)
+        let slot = (write & mask) as usize;
+        // SAFETY: masked by the private geometry, `slot < capacity`; the caller's
+        // guarantees make the slot ours to write.
+        unsafe { region.write_slot(slot, record) };
     }
 }
 
