@@ -1447,11 +1447,8 @@ const GROUPS: [&str; 4] = [
     "metricsd_idle_pass",
 ];
 
-/// Whether `group` should set up at all: false only when every filter given names
-/// another group (`-- metricsd_drain/spans`), so a run under `valgrind --tool=callgrind`
-/// of one group does not also set up the others (their producers, child processes and
-/// clock reads). Any other filter is criterion's to match, and every group sets up.
-fn wanted(group: &str) -> bool {
+/// The filters criterion was given: its arguments but the options and their values.
+fn filters() -> Vec<String> {
     // Criterion's options that take a value as the next argument.
     const WITH_VALUE: [&str; 10] = [
         "--profile-time",
@@ -1474,6 +1471,15 @@ fn wanted(group: &str) -> bool {
             filters.push(arg);
         }
     }
+    filters
+}
+
+/// Whether `group` should set up at all: false only when every filter given names
+/// another group (`-- metricsd_drain/spans`), so a run under `valgrind --tool=callgrind`
+/// of one group does not also set up the others (their producers, child processes and
+/// clock reads). Any other filter is criterion's to match, and every group sets up.
+fn wanted(group: &str) -> bool {
+    let filters = filters();
     filters.is_empty()
         || !filters.iter().all(|f| {
             GROUPS
@@ -1494,10 +1500,7 @@ const INTERLEAVED_ENV: &str = "TELEMETRY_BENCH_INTERLEAVED";
 fn want_interleaved(group: &str) -> bool {
     match std::env::var(INTERLEAVED_ENV).as_deref() {
         Ok("1") => {
-            let filters: Vec<String> = std::env::args()
-                .skip(1)
-                .filter(|arg| !arg.starts_with("--"))
-                .collect();
+            let filters = filters();
             filters.is_empty() || filters.iter().any(|f| group.contains(f.as_str()))
         }
         Ok(_) => false,
