@@ -34,6 +34,9 @@ const OBSERVATIONS: u64 = 10_000;
 /// Iterations of the sealed producer in the guest: a million of each kind (six million
 /// records), as in the host test. The kernel argument `SEALED_SAMPLES=<n>`
 /// (`--kernel-arg`, which the init passes on in the environment) sets another count.
+/// At this count one of four boots on a host loaded by other builds made no visible
+/// progress in this step, cause not found (`README.md`, "Times"); this is the constant to
+/// lower if the step stalls.
 pub const SEALED_SAMPLES: u64 = 1_000_000;
 /// How long the sealed producer's totals may take to arrive; with the step's other
 /// waits this stays inside the ladder's 240 s for the step, so a failure is reported
