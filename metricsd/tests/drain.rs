@@ -5,15 +5,17 @@
 
 mod common;
 
-use std::sync::mpsc::Receiver;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::watchdog;
 use metricsd::aggregate::MetricKind;
-use metricsd::drain::{Drainer, IdlePolicy, NewRing, ReturnedRing};
+use metricsd::drain::{Command, Drainer, IdlePolicy, NewRing, ReturnedRing};
 use metricsd::export::ExportQueue;
 use metricsd::otlp::Batch;
+use metricsd::scrape::{Published, ScrapeStats, ScrapeTable};
 use metricsd::snapshot::{GrantStats, HealthSeries, Snapshot};
 use metricsd::{Class, Config, MemorySink, Reason};
 use telemetry_abi::{
@@ -422,7 +424,7 @@ fn exports_carry_counter_and_health_deltas_in_their_window() {
         .filter(|r| r.get("metric") == Some("metricsd.records.drained"))
         .map(|r| (field(r, "value"), field(r, "delta")))
         .collect();
-    // Two registrations and a sample, then two samples.
+    // A registration (a head and a data record) and a sample, then two samples.
     assert_eq!(drained, [("3", "3"), ("5", "2")]);
     let c = records
         .iter()
@@ -757,4 +759,95 @@ fn the_idle_policy_is_the_drain_section_of_the_config() {
             interval: Duration::from_millis(2500),
         }
     );
+}
+
+#[test]
+fn a_scrape_view_holds_the_series_and_the_scrape_endpoints_own_counters() {
+    watchdog();
+    let (mut d, _q) = drainer(&Config::default());
+    let stats = Arc::new(ScrapeStats::default());
+    stats.scrapes.store(3, Ordering::Relaxed);
+    d.set_scrape_stats(stats);
+    let (r, mut w) = ring(1, 1, 1, 64);
+    d.add_ring(r);
+    register(&mut w, 1, RegisterKind::COUNTER, "c");
+    push(&mut w, &[Record::counter(1, 5)]);
+    settle(&mut d);
+    let view = d.scrape_view(&mut ScrapeTable::new());
+    let series: Vec<(&str, u64)> = view.series().map(|s| (&*s.name, s.samples)).collect();
+    assert_eq!(series, [("c", 1)]);
+    assert_eq!(
+        health(view.health(), "metricsd.scrape.served"),
+        [(vec![], 3)]
+    );
+    let published = registration(1, RegisterKind::COUNTER, "c", &[]).len() as i128 + 1;
+    assert_eq!(
+        health(view.health(), "metricsd.records.drained"),
+        [(vec![], published)]
+    );
+}
+
+/// Asks the running drain loop for a snapshot.
+fn ask(tx: &Sender<Command>) -> Snapshot {
+    let (stx, srx) = std::sync::mpsc::channel();
+    tx.send(Command::Snapshot(stx)).expect("the loop runs");
+    srx.recv_timeout(common::WAIT).expect("a snapshot")
+}
+
+#[test]
+fn the_drain_loop_exports_when_asked_or_due_and_stops_on_shutdown() {
+    watchdog();
+    let (d, queue) = drainer(&Config::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    // An export interval no test waits for: every export here is asked for.
+    let policy = IdlePolicy {
+        min: Duration::from_micros(100),
+        max: Duration::from_millis(2),
+        deep_after: Duration::from_secs(3600),
+        deep: Duration::from_millis(10),
+        interval: Duration::from_secs(3600),
+    };
+    let published = Arc::new(Published::new());
+    let running = {
+        let published = published.clone();
+        std::thread::spawn(move || metricsd::drain::run(d, rx, policy, Some(published)))
+    };
+    let (r, mut w) = ring(1, 1, 1, 64);
+    tx.send(Command::AddRing(r)).expect("the loop runs");
+    register(&mut w, 1, RegisterKind::COUNTER, "c");
+    push(&mut w, &[Record::counter(1, 5)]);
+    let snap = loop {
+        let snap = ask(&tx);
+        if snap.counter(SERVICE, "c", &[]) == Some(5) {
+            break snap;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(snap.drain.exports, 0, "none due, none asked for");
+    let first = published.latest().expect("published at the start");
+    assert_eq!(first.series().count(), 0);
+
+    let (etx, erx) = std::sync::mpsc::channel();
+    tx.send(Command::ExportNow(etx)).expect("the loop runs");
+    erx.recv_timeout(common::WAIT).expect("the export");
+    assert_eq!(ask(&tx).drain.exports, 1, "one export, the one asked for");
+    let view = published.latest().expect("published at the export");
+    assert_eq!(view.series().map(|s| &*s.name).collect::<Vec<_>>(), ["c"]);
+
+    // Idle by now: the shutdown reaches the loop in its sleep.
+    std::thread::sleep(Duration::from_millis(20));
+    tx.send(Command::Shutdown).expect("the loop runs");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(running.join().is_ok());
+    });
+    assert_eq!(done_rx.recv_timeout(common::WAIT), Ok(true), "stopped");
+    let records = exported(&queue);
+    let counter: Vec<&str> = records
+        .iter()
+        .filter(|r| r.get("metric") == Some("c"))
+        .map(|r| field(r, "value"))
+        .collect();
+    // The export asked for; the one at shutdown has nothing new for `c`.
+    assert_eq!(counter, ["5"]);
 }
