@@ -834,8 +834,17 @@ fn the_drain_loop_exports_when_asked_or_due_and_stops_on_shutdown() {
     let view = published.latest().expect("published at the export");
     assert_eq!(view.series().map(|s| &*s.name).collect::<Vec<_>>(), ["c"]);
 
-    // Idle by now: the shutdown reaches the loop in its sleep.
-    std::thread::sleep(Duration::from_millis(20));
+    // Idle: each empty pass doubles the sleep before the next (from 100 us to 2 ms), so
+    // 300 ms without records take a few hundred passes at most, however slow or fast
+    // the machine (a loop that did not back off would pass thousands of times).
+    let before = ask(&tx).drain.passes;
+    std::thread::sleep(Duration::from_millis(300));
+    let idle_passes = ask(&tx).drain.passes - before;
+    assert!(
+        idle_passes <= 300,
+        "{idle_passes} passes in 300 ms of idleness"
+    );
+    // The shutdown reaches the loop in its sleep.
     tx.send(Command::Shutdown).expect("the loop runs");
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
