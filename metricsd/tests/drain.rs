@@ -32,21 +32,9 @@ fn drainer(config: &Config) -> (Drainer, Arc<ExportQueue>) {
     (Drainer::new(config, queue.clone(), grant), queue)
 }
 
-/// A ring as the grant server makes it (service [`SERVICE`]), and its producer's writer.
+/// A ring of service [`SERVICE`], and its producer's writer.
 fn ring(id: u32, connection: u64, epoch: u64, capacity: u64) -> (NewRing, Writer<MemfdRegion>) {
-    let region =
-        MemfdRegion::create("drain", Geometry::new(capacity).expect("pow2"), epoch).expect("memfd");
-    let fd = region.fd().try_clone_to_owned().expect("dup");
-    let writer = Writer::new(MemfdRegion::attach(fd).expect("attach"));
-    let ring = NewRing {
-        id,
-        connection,
-        service: Arc::from(SERVICE),
-        region,
-        epoch,
-        logged: None,
-    };
-    (ring, writer)
+    common::new_ring(id, connection, SERVICE, epoch, capacity)
 }
 
 fn registration(key: u32, what: RegisterKind, name: &str, labels: &[(&str, &str)]) -> Vec<Record> {

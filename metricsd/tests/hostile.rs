@@ -9,7 +9,7 @@ use metricsd::drain::{Drainer, NewRing};
 use metricsd::export::ExportQueue;
 use metricsd::snapshot::GrantStats;
 use metricsd::{Class, Reason};
-use telemetry_abi::{Geometry, Record, RecordKind, RegisterKind, SpanStatus};
+use telemetry_abi::{Record, RecordKind, RegisterKind, SpanStatus};
 use telemetry_ring::{MemfdRegion, Region, Writer};
 
 #[test]
@@ -117,21 +117,9 @@ fn a_quarantined_ring_leaves_other_rings_exact() {
     daemon.shutdown();
 }
 
-/// A ring created as the grant server would, plus the producer's own mapping.
+/// Ring `id` of connection `id`, service `s<id>`.
 fn ring(id: u32, capacity: u64) -> (NewRing, Writer<MemfdRegion>) {
-    let region =
-        MemfdRegion::create("test", Geometry::new(capacity).expect("pow2"), 1).expect("memfd");
-    let fd = region.fd().try_clone_to_owned().expect("dup");
-    let writer = Writer::new(MemfdRegion::attach(fd).expect("attach"));
-    let ring = NewRing {
-        id,
-        connection: u64::from(id),
-        service: Arc::from(format!("s{id}")),
-        region,
-        epoch: 1,
-        logged: None,
-    };
-    (ring, writer)
+    common::new_ring(id, u64::from(id), &format!("s{id}"), 1, capacity)
 }
 
 #[test]

@@ -85,6 +85,30 @@ pub fn start(config: Config, services: &[&str]) -> (DaemonHandle, MemorySink) {
     (daemon, sink)
 }
 
+/// A ring made as the grant server makes one (a sealed memfd, `epoch` in its header),
+/// to hand to a `Drainer` directly, and its producer's writer over a second mapping.
+pub fn new_ring(
+    id: u32,
+    connection: u64,
+    service: &str,
+    epoch: u64,
+    capacity: u64,
+) -> (metricsd::drain::NewRing, Writer<MemfdRegion>) {
+    let geometry = telemetry_abi::Geometry::new(capacity).expect("a power of two");
+    let region = MemfdRegion::create("test", geometry, epoch).expect("memfd");
+    let fd = region.fd().try_clone_to_owned().expect("dup");
+    let writer = Writer::new(MemfdRegion::attach(fd).expect("attach"));
+    let ring = metricsd::drain::NewRing {
+        id,
+        connection,
+        service: std::sync::Arc::from(service),
+        region,
+        epoch,
+        logged: None,
+    };
+    (ring, writer)
+}
+
 /// A producer's control connection.
 pub struct Control {
     pub fd: OwnedFd,
