@@ -598,29 +598,8 @@ impl Drainer {
         if let Some(r) = &mut self.retention {
             // A window the disk has from after the checkpoint that logged it was
             // closed and written since: the disk's copy is the newer one.
-            let mut from = windows.closed_at;
-            for (_, at) in &windows.open {
-                for (f, a) in from.iter_mut().zip(at) {
-                    *f = (*f).min(*a);
-                }
-            }
-            let on_disk = r.written_since(from);
-            let newer = |p: &crate::rollup::Point, at: &[(u64, u64); 3]| {
-                on_disk
-                    .get(&(p.series.clone(), p.resolution.0, p.start_ns))
-                    .is_some_and(|w| *w >= at[usize::from(p.resolution.0)])
-            };
-            let open = windows
-                .open
-                .into_iter()
-                .filter(|(p, at)| !newer(p, at))
-                .map(|(p, _)| p)
-                .collect();
-            let closed = windows
-                .closed
-                .into_iter()
-                .filter(|p| !newer(p, &windows.closed_at))
-                .collect();
+            let on_disk = r.written_since(windows.earliest());
+            let (open, closed) = windows.to_restore(&on_disk);
             for id in self.store.ids().collect::<Vec<_>>() {
                 if let Some(s) = self.store.get(id) {
                     r.prime(s);

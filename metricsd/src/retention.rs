@@ -490,10 +490,7 @@ impl Retention {
 
     /// Every window on disk at or after `from` (per resolution), keyed by series,
     /// resolution and start, with where it is (segment sequence number, frame index).
-    pub fn written_since(
-        &self,
-        from: [(u64, u64); 3],
-    ) -> std::collections::HashMap<(Arc<str>, u8, u64), (u64, u64)> {
+    pub fn written_since(&self, from: [(u64, u64); 3]) -> crate::wal::WrittenWindows {
         let mut out = std::collections::HashMap::new();
         for res in Resolution::ALL {
             let (seq0, frame0) = from[usize::from(res.0)];

@@ -287,6 +287,51 @@ pub struct LoggedWindows {
     pub closed_at: [(u64, u64); 3],
 }
 
+/// Where the retention store holds a window: (series, resolution index, start) to its
+/// place on disk (segment sequence number, frame index).
+pub type WrittenWindows = HashMap<(Arc<str>, u8, u64), (u64, u64)>;
+
+impl LoggedWindows {
+    /// The earliest checkpoint position per resolution: no window written before it
+    /// can be newer than a logged one.
+    pub fn earliest(&self) -> Positions {
+        let mut from = self.closed_at;
+        for (_, at) in &self.open {
+            for (f, a) in from.iter_mut().zip(at) {
+                *f = (*f).min(*a);
+            }
+        }
+        from
+    }
+
+    /// The windows to put back into the retention store, open and closed: each one the
+    /// disk does not hold at or after the place its checkpoint recorded (a copy written
+    /// there is newer than the log's; one written before it, older).
+    pub fn to_restore(
+        self,
+        on_disk: &WrittenWindows,
+    ) -> (Vec<crate::rollup::Point>, Vec<crate::rollup::Point>) {
+        let newer = |p: &crate::rollup::Point, at: &Positions| {
+            on_disk
+                .get(&(p.series.clone(), p.resolution.0, p.start_ns))
+                .is_some_and(|w| *w >= at[usize::from(p.resolution.0)])
+        };
+        let open = self
+            .open
+            .into_iter()
+            .filter(|(p, at)| !newer(p, at))
+            .map(|(p, _)| p)
+            .collect();
+        let closed_at = self.closed_at;
+        let closed = self
+            .closed
+            .into_iter()
+            .filter(|p| !newer(p, &closed_at))
+            .collect();
+        (open, closed)
+    }
+}
+
 #[derive(Debug, Default)]
 struct ReplayState {
     /// Open windows by series identity (the latest checkpoint of each series).
@@ -1075,6 +1120,59 @@ impl Wal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rollup::{Agg, Point, Resolution};
+
+    fn window(series: &str, resolution: u8, start_ns: u64) -> Point {
+        Point {
+            series: Arc::from(series),
+            resolution: Resolution(resolution),
+            start_ns,
+            agg: Agg::Counter { delta: 1 },
+        }
+    }
+
+    fn names(points: &[Point]) -> Vec<&str> {
+        points.iter().map(|p| &*p.series).collect()
+    }
+
+    #[test]
+    fn logged_windows_come_back_unless_the_disk_wrote_them_after_their_checkpoint() {
+        let early = [(3, 5), (2, 0), (1, 9)];
+        let late = [(4, 1), (2, 3), (1, 9)];
+        let logged = LoggedWindows {
+            open: vec![
+                (window("a", 0, 100), early),
+                (window("b", 0, 100), late),
+                (window("c", 1, 200), late),
+                (window("d", 2, 300), early),
+                (window("e", 1, 100), early),
+            ],
+            closed: vec![window("f", 0, 100), window("g", 1, 100)],
+            closed_at: [(4, 0), (2, 2), (1, 9)],
+        };
+        assert_eq!(logged.earliest(), [(3, 5), (2, 0), (1, 9)]);
+        let on_disk: WrittenWindows = [
+            // At its checkpoint's place: written after it, the disk's copy wins.
+            (("a", 0, 100), (3, 5)),
+            // Before its checkpoint's place: an older copy.
+            (("b", 0, 100), (3, 7)),
+            // Another resolution's window of the same series and start.
+            (("b", 1, 100), (9, 9)),
+            // After the place of its own resolution (2, 3), before resolution 0's.
+            (("c", 1, 200), (2, 5)),
+            (("d", 2, 300), (1, 8)),
+            // Another start.
+            (("e", 1, 200), (9, 9)),
+            (("f", 0, 100), (4, 0)),
+            (("g", 1, 100), (2, 1)),
+        ]
+        .into_iter()
+        .map(|((s, r, t), at)| ((Arc::from(s), r, t), at))
+        .collect();
+        let (open, closed) = logged.to_restore(&on_disk);
+        assert_eq!(names(&open), ["b", "d", "e"]);
+        assert_eq!(names(&closed), ["g"]);
+    }
 
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut b = Vec::new();
