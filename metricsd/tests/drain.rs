@@ -37,6 +37,13 @@ fn ring(id: u32, connection: u64, epoch: u64, capacity: u64) -> (NewRing, Writer
     common::new_ring(id, connection, SERVICE, epoch, capacity)
 }
 
+/// Ring 1 of connection 1 (64 records), added to `d`: its writer.
+fn first_ring(d: &mut Drainer) -> Writer<MemfdRegion> {
+    let (r, w) = ring(1, 1, 1, 64);
+    d.add_ring(r);
+    w
+}
+
 fn registration(key: u32, what: RegisterKind, name: &str, labels: &[(&str, &str)]) -> Vec<Record> {
     let mut out = [Record::default(); MAX_REGISTER_RECORDS];
     let n = encode_registration(key, what, name, labels, &mut out).expect("a valid registration");
@@ -76,8 +83,7 @@ fn samples(snap: &Snapshot, kind: MetricKind, name: &str) -> u64 {
 fn float_samples_set_add_and_observe_and_non_finite_ones_are_refused() {
     watchdog();
     let (mut d, _q) = drainer(&Config::default());
-    let (r, mut w) = ring(1, 1, 1, 64);
-    d.add_ring(r);
+    let mut w = first_ring(&mut d);
     register(&mut w, 1, RegisterKind::GAUGE, "g");
     register(&mut w, 2, RegisterKind::HISTOGRAM, "h");
     push(
@@ -105,8 +111,7 @@ fn float_samples_set_add_and_observe_and_non_finite_ones_are_refused() {
 fn a_metric_description_is_a_registration_like_any_other() {
     watchdog();
     let (mut d, _q) = drainer(&Config::default());
-    let (r, mut w) = ring(1, 1, 1, 64);
-    d.add_ring(r);
+    let mut w = first_ring(&mut d);
     push(
         &mut w,
         &registration(
@@ -134,8 +139,7 @@ fn a_sample_on_a_refused_series_counts_as_series_cap() {
     config.series.max_per_metric = 1;
     config.series.max_overflow = 0;
     let (mut d, _q) = drainer(&config);
-    let (r, mut w) = ring(1, 1, 1, 64);
-    d.add_ring(r);
+    let mut w = first_ring(&mut d);
     push(
         &mut w,
         &registration(1, RegisterKind::COUNTER, "c", &[("k", "a")]),
@@ -176,8 +180,7 @@ fn expire(d: &mut Drainer, n: u64) {
 fn samples_on_expired_series_make_them_again_with_their_kind() {
     watchdog();
     let (mut d, _q) = drainer(&expiring());
-    let (r, mut w) = ring(1, 1, 1, 64);
-    d.add_ring(r);
+    let mut w = first_ring(&mut d);
     register(&mut w, 1, RegisterKind::COUNTER, "c");
     register(&mut w, 2, RegisterKind::GAUGE, "g");
     register(&mut w, 3, RegisterKind::HISTOGRAM, "h");
@@ -216,8 +219,7 @@ fn samples_on_expired_series_make_them_again_with_their_kind() {
 fn a_span_ending_after_its_duration_series_expired_is_observed_again() {
     watchdog();
     let (mut d, _q) = drainer(&expiring());
-    let (r, mut w) = ring(1, 1, 1, 64);
-    d.add_ring(r);
+    let mut w = first_ring(&mut d);
     register(&mut w, 1, RegisterKind::SPAN, "op");
     push(&mut w, &[Record::span_start(1, 5, 0, 100)]);
     settle(&mut d);
@@ -244,8 +246,7 @@ fn with_otlp(config: &Config) -> (Drainer, Receiver<Batch>) {
 fn a_span_open_takes_only_its_own_trace_record() {
     watchdog();
     let (mut d, rx) = with_otlp(&Config::default());
-    let (r, mut w) = ring(1, 1, 1, 64);
-    d.add_ring(r);
+    let mut w = first_ring(&mut d);
     register(&mut w, 1, RegisterKind::SPAN, "op");
     register(&mut w, 2, RegisterKind::SPAN, "other");
     push(
@@ -314,8 +315,7 @@ fn a_close_read_before_its_open_is_observed_once() {
 fn attributes_keep_their_sign_and_otlp_batches_carry_the_clock_offset() {
     watchdog();
     let (mut d, rx) = with_otlp(&Config::default());
-    let (r, mut w) = ring(1, 1, 1, 64);
-    d.add_ring(r);
+    let mut w = first_ring(&mut d);
     register(&mut w, 1, RegisterKind::SPAN, "op");
     register(&mut w, 2, RegisterKind::ATTR, "delta");
     register(&mut w, 3, RegisterKind::ATTR, "size");
@@ -386,8 +386,7 @@ fn field<'a>(r: &'a logd::Record, key: &str) -> &'a str {
 fn exports_carry_counter_and_health_deltas_in_their_window() {
     watchdog();
     let (mut d, queue) = drainer(&Config::default());
-    let (r, mut w) = ring(1, 1, 1, 64);
-    d.add_ring(r);
+    let mut w = first_ring(&mut d);
     register(&mut w, 1, RegisterKind::COUNTER, "c");
     push(&mut w, &[Record::counter(1, 10)]);
     settle(&mut d);
@@ -429,8 +428,7 @@ fn exports_carry_counter_and_health_deltas_in_their_window() {
 fn rejects_are_counted_by_class() {
     watchdog();
     let (mut d, _q) = drainer(&Config::default());
-    let (r, mut w) = ring(1, 1, 1, 64);
-    d.add_ring(r);
+    let mut w = first_ring(&mut d);
     push(&mut w, &[Record::counter(1, 1), Record::counter(2, 1)]);
     settle(&mut d);
     assert_eq!(d.rejects_in(Class::InvalidArgs), 2);
@@ -662,8 +660,7 @@ fn lag_is_what_the_budget_left_and_the_longest_pass_is_in_microseconds() {
     let mut config = Config::default();
     config.drain.budget = 4;
     let (mut d, _q) = drainer(&config);
-    let (r, mut w) = ring(1, 1, 1, 64);
-    d.add_ring(r);
+    let mut w = first_ring(&mut d);
     register(&mut w, 1, RegisterKind::COUNTER, "c");
     push(&mut w, &[Record::counter(1, 1); 10]);
     assert_eq!(d.pass(), 4);
@@ -756,8 +753,7 @@ fn a_scrape_view_holds_the_series_and_the_scrape_endpoints_own_counters() {
     let stats = Arc::new(ScrapeStats::default());
     stats.scrapes.store(3, Ordering::Relaxed);
     d.set_scrape_stats(stats);
-    let (r, mut w) = ring(1, 1, 1, 64);
-    d.add_ring(r);
+    let mut w = first_ring(&mut d);
     register(&mut w, 1, RegisterKind::COUNTER, "c");
     push(&mut w, &[Record::counter(1, 5)]);
     settle(&mut d);
