@@ -1212,6 +1212,18 @@ mod tests {
     }
 
     #[test]
+    fn opening_a_torn_log_counts_its_bad_frame() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = start(3);
+        bytes.extend_from_slice(&[1, 2, 3]);
+        fs::write(dir.path().join("wal-1.log"), &bytes).expect("write");
+        let mut store = expiring_store();
+        let opened = Wal::open(dir.path(), 1 << 20, &mut store).expect("replay");
+        assert_eq!(opened.wal.stats().replay_bad_frames, 1);
+        assert!(opened.epoch_base >= 4 << 32);
+    }
+
+    #[test]
     fn a_retired_ring_is_not_returnable_and_positions_follow_the_last_pass() {
         let mut bytes = Vec::new();
         for epoch in [7u64, 8] {
