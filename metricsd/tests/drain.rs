@@ -1,7 +1,9 @@
-//! The drain loop driven directly (no daemon, no threads but an exporter's): float
-//! samples, metadata, refused and expired series, v1.1 span records, exports and their
-//! deltas, the write-ahead log's release of ring slots, returned rings, closed
-//! connections, the producer violations and the health series that report them.
+//! The drain loop driven directly, without a daemon (threads only for an exporter and,
+//! in the last test, `drain::run` itself): float samples, metadata, refused and expired
+//! series, v1.1 span records, exports and their deltas, the write-ahead log's release
+//! of ring slots, returned rings, closed connections, the producer violations and the
+//! health series that report them, scrape views, and the loop's commands and idle
+//! back-off.
 
 mod common;
 
