@@ -41,21 +41,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use logd::{Client, Config, Level, Record, RunningServer, Server};
+use telemetry_benches::want_interleaved;
 
 /// Records per round.
 const N: u64 = 100;
 /// Rounds of the interleaved pass.
 const INTERLEAVED_ROUNDS: usize = 25;
-
-/// The interleaved pass runs after a plain full run (no filter, no options), or with
-/// `TELEMETRY_BENCH_INTERLEAVED=1`; `=0` skips it.
-fn want_interleaved() -> bool {
-    match std::env::var("TELEMETRY_BENCH_INTERLEAVED").as_deref() {
-        Ok("1") => true,
-        Ok(_) => false,
-        Err(_) => std::env::args().skip(1).all(|arg| arg == "--bench"),
-    }
-}
 
 /// Clients of the group-commit contender.
 const CLIENTS: usize = 4;

@@ -62,7 +62,10 @@ use metricsd::snapshot::GrantStats;
 use metricsd::{Daemon, DaemonHandle, MemorySink, Snapshot, Value};
 use nexus_metrics::{ClaimError, RingInfo, RingSource};
 use telemetry_abi::{Geometry, MAX_REGISTER_RECORDS, Record, RegisterKind, SpanStatus};
-use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, interleave, paired, pin, summary};
+use telemetry_benches::{
+    CONSUMER_CPU, INTERLEAVED_ENV, NO_PIN_ENV, PRODUCER_CPU, interleave, paired, pin,
+    plain_full_run, summary,
+};
 use telemetry_ring::{MemfdRegion, Reader, Writer};
 
 /// Set in the environment of the re-executed bench binary: it is a child producer of
@@ -1487,9 +1490,6 @@ fn wanted(group: &str) -> bool {
                 .any(|g| *g != group && (f == g || f.starts_with(&format!("{g}/"))))
         })
 }
-/// Set to `1` to run the interleaved passes even when criterion got arguments (a
-/// filter), or to `0` to skip them.
-const INTERLEAVED_ENV: &str = "TELEMETRY_BENCH_INTERLEAVED";
 
 /// Criterion runs one benchmark after the other, and on a shared VM the cost of a
 /// cache-line transfer between the two vCPUs drifts over seconds to minutes. After each
@@ -1504,7 +1504,7 @@ fn want_interleaved(group: &str) -> bool {
             filters.is_empty() || filters.iter().any(|f| group.contains(f.as_str()))
         }
         Ok(_) => false,
-        Err(_) => std::env::args().skip(1).all(|arg| arg == "--bench"),
+        Err(_) => plain_full_run(),
     }
 }
 

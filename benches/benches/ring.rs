@@ -60,7 +60,9 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 use telemetry_abi::{Geometry, Record};
-use telemetry_benches::{CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, interleave, paired, pin, summary};
+use telemetry_benches::{
+    CONSUMER_CPU, NO_PIN_ENV, PRODUCER_CPU, interleave, paired, pin, summary, want_interleaved,
+};
 use telemetry_ring::{HeapRegion, MemfdRegion, Reader, Region, Writer};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -1008,9 +1010,6 @@ const INTERLEAVED_RECORDS: u64 = 1 << 19;
 const INTERLEAVED_ROUNDS: usize = 201;
 /// Rounds of the interleaved pass's record sizes (their differences are large).
 const SIZE_ROUNDS: usize = 15;
-/// Set to `1` to run the interleaved pass even when criterion got arguments (a filter),
-/// or to `0` to skip it.
-const INTERLEAVED_ENV: &str = "TELEMETRY_BENCH_INTERLEAVED";
 /// Set to a number of rounds for the interleaved pass's ring contenders.
 const ROUNDS_ENV: &str = "TELEMETRY_BENCH_ROUNDS";
 
@@ -1110,16 +1109,6 @@ fn interleaved() {
         let text = summary(&mut sizes[i]);
         let median = sizes[i][sizes[i].len() / 2];
         println!("| {name} | {text} | {:.2} |", *bytes as f64 / median);
-    }
-}
-
-/// Whether to run the interleaved pass: by default only on a plain full run
-/// (`cargo bench ... --bench ring`, no filter or other options).
-fn want_interleaved() -> bool {
-    match std::env::var(INTERLEAVED_ENV).as_deref() {
-        Ok("1") => true,
-        Ok(_) => false,
-        Err(_) => std::env::args().skip(1).all(|arg| arg == "--bench"),
     }
 }
 

@@ -8,6 +8,26 @@ pub const CONSUMER_CPU: usize = 1;
 /// Set in the environment to leave threads unpinned (to compare).
 pub const NO_PIN_ENV: &str = "TELEMETRY_BENCH_NO_PIN";
 
+/// Set to `1` to run a bench's interleaved pass even when criterion got arguments (a
+/// filter), or to `0` to skip it.
+pub const INTERLEAVED_ENV: &str = "TELEMETRY_BENCH_INTERLEAVED";
+
+/// Whether the bench binary runs as a plain full run (`cargo bench ... --bench <name>`:
+/// no filter, no other option).
+pub fn plain_full_run() -> bool {
+    std::env::args().skip(1).all(|arg| arg == "--bench")
+}
+
+/// Whether to run a bench's interleaved pass: as [`INTERLEAVED_ENV`] says, and when it
+/// is unset only on a plain full run.
+pub fn want_interleaved() -> bool {
+    match std::env::var(INTERLEAVED_ENV).as_deref() {
+        Ok("1") => true,
+        Ok(_) => false,
+        Err(_) => plain_full_run(),
+    }
+}
+
 /// Pins the calling thread (and the threads and child processes it starts afterwards,
 /// which inherit its affinity) to `cpu`, unless `TELEMETRY_BENCH_NO_PIN` is set. Best
 /// effort: on a machine without `cpu` the call fails and the thread keeps its affinity
