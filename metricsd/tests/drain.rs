@@ -12,7 +12,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::watchdog;
+use common::{registration, watchdog};
 use metricsd::aggregate::MetricKind;
 use metricsd::drain::{Command, Drainer, IdlePolicy, NewRing, ReturnedRing};
 use metricsd::export::ExportQueue;
@@ -20,10 +20,7 @@ use metricsd::otlp::Batch;
 use metricsd::scrape::{Published, ScrapeStats, ScrapeTable};
 use metricsd::snapshot::{GrantStats, HealthSeries, Snapshot};
 use metricsd::{Class, Config, MemorySink, Reason};
-use telemetry_abi::{
-    AttrValueType, Geometry, GrantStatus, MAX_REGISTER_RECORDS, Record, RegisterKind, SpanStatus,
-    encode_registration,
-};
+use telemetry_abi::{AttrValueType, Geometry, GrantStatus, Record, RegisterKind, SpanStatus};
 use telemetry_ring::{MemfdRegion, Region, Writer};
 
 const SERVICE: &str = "svc";
@@ -44,12 +41,6 @@ fn first_ring(d: &mut Drainer) -> Writer<MemfdRegion> {
     let (r, w) = ring(1, 1, 1, 64);
     d.add_ring(r);
     w
-}
-
-fn registration(key: u32, what: RegisterKind, name: &str, labels: &[(&str, &str)]) -> Vec<Record> {
-    let mut out = [Record::default(); MAX_REGISTER_RECORDS];
-    let n = encode_registration(key, what, name, labels, &mut out).expect("a valid registration");
-    out[..n].to_vec()
 }
 
 fn push(w: &mut Writer<MemfdRegion>, records: &[Record]) {

@@ -18,10 +18,7 @@ use nexus_metrics::{
     ClaimError, Config, Counter, DropReason, Histogram, RingSource, SocketSource, counter,
     histogram,
 };
-use telemetry_abi::{
-    GrantStatus, MAX_REGISTER_RECORDS, Record, RecordKind, RegisterKind, SpanStatus,
-    encode_registration,
-};
+use telemetry_abi::{GrantStatus, Record, RecordKind, RegisterKind, SpanStatus};
 use telemetry_ring::{MemfdRegion, Region, Writer};
 use zerocopy::FromBytes;
 
@@ -335,10 +332,8 @@ fn wait_consumed(writer: &Writer<MemfdRegion>) {
 }
 
 fn register(writer: &mut Writer<MemfdRegion>, key: u32, name: &str, labels: &[(&str, &str)]) {
-    let mut out = [Record::default(); MAX_REGISTER_RECORDS];
-    let n = encode_registration(key, RegisterKind::COUNTER, name, labels, &mut out)
-        .expect("a valid registration");
-    writer.push_all(&out[..n]).expect("room");
+    let records = e2e_support::registration(key, RegisterKind::COUNTER, name, labels);
+    writer.push_all(&records).expect("room");
 }
 
 #[test]

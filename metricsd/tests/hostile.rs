@@ -43,11 +43,8 @@ fn malformed_records_are_rejected_and_counted_by_reason() {
     r.register(1, RegisterKind::COUNTER, "other", &[]); // conflicting re-registration
     r.register(1, RegisterKind::COUNTER, "c", &[]); // identical: fine
     // A registration head with its data missing, interrupted by a sample.
-    let mut out = [Record::default(); telemetry_abi::MAX_REGISTER_RECORDS];
-    let n =
-        telemetry_abi::encode_registration(3, RegisterKind::COUNTER, "x", &[("k", "v")], &mut out)
-            .expect("valid");
-    assert!(n >= 2);
+    let out = common::registration(3, RegisterKind::COUNTER, "x", &[("k", "v")]);
+    assert!(out.len() >= 2);
     r.push(out[0]);
     r.push(Record::counter(1, 7)); // interrupts, then counts
     r.push(Record::counter(1, 1));
@@ -137,11 +134,9 @@ fn a_flooding_ring_does_not_starve_a_quiet_one() {
     let (quiet_ring, mut quiet) = ring(2, 64);
     d.add_ring(flood_ring);
     d.add_ring(quiet_ring);
-    let mut reg = [Record::default(); telemetry_abi::MAX_REGISTER_RECORDS];
-    let n = telemetry_abi::encode_registration(1, RegisterKind::COUNTER, "c", &[], &mut reg)
-        .expect("valid");
-    flood.push_all(&reg[..n]).expect("room");
-    quiet.push_all(&reg[..n]).expect("room");
+    let reg = common::registration(1, RegisterKind::COUNTER, "c", &[]);
+    flood.push_all(&reg).expect("room");
+    quiet.push_all(&reg).expect("room");
     for _ in 0..1000 {
         flood.push(Record::counter(1, 1)).expect("room");
     }
@@ -151,11 +146,11 @@ fn a_flooding_ring_does_not_starve_a_quiet_one() {
     // One pass: the quiet ring is fully served; the flood got exactly its budget.
     let consumed = d.pass();
     let snap = d.snapshot();
-    assert_eq!(consumed, 8 + n as u64 + 3);
+    assert_eq!(consumed, 8 + reg.len() as u64 + 3);
     assert_eq!(snap.counter("s2", "c", &[]), Some(3));
     let flood_snap = snap.rings.iter().find(|r| r.id == 1).expect("ring 1");
     assert_eq!(flood_snap.consumed, 8);
-    assert_eq!(flood_snap.pending, 1000 + n as u64 - 8);
+    assert_eq!(flood_snap.pending, 1000 + reg.len() as u64 - 8);
     assert_eq!(snap.drain.lag, flood_snap.pending);
     // The rest arrives over later passes, exactly.
     while d.pass() > 0 {}
@@ -176,14 +171,13 @@ fn key_table_and_live_span_caps_are_over_limit() {
     );
     let (r, mut w) = ring(1, 256);
     d.add_ring(r);
-    let mut reg = [Record::default(); telemetry_abi::MAX_REGISTER_RECORDS];
     for (key, kind, name) in [
         (1, RegisterKind::SPAN, "a"),
         (2, RegisterKind::COUNTER, "b"),
         (3, RegisterKind::COUNTER, "c"),
     ] {
-        let n = telemetry_abi::encode_registration(key, kind, name, &[], &mut reg).expect("ok");
-        w.push_all(&reg[..n]).expect("room");
+        let reg = common::registration(key, kind, name, &[]);
+        w.push_all(&reg).expect("room");
     }
     w.push(Record::span_start(1, 1, 0, 0)).expect("room");
     w.push(Record::span_start(1, 2, 0, 0)).expect("room");

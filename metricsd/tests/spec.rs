@@ -5,23 +5,16 @@
 
 mod common;
 
-use common::{Control, WAIT, config, start, watchdog};
+use common::{Control, WAIT, config, registration, start, watchdog};
 use metricsd::{Class, Reason};
 use telemetry_abi::{
     AttrValueType, CONSUMER_FLAGS_OFFSET, DROPPED_OFFSET, GrantOp, GrantRequest, GrantStatus,
-    MAX_REGISTER_RECORDS, PRODUCER_LINE_OFFSET, READ_POS_OFFSET, RECORDS_OFFSET, Record,
-    RecordKind, RegisterKind, SpanStatus, WRITE_POS_OFFSET, encode_registration,
+    PRODUCER_LINE_OFFSET, READ_POS_OFFSET, RECORDS_OFFSET, Record, RecordKind, RegisterKind,
+    SpanStatus, WRITE_POS_OFFSET,
 };
 use telemetry_ring::Region;
 use telemetry_ring::sync::Ordering;
 use zerocopy::IntoBytes;
-
-/// The records of a registration.
-fn registration(key: u32, what: RegisterKind, name: &str, labels: &[(&str, &str)]) -> Vec<Record> {
-    let mut out = [Record::default(); MAX_REGISTER_RECORDS];
-    let n = encode_registration(key, what, name, labels, &mut out).expect("valid");
-    out[..n].to_vec()
-}
 
 #[test]
 fn reserved_words_are_ignored_in_samples_spans_and_registrations() {

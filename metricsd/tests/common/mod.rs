@@ -167,6 +167,18 @@ impl Control {
     }
 }
 
+/// The records of a registration of `key` as `what` named `name` with `labels`.
+pub fn registration(
+    key: u32,
+    what: RegisterKind,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Vec<Record> {
+    let mut out = [Record::default(); MAX_REGISTER_RECORDS];
+    let n = encode_registration(key, what, name, labels, &mut out).expect("valid registration");
+    out[..n].to_vec()
+}
+
 /// A granted ring, written directly.
 pub struct Ring {
     pub id: u32,
@@ -176,9 +188,8 @@ pub struct Ring {
 impl Ring {
     /// Registers `key` as `what` named `name` with `labels`.
     pub fn register(&mut self, key: u32, what: RegisterKind, name: &str, labels: &[(&str, &str)]) {
-        let mut out = [Record::default(); MAX_REGISTER_RECORDS];
-        let n = encode_registration(key, what, name, labels, &mut out).expect("valid registration");
-        self.writer.push_all(&out[..n]).expect("room");
+        let records = registration(key, what, name, labels);
+        self.writer.push_all(&records).expect("room");
     }
 
     /// [`Ring::register`], waiting for room (the daemon drains meanwhile).
@@ -189,10 +200,9 @@ impl Ring {
         name: &str,
         labels: &[(&str, &str)],
     ) {
-        let mut out = [Record::default(); MAX_REGISTER_RECORDS];
-        let n = encode_registration(key, what, name, labels, &mut out).expect("valid registration");
+        let records = registration(key, what, name, labels);
         let deadline = std::time::Instant::now() + WAIT;
-        while self.writer.push_all(&out[..n]).is_err() {
+        while self.writer.push_all(&records).is_err() {
             assert!(std::time::Instant::now() < deadline, "ring never drained");
             std::thread::sleep(Duration::from_micros(200));
         }

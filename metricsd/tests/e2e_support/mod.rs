@@ -29,7 +29,7 @@ pub use common::start_logd;
     unused_imports,
     reason = "the real-binary helpers serve some test binaries, not all"
 )]
-pub use common::{Control, Ring, Serving, rss_kb};
+pub use common::{Control, Ring, Serving, registration, rss_kb};
 
 /// How long any single wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(30);
