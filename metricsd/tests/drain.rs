@@ -362,7 +362,13 @@ fn exported(queue: &Arc<ExportQueue>) -> Vec<logd::Record> {
             );
         })
     };
+    let deadline = std::time::Instant::now() + common::WAIT;
     while queue.stats().pending > 0 || !queue.stats().ready {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the exporter never emptied its queue: {:?}",
+            queue.stats()
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     queue.stop();
@@ -793,11 +799,16 @@ fn the_drain_loop_exports_when_asked_or_due_and_stops_on_shutdown() {
     tx.send(Command::AddRing(r)).expect("the loop runs");
     register(&mut w, 1, RegisterKind::COUNTER, "c");
     push(&mut w, &[Record::counter(1, 5)]);
+    let deadline = std::time::Instant::now() + common::WAIT;
     let snap = loop {
         let snap = ask(&tx);
         if snap.counter(SERVICE, "c", &[]) == Some(5) {
             break snap;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sample never arrived"
+        );
         std::thread::sleep(Duration::from_millis(1));
     };
     assert_eq!(snap.drain.exports, 0, "none due, none asked for");
