@@ -1434,61 +1434,38 @@ mod tests {
 
     #[test]
     fn a_restored_series_counts_once_and_is_updated_in_place() {
-        let mut s = store(10, 10, 10, 10);
-        let labels = |l: &[(&str, &str)]| -> Labels {
-            Arc::from(
+        let counter = |total| Value::Counter { total };
+        // A counter `req` of `web` as the log holds it: labels, whether it is the
+        // overflow series, created at, total, exported total.
+        let restore = |s: &mut Store,
+                       l: &[(&str, &str)],
+                       overflow: bool,
+                       created_ns: u64,
+                       total: u128,
+                       exported: u128| {
+            let labels: Labels = Arc::from(
                 l.iter()
                     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                     .collect::<Vec<_>>(),
-            )
-        };
-        let counter = |total| Value::Counter { total };
-        let plain = s.restore(
-            "web",
-            MetricKind::Counter,
-            "req",
-            labels(&[("l", "a")]),
-            false,
-            5,
-            counter(9),
-            7,
-        );
-        let over = s.restore(
-            "web",
-            MetricKind::Counter,
-            "req",
-            labels(&[OVERFLOW_LABEL]),
-            true,
-            6,
-            counter(4),
-            0,
-        );
-        assert_eq!((s.stats().series, s.stats().overflow_series), (1, 1));
-        // Logged again (a later frame of the same series): the same series, updated.
-        let again = s.restore(
-            "web",
-            MetricKind::Counter,
-            "req",
-            labels(&[("l", "a")]),
-            false,
-            5,
-            counter(12),
-            9,
-        );
-        assert_eq!(again, plain);
-        assert_eq!(
+            );
             s.restore(
                 "web",
                 MetricKind::Counter,
                 "req",
-                labels(&[OVERFLOW_LABEL]),
-                true,
-                6,
-                counter(8),
-                0
-            ),
-            over
-        );
+                labels,
+                overflow,
+                created_ns,
+                counter(total),
+                exported,
+            )
+        };
+        let mut s = store(10, 10, 10, 10);
+        let plain = restore(&mut s, &[("l", "a")], false, 5, 9, 7);
+        let over = restore(&mut s, &[OVERFLOW_LABEL], true, 6, 4, 0);
+        assert_eq!((s.stats().series, s.stats().overflow_series), (1, 1));
+        // Logged again (a later frame of the same series): the same series, updated.
+        assert_eq!(restore(&mut s, &[("l", "a")], false, 5, 12, 9), plain);
+        assert_eq!(restore(&mut s, &[OVERFLOW_LABEL], true, 6, 8, 0), over);
         assert_eq!((s.stats().series, s.stats().overflow_series), (1, 1));
         let got = s.get(plain).expect("live");
         assert_eq!(
@@ -1506,16 +1483,7 @@ mod tests {
         // A restored series fills its metric's and its service's caps (one each here).
         for (per_metric, per_service, name) in [(1, 10, "req"), (10, 1, "other")] {
             let mut s = store(10, per_metric, per_service, 10);
-            s.restore(
-                "web",
-                MetricKind::Counter,
-                "req",
-                labels(&[("l", "a")]),
-                false,
-                5,
-                counter(9),
-                7,
-            );
+            restore(&mut s, &[("l", "a")], false, 5, 9, 7);
             let svc = s.service("web");
             let Resolved::Series(id) = s.resolve(svc, MetricKind::Counter, name, &[("l", "b")])
             else {
@@ -1705,14 +1673,21 @@ mod tests {
         assert_eq!(s.stats().series, 0);
     }
 
-    #[test]
-    fn overflow_series_expire_and_services_are_released() {
+    /// A store of one series in all, and service `name` (its ring open) holding it and
+    /// an overflow series: (service, its own series, the overflow one).
+    fn own_and_overflow(name: &str) -> (Store, u32, SeriesId, SeriesId) {
         let mut s = ttl_store(1, 100);
-        let svc = s.service("gone");
+        let svc = s.service(name);
         s.ring_opened(svc);
         let own = series(&mut s, svc, "req", "a");
         let over = series(&mut s, svc, "req", "b");
         assert!(s.get(over).expect("live").overflow);
+        (s, svc, own, over)
+    }
+
+    #[test]
+    fn overflow_series_expire_and_services_are_released() {
+        let (mut s, svc, own, over) = own_and_overflow("gone");
         for id in [own, over] {
             s.unbind(id);
         }
@@ -1731,12 +1706,7 @@ mod tests {
 
     #[test]
     fn a_service_is_kept_while_its_overflow_series_lives() {
-        let mut s = ttl_store(1, 100);
-        let keep = s.service("keep");
-        s.ring_opened(keep);
-        let own = series(&mut s, keep, "req", "a");
-        let over = series(&mut s, keep, "req", "b");
-        assert!(s.get(over).expect("live").overflow);
+        let (mut s, keep, own, over) = own_and_overflow("keep");
         let idle = s.service("idle");
         s.ring_opened(idle);
         s.ring_closed(idle);
