@@ -411,14 +411,21 @@ fn a_closed_ring_tells_the_writer_what_was_never_read() {
     assert_eq!(visited, 0);
 }
 
-#[test]
-fn a_deferred_release_bounds_what_the_writer_may_overwrite() {
-    let (mut w, mut r) = pair(4);
+/// A ring of `capacity` whose reader defers its release, after `n` counters (values 0
+/// to `n - 1`) were pushed and read.
+fn deferring_after(capacity: u64, n: u64) -> (Writer<Arc<HeapRegion>>, Reader<Arc<HeapRegion>>) {
+    let (mut w, mut r) = pair(capacity);
     r.defer_release();
-    for i in 0..4 {
+    for i in 0..n {
         w.push(Record::counter(1, i)).expect("room");
     }
-    assert_eq!(drain_values(&mut r, 64), [0, 1, 2, 3]);
+    assert_eq!(drain_values(&mut r, 64), (0..n).collect::<Vec<_>>());
+    (w, r)
+}
+
+#[test]
+fn a_deferred_release_bounds_what_the_writer_may_overwrite() {
+    let (mut w, mut r) = deferring_after(4, 4);
     // Read but not released: the slots still hold what a restarted consumer needs.
     assert_eq!(w.push(Record::counter(1, 4)), Err(Full));
     assert_eq!(r.released(), 0);
@@ -455,12 +462,7 @@ fn a_deferred_release_bounds_what_the_writer_may_overwrite() {
 
 #[test]
 fn a_quarantined_deferring_reader_releases_nothing_more_when_dropped() {
-    let (mut w, mut r) = pair(8);
-    r.defer_release();
-    for i in 0..3 {
-        w.push(Record::counter(1, i)).expect("room");
-    }
-    assert_eq!(drain_values(&mut r, 64), [0, 1, 2]);
+    let (w, mut r) = deferring_after(8, 3);
     r.release(1);
     // The producer breaks the protocol: what was read after the release is not
     // accounted for, so it stays unreleased.
