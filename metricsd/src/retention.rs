@@ -477,7 +477,7 @@ impl Retention {
 
     /// Per resolution, where the next window will be written: (segment sequence
     /// number, frames before it in that segment).
-    pub fn positions(&self) -> [(u64, u64); 3] {
+    pub fn positions(&self) -> crate::wal::Positions {
         let mut out = [(0, 0); 3];
         for (i, level) in self.levels.iter().enumerate() {
             out[i] = match &level.current {
@@ -490,7 +490,7 @@ impl Retention {
 
     /// Every window on disk at or after `from` (per resolution), keyed by series,
     /// resolution and start, with where it is (segment sequence number, frame index).
-    pub fn written_since(&self, from: [(u64, u64); 3]) -> crate::wal::WrittenWindows {
+    pub fn written_since(&self, from: crate::wal::Positions) -> crate::wal::WrittenWindows {
         let mut out = std::collections::HashMap::new();
         for res in Resolution::ALL {
             let (seq0, frame0) = from[usize::from(res.0)];

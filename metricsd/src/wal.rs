@@ -280,11 +280,11 @@ pub type Positions = [(u64, u64); 3];
 #[derive(Debug, Default)]
 pub struct LoggedWindows {
     /// Open windows, each with the positions of the checkpoint it came from.
-    pub open: Vec<(crate::rollup::Point, [(u64, u64); 3])>,
+    pub open: Vec<(crate::rollup::Point, Positions)>,
     /// Windows closed and not yet written at the last checkpoint.
     pub closed: Vec<crate::rollup::Point>,
     /// The positions of that last checkpoint.
-    pub closed_at: [(u64, u64); 3],
+    pub closed_at: Positions,
 }
 
 /// Where the retention store holds a window: (series, resolution index, start) to its
@@ -337,7 +337,7 @@ struct ReplayState {
     /// Open windows by series identity (the latest checkpoint of each series).
     windows: HashMap<String, (Vec<crate::rollup::Point>, Positions)>,
     closed: Vec<crate::rollup::Point>,
-    closed_at: [(u64, u64); 3],
+    closed_at: Positions,
     /// By identity string, so a series defined in several files is one.
     series: HashMap<String, Replayed>,
     rings: HashMap<u64, LoggedRing>,
