@@ -362,15 +362,15 @@ fn exported(queue: &Arc<ExportQueue>) -> Vec<logd::Record> {
             );
         })
     };
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while queue.stats().pending > 0 || !queue.stats().ready {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the exporter never emptied its queue: {:?}",
-            queue.stats()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    common::wait_within(
+        "the exporter to empty its queue",
+        common::WAIT,
+        Duration::from_millis(2),
+        || {
+            let st = queue.stats();
+            (st.ready && st.pending == 0).then_some(())
+        },
+    );
     queue.stop();
     exporter.join().expect("the exporter");
     sink.state().records.clone()
@@ -799,18 +799,12 @@ fn the_drain_loop_exports_when_asked_or_due_and_stops_on_shutdown() {
     tx.send(Command::AddRing(r)).expect("the loop runs");
     register(&mut w, 1, RegisterKind::COUNTER, "c");
     push(&mut w, &[Record::counter(1, 5)]);
-    let deadline = std::time::Instant::now() + common::WAIT;
-    let snap = loop {
-        let snap = ask(&tx);
-        if snap.counter(SERVICE, "c", &[]) == Some(5) {
-            break snap;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sample never arrived"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let snap = common::wait_within(
+        "the sample to be drained",
+        common::WAIT,
+        Duration::from_millis(1),
+        || Some(ask(&tx)).filter(|snap| snap.counter(SERVICE, "c", &[]) == Some(5)),
+    );
     assert_eq!(snap.drain.exports, 0, "none due, none asked for");
     let first = published.latest().expect("published at the start");
     assert_eq!(first.series().count(), 0);

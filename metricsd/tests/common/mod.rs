@@ -33,6 +33,27 @@ pub fn watchdog() {
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// Retries `check` every `poll` until it returns `Some`, or panics naming `what` once
+/// `within` has passed.
+pub fn wait_within<T>(
+    what: &str,
+    within: Duration,
+    poll: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(t) = check() {
+            return t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(poll);
+    }
+}
+
 /// The config every test starts from: metricsd's and logd's sockets in `dir`, an export
 /// every 50 ms.
 pub fn base_config(dir: &Path) -> Config {

@@ -439,22 +439,13 @@ pub mod child {
 
     /// Retries `check` every millisecond until it holds or [`WAIT`] passes.
     pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = Instant::now() + WAIT;
-        while !check() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        common::wait_within(what, WAIT, Duration::from_millis(1), || {
+            check().then_some(())
+        });
     }
 }
 
 /// Retries `check` every 5 ms until it returns `Some`, or panics after [`WAIT`].
-pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(t) = check() {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+pub fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    common::wait_within(what, WAIT, Duration::from_millis(5), check)
 }
